@@ -1,0 +1,1 @@
+"""The engine: model families, loaders, tokenizers, decoding state, scheduler, sampling."""

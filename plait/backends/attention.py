@@ -1,0 +1,75 @@
+"""Grouped-query self-attention over the slot KV cache, with optional rotary positions.
+
+Llama uses RoPE; Nemotron-H's attention layers use no positional encoding at all (the Mamba
+layers carry position), so `rope=None` there.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.backends.cache import SEQ, LayerState, StateSpec
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the half-split layout (`rotate_half`)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D]; positions: [B, T]."""
+        angles = positions[:, None, :, None].float() * self.inv_freq
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
+        sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool = False, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.rope = rope
+
+    def state_specs(self, dtype: torch.dtype) -> dict[str, StateSpec]:
+        shape = (self.num_kv_heads, SEQ, self.head_dim)
+        return {"k": StateSpec(shape, dtype), "v": StateSpec(shape, dtype)}
+
+    def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
+        bsz, steps, _ = x.shape
+        q = self.q_proj(x).view(bsz, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if state is None:
+            if self.rope is not None:
+                positions = torch.arange(steps, device=x.device)[None]
+                q, k = self.rope(q, positions), self.rope(k, positions)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            lens = state.batch.cache_lens
+            if self.rope is not None:
+                positions = lens[:, None] + torch.arange(steps, device=x.device)
+                q, k = self.rope(q, positions), self.rope(k, positions)
+            k_cache, v_cache = state.tensors["k"], state.tensors["v"]
+            if bsz == 1:
+                start = int(lens[0])
+                k_cache[0, :, start:start + steps] = k[0]
+                v_cache[0, :, start:start + steps] = v[0]
+            else:  # decode: one new token per row, each at its own position
+                rows = torch.arange(bsz, device=x.device)
+                k_cache[rows, :, lens] = k[:, :, 0]
+                v_cache[rows, :, lens] = v[:, :, 0]
+            mask = state.batch.key_mask(steps)
+            length = mask.shape[-1]
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length],
+                                                 attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, steps, -1))

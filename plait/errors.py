@@ -1,0 +1,33 @@
+"""Typed errors with messages a user can act on.
+
+The CLI turns any `PlaitError` into one line on stderr and exit code 2; the server turns it
+into a 4xx JSON error. Anything else escaping is a bug.
+"""
+
+
+class PlaitError(Exception):
+    """Base class for every error plait raises on purpose."""
+
+
+class ModelNotFoundError(PlaitError):
+    """The model name is not registered and is not a path to a checkpoint."""
+
+
+class CheckpointError(PlaitError):
+    """A checkpoint exists but cannot be read: missing files, bad config, corrupt tensors."""
+
+
+class ContextLengthError(PlaitError):
+    """The prompt (plus the requested tokens) does not fit the model's context window."""
+
+
+class MemoryBudgetError(PlaitError):
+    """Serving a request would exceed the engine's memory budget."""
+
+
+class EngineOverloadedError(PlaitError):
+    """The engine's queue is full: back off and retry (HTTP 503)."""
+
+
+class EngineClosedError(PlaitError):
+    """The engine was shut down; no further requests are accepted."""
