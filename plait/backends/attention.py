@@ -12,15 +12,22 @@ from plait.backends.cache import SEQ, LayerState, StateSpec
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the half-split layout (`rotate_half`)."""
+    """Rotary position embedding in the half-split layout (`rotate_half`).
+
+    The frequencies are a plain fp32 attribute, not a buffer: they stay fp32 when the weights
+    go to bf16, and models built on the meta device (to load weights without a random init)
+    still get real values.
+    """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+        self.inv_freq = 1.0 / (base ** exponents)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; positions: [B, T]."""
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         angles = positions[:, None, :, None].float() * self.inv_freq
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
