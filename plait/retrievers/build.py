@@ -1,0 +1,225 @@
+"""`build_index`: corpus JSONL -> an index directory of plain files, in bounded memory.
+
+One streaming pass over the corpus, `chunk_size` documents at a time: encode, append token
+embeddings to the raw matrix, append ids/texts to the doc store and BM25 term ids to a temp
+file. Then, from the files just written: k-means on a bounded sample of token embeddings,
+per-token centroid codes and the inverted file (read back in blocks), the BM25 matrix, and
+finally the manifest with every file's size and sha256. The directory is built under a
+temporary name and renamed at the end, so a crashed build never looks like an index.
+
+Files (all named in manifest.json):
+  embeddings.f16|.bf16   (tokens x dim) raw row-major token embeddings
+  doc_offsets.npy        int64 (docs + 1): document d's rows are [off[d], off[d+1])
+  docs.jsonl, docs.offsets.npy   ids, titles, texts (+ byte offsets)
+  centroids.npy          float32 (centroids x dim), unit norm
+  codes.npy              int32 (tokens): nearest centroid of each token
+  ivf_docs.npy, ivf_offsets.npy  centroid -> documents inverted file
+  bm25/*                 bm25s's CSC matrix, vocabulary and parameters
+  projection.npy         float32 (dim x hidden), only when a projection was requested
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from plait.retrievers import embeddings as emb
+from plait.retrievers.centroids import build_inverted_file
+from plait.retrievers.corpus import Document, iter_corpus
+from plait.retrievers.docstore import DOCS_FILE, OFFSETS_FILE, DocStoreWriter
+from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
+from plait.retrievers.errors import CorpusError, IndexExistsError
+from plait.retrievers.kmeans import assign, default_num_centroids, spherical_kmeans
+from plait.retrievers.lexical import TermWriter, build_bm25
+from plait.retrievers.manifest import FORMAT, FORMAT_VERSION, file_entries, write_manifest
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int], None]
+
+
+def random_projection(dim: int, hidden: int, seed: int) -> np.ndarray:
+    """A seeded (dim x hidden) matrix with orthonormal rows; saved in the index, never re-drawn."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((hidden, dim)))
+    return q.T.astype(np.float32)
+
+
+def build_index(
+    corpus: str | Path | Iterable[Document],
+    out_dir: str | Path,
+    *,
+    encoder: ColBERTEncoder | str | Path | None = None,
+    settings: EncoderSettings | None = None,
+    dtype: str = "float16",
+    projection_dim: int | None = None,
+    num_centroids: int | None = None,
+    kmeans_sample: int = 131072,
+    kmeans_iterations: int = 8,
+    bm25_k1: float = 1.2,
+    bm25_b: float = 0.75,
+    stem: bool = True,
+    chunk_size: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Build a ColBERT-serve index from a corpus JSONL file (or an iterable of `Document`s).
+
+    `encoder`: None for the embedded MiniLM, a checkpoint directory, or a loaded encoder.
+    `dtype`: "float16" or "bfloat16" storage of the token embeddings.
+    `progress(n)` is called with the number of documents encoded so far after each chunk.
+    Returns the index directory.
+    """
+    if dtype not in emb.DTYPES:
+        raise CorpusError(f"dtype must be one of {sorted(emb.DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise IndexExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    started = time.perf_counter()
+
+    encoder_path: str | None = None
+    if not isinstance(encoder, ColBERTEncoder):
+        encoder_path = None if encoder is None else str(Path(encoder).resolve())
+        encoder = ColBERTEncoder.load(encoder_path, settings=settings)
+    elif settings is not None:
+        encoder = encoder.with_settings(settings)
+    projection = None
+    if projection_dim is not None:
+        if encoder.linear is not None:
+            raise CorpusError("the encoder already has a linear projection; projection_dim must be None")
+        projection = random_projection(projection_dim, encoder.hidden_size, seed)
+        encoder = ColBERTEncoder(encoder.model, encoder.tokenizer, encoder.settings, encoder.name, projection)
+
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stats = _write_index(
+            tmp, corpus, encoder, encoder_path, projection, dtype, num_centroids, kmeans_sample,
+            kmeans_iterations, bm25_k1, bm25_b, stem, chunk_size, batch_size, seed, progress,
+        )
+        stats["build_seconds"] = round(time.perf_counter() - started, 3)
+        _finish_manifest(tmp, stats)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built index %s: %d docs, %d tokens in %.1fs", out, stats["num_docs"], stats["num_tokens"],
+             stats["build_seconds"])
+    return out
+
+
+def _chunks(docs: Iterable[Document], size: int) -> Iterable[list[Document]]:
+    chunk: list[Document] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _unique_ids(docs: Iterable[Document]) -> Iterable[Document]:
+    seen: set[str] = set()
+    for doc in docs:
+        if doc.id in seen:
+            raise CorpusError(f"duplicate document id {doc.id!r}")
+        seen.add(doc.id)
+        yield doc
+
+
+def _write_index(tmp, corpus, encoder, encoder_path, projection, dtype, num_centroids, kmeans_sample,
+                 kmeans_iterations, k1, b, stem, chunk_size, batch_size, seed, progress) -> dict:
+    docs = iter_corpus(corpus) if isinstance(corpus, str | Path) else _unique_ids(corpus)
+    emb_file = emb.file_name(dtype)
+    writer = emb.EmbeddingWriter(tmp / emb_file, encoder.dim, dtype)
+    store = DocStoreWriter(tmp)
+    terms = TermWriter(tmp / "bm25_terms.tmp", stem)
+    done = 0
+    try:
+        for chunk in _chunks(docs, chunk_size):
+            texts = [d.full_text for d in chunk]
+            for doc, vectors in zip(chunk, encoder.encode_documents(texts, batch_size=batch_size)):
+                writer.add(vectors)
+                store.add(doc)
+                terms.add(doc.full_text)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+    finally:
+        writer.close()
+        store.close()
+        terms.close()
+    if done == 0:
+        raise CorpusError("the corpus has no documents")
+
+    doc_offsets = np.concatenate([[0], np.cumsum(writer.lengths, dtype=np.int64)])
+    np.save(tmp / "doc_offsets.npy", doc_offsets)
+    num_tokens = int(doc_offsets[-1])
+    matrix = emb.open_matrix(tmp / emb_file, num_tokens, encoder.dim, dtype)
+
+    # Centroids from a bounded random sample of token embeddings.
+    k = num_centroids or default_num_centroids(num_tokens)
+    k = max(1, min(k, num_tokens))
+    rng = np.random.default_rng(seed)
+    n_sample = min(num_tokens, max(kmeans_sample, k))
+    sample_rows = np.sort(rng.choice(num_tokens, size=n_sample, replace=False))
+    centroids = spherical_kmeans(emb.as_float32(matrix[sample_rows], dtype), k, kmeans_iterations, seed)
+    np.save(tmp / "centroids.npy", centroids)
+
+    codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=np.int32, shape=(num_tokens,))
+    block = 65536
+    for start in range(0, num_tokens, block):
+        codes[start : start + block] = assign(emb.as_float32(matrix[start : start + block], dtype), centroids)
+    codes.flush()
+    ivf_docs, ivf_offsets = build_inverted_file(codes, doc_offsets, k)
+    del codes, matrix
+    np.save(tmp / "ivf_docs.npy", ivf_docs)
+    np.save(tmp / "ivf_offsets.npy", ivf_offsets)
+
+    bm25_files = build_bm25(terms, tmp, k1, b)
+    (tmp / "bm25_terms.tmp").unlink()
+
+    files = [emb_file, "doc_offsets.npy", DOCS_FILE, OFFSETS_FILE, "centroids.npy", "codes.npy",
+             "ivf_docs.npy", "ivf_offsets.npy", *bm25_files]
+    if projection is not None:
+        np.save(tmp / "projection.npy", projection)
+        files.append("projection.npy")
+    return {
+        "num_docs": done,
+        "num_tokens": num_tokens,
+        "num_centroids": k,
+        "dim": encoder.dim,
+        "dtype": dtype,
+        "encoder": {
+            "name": encoder.name,
+            "path": encoder_path,
+            "hidden_size": encoder.hidden_size,
+            "projection": "projection.npy" if projection is not None else None,
+            "settings": encoder.settings.to_json(),
+        },
+        "bm25": {"k1": k1, "b": b, "stem": stem, "analyzer": "word2+stopwords-en" + ("+s-stem" if stem else "")},
+        "files": files,
+    }
+
+
+def _finish_manifest(directory: Path, stats: dict) -> None:
+    names = stats.pop("files")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stats,
+        "files": file_entries(directory, names),
+    }
+    write_manifest(directory, manifest)

@@ -1,0 +1,139 @@
+"""`ColBERTServe`: the public retriever - open an index once, call it from anywhere.
+
+    rm = ColBERTServe.open("idx/scifact")
+    rm("white matter development", k=5)        # [Passage(pid=..., id=..., score=..., text=...)]
+    dspy.configure(rm=rm)                       # dspy.Retrieve reads each passage's .long_text
+
+Passages carry the keys the `dspy.ColBERTv2` HTTP protocol uses (`text`, `long_text`, `pid`,
+`score`) plus the corpus `id`, `title` and `rank`, with attribute access like DSPy's dotdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plait.retrievers.batcher import MicroBatcher
+from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
+from plait.retrievers.errors import IndexFormatError
+from plait.retrievers.searcher import STAGES, Hit, SearchParams, Searcher, check_request
+from plait.retrievers.store import IndexStore
+
+
+class Passage(dict):
+    """A search hit: a dict with attribute access (`p.long_text`, `p["pid"]`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load_index_encoder(store: IndexStore, encoder: ColBERTEncoder | str | Path | None = None) -> ColBERTEncoder:
+    """The encoder an index was built with, configured with the index's settings and projection."""
+    info = store.encoder_info
+    if not isinstance(encoder, ColBERTEncoder):
+        encoder = ColBERTEncoder.load(encoder if encoder is not None else info.get("path"))
+    if encoder.name != info["name"]:
+        raise IndexFormatError(
+            f"index {store.path} was built with encoder {info['name']}, but {encoder.name} was given; "
+            "queries must be encoded by the same weights as the documents"
+        )
+    settings = EncoderSettings.from_json(info.get("settings", {}))
+    if store.projection is not None:
+        return ColBERTEncoder(encoder.model, encoder.tokenizer, settings, encoder.name, store.projection)
+    encoder = encoder.with_settings(settings)
+    if encoder.dim != store.dim:
+        raise IndexFormatError(f"index {store.path} has dim {store.dim}, its encoder produces {encoder.dim}")
+    return encoder
+
+
+class ColBERTServe:
+    """A DSPy-compatible retriever over a memory-mapped ColBERT-serve index. Thread-safe."""
+
+    def __init__(self, store: IndexStore, encoder: ColBERTEncoder, params: SearchParams | None = None,
+                 stage: str = "hybrid", batching: bool = True):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        self.store = store
+        self.searcher = Searcher(store, encoder, params)
+        self.stage = stage
+        self._batcher: MicroBatcher[str, np.ndarray] | None = (
+            MicroBatcher(encoder.encode_queries, name="plait-query-encoder") if batching else None
+        )
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        encoder: ColBERTEncoder | str | Path | None = None,
+        verify: bool = False,
+        in_memory: bool = False,
+        params: SearchParams | None = None,
+        stage: str = "hybrid",
+        batching: bool = True,
+    ) -> ColBERTServe:
+        """Open an index directory (checks sizes; `verify=True` also checks every sha256).
+
+        `in_memory=True` reads the files into RAM instead of mapping them.
+        `batching` coalesces concurrent callers' query encodings into shared forward passes.
+        """
+        store = IndexStore(path, verify=verify, in_memory=in_memory)
+        return cls(store, load_index_encoder(store, encoder), params, stage, batching)
+
+    @property
+    def num_docs(self) -> int:
+        return self.store.num_docs
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+
+    def warmup(self) -> None:
+        """Run one query through every stage (compiles the BM25 scorer, touches the encoder)."""
+        for stage in STAGES:
+            self.search_hits(["warmup"], k=1, stage=stage)
+
+    def _encode(self, queries: list[str]) -> list[np.ndarray]:
+        if self._batcher is not None and len(queries) == 1:
+            return [self._batcher.submit(queries[0])]
+        return self.searcher.encoder.encode_queries(queries)
+
+    def search_hits(self, queries: Sequence[str], k: int = 10, stage: str | None = None,
+                    params: SearchParams | None = None) -> list[list[Hit]]:
+        stage = stage or self.stage
+        queries = list(queries)
+        for q in queries:
+            check_request(q, k, stage)
+        vectors = None if stage == "bm25" else self._encode(queries)
+        return self.searcher.search_batch(queries, k, stage, params, query_vectors=vectors)
+
+    def passage(self, hit: Hit, rank: int) -> Passage:
+        doc = self.store.docs.get(hit.doc)
+        text = doc.full_text
+        return Passage(pid=hit.doc, id=doc.id, title=doc.title, text=text, long_text=text,
+                       score=hit.score, rank=rank)
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, stage: str | None = None,
+                     params: SearchParams | None = None) -> list[list[Passage]]:
+        """Top-k passages for each query; the queries share one encoder forward pass."""
+        return [[self.passage(h, r) for r, h in enumerate(hits, 1)]
+                for hits in self.search_hits(queries, k, stage, params)]
+
+    def __call__(self, query: str | Sequence[str], k: int = 5, stage: str | None = None,
+                 **kwargs: Any) -> list[Passage] | list[list[Passage]]:
+        """`rm(query, k)` -> passages; a list of queries gives a list of passage lists.
+
+        Extra keyword arguments DSPy may pass (e.g. `by_prob`) are accepted and ignored.
+        """
+        if isinstance(query, str):
+            return self.search_batch([query], k, stage)[0]
+        return self.search_batch(list(query), k, stage)
+
+    forward = __call__

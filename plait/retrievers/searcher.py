@@ -1,0 +1,119 @@
+"""Multi-stage search over one opened index.
+
+Stages (`stage=`):
+- "bm25":   BM25 over the whole corpus, top k.
+- "late":   centroid candidates -> exact MaxSim from the mapped embeddings, ranked by MaxSim.
+- "hybrid": BM25 top-n  union  centroid candidates -> exact MaxSim -> fusion
+            a * z(BM25) + (1 - a) * z(MaxSim) over that candidate set.
+
+Everything here reads shared, immutable state and allocates per call, so many threads may
+search one `Searcher` concurrently; `search_batch` encodes all its queries in one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from plait.retrievers.encoder import ColBERTEncoder
+from plait.retrievers.errors import BadQueryError
+from plait.retrievers.fusion import DEFAULT_ALPHA, fuse
+from plait.retrievers.maxsim import maxsim
+from plait.retrievers.store import IndexStore
+
+STAGES = ("bm25", "late", "hybrid")
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Knobs of the multi-stage pipeline; defaults measured on SciFact train."""
+
+    alpha: float = DEFAULT_ALPHA
+    bm25_candidates: int = 100
+    centroid_candidates: int = 100
+    nprobe: int = 4
+    refine_factor: int = 4
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc: int  # position in the index (ColBERT's "pid")
+    score: float
+
+
+def _top_k(docs: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
+    # Sort by score descending, ties by document position: deterministic across runs and threads.
+    order = np.lexsort((docs, -np.asarray(scores, dtype=np.float64)))[:k]
+    return [Hit(int(docs[i]), float(scores[i])) for i in order]
+
+
+def check_request(query: object, k: object, stage: object) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise BadQueryError("query must be a non-empty string")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise BadQueryError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+    if stage not in STAGES:
+        raise BadQueryError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+
+
+class Searcher:
+    def __init__(self, store: IndexStore, encoder: ColBERTEncoder, params: SearchParams | None = None):
+        self.store = store
+        self.encoder = encoder
+        self.params = params or SearchParams()
+
+    def late_scores(self, query_vectors: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        s = self.store
+        return maxsim(query_vectors, s.matrix, s.doc_offsets, docs, s.dtype)
+
+    def search_batch(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        stage: str = "hybrid",
+        params: SearchParams | None = None,
+        query_vectors: Sequence[np.ndarray] | None = None,
+    ) -> list[list[Hit]]:
+        """Top-k hits per query. `query_vectors` skips encoding (the server's micro-batcher)."""
+        for q in queries:
+            check_request(q, k, stage)
+        p = params or self.params
+        if stage != "bm25" and query_vectors is None:
+            query_vectors = self.encoder.encode_queries(list(queries))
+        results = []
+        for i, query in enumerate(queries):
+            if stage == "bm25":
+                results.append(self._bm25(query, k))
+            elif stage == "late":
+                results.append(self._late(query_vectors[i], k, p))
+            else:
+                results.append(self._hybrid(query, query_vectors[i], k, p))
+        return results
+
+    def _bm25(self, query: str, k: int) -> list[Hit]:
+        scores = self.store.bm25.scores(query)
+        n = min(k, len(scores))
+        top = np.argpartition(-scores, n - 1)[:n]
+        return _top_k(top, scores[top], k)
+
+    def _late(self, qv: np.ndarray, k: int, p: SearchParams) -> list[Hit]:
+        cands = self.store.centroids.candidates(qv, max(k, p.centroid_candidates), p.nprobe, p.refine_factor)
+        return _top_k(cands, self.late_scores(qv, cands), k)
+
+    def hybrid_candidates(self, query: str, qv: np.ndarray, k: int, p: SearchParams):
+        """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage."""
+        sparse_all = self.store.bm25.scores(query)
+        n = min(max(k, p.bm25_candidates), len(sparse_all))
+        from_bm25 = np.argpartition(-sparse_all, n - 1)[:n]
+        parts = [from_bm25]
+        if p.centroid_candidates > 0:
+            parts.append(self.store.centroids.candidates(qv, p.centroid_candidates, p.nprobe, p.refine_factor))
+        cands = np.unique(np.concatenate(parts)).astype(np.int64)
+        return cands, sparse_all[cands], self.late_scores(qv, cands)
+
+    def _hybrid(self, query: str, qv: np.ndarray, k: int, p: SearchParams) -> list[Hit]:
+        cands, sparse, late = self.hybrid_candidates(query, qv, k, p)
+        return _top_k(cands, fuse(sparse, late, p.alpha), k)
