@@ -1,0 +1,39 @@
+"""Shared fixtures. Tests run offline; plait's files go to the repo's .plait/ (dequantised
+weights are cached there across runs) and DSPy's cache is disabled per LM where it matters."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PLAIT_HOME", str(Path(__file__).resolve().parents[1] / ".plait"))
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"shared datasets not found at {DATA} (../shared/data beside the repo)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2 engine, loaded once for the whole session."""
+    from plait.backends.engine import Engine
+
+    engine = Engine.load("smollm2-135m")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf_path() -> Path:
+    from plait.backends.registry import resolve
+
+    return resolve("smollm2-135m")[1]

@@ -1,0 +1,101 @@
+"""plait.LM is a real dspy.LM whose engine is the local scheduler (DSPy 3.4 engine protocol)."""
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+import plait
+from plait.backends.dspy_engine import AsyncPlaitEngine, PlaitEngine
+from plait.backends.registry import resolve
+
+QUESTIONS = [f"In one short sentence, what is {n} times two?" for n in range(3, 11)]
+
+
+@pytest.fixture(scope="module")
+def lm(smollm):
+    return plait.LM("smollm2-135m", cache=False, max_tokens=24)
+
+
+def _request(lm, text: str, **config) -> Request:
+    return Request(model=lm.model, messages=(Message.user(text),), config=Config(**config))
+
+
+def test_lm_is_a_dspy_lm_with_a_per_checkpoint_model_string(lm, tmp_path, smollm_gguf_path):
+    assert isinstance(lm, dspy.LM) and lm.model == "plait/smollm2-135m"
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"one checkpoint")
+    b.write_bytes(b"another checkpoint")
+    assert resolve(str(a))[0] != resolve(str(b))[0]  # DSPy's cache key differs per checkpoint
+    assert resolve(str(smollm_gguf_path))[0] != "smollm2-135m"
+
+
+def test_lm_call_runs_the_local_engine(lm, smollm):
+    out = lm(messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}])
+    assert "Paris" in out[0]
+    entry = lm.history[-1]
+    assert entry["usage"]["completion_tokens"] > 0 and entry["usage"]["prompt_tokens"] > 10
+
+
+def test_request_config_reaches_the_engine(lm):
+    response = lm(_request(lm, "Write a long story about a lighthouse.", max_tokens=5))
+    assert response.finish_reason == "length" and response.usage.output_tokens == 5
+    stopped = lm(_request(lm, "What is the capital of France? Answer in one word.", stop=("Paris",),
+                          max_tokens=16))
+    assert "Paris" not in stopped.text
+
+
+def test_concurrent_calls_are_batched_and_identical_to_sequential(lm, smollm):
+    messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    sequential = [lm(messages=m)[0] for m in messages]
+    steps = smollm.scheduler.steps
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda m: lm(messages=m)[0], messages))
+    assert concurrent == sequential
+    generated = sum(len(smollm.tokenizer.encode(t)) for t in sequential)
+    assert smollm.scheduler.steps - steps < generated / 2  # decode steps were shared
+
+
+def test_engine_stream_events_add_up(lm):
+    engine = lm.engine
+    request = _request(lm, "Count from one to five.", max_tokens=20)
+    events = list(engine.stream(request))
+    assert events[0].type == "start" and events[-1].type == "end"
+    text = "".join(e.delta.text for e in events if e.type == "delta")
+    assert text == engine.complete(request).text
+    assert events[-1].usage.output_tokens > 0
+
+
+def test_async_engine(lm):
+    request = _request(lm, "What is the capital of France? Answer in one word.", max_tokens=16)
+    response = asyncio.run(lm._async_engine_spec.complete(request))
+    assert "Paris" in response.text
+
+    async def collect():
+        return [e async for e in lm._async_engine_spec.stream(request)]
+
+    events = asyncio.run(collect())
+    assert "".join(e.delta.text for e in events if e.type == "delta") == response.text
+
+
+def test_dump_and_load_state_round_trip(lm):
+    state = lm.dump_state()
+    json.dumps(state)  # JSON, never pickle
+    assert state["engine"]["state"]["model"] == "smollm2-135m"
+    loaded = dspy.LM.load_state(state, allow_custom_lm_class=True)
+    assert isinstance(loaded.engine, PlaitEngine) and isinstance(loaded._async_engine_spec, AsyncPlaitEngine)
+    assert loaded.model == lm.model
+
+
+def test_dspy_cache_lives_in_plaits_directory():
+    import os
+
+    assert os.environ["DSPY_CACHEDIR"].startswith(str(plait.paths.plait_home()))
+
+
+def test_unknown_model_fails_when_the_lm_is_built():
+    with pytest.raises(plait.PlaitError):
+        plait.LM("definitely-not-a-model")
