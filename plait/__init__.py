@@ -1,7 +1,9 @@
 """plait: declarative LM pipelines (DSPy programs) compiled and served on a local engine."""
 
+import importlib
 import os
 
+from plait.errors import PlaitError
 from plait.paths import plait_home
 
 # No network at run time, and DSPy's cache inside plait's own directory. Both must be set
@@ -10,10 +12,20 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DSPY_CACHEDIR", str(plait_home() / "cache" / "dspy"))
 
-from plait.backends.dspy_engine import LM, PlaitEngine  # noqa: E402
-from plait.backends.engine import Engine, GenerationResult  # noqa: E402
-from plait.errors import PlaitError  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = ["LM", "Engine", "GenerationResult", "PlaitEngine", "PlaitError", "__version__"]
+# The public API, imported on first use: `plait generate` need not pay for importing DSPy.
+_EXPORTS = {
+    "LM": "plait.backends.dspy_engine",
+    "PlaitEngine": "plait.backends.dspy_engine",
+    "Engine": "plait.backends.engine",
+    "GenerationResult": "plait.backends.engine",
+}
+
+__all__ = [*_EXPORTS, "PlaitError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'plait' has no attribute {name!r}")

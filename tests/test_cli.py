@@ -1,0 +1,55 @@
+"""The `plait` command: real subprocesses, one-line errors with exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plait.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_models_lists_the_embedded_model():
+    out = run("models")
+    assert out.returncode == 0
+    assert "smollm2-135m" in out.stdout and "yes" in out.stdout
+
+
+def test_generate_answers_with_the_chat_template():
+    out = run("generate", "-m", "smollm2-135m", "What is the capital of France? Answer in one word.",
+              "--max-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_generate_raw_and_stream():
+    raw = run("generate", "--raw", "The capital of France is", "--max-tokens", "4")
+    streamed = run("generate", "--raw", "The capital of France is", "--max-tokens", "4", "--stream")
+    assert raw.returncode == streamed.returncode == 0
+    assert raw.stdout.strip() and raw.stdout.strip() == streamed.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "-m", "no-such-model", "hi"), "unknown model"),
+    (("generate", "-m", "/nonexistent/dir", "hi"), "unknown model"),
+    (("generate", "--max-tokens", "0", "hi"), "max-tokens"),
+    (("generate",), "required"),
+    (("generate", "--temperature", "-1", "hi"), "temperature"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_corrupt_checkpoint_and_long_prompt(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    out = run("generate", "-m", str(bad), "hi")
+    assert out.returncode == 2 and "GGUF" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run("generate", "--raw", "word " * 9000)
+    assert out.returncode == 2 and "context window" in out.stderr
