@@ -1,1 +1,46 @@
-"""plait.compilers"""
+"""Compile and evaluate DSPy programs, with every result recorded in the store.
+
+    from plait.compilers import save_artifact, load_artifact, load_program_class
+
+Heavy imports (DSPy) happen on first use, so `import plait.compilers` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from plait.compilers.errors import (
+    ArtifactCorruptError,
+    ArtifactError,
+    ArtifactMismatchError,
+    ArtifactNotFoundError,
+    DatasetError,
+    MetricError,
+    OptimizerError,
+    ProgramLoadError,
+)
+
+if TYPE_CHECKING:
+    from plait.compilers.artifact import LoadedArtifact, load_artifact, read_artifact, save_artifact
+    from plait.compilers.loading import load_program_class
+
+_LAZY = {
+    "LoadedArtifact": "plait.compilers.artifact",
+    "load_artifact": "plait.compilers.artifact",
+    "read_artifact": "plait.compilers.artifact",
+    "save_artifact": "plait.compilers.artifact",
+    "load_program_class": "plait.compilers.loading",
+}
+
+__all__ = [
+    "ArtifactCorruptError", "ArtifactError", "ArtifactMismatchError", "ArtifactNotFoundError",
+    "DatasetError", "MetricError", "OptimizerError", "ProgramLoadError", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'plait.compilers' has no attribute {name!r}")

@@ -1,0 +1,37 @@
+"""Errors of the compile / evaluate lifecycle. Each is a `PlaitError`: the CLI prints its
+message on one line and exits 2, the server answers 4xx."""
+
+from plait.errors import PlaitError
+
+
+class ProgramLoadError(PlaitError):
+    """`module:Class` or `file.py:Class` cannot be imported, or is not a DSPy module."""
+
+
+class ArtifactError(PlaitError):
+    """Base class for compiled-artifact problems."""
+
+
+class ArtifactNotFoundError(ArtifactError):
+    """The artifact file does not exist."""
+
+
+class ArtifactCorruptError(ArtifactError):
+    """The file is not a plait artifact: bad JSON, missing keys, or state that does not load."""
+
+
+class ArtifactMismatchError(ArtifactError):
+    """The artifact was compiled for a program whose signatures differ from the one importable
+    now (the program's fields changed since it was compiled)."""
+
+
+class DatasetError(PlaitError):
+    """A train/dev set is missing, not JSONL, or has rows the program cannot read."""
+
+
+class MetricError(PlaitError):
+    """Unknown metric name, or a `module:function` metric that cannot be imported."""
+
+
+class OptimizerError(PlaitError):
+    """Unknown optimizer, or one that cannot run with the given data."""

@@ -1,0 +1,72 @@
+"""Database engines and sessions: which URL, and how each backend is set up.
+
+The default is SQLite at `<plait home>/plait.db` in WAL mode, so a compile (one writer) and
+readers (a dashboard, `plait eval`) never block each other, and a crashed writer loses at most
+the row it was writing. `PLAIT_DATABASE_URL` selects any SQLAlchemy URL instead, for example
+`postgresql+psycopg://user:pass@host/db`; a bare `postgresql://` URL is given the psycopg
+(v3) driver when psycopg2 is not installed, since psycopg is what plait documents.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+
+from plait.paths import plait_home
+from plait.store.errors import StoreError
+
+ENV_URL = "PLAIT_DATABASE_URL"
+
+
+def default_url() -> str:
+    """`PLAIT_DATABASE_URL` if set, else SQLite under plait's home directory."""
+    return os.environ.get(ENV_URL) or f"sqlite:///{plait_home() / 'plait.db'}"
+
+
+def _with_driver(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"not a database URL: {url!r} (expected e.g. sqlite:///path.db or "
+                         "postgresql+psycopg://user:pass@host/db)") from exc
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None:
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, crash-safe
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
+    """A SQLAlchemy engine for `url` (default: `default_url()`), ready for many threads."""
+    url = _with_driver(url or default_url())
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    try:
+        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=16)
+    except ModuleNotFoundError as exc:
+        raise StoreError(f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
+                         "for PostgreSQL: pip install 'psycopg[binary]'") from exc
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # Records are copied out of the session before it closes, so nothing needs to stay attached.
+    return sessionmaker(engine, expire_on_commit=False)
