@@ -10,6 +10,7 @@ import torch
 from plait.backends import registry
 from plait.backends.cache import StatePool
 from plait.backends.model import ModelInfo
+from plait.backends.prefix_cache import PrefixCache
 from plait.backends.sampling import SamplingParams
 from plait.backends.scheduler import Request, Scheduler, TokenConstraint, Usage
 from plait.errors import ContextLengthError
@@ -37,7 +38,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, model_id: str, family: str, *, max_batch_size: int = 32,
                  memory_budget_mb: int | None = None, max_length: int | None = None,
-                 prefill_chunk: int = 512, max_queue: int = 1024):
+                 prefill_chunk: int = 512, max_queue: int = 1024, prefix_cache: bool = True,
+                 prefix_cache_mb: int = 512, prefix_block_size: int | None = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.info: ModelInfo = model.info(family)
         self.device = next(model.parameters()).device
@@ -45,15 +47,22 @@ class Engine:
         self.max_length = min(max_length or model.context_length, model.context_length)
         budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget)
+        self.prefix_cache = None
+        if prefix_cache:
+            block = prefix_block_size or 64
+            block = -(-block // model.state_chunk) * model.state_chunk  # a multiple of the SSD chunk
+            self.prefix_cache = PrefixCache(self.pool.layer_specs, block, prefix_cache_mb * 2**20)
         self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch_size=max_batch_size,
-                                   max_queue=max_queue, prefill_chunk=prefill_chunk)
+                                   max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   prefix_cache=self.prefix_cache)
 
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
              **options: Any) -> "Engine":
         """Load a registered model name, a `.gguf` file or an HF checkpoint directory.
 
-        Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue.
+        Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue,
+        prefix_cache (on by default), prefix_cache_mb, prefix_block_size.
         """
         if isinstance(dtype, str):
             dtype = _DTYPES[dtype]

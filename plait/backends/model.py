@@ -27,6 +27,8 @@ class CausalLM(nn.Module):
 
     context_length: int
     vocab_size: int
+    state_chunk: int = 1
+    """Fixed-size state (Mamba) can be checkpointed only at multiples of this many tokens."""
 
     def state_specs(self, dtype: torch.dtype) -> list[dict[str, StateSpec]]:
         """Per layer, the state each sequence needs (empty dict for stateless layers)."""

@@ -278,6 +278,7 @@ class NemotronHForCausalLM(CausalLM):
         super().__init__()
         self.config = cfg
         self.context_length = cfg.max_position_embeddings
+        self.state_chunk = cfg.chunk_size
         self.vocab_size = cfg.vocab_size
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(NemotronHBlock(cfg, kind) for kind in cfg.layer_types)

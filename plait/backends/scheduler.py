@@ -27,6 +27,7 @@ import torch
 
 from plait.backends.cache import Batch, StatePool
 from plait.backends.model import CausalLM
+from plait.backends.prefix_cache import PrefixCache, block_hashes
 from plait.backends.sampling import SamplingParams, sample
 from plait.backends.tokenizer import Tokenizer
 from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError, PlaitError
@@ -53,6 +54,7 @@ class Usage:
     sampled_tokens: int = 0
     forced_tokens: int = 0
     forward_passes: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
 
     @property
     def total_tokens(self) -> int:
@@ -75,6 +77,7 @@ class Request:
     usage: Usage = field(default_factory=Usage)
     # ---- scheduler-private ----
     pending: list[int] = field(default_factory=list, repr=False)
+    block_hashes: list[int] = field(default_factory=list, repr=False)
     cached: int = 0
     emitted: int = 0
     cancelled: bool = False
@@ -102,8 +105,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, pool: StatePool, max_batch_size: int = 32,
-                 max_queue: int = 1024, prefill_chunk: int = 512):
+                 max_queue: int = 1024, prefill_chunk: int = 512, prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.prefix_cache = prefix_cache
+        self.prompt_tokens_computed = 0
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
         self.rows: list[Request] = []  # rows[i] lives in slot i
@@ -121,6 +126,8 @@ class Scheduler:
         elif not request.params.greedy:
             request._generator = torch.Generator().manual_seed(random.getrandbits(63))
         request.pending = list(request.prompt_ids)
+        if self.prefix_cache is not None:
+            request.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
         request.usage.prompt_tokens = len(request.prompt_ids)
         with self.cond:
             if self.closed:
@@ -156,24 +163,49 @@ class Scheduler:
             self._finish(row, "error", EngineClosedError("the engine was closed"), release=False)
 
     def _admit(self) -> None:
+        deferred: list[Request] = []
         while self.waiting and len(self.rows) < self.max_batch_size:
-            request = self.waiting[0]
+            request = self.waiting.popleft()
             if request.cancelled:
-                self.waiting.popleft()
                 self._finish(request, "cancelled", release=False)
                 continue
+            restorable = 0
+            if self.prefix_cache is not None:
+                restorable = self.prefix_cache.match(request.prompt_ids, request.block_hashes)
+                if self._prefix_in_flight(request) > restorable:
+                    deferred.append(request)  # a running prefill is computing this prefix: reuse it
+                    continue
             length = len(request.prompt_ids) + request.params.max_tokens
             try:
                 self.pool.reserve(len(self.rows) + 1, min(length, self.pool.max_length))
             except MemoryBudgetError as exc:
                 if self.rows:  # others will finish and free room: wait (back-pressure)
-                    return
-                self.waiting.popleft()
+                    self.waiting.appendleft(request)
+                    break
                 self._finish(request, "error", exc, release=False)
                 continue
-            self.waiting.popleft()
-            self.pool.clear(len(self.rows))
+            slot = len(self.rows)
+            self.pool.clear(slot)
+            if restorable:
+                self.prefix_cache.restore(request.block_hashes, restorable, self.pool, slot)
+                request.cached, request.usage.cached_tokens = restorable, restorable
+                del request.pending[:restorable]
             self.rows.append(request)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prefix_in_flight(self, request: Request) -> int:
+        """Tokens of `request`'s prompt that a row still in its prefill shares, block-aligned."""
+        best = 0
+        for row in self.rows:
+            if row.cached >= len(row.prompt_ids):
+                continue
+            shared = 0
+            for mine, theirs in zip(request.block_hashes, row.block_hashes):
+                if mine != theirs:
+                    break
+                shared += 1
+            best = max(best, shared * self.prefix_cache.block_size)
+        return min(best, len(request.prompt_ids) - 1)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -183,9 +215,12 @@ class Scheduler:
         # multi-token passes: prompts (chunked) and forced spans, one row each
         for slot, row in enumerate(self.rows):
             if len(row.pending) > 1:
-                chunk = row.pending[: self.prefill_chunk]
+                chunk = row.pending[: self._pass_length(row)]
                 logits = self._forward(slot, [row], torch.tensor([chunk], device=self.device))
                 self._consumed(row, len(chunk))
+                if row.cached <= len(row.prompt_ids):
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
                 if not row.pending:
                     self._next_token(row, logits[0, -1])
         # decode: every row with exactly one pending token, per contiguous run of slots
@@ -206,6 +241,19 @@ class Scheduler:
         for row in [r for r in self.rows if r.finish_reason is not None]:
             self._release(row)
 
+    def _pass_length(self, row: Request) -> int:
+        """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
+        block boundaries (one block per pass when Mamba state must be checkpointed there)."""
+        length = min(self.prefill_chunk, len(row.pending))
+        cache = self.prefix_cache
+        if cache is None or row.cached >= len(row.prompt_ids):
+            return length
+        size = cache.block_size
+        if cache.has_fixed_state:
+            return min(length, size - row.cached % size)
+        end = (row.cached + length) // size * size
+        return end - row.cached if row.cached + length < len(row.prompt_ids) and end > row.cached else length
+
     def _decode_run(self, slots: list[int]) -> None:
         rows = [self.rows[s] for s in slots]
         ids = torch.tensor([[r.pending[0]] for r in rows], device=self.device)
@@ -220,8 +268,8 @@ class Scheduler:
             r.usage.forward_passes += 1
         return self.model(ids, Batch(self.pool, first_slot, lens), last_only=True)
 
-    @staticmethod
-    def _consumed(row: Request, count: int) -> None:
+    def _consumed(self, row: Request, count: int) -> None:
+        self.prompt_tokens_computed += max(0, min(count, len(row.prompt_ids) - row.cached))
         row.cached += count
         del row.pending[:count]
 
