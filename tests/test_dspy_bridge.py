@@ -99,3 +99,19 @@ def test_dspy_cache_lives_in_plaits_directory():
 def test_unknown_model_fails_when_the_lm_is_built():
     with pytest.raises(plait.PlaitError):
         plait.LM("definitely-not-a-model")
+
+
+def test_identical_requests_in_flight_are_computed_once(lm, smollm):
+    request = _request(lm, "Describe the moon in two sentences.", max_tokens=20)
+    engine = lm.engine
+    handles = [engine.submit(request) for _ in range(4)]  # e.g. DSPy re-submitting a straggler
+    assert len({id(h) for h in handles}) == 1
+    texts = {h.wait().text for h in handles}
+    assert len(texts) == 1 and texts.pop()
+    seeded = [engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0, seed=s))
+              for s in (1, 2)]
+    assert seeded[0] is not seeded[1]  # different seeds are different requests
+    unseeded = [engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0)) for _ in range(2)]
+    assert unseeded[0] is not unseeded[1]  # sampled candidates (n>1) are never merged
+    for h in seeded + unseeded:
+        h.wait()

@@ -73,13 +73,13 @@ class PlaitEngine:
     def submit(self, request: Request, stream: bool = False) -> EngineRequest:
         config = request.config
         prompt = self.engine.chat_prompt(_messages(request))
-        return self.engine.submit(
-            prompt, stream=stream,
-            max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=config.temperature if config.temperature is not None else 0.0,
-            top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-            stop=tuple(config.stop) or None,
-        )
+        sampling = dict(max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
+                        temperature=config.temperature if config.temperature is not None else 0.0,
+                        top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+                        stop=tuple(config.stop) or None)
+        deterministic = sampling["temperature"] == 0 or config.seed is not None
+        share_key = (prompt, tuple(sorted(sampling.items()))) if deterministic else None
+        return self.engine.submit(prompt, stream=stream, share_key=share_key, **sampling)
 
     def complete(self, request: Request) -> Response:
         return self._response(request, self.submit(request).wait())

@@ -1,6 +1,7 @@
 """The engine's public face: load a checkpoint, then score or generate through the scheduler."""
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ class Engine:
         self.max_length = min(max_length or model.context_length, model.context_length)
         budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget)
+        self._inflight: dict[Any, Request] = {}
+        self._inflight_lock = threading.Lock()
         self.prefix_cache = None
         if prefix_cache:
             block = prefix_block_size or 64
@@ -85,8 +88,24 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
 
     def submit(self, prompt: str | list[int], *, constraint: TokenConstraint | None = None,
-               stream: bool = False, **sampling: Any) -> Request:
-        """Queue a request and return at once; `request.wait()` or `request.deltas()` for results."""
+               stream: bool = False, share_key: Any = None, **sampling: Any) -> Request:
+        """Queue a request and return at once; `request.wait()` or `request.deltas()` for results.
+
+        `share_key`: callers that know two requests must give the same result (greedy or seeded,
+        same prompt and grammar) pass a key; a request with the key of one still in flight gets
+        that request back instead of computing it twice — DSPy's straggler re-submissions and
+        identical `n>1` candidates cost one generation.
+        """
+        if share_key is not None and not stream:
+            with self._inflight_lock:
+                running = self._inflight.get(share_key)
+                if running is not None and not running._done.is_set():
+                    return running
+                request = self.submit(prompt, constraint=constraint, **sampling)
+                if len(self._inflight) > 1024:
+                    self._inflight = {k: r for k, r in self._inflight.items() if not r._done.is_set()}
+                self._inflight[share_key] = request
+                return request
         if isinstance(sampling.get("stop"), (list, str)):
             stop = sampling["stop"]
             sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
