@@ -4,6 +4,7 @@ Every `PlaitError` (and every bad argument) ends as one line on stderr and exit 
 """
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +12,9 @@ from collections.abc import Callable
 from plait.errors import PlaitError
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+# Each part of plait adds its own subcommands (`add_commands(subparsers)`).
+COMMAND_MODULES = ("plait.retrievers.commands",)
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("models", help="list the models plait can load")
-    p.set_defaults(handler=_models)
+    p.set_defaults(func=_models)
 
     p = sub.add_parser("generate", help="generate text with a local model")
     p.add_argument("prompt")
@@ -74,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.set_defaults(handler=_generate)
+    p.set_defaults(func=_generate)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage error (already printed) or --help
         return int(exc.code or 0)
     try:
-        result = args.handler(args)
+        result = args.func(args)
     except (PlaitError, ValueError, OSError) as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return 2
