@@ -1,0 +1,90 @@
+"""Blocking work (DSPy programs, engine waits) awaited from the event loop.
+
+The engine batches whatever is submitted concurrently, so the server's job is to have many
+calls waiting at once without blocking the event loop: each runs on a worker thread, and the
+loop awaits its future.
+
+Two rules keep accounting honest when a client gives up or a call times out:
+- a call, once queued, always runs to its end (the future is shielded from cancellation), so
+  whatever it holds (an admission slot) is released by the call itself, exactly once;
+- a timeout answers the client (504) but cannot stop a thread; engine requests are cancelled
+  through their handles where the caller has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from plait.serve.errors import ApiError
+
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class WorkerPool:
+    """A bounded thread pool for blocking calls, awaited with a deadline."""
+
+    def __init__(self, workers: int, name: str = "plait-serve"):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` on a worker and return its result; 504 after `timeout` seconds."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise ApiError(504, f"the call did not finish within {timeout:g} s", "timeout_error",
+                           "request_timeout") from None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=False)
+
+
+async def iterate_in_thread(iterator: Iterator[T], *, on_close: Callable[[], None] | None = None
+                            ) -> AsyncIterator[T]:
+    """Items of a blocking iterator, produced by a thread of its own and awaited here.
+
+    A dedicated thread (not the worker pool) so a stream never waits behind queued calls.
+    `on_close` runs when the consumer stops early (client gone): e.g. cancel the engine
+    request, which also ends the producing thread.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: object, error: BaseException | None) -> bool:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
+            return True
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+            return False
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if not put(item, None):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_DONE, exc)
+            return
+        put(_DONE, None)
+
+    thread = threading.Thread(target=produce, name="plait-stream", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _DONE:
+                finished = True
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        if not finished and on_close is not None:
+            on_close()

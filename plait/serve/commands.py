@@ -1,0 +1,139 @@
+"""`plait serve`: argparse wiring, loading, and running uvicorn.
+
+    plait serve sentiment.json --port 8000 --api-key "$KEY"
+    plait serve qa=rag.json sentiment.json --host 0.0.0.0 --api-key "$KEY" --rate-limit 5
+    plait serve --model smollm2-135m            # OpenAI-compatible endpoints only
+
+`add_commands(subparsers)` adds the command to plait's CLI. Everything is loaded before the
+port is bound, so a server that accepts connections can answer them; bad settings (a public
+address without a key, a missing artifact) fail as one line and exit code 2 before any
+weights are read. Heavy imports happen inside the handler, so `plait --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from plait.serve.config import ServeConfig, ServeConfigError
+from plait.serve.programs import ADAPTERS
+
+API_KEY_ENV = "PLAIT_API_KEY"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve compiled programs (and OpenAI-compatible endpoints) over HTTP",
+        description="Serve compiled artifacts at POST /v1/programs/{name}, plus /v1/chat/completions, "
+                    "/v1/completions, /healthz and /metrics.")
+    p.add_argument("artifacts", nargs="*", metavar="[NAME=]ARTIFACT.json",
+                   help="compiled artifacts; NAME defaults to the file name without .json")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL",
+                   help="also serve this model on the OpenAI endpoints (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help=f"accepted bearer token (repeatable; default ${API_KEY_ENV}); required off loopback")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--rate-limit", type=float, default=0.0,
+                   help="requests per second per client (API key or address); 0 = off (default)")
+    p.add_argument("--rate-burst", type=int, default=20, help="requests a client may send at once (default 20)")
+    p.add_argument("--max-inflight", type=int, default=64,
+                   help="generation calls admitted at once; more get 503 (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="threads running calls (default: --max-inflight)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a call gets 504")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="largest max_tokens an OpenAI-style request may ask for (default 4096)")
+    p.add_argument("--max-tokens", type=int, default=None, help="max_tokens of each program LM call")
+    p.add_argument("--adapter", choices=ADAPTERS, default="auto",
+                   help="DSPy adapter for programs (auto: the artifact's, else constrained when the "
+                        "engine decodes under grammars)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--device", default="cpu", help="engine device (default cpu)")
+    p.add_argument("--database", default=None, help="SQLAlchemy URL for traces (default: PLAIT_DATABASE_URL, "
+                                                     "else .plait/plait.db)")
+    p.add_argument("--no-traces", action="store_true", help="do not record request traces")
+    p.add_argument("--no-trace-io", action="store_true", help="traces keep field names, not values")
+    p.add_argument("--dspy-cache", action="store_true", help="answer repeated program calls from DSPy's cache")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=cmd_serve, func=cmd_serve)
+    return p
+
+
+def parse_artifact(spec: str) -> tuple[str | None, Path]:
+    """`name=path.json` or `path.json` (a path may contain `=`: only a valid name splits)."""
+    name, sep, path = spec.partition("=")
+    from plait.serve.programs import NAME_PATTERN
+
+    if sep and NAME_PATTERN.match(name) and path:
+        return name, Path(path)
+    return None, Path(spec)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    keys = list(args.api_key) or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
+    return ServeConfig(
+        host=args.host, port=args.port, api_keys=tuple(keys), max_body_bytes=args.max_body_bytes,
+        rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_inflight=args.max_inflight,
+        workers=args.workers or args.max_inflight, request_timeout=args.request_timeout,
+        max_tokens_limit=args.max_tokens_limit, trace_io=not args.no_trace_io, dspy_cache=args.dspy_cache,
+    ).check()
+
+
+def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
+    """Open the store, load every artifact and model: everything before the port opens."""
+    from plait.serve.runtime import ServeRuntime
+
+    specs = [parse_artifact(a) for a in args.artifacts]
+    missing = [str(path) for _, path in specs if not path.is_file()]
+    if missing:
+        raise ServeConfigError(f"artifact not found: {', '.join(missing)}")
+    store = None
+    if not args.no_traces:
+        from plait.store import Store
+
+        store = Store.open(args.database)
+    runtime = ServeRuntime(config, store=store)
+    lm_options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
+    if args.dtype:
+        lm_options["dtype"] = args.dtype
+    program_options = dict(lm_options)
+    if args.max_tokens:
+        program_options["max_tokens"] = args.max_tokens
+    try:
+        for name, path in specs:
+            runtime.load_artifact(path, name, adapter=args.adapter, lm_options=program_options)
+        for model in args.model:
+            runtime.load_model(model, lm_options)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.artifacts and not args.model:
+        raise ServeConfigError("nothing to serve: give compiled artifacts, or --model for the OpenAI endpoints")
+    config = config_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from plait.serve.app import create_app
+
+    runtime = build_runtime(args, config)
+    app = create_app(runtime)
+    shown = "localhost" if config.host in ("127.0.0.1", "::1") else config.host
+    print(f"plait: serving {len(runtime.programs)} program(s) {sorted(runtime.programs)} and model(s) "
+          f"{sorted(runtime.models)} on http://{shown}:{config.port}"
+          f"{'' if config.api_keys else ' (no authentication: loopback only)'}", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=10, access_log=args.log_level == "debug")
+    finally:
+        runtime.close()
+    return 0

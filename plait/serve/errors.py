@@ -1,0 +1,106 @@
+"""HTTP errors of the server, and how plait's typed exceptions map onto status codes.
+
+Every error the server sends has one JSON shape, OpenAI's, so an OpenAI client library (and
+plait's own remote engine) can read any of them:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "code": "context_length"}}
+
+The mapping is the contract with clients: 4xx means "change the request", 429/503 mean
+"retry later" (with a `Retry-After` header), 500 is a bug or a program that failed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from plait.errors import (
+    ContextLengthError,
+    EngineClosedError,
+    EngineOverloadedError,
+    MemoryBudgetError,
+    ModelNotFoundError,
+    PlaitError,
+)
+
+
+@dataclass
+class ApiError(Exception):
+    """An error answered as JSON with `status`; raised anywhere in a request's handling."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.code, self.headers)
+
+
+def error_response(status: int, message: str, type_: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _grammar_error() -> type[PlaitError] | None:
+    """The constrained-decoding error type, when that part of plait is installed."""
+    try:
+        from plait.backends.constraint import GrammarError
+    except ImportError:
+        return None
+    return GrammarError
+
+
+def find_plait_error(exc: BaseException) -> PlaitError | None:
+    """The `PlaitError` behind `exc`: DSPy wraps engine failures in its own LM errors, so the
+    cause chain is walked (bounded, and cycle-safe)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        if isinstance(current, PlaitError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def api_error_for(exc: BaseException) -> ApiError:
+    """The HTTP answer for an exception raised while serving a request."""
+    if isinstance(exc, ApiError):
+        return exc
+    error = find_plait_error(exc)
+    if error is None:
+        return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error")
+    message = str(error)
+    if isinstance(error, EngineOverloadedError):
+        return ApiError(503, message, "overloaded_error", "engine_overloaded", {"Retry-After": "1"})
+    if isinstance(error, EngineClosedError):
+        return ApiError(503, message, "overloaded_error", "engine_closed", {"Retry-After": "5"})
+    if isinstance(error, ContextLengthError):
+        return ApiError(400, message, "invalid_request_error", "context_length_exceeded")
+    if isinstance(error, MemoryBudgetError):
+        return ApiError(400, message, "invalid_request_error", "memory_budget_exceeded")
+    if isinstance(error, ModelNotFoundError):
+        return ApiError(404, message, "not_found_error", "model_not_found")
+    grammar_error = _grammar_error()
+    if grammar_error is not None and isinstance(error, grammar_error):
+        return ApiError(400, message, "invalid_request_error", "invalid_grammar")
+    return ApiError(400, message, "invalid_request_error", type(error).__name__)
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON, or 400 (malformed JSON is the client's error, not a 500)."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="malformed_json") from None

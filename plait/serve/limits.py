@@ -1,0 +1,178 @@
+"""Request-size limit, per-client rate limit and admission control (back-pressure).
+
+Each answers at once with a JSON error instead of letting work pile up:
+
+- `BodySizeLimit` (ASGI middleware): 413 when `Content-Length` says the body is too large, or
+  when a chunked body grows past the limit while it is read. Bodies are buffered (they are
+  small, bounded by the limit) and replayed to the app.
+- `RateLimiter`: a token bucket per client; 429 with `Retry-After` when a client's bucket is
+  empty.
+- `AdmissionGate`: at most `capacity` generation calls in flight; the next one gets 503 with
+  `Retry-After` rather than waiting in an unbounded queue. (The engine has its own queue
+  bound too; its `EngineOverloadedError` also becomes 503.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import threading
+import time
+from collections.abc import Iterator
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from plait.serve.auth import PUBLIC_PATHS, bearer_token
+from plait.serve.errors import ApiError, error_response
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size: int | None = None) -> ApiError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return ApiError(413, f"request body too large{got}: the limit is {self.max_bytes} bytes",
+                        "invalid_request_error", "request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared == -1:
+            await ApiError(400, "invalid Content-Length header").response()(scope, receive, send)
+            return
+        if declared is not None and declared > self.max_bytes:
+            await self._too_large(declared).response()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large().response()(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared body size, None when not declared, -1 when unreadable."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return -1
+            return length if length >= 0 else -1
+    return None
+
+
+class RateLimiter:
+    """Token buckets: each client may send `burst` requests at once and `rate` per second."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 100_000):
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str, now: float | None = None) -> float | None:
+        """Take one token for `client`; None if allowed, else seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[client] = (tokens - 1.0, now)
+                if len(self._buckets) > self.max_clients:
+                    self._forget_idle(now)
+                return None
+            self._buckets[client] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop clients whose bucket has refilled: they are indistinguishable from new ones."""
+        full = [c for c, (tokens, last) in self._buckets.items()
+                if tokens + (now - last) * self.rate >= self.burst]
+        for client in full:
+            del self._buckets[client]
+
+
+def client_identity(scope: Scope) -> str:
+    """Who a request is from, for rate limiting: its API key (hashed), else its address."""
+    token = bearer_token(scope)
+    if token is not None:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "addr:unknown"
+
+
+class RateLimit:
+    """ASGI middleware applying a `RateLimiter` to every path but the health probe."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter | None):
+        self.app, self.limiter = app, limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.limiter is not None and scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            wait = self.limiter.retry_after(client_identity(scope))
+            if wait is not None:
+                seconds = max(1, math.ceil(wait))
+                response = error_response(429, f"rate limit exceeded: retry in {seconds} s",
+                                          "rate_limit_error", "rate_limit_exceeded",
+                                          {"Retry-After": str(seconds)})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AdmissionGate:
+    """Counts generation calls in flight; refuses the one over `capacity` with 503.
+
+    Used from the event loop and from worker threads alike, so it takes a lock.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.inflight = 0
+        self.rejected = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.inflight >= self.capacity:
+                self.rejected += 1
+                raise ApiError(503, f"the server is busy ({self.inflight} calls in flight): retry later",
+                               "overloaded_error", "server_overloaded", {"Retry-After": "1"})
+            self.inflight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()

@@ -1,0 +1,364 @@
+"""OpenAI-compatible `/v1/chat/completions`, `/v1/completions` and `/v1/models` over the engine.
+
+Any OpenAI client (the `openai` SDK, LiteLLM, DSPy, plait's own remote engine) can use a
+plait server as its backend. What is supported:
+
+- sampling: `max_tokens` / `max_completion_tokens`, `temperature` (default 1, as OpenAI),
+  `top_p`, `top_k` (vLLM's extra; -1 or 0 = off), `seed`, `stop`, `n`;
+- streaming (`stream: true`) as SSE chunks ending with `data: [DONE]`, with a final usage
+  chunk when `stream_options.include_usage` is set;
+- structured outputs in every dialect `plait.serve.structured` reads (OpenAI
+  `response_format`, vLLM `guided_*` / `structured_outputs`, plait's `plait_grammar`):
+  the answer is decoded under the grammar, so it always parses.
+
+Not supported, and refused with 400 rather than ignored: tools, logprobs, `echo`, `suffix`,
+non-text message parts. Every call is admitted through the gate, run off the event loop,
+counted in `/metrics` and traced to the store.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from plait.serve.bridge import iterate_in_thread
+from plait.serve.errors import ApiError, api_error_for, read_json
+from plait.serve.runtime import ServedModel, ServeRuntime
+from plait.serve.sse import SSE_HEADERS, GuardedStream, sse
+from plait.serve.structured import grammar_from_request
+from plait.serve.tracing import Trace
+
+#: Seconds a worker waits beyond the request timeout before giving up on its thread.
+_GRACE = 5.0
+
+
+class _Sampling(BaseModel):
+    """Fields both endpoints share. Unknown fields are allowed (clients send many)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | int | None = None
+    tools: list[Any] | None = None
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+@dataclass
+class _Choice:
+    """One generation of a request: its engine handle, index and prompt length."""
+
+    index: int
+    handle: Any
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        raise ApiError(422, "invalid request: " + "; ".join(problems), code="invalid_request") from None
+
+
+def _refuse_unsupported(params: _Sampling) -> None:
+    if params.tools:
+        raise ApiError(400, "tool calling is not supported by this server: describe the tools in the "
+                            "prompt, or constrain the answer with response_format", code="unsupported_tools")
+    if params.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server", code="unsupported_logprobs")
+    if isinstance(params, CompletionBody) and (params.echo or params.suffix):
+        raise ApiError(400, "echo and suffix are not supported by this server", code="unsupported_parameter")
+
+
+def _sampling(params: _Sampling, runtime: ServeRuntime, model: ServedModel, prompt_tokens: int) -> dict[str, Any]:
+    limit = runtime.config.max_tokens_limit
+    room = max(1, model.engine.max_length - prompt_tokens)
+    max_tokens = params.max_completion_tokens or params.max_tokens
+    if max_tokens is not None and max_tokens > limit:
+        raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}",
+                       code="max_tokens_too_large")
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    if len(stop) > 16 or any(not s for s in stop):
+        raise ApiError(400, "stop takes at most 16 non-empty strings", code="invalid_stop")
+    return {
+        "max_tokens": min(max_tokens or limit, room),
+        "temperature": 1.0 if params.temperature is None else params.temperature,
+        "top_p": params.top_p,
+        "top_k": None if params.top_k is None else max(params.top_k, 0),
+        "seed": params.seed,
+        "stop": tuple(stop) or None,
+    }
+
+
+def _chat_messages(body: ChatBody) -> list[dict[str, str]]:
+    messages = []
+    for message in body.messages:
+        content = message.content
+        text = content if isinstance(content, str) else "".join(p.text for p in content or [])
+        role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def _prompts(body: CompletionBody) -> list[str | list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # one tokenized prompt
+    if not prompt:
+        raise ApiError(422, "invalid request: prompt is empty", code="invalid_request")
+    return list(prompt)
+
+
+def _finish(handle: Any) -> str:
+    return "length" if handle.finish_reason == "length" else "stop"
+
+
+def _usage(choices: list[_Choice]) -> dict[str, Any]:
+    prompt = sum(c.handle.usage.prompt_tokens for c in choices)
+    completion = sum(c.handle.usage.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _plait_usage(choices: list[_Choice]) -> dict[str, Any]:
+    """plait's extra accounting: how many tokens the grammar forced instead of sampling."""
+    keys = ("sampled_tokens", "forced_tokens", "forward_passes", "cached_tokens")
+    return {k: sum(int(getattr(c.handle.usage, k, 0) or 0) for c in choices) for k in keys}
+
+
+class _Call:
+    """One OpenAI-style request from parsing to answer: shared by both endpoints."""
+
+    def __init__(self, runtime: ServeRuntime, kind: Literal["chat", "completion"], body: _Sampling):
+        self.runtime, self.kind, self.body = runtime, kind, body
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.started = time.perf_counter()
+        self.target = "openai:chat.completions" if kind == "chat" else "openai:completions"
+        self.model = runtime.model(body.model)
+        self.spec = grammar_from_request(body.model_dump(exclude_unset=True))
+        self.choices: list[_Choice] = []
+        self.abandoned = False  # the client was answered (timeout) before the submit ran
+
+    # ---- submitting (on a worker thread: tokenizing a long prompt takes time) ----------------
+    def _prompt_texts(self) -> list[str | list[int]]:
+        if isinstance(self.body, ChatBody):
+            return [self.model.engine.chat_prompt(_chat_messages(self.body))]
+        return _prompts(self.body)
+
+    def submit(self, stream: bool) -> None:
+        engine = self.model.engine
+        try:
+            for prompt in self._prompt_texts():
+                ids = engine.prompt_ids(prompt)
+                sampling = _sampling(self.body, self.runtime, self.model, len(ids))
+                for i in range(self.body.n):
+                    options = dict(sampling)
+                    if options["seed"] is not None:
+                        options["seed"] += i  # n samples, not n copies
+                    constraint = self._constraint()
+                    handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
+                    self.choices.append(_Choice(len(self.choices), handle))
+            if self.abandoned:
+                self.cancel()
+        except ValueError as exc:  # SamplingParams / an empty prompt
+            self.cancel()
+            raise ApiError(400, str(exc), code="invalid_request") from None
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _constraint(self) -> Any:
+        if self.spec is None:
+            return None
+        from plait.backends.constraint import compile_constraint
+
+        return compile_constraint(self.spec, self.model.engine.tokenizer)
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.handle.cancel()
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.runtime.config.request_timeout
+        try:
+            for choice in self.choices:
+                choice.handle.wait(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self.cancel()
+            raise ApiError(504, f"generation did not finish within {self.runtime.config.request_timeout:g} s",
+                           "timeout_error", "request_timeout") from None
+
+    # ---- answers -------------------------------------------------------------------------------
+    def response(self) -> dict[str, Any]:
+        if self.kind == "chat":
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.handle.text},
+                        "finish_reason": _finish(c.handle), "logprobs": None} for c in self.choices]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": c.index, "text": c.handle.text, "finish_reason": _finish(c.handle),
+                        "logprobs": None} for c in self.choices]
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.id,
+                "choices": choices, "usage": _usage(self.choices), "plait": _plait_usage(self.choices)}
+
+    def chunk(self, delta: str | None = None, finish: str | None = None, *, role: bool = False,
+              usage: bool = False) -> dict[str, Any]:
+        if usage:
+            return {"id": self.id, "object": self._chunk_object(), "created": self.created,
+                    "model": self.model.id, "choices": [], "usage": _usage(self.choices)}
+        if self.kind == "chat":
+            content: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if delta is not None:
+                content["content"] = delta
+            choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return {"id": self.id, "object": self._chunk_object(), "created": self.created,
+                "model": self.model.id, "choices": [choice]}
+
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def record(self, status: str, error: str | None = None) -> None:
+        runtime = self.runtime
+        usage = _usage(self.choices) if self.choices else {"prompt_tokens": 0, "completion_tokens": 0}
+        runtime.metrics.count_tokens(self.model.id, usage["prompt_tokens"], usage["completion_tokens"])
+        inputs: dict[str, Any] = {"model": self.model.id,
+                                  **self.body.model_dump(exclude_unset=True, exclude={"model"})}
+        outputs = None
+        if status == "ok":
+            outputs = {"texts": [c.handle.text for c in self.choices],
+                       "finish_reasons": [_finish(c.handle) for c in self.choices]}
+        runtime.traces.submit(Trace(self.target, self.id, inputs, outputs, status,
+                                    (time.perf_counter() - self.started) * 1000,
+                                    usage["prompt_tokens"], usage["completion_tokens"], error))
+
+
+async def _answer(runtime: ServeRuntime, call: _Call) -> JSONResponse:
+    def work() -> dict[str, Any]:
+        try:
+            call.submit(stream=False)
+            call.wait()
+            call.record("ok")
+            return call.response()
+        except BaseException as exc:
+            call.record("error", str(exc))
+            raise
+        finally:
+            runtime.gate.leave()
+
+    runtime.gate.enter()
+    return JSONResponse(await runtime.pool.run(work, runtime.config.request_timeout + _GRACE))
+
+
+async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
+    if call.body.n != 1 or len(call._prompt_texts()) != 1:
+        raise ApiError(400, "streaming answers one prompt with n=1", code="unsupported_parameter")
+    include_usage = bool((call.body.stream_options or {}).get("include_usage"))
+    runtime.gate.enter()
+    try:
+        await runtime.pool.run(lambda: call.submit(stream=True), runtime.config.request_timeout)
+    except BaseException as exc:
+        call.abandoned = True
+        call.cancel()
+        runtime.gate.leave()
+        call.record("error", str(exc))
+        raise
+    handle = call.choices[0].handle
+    outcome = {"status": "cancelled", "error": None}
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if call.kind == "chat":
+                yield sse(call.chunk(role=True))
+            async for piece in iterate_in_thread(handle.deltas(), on_close=handle.cancel):
+                if piece:
+                    yield sse(call.chunk(piece))
+            yield sse(call.chunk(finish=_finish(handle)))
+            if include_usage:
+                yield sse(call.chunk(usage=True))
+            yield sse("[DONE]")
+            outcome["status"] = "ok"
+        except Exception as exc:  # the headers are sent: report the error in the stream
+            error = api_error_for(exc)
+            outcome.update(status="error", error=error.message)
+            yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}})
+            yield sse("[DONE]")
+
+    def release() -> None:
+        handle.cancel()
+        runtime.gate.leave()
+        call.record(outcome["status"], outcome["error"])
+
+    return StreamingResponse(GuardedStream(events(), release), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+def make_router(runtime: ServeRuntime) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = _parse(ChatBody, await read_json(request))
+        _refuse_unsupported(body)
+        call = _Call(runtime, "chat", body)
+        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = _parse(CompletionBody, await read_json(request))
+        _refuse_unsupported(body)
+        call = _Call(runtime, "completion", body)
+        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.id, "object": "model", "created": 0, "owned_by": "plait",
+             "aliases": sorted(m.names - {m.id})} for m in runtime.models.values()]}
+
+    return router

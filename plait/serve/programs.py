@@ -1,0 +1,310 @@
+"""A compiled program as the server exposes it: named, with typed inputs, callable and streamable.
+
+`ServedProgram` wraps a `LoadedArtifact` (`plait.compilers.artifact`) with what serving needs:
+
+- its **inputs**, read from the program itself: a single predictor's signature input fields
+  (`dspy.Predict`, `dspy.ChainOfThought`, any `forward(**kwargs)` module), else `forward`'s
+  named parameters. They become a pydantic model, so a request with a missing, unknown or
+  wrongly typed field is refused (422) before any token is generated.
+- its **outputs**: every predictor's output fields (what `?stream=true` streams).
+- **calling** it in the caller's thread under `dspy.context(lm=..., adapter=...)`, so many
+  programs (and many calls of one program) run side by side on the server's worker threads,
+  each with its own settings, while the one shared engine batches their LM calls.
+- **streaming** it with `dspy.streamify` and one `StreamListener` per output field.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+import pydantic
+from dspy.adapters.chat_adapter import ChatAdapter
+from dspy.adapters.json_adapter import JSONAdapter
+from dspy.streaming import StreamListener
+from dspy.streaming.messages import StatusMessage, StreamResponse
+
+from plait.serve.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+#: Program names appear in URLs: keep them simple.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+ADAPTERS = ("auto", "chat", "json", "constrained", "constrained-json")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    annotation: Any
+    required: bool
+    default: Any = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    predictor: str
+    name: str
+    annotation: Any
+    description: str | None = None
+
+
+@dataclass
+class CallResult:
+    """A finished program call: its outputs as JSON-ready values, and the tokens it used."""
+
+    outputs: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    prediction: Any = field(default=None, repr=False)
+
+
+def type_name(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return "any"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
+
+
+def _field_description(info: Any) -> str | None:
+    extra = getattr(info, "json_schema_extra", None) or {}
+    desc = extra.get("desc") if isinstance(extra, dict) else None
+    return None if not desc or desc.startswith("${") else str(desc)
+
+
+def _signature(fn: Any) -> inspect.Signature:
+    """`fn`'s signature with string annotations (`from __future__ import annotations`) resolved."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:  # an annotation that does not evaluate here: keep the strings
+        return inspect.signature(fn)
+
+
+def program_inputs(program: Any) -> list[InputSpec]:
+    """The fields a caller must (or may) give the program."""
+    # the class attribute: reading `program.forward` makes DSPy warn about calling it directly
+    forward = getattr(type(program), "forward", None)
+    params = list(_signature(forward).parameters.values())[1:] if forward is not None else []
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    predictors = program.predictors() if hasattr(program, "predictors") else []
+    if takes_kwargs and not named and len(predictors) == 1:
+        signature = predictors[0].signature
+        return [InputSpec(name, info.annotation, True, description=_field_description(info))
+                for name, info in signature.input_fields.items()]
+    specs = []
+    for p in named:
+        required = p.default is inspect.Parameter.empty
+        annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        specs.append(InputSpec(p.name, annotation, required, None if required else p.default))
+    return specs
+
+
+def program_outputs(program: Any) -> list[OutputSpec]:
+    return [OutputSpec(name, field_name, info.annotation, _field_description(info))
+            for name, predictor in program.named_predictors()
+            for field_name, info in predictor.signature.output_fields.items()]
+
+
+def input_model(name: str, inputs: list[InputSpec]) -> type[pydantic.BaseModel]:
+    """A pydantic model of the inputs; unknown fields are refused (they are usually typos)."""
+    fields: dict[str, Any] = {}
+    for spec in inputs:
+        annotation = spec.annotation
+        try:
+            pydantic.TypeAdapter(annotation)
+        except Exception:  # a type pydantic cannot check: accept any value
+            annotation = Any
+        fields[spec.name] = (annotation, ... if spec.required else spec.default)
+    model_name = re.sub(r"\W", "_", name) + "Inputs"
+    config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return pydantic.create_model(model_name, __config__=config, **fields)
+
+
+def jsonable_output(value: Any) -> Any:
+    """A program output as JSON (pydantic models dumped, enums by value, the rest as text)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable_output(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable_output(v) for k, v in value.items()}
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, enum.Enum):
+        return jsonable_output(value.value)
+    try:
+        return pydantic.TypeAdapter(type(value)).dump_python(value, mode="json")
+    except Exception:
+        return str(value)
+
+
+def usage_tokens(prediction: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of every LM call a prediction took (DSPy's usage tracker)."""
+    usage = prediction.get_lm_usage() if hasattr(prediction, "get_lm_usage") else None
+    prompt = completion = 0
+    for entry in (usage or {}).values():
+        if isinstance(entry, dict):
+            prompt += int(entry.get("prompt_tokens") or 0)
+            completion += int(entry.get("completion_tokens") or 0)
+    return prompt, completion
+
+
+def make_adapter(choice: str, lm: Any, meta: dict[str, Any]) -> Any:
+    """The adapter a program is served with.
+
+    `auto`: what the artifact says it was compiled with (`extra["adapter"]`), else plait's
+    constrained adapter when the LM decodes under grammars (answers always parse), else
+    DSPy's default.
+    """
+    if choice not in ADAPTERS:
+        raise ApiError(400, f"unknown adapter {choice!r} (one of {', '.join(ADAPTERS)})")
+    if choice == "auto":
+        choice = str(meta.get("adapter") or "auto")
+        if choice not in ADAPTERS or choice == "auto":
+            from plait.modules.adapter import accepts_grammar
+
+            choice = "constrained" if accepts_grammar(lm) else "chat"
+    if choice == "chat":
+        return ChatAdapter()
+    if choice == "json":
+        return JSONAdapter()
+    from plait.modules.adapter import ConstrainedAdapter, ConstrainedJSONAdapter
+
+    return ConstrainedAdapter() if choice == "constrained" else ConstrainedJSONAdapter()
+
+
+class _FieldListener(StreamListener):
+    """A `StreamListener` that also follows plait's constrained adapters.
+
+    DSPy's listeners recognise adapters by class name; `ConstrainedAdapter` writes exactly
+    ChatAdapter's format (and `ConstrainedJSONAdapter` JSONAdapter's), so the listener parses
+    the stream as the base format. Only the listener sees the base adapter: the program keeps
+    its own.
+    """
+
+    def __init__(self, *args: Any, stream_adapter: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.stream_adapter = stream_adapter
+
+    def receive(self, chunk: Any) -> Any:
+        with dspy.context(adapter=self.stream_adapter):
+            return super().receive(chunk)
+
+    def finalize(self) -> Any:
+        with dspy.context(adapter=self.stream_adapter):
+            return super().finalize()
+
+
+def _stream_format(adapter: Any) -> Any:
+    """The DSPy adapter whose format `adapter` writes (for stream parsing)."""
+    if isinstance(adapter, JSONAdapter):
+        return JSONAdapter()
+    return ChatAdapter()
+
+
+class ServedProgram:
+    """One compiled program behind `POST /v1/programs/{name}`."""
+
+    def __init__(self, name: str, program: Any, lm: Any, *, adapter: Any = None,
+                 artifact: Any = None, model: str | None = None):
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"program name {name!r} must match {NAME_PATTERN.pattern}")
+        self.name, self.program, self.lm, self.adapter = name, program, lm, adapter
+        self.artifact = artifact
+        self.model = model or getattr(artifact, "model", None) or getattr(lm, "model", "unknown")
+        self.inputs = program_inputs(program)
+        self.outputs = program_outputs(program)
+        self.input_model = input_model(name, self.inputs)
+
+    # ---- description -----------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        artifact = self.artifact
+        return {
+            "name": self.name,
+            "program": getattr(artifact, "program_path", type(self.program).__qualname__),
+            "model": self.model,
+            "signature_hash": getattr(artifact, "signature_hash", None),
+            "artifact_sha256": getattr(artifact, "sha256", None),
+            "adapter": type(self.adapter).__name__ if self.adapter is not None else "ChatAdapter",
+            "inputs": [{"name": s.name, "type": type_name(s.annotation), "required": s.required,
+                        "description": s.description} for s in self.inputs],
+            "outputs": [{"predictor": s.predictor, "name": s.name, "type": type_name(s.annotation),
+                         "description": s.description} for s in self.outputs],
+        }
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def validate(self, body: Any) -> dict[str, Any]:
+        """The program's keyword arguments from a JSON body, or 422 saying what is wrong.
+
+        The body is either the inputs themselves or `{"inputs": {...}}`.
+        """
+        if isinstance(body, dict) and set(body) == {"inputs"} and isinstance(body["inputs"], dict) \
+                and "inputs" not in self.input_model.model_fields:
+            body = body["inputs"]
+        if not isinstance(body, dict):
+            raise ApiError(422, f"the body must be a JSON object of {self.name}'s inputs "
+                                f"({', '.join(s.name for s in self.inputs)})", code="invalid_inputs")
+        try:
+            validated = self.input_model.model_validate(body)
+        except pydantic.ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+                problems.append(f"{where}: {error.get('msg', 'invalid')}")
+            raise ApiError(422, f"invalid inputs for {self.name}: " + "; ".join(problems),
+                           code="invalid_inputs") from None
+        return {name: getattr(validated, name) for name in self.input_model.model_fields}
+
+    # ---- calling ---------------------------------------------------------------------------
+    def _context(self) -> Any:
+        return dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True)
+
+    def call(self, inputs: dict[str, Any]) -> CallResult:
+        """Run the program in this thread (a server worker)."""
+        started = time.perf_counter()
+        with self._context():
+            prediction = self.program(**inputs)
+        return self._result(prediction, time.perf_counter() - started)
+
+    def _result(self, prediction: Any, seconds: float) -> CallResult:
+        if isinstance(prediction, dspy.Prediction):
+            outputs = {k: jsonable_output(v) for k, v in prediction.items()}
+        elif isinstance(prediction, dict):
+            outputs = {str(k): jsonable_output(v) for k, v in prediction.items()}
+        else:
+            outputs = {"output": jsonable_output(prediction)}
+        prompt, completion = usage_tokens(prediction)
+        return CallResult(outputs, prompt, completion, seconds, prediction)
+
+    async def stream(self, inputs: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        """(event, data) pairs: `field` chunks as output fields are generated, `status`
+        messages, and finally one `prediction` with a `CallResult`."""
+        stream_adapter = _stream_format(self.adapter)
+        listeners = [_FieldListener(spec.name, predict=predictor, predict_name=name,
+                                    stream_adapter=stream_adapter)
+                     for name, predictor in self.program.named_predictors()
+                     for spec in [s for s in self.outputs if s.predictor == name]]
+        streamer = dspy.streamify(self.program, stream_listeners=listeners,
+                                  include_final_prediction_in_output_stream=True)
+        started = time.perf_counter()
+        with self._context():
+            async for value in streamer(**inputs):
+                if isinstance(value, StreamResponse):
+                    yield "field", {"predictor": value.predict_name, "field": value.signature_field_name,
+                                    "chunk": value.chunk, "last": bool(value.is_last_chunk)}
+                elif isinstance(value, StatusMessage):
+                    yield "status", {"message": value.message}
+                elif isinstance(value, dspy.Prediction):
+                    yield "prediction", self._result(value, time.perf_counter() - started)
