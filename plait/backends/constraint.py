@@ -1,0 +1,481 @@
+"""Grammar-constrained decoding: one `TokenConstraint` per request, built on llguidance.
+
+The scheduler drives a constraint through four calls (see `TokenConstraint`):
+
+    forced = c.forced()          # before the first sample: fold into the prompt's prefill
+    c.advance(forced)
+    while not c.is_finished():
+        logits[~c.mask()] = -inf # or apply_masks(logits, constraints) for a whole batch
+        t = sample(logits); c.advance([t])
+        forced = c.forced()      # what the grammar now allows only one way
+        c.advance(forced)        # appended in ONE multi-token forward pass
+
+A grammar is described by a `GrammarSpec` (Lark, regex, JSON schema or a list of choices, plus
+optional per-span token budgets). Specs are plain JSON so they can travel inside a DSPy request
+(`grammar_spec_from_request`). Compiling is cached per (spec, tokenizer): the first request
+builds llguidance's lexer and parser tables, later ones take a cheap copy (~1 µs).
+
+Token budgets (`FieldBudget`) bound free-text spans without the engine knowing about them:
+after a span opens (e.g. `[[ ## reasoning ## ]]\n`), tokens are counted; once the budget is
+spent the constraint waits for a boundary (a newline) for up to `grace` more tokens, then
+returns the span's `close` text (e.g. `\n\n[[`) from `forced()`, followed by whatever the
+grammar forces after it. The engine just sees a forced span.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import llguidance as llg
+import numpy as np
+import torch
+
+from plait.backends.tokenizer import Tokenizer
+from plait.backends.vocab import Vocabulary, text_encoder, vocabulary_for
+from plait.errors import PlaitError
+
+GrammarKind = Literal["lark", "regex", "json_schema", "choices"]
+
+#: Where the grammar travels in a DSPy request: `Config.extensions["plait_grammar"]` for a
+#: canonical Request, or `metadata={"plait_grammar": ...}` for an ordinary `lm(...)` call
+#: (lm15 forwards `metadata` verbatim into `Config.extensions["metadata"]`).
+EXTENSION_KEY = "plait_grammar"
+
+#: JSON formatting that matches `json.dumps` (what DSPy shows the model in demos and
+#: instructions), with no free whitespace: every separator becomes a forced span.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(PlaitError):
+    """A grammar, regex, JSON schema or choice list that cannot be compiled."""
+
+
+class GrammarViolationError(PlaitError):
+    """A token the grammar does not allow was fed to a constraint (an engine bug, or a
+    sampler that ignored the mask)."""
+
+
+# ---- specs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldBudget:
+    """A token budget for a free-text span that starts with `open` and ends with `close`.
+
+    `max_tokens` tokens after `open`, the constraint waits up to `grace` tokens for one that
+    contains `boundary` (so a sentence is not cut mid-line), then forces `close`.
+    """
+
+    open: str
+    max_tokens: int
+    close: str
+    grace: int = 0
+    boundary: str = "\n"
+
+    def __post_init__(self) -> None:
+        if not self.open or not self.close:
+            raise GrammarError("a field budget needs non-empty open and close texts")
+        if self.max_tokens < 0 or self.grace < 0:
+            raise GrammarError("field budget token counts must be >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"open": self.open, "max_tokens": self.max_tokens, "close": self.close,
+                "grace": self.grace, "boundary": self.boundary}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FieldBudget":
+        try:
+            return cls(str(data["open"]), int(data["max_tokens"]), str(data["close"]),
+                       int(data.get("grace", 0)), str(data.get("boundary", "\n")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GrammarError(f"bad field budget {data!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What to constrain a generation to. Build with `lark`, `regex`, `json_schema`, `choices`.
+
+    `source` is the Lark text or regex (str), the schema (dict), or the choices (tuple).
+    """
+
+    kind: GrammarKind
+    source: Any
+    budgets: tuple[FieldBudget, ...] = ()
+    key: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False))
+
+    @classmethod
+    def lark(cls, text: str, budgets: Sequence[FieldBudget] = ()) -> "GrammarSpec":
+        return cls("lark", str(text), tuple(budgets))
+
+    @classmethod
+    def regex(cls, pattern: str) -> "GrammarSpec":
+        return cls("regex", str(pattern))
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | bool) -> "GrammarSpec":
+        if not isinstance(schema, (Mapping, bool)):
+            raise GrammarError(f"a JSON schema is an object, not {type(schema).__name__}")
+        return cls("json_schema", schema if isinstance(schema, bool) else dict(schema))
+
+    @classmethod
+    def choices(cls, options: Sequence[str]) -> "GrammarSpec":
+        options = tuple(options)
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise GrammarError("choices must be a non-empty list of non-empty strings")
+        return cls("choices", options)
+
+    # ---- JSON form (what travels inside a request) --------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        source = list(self.source) if self.kind == "choices" else self.source
+        out: dict[str, Any] = {"kind": self.kind, "source": source}
+        if self.budgets:
+            out["budgets"] = [b.to_json() for b in self.budgets]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "GrammarSpec":
+        kind = data.get("kind")
+        budgets = tuple(FieldBudget.from_json(b) for b in data.get("budgets") or ())
+        if kind == "lark":
+            return cls.lark(data["source"], budgets)
+        if kind == "regex":
+            return cls("regex", str(data["source"]), budgets)
+        if kind == "json_schema":
+            return cls("json_schema", data["source"], budgets)
+        if kind == "choices":
+            spec = cls.choices(data["source"])
+            return cls("choices", spec.source, budgets)
+        raise GrammarError(f"unknown grammar kind {kind!r} (expected lark, regex, json_schema or choices)")
+
+    # ---- llguidance ----------------------------------------------------------------------------
+    def llguidance_grammar(self) -> str:
+        """The grammar in llguidance's serialized form (checked when compiled)."""
+        if self.kind == "lark":
+            return llg.LLMatcher.grammar_from_lark(self.source)
+        if self.kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(self.source)
+        if self.kind == "choices":
+            return llg.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(lark_string(o) for o in self.source))
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_OPTIONS)
+        except ValueError as exc:
+            raise GrammarError(f"invalid JSON schema: {exc}") from exc
+
+
+def lark_string(text: str) -> str:
+    """A Lark string literal matching exactly `text` (JSON escapes are Lark escapes)."""
+    return json.dumps(text)
+
+
+def as_spec(spec: "GrammarSpec | Mapping[str, Any] | Sequence[str] | str") -> GrammarSpec:
+    """Coerce what a caller may pass: a `GrammarSpec`; its JSON form; a JSON schema (dict);
+    choices (list of str); Lark text (str). A regex must be explicit: `GrammarSpec.regex`."""
+    if isinstance(spec, GrammarSpec):
+        return spec
+    if isinstance(spec, str):
+        return GrammarSpec.lark(spec)
+    if isinstance(spec, Mapping):
+        if "kind" in spec and "source" in spec:
+            return GrammarSpec.from_json(spec)
+        return GrammarSpec.json_schema(spec)
+    if isinstance(spec, Sequence):
+        return GrammarSpec.choices(spec)
+    raise GrammarError(f"cannot make a grammar from {type(spec).__name__}")
+
+
+def grammar_spec_from_request(request: Any) -> GrammarSpec | None:
+    """The grammar a `dspy.lm15.Request` asks for, or None.
+
+    Looks, in order, at `config.extensions["plait_grammar"]`, at
+    `config.extensions["metadata"]["plait_grammar"]` (where `lm(..., metadata=...)` lands), and
+    at `config.response_format` (JSON mode: a `json_schema` or `json_object` format).
+    """
+    config = request.config
+    extensions = config.extensions or {}
+    raw = extensions.get(EXTENSION_KEY)
+    metadata = extensions.get("metadata")
+    if raw is None and isinstance(metadata, Mapping):
+        raw = metadata.get(EXTENSION_KEY)
+    if raw is not None:
+        if not isinstance(raw, Mapping):
+            raise GrammarError(f"{EXTENSION_KEY} must be a GrammarSpec JSON object, not {type(raw).__name__}")
+        return GrammarSpec.from_json(raw)
+    fmt = config.response_format
+    if fmt:
+        if fmt.get("type") == "json_schema":
+            return GrammarSpec.json_schema(fmt.get("schema") or {})
+        if fmt.get("type") == "json_object":
+            return GrammarSpec.json_schema({"type": "object"})
+    return None
+
+
+# ---- per-tokenizer state ----------------------------------------------------------------------
+
+
+class _TokenizerBridge:
+    """What llguidance needs from a tokenizer: the byte vocabulary and a text encoder.
+
+    Passed to `llguidance.TokenizerWrapper`. The encoder tokenizes forced text (markers, JSON
+    keys) canonically; it refuses bytes so llguidance hands it `str`.
+    """
+
+    def __init__(self, vocab: Vocabulary, tokenizer: Tokenizer, size: int):
+        self.eos_token_id = vocab.eos_ids[0] if vocab.eos_ids else size - 1
+        self.bos_token_id = vocab.bos_id
+        self.tokens = list(vocab.token_bytes) + [b""] * (size - vocab.size)
+        self.special_token_ids = sorted(vocab.special_ids)
+        self._encoder = text_encoder(tokenizer)
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("the text encoder takes str")
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+
+@dataclass
+class _Compiled:
+    """One tokenizer as llguidance sees it, plus its cache of compiled grammars."""
+
+    vocab: Vocabulary
+    ll_tokenizer: llg.LLTokenizer
+    bridge: _TokenizerBridge
+    size: int
+    matchers: "OrderedDict[str, llg.LLMatcher]" = field(default_factory=OrderedDict)
+
+
+_MAX_CACHED_GRAMMARS = 256
+_bridges: "weakref.WeakKeyDictionary[Tokenizer, dict[int, _Compiled]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _compiled_for(tokenizer: Tokenizer, size: int | None) -> _Compiled:
+    vocab = vocabulary_for(tokenizer)
+    size = max(size or vocab.size, vocab.size)
+    with _lock:
+        per_size = _bridges.setdefault(tokenizer, {})
+        compiled = per_size.get(size)
+        if compiled is None:
+            bridge = _TokenizerBridge(vocab, tokenizer, size)
+            eos = list(vocab.eos_ids) or None
+            ll_tok = llg.LLTokenizer(llg.TokenizerWrapper(bridge), n_vocab=size, eos_token=eos)
+            compiled = per_size[size] = _Compiled(vocab, ll_tok, bridge, size)
+        return compiled
+
+
+def llguidance_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llg.LLTokenizer:
+    """The (cached) llguidance view of a tokenizer, with `vocab_size` ids (the logits' width)."""
+    return _compiled_for(tokenizer, vocab_size).ll_tokenizer
+
+
+def _template_matcher(compiled: _Compiled, spec: GrammarSpec) -> llg.LLMatcher:
+    """A fresh matcher for `spec`: a copy of the cached, compiled one."""
+    with _lock:
+        template = compiled.matchers.get(spec.key)
+        if template is not None:
+            compiled.matchers.move_to_end(spec.key)
+            return template.deep_copy()
+    grammar = spec.llguidance_grammar()
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, compiled.ll_tokenizer)
+    if is_error:
+        raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {messages[0].strip()}")
+    template = llg.LLMatcher(compiled.ll_tokenizer, grammar, log_level=0)
+    if template.is_error():
+        raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {template.get_error()}")
+    with _lock:
+        compiled.matchers[spec.key] = template
+        while len(compiled.matchers) > _MAX_CACHED_GRAMMARS:
+            compiled.matchers.popitem(last=False)
+    return template.deep_copy()
+
+
+def compile_constraint(spec: "GrammarSpec | Mapping[str, Any] | Sequence[str] | str",
+                       tokenizer: Tokenizer, vocab_size: int | None = None) -> "TokenConstraint":
+    """A new constraint for one request. `vocab_size` is the logits' width (defaults to the
+    tokenizer's); ids past the tokenizer's vocabulary are never allowed.
+
+    Raises `GrammarError` for a grammar, regex, schema or choice list that does not compile.
+    """
+    spec = as_spec(spec)
+    compiled = _compiled_for(tokenizer, vocab_size)
+    return TokenConstraint(_template_matcher(compiled, spec), compiled, spec)
+
+
+# ---- the constraint ---------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenSpan:
+    budget: FieldBudget
+    start: int              # offset in the output where the span's content begins
+    spent: int = 0          # tokens consumed inside the span
+    overtime: int = 0       # tokens consumed after the budget ran out
+    at_boundary: bool = False
+
+
+class TokenConstraint:
+    """The grammar state of one request. Not thread-safe: the scheduler thread owns it."""
+
+    def __init__(self, matcher: llg.LLMatcher, compiled: _Compiled, spec: GrammarSpec):
+        self._matcher = matcher
+        self._compiled = compiled
+        self.spec = spec
+        self.vocab_size = compiled.size
+        self._words = np.zeros((compiled.size + 31) // 32, dtype=np.int32)
+        self._output = bytearray()
+        self._scan_from = 0
+        self._span: _OpenSpan | None = None
+        self._closes: dict[str, list[int]] = {}
+        self._longest_marker = max((len(m.encode()) for b in spec.budgets for m in (b.open, b.close)), default=0)
+        self.budget_closes = 0  # how many spans were forced closed by their budget
+
+    # ---- the engine's four calls ------------------------------------------------------------
+    def mask(self) -> torch.Tensor:
+        """bool [vocab_size]: the tokens allowed next. Stop ids only where the grammar may end."""
+        self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        self._check()
+        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.vocab_size]
+        return torch.from_numpy(bits.view(np.bool_))
+
+    def forced(self) -> list[int]:
+        """Tokens the grammar now allows only one way (jump-forward), or []; side-effect free.
+
+        When a budgeted span has run out, this is the span's close text plus what follows it.
+        """
+        if self._matcher.is_stopped():
+            return []
+        close = self._budget_close()
+        if close:
+            self._matcher.consume_tokens(close)
+            after = self._matcher.compute_ff_tokens()
+            self._matcher.rollback(len(close))
+            return close + after
+        return self._matcher.compute_ff_tokens()
+
+    def advance(self, token_ids: Sequence[int]) -> None:
+        """Consume sampled or forced tokens. Raises `GrammarViolationError` on a rejected one."""
+        for token in token_ids:
+            if not self._matcher.consume_token(int(token)):
+                shown = self._compiled.ll_tokenizer.dbg_tokens([int(token)])
+                raise GrammarViolationError(
+                    f"token {token} {shown} is not allowed by the grammar after "
+                    f"{bytes(self._output[-40:])!r}: {self._matcher.get_error()}")
+            self._track(int(token))
+
+    def is_finished(self) -> bool:
+        """The grammar is complete (or a stop token was consumed): end the request."""
+        return self._matcher.is_stopped()
+
+    # ---- extras ---------------------------------------------------------------------------------
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (a stop token would be allowed now)."""
+        return self._matcher.is_accepting()
+
+    @property
+    def output(self) -> bytes:
+        """The bytes consumed so far (special tokens excluded)."""
+        return bytes(self._output)
+
+    def fill_bitmask_into(self, words: np.ndarray) -> None:
+        """Write the next-token bitmask (int32 words, bit i of word i//32) into `words`."""
+        self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        self._check()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            raise GrammarViolationError(f"the grammar reached an error state: {self._matcher.get_error()}")
+
+    # ---- budgets --------------------------------------------------------------------------------
+    def _track(self, token: int) -> None:
+        """Account one consumed token for the budgeted spans."""
+        if not self.spec.budgets:
+            return
+        vocab = self._compiled.vocab
+        piece = b"" if token in vocab.special_ids or token >= vocab.size else vocab.token_bytes[token]
+        self._output += piece
+        # Only the new bytes (plus an overlap for a marker split across tokens) need scanning.
+        recent = len(self._output) - len(piece) - self._longest_marker
+        span = self._span
+        if span is not None:
+            span.spent += 1
+            if span.spent > span.budget.max_tokens:
+                span.overtime += 1
+            span.at_boundary = span.budget.boundary.encode() in piece
+            at = self._output.find(span.budget.close.encode(), max(span.start, recent))
+            if at == -1:
+                return
+            self._span, self._scan_from = None, at
+        best: tuple[int, FieldBudget] | None = None
+        for budget in self.spec.budgets:
+            at = self._output.find(budget.open.encode(), max(self._scan_from, recent))
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, budget)
+        if best is not None:
+            start = best[0] + len(best[1].open.encode())
+            self._span = _OpenSpan(best[1], start)
+            self._scan_from = start
+
+    def _budget_close(self) -> list[int]:
+        span = self._span
+        if span is None or span.spent < span.budget.max_tokens:
+            return []
+        if not span.at_boundary and span.overtime < span.budget.grace and span.spent > 0:
+            return []
+        budget = span.budget
+        tokens = self._closes.get(budget.close)
+        if tokens is None:
+            tokens = self._closes[budget.close] = self._compiled.bridge(budget.close)
+        # The grammar may refuse the close here (mid UTF-8 character, or the span already
+        # closing itself): then sample on and try again after the next token.
+        if self._matcher.validate_tokens(tokens) != len(tokens):
+            return []
+        self.budget_closes += 1
+        return list(tokens)
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+_executor: llg.LLExecutor | None = None
+
+
+def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> None:
+    """In place: `logits[i, t] = -inf` wherever `constraints[i]` disallows token t.
+
+    One call for a whole decode batch: the masks are computed in parallel by llguidance
+    (outside the GIL) into one bitmask, expanded on the logits' device. Rows whose constraint
+    is None are left alone; columns past a constraint's vocabulary are disallowed.
+    """
+    global _executor
+    rows = [(i, c) for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return
+    width = max(c.vocab_size for _, c in rows)
+    words = np.zeros((len(constraints), (width + 31) // 32), dtype=np.int32)
+    if len(rows) == 1:
+        i, c = rows[0]
+        c.fill_bitmask_into(words[i])
+    else:
+        if _executor is None:
+            _executor = llg.LLExecutor(num_threads=2)
+        _executor.unsafe_compute_mask_ptr([(c._matcher, i) for i, c in rows], words.ctypes.data,
+                                          words.shape[1] * 4, words.shape[0])
+        for _, c in rows:
+            c._check()
+    packed = torch.from_numpy(words).to(logits.device)
+    bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(constraints), -1)
+    vocab = logits.shape[-1]
+    if bits.shape[1] < vocab:
+        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
+    index = torch.tensor([i for i, _ in rows], device=logits.device)
+    allowed = bits[index, :vocab]
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
