@@ -59,8 +59,11 @@ class EncoderSettings:
         return cls(**known)
 
 
-# Measured on SciFact train (see benchmarks/retrieval.py --tune): the untrained markers and
-# [MASK] augmentation do not help raw MiniLM token embeddings, so they are off.
+# Raw MiniLM was never trained with ColBERT's markers or [MASK] expansion, so both are off.
+# Measured on SciFact train (809 queries, `benchmarks/retrieval.py --tune --query-settings`):
+# [MASK] augmentation to 32 tokens lowers late-interaction-only nDCG@10 from 0.713 to 0.680
+# and the best hybrid from 0.731 to 0.726. Markers follow DESIGN.md's finding that the plain
+# sentence-transformers token embeddings work best.
 MINILM_DEFAULTS = EncoderSettings()
 COLBERT_DEFAULTS = EncoderSettings(
     query_maxlen=32, doc_maxlen=180, query_marker="[unused0]", doc_marker="[unused1]", augment_queries=True

@@ -29,11 +29,17 @@ MAX_K = 1000
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Knobs of the multi-stage pipeline; defaults measured on SciFact train."""
+    """Knobs of the multi-stage pipeline; defaults chosen on SciFact train.
+
+    Train nDCG@10 of hybrid at a=0.3 was 0.727-0.731 for every candidate mix in
+    {50,100,200} BM25 x {50,100} centroid (BM25 alone 0.686), so the cheapest mix is the
+    default: fewer candidates means less MaxSim work per query. With k > bm25_candidates,
+    BM25 contributes k candidates.
+    """
 
     alpha: float = DEFAULT_ALPHA
-    bm25_candidates: int = 100
-    centroid_candidates: int = 100
+    bm25_candidates: int = 50
+    centroid_candidates: int = 50
     nprobe: int = 4
     refine_factor: int = 4
 

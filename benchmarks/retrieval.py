@@ -1,0 +1,316 @@
+"""ColBERT-serve benchmark on SciFact (BEIR format, public split in ../shared/data/scifact).
+
+    python benchmarks/retrieval.py                       # build if needed, then everything below
+    python benchmarks/retrieval.py --tune                # choose fusion/candidate defaults on TRAIN qrels
+
+Reports, on the public *test* qrels (200 queries):
+- quality: nDCG@10 and Recall@100 for BM25 alone, late interaction alone, hybrid;
+- build time (from the manifest when the index already exists);
+- query latency p50/p95 with 1 and 16 concurrent clients (threads sharing one opened index),
+  for BM25 alone and for the late/hybrid pipelines, and the hybrid/BM25 ratio;
+- memory of a serving process (a fresh subprocess that opens the index and answers queries):
+  RssAnon (private) and the Rss of each mapped index file from /proc/self/smaps, against the
+  index bytes on disk - for the memory-mapped index and for the in-memory peer (same files
+  read into RAM). RssAnon is reported relative to a baseline taken after the encoder is
+  loaded and before the index is opened (torch + the model are not the index).
+- the same quality/latency with bf16 storage (`--bf16`, converted from the fp16 index).
+
+Benchmarks print ratios against a peer measured in the same run; they are not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from plait.retrievers.colbert_serve import ColBERTServe  # noqa: E402
+from plait.retrievers.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k, subset  # noqa: E402
+from plait.retrievers.searcher import SearchParams  # noqa: E402
+
+
+def percentile(xs: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(xs), p)) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------- quality
+def evaluate(rm: ColBERTServe, queries, qrels, stage: str, params: SearchParams | None = None, k: int = 100):
+    run = {}
+    for start in range(0, len(queries), 16):
+        batch = queries[start : start + 16]
+        for (qid, _), passages in zip(batch, rm.search_batch([t for _, t in batch], k, stage, params)):
+            run[qid] = [(p.id, p.score) for p in passages]
+    return ndcg_at_k(run, qrels, 10), recall_at_k(run, qrels, 100)
+
+
+def tune(rm: ColBERTServe, queries, qrels) -> None:
+    """Grid over alpha and candidate counts on TRAIN; scores are computed once per query."""
+    s = rm.searcher
+    ids = rm.store.docs.ids()
+    widest = SearchParams(bm25_candidates=200, centroid_candidates=100)
+    rows = []
+    t0 = time.perf_counter()
+    for start in range(0, len(queries), 16):
+        batch = queries[start : start + 16]
+        vecs = s.encoder.encode_queries([t for _, t in batch])
+        for (qid, text), qv in zip(batch, vecs):
+            sparse_all = rm.store.bm25.scores(text)
+            bm25_rank = np.argsort(-sparse_all, kind="stable")
+            cent = s.store.centroids.candidates(qv, 100, widest.nprobe, widest.refine_factor)
+            pool = np.unique(np.concatenate([bm25_rank[:200], cent]))
+            rows.append((qid, bm25_rank, cent, pool, sparse_all[pool], s.late_scores(qv, pool)))
+    print(f"scored {len(rows)} train queries in {time.perf_counter() - t0:.1f}s")
+    print(f"{'bm25_cands':>10} {'centroid_cands':>14} " + " ".join(f"a={a:.1f}" for a in np.arange(0, 1.01, 0.1)))
+    for n_bm25 in (50, 100, 200):
+        for n_cent in (0, 50, 100):
+            line = []
+            for alpha in np.arange(0, 1.01, 0.1):
+                run = {}
+                for qid, bm25_rank, cent, pool, sparse, late in rows:
+                    keep = np.isin(pool, np.concatenate([bm25_rank[:n_bm25], cent[:n_cent]]))
+                    fused = alpha * _z(sparse[keep]) + (1 - alpha) * _z(late[keep])
+                    order = np.argsort(-fused, kind="stable")[:100]
+                    run[qid] = [(ids[pool[keep][i]], float(fused[i])) for i in order]
+                line.append(ndcg_at_k(run, qrels, 10))
+            print(f"{n_bm25:>10} {n_cent:>14} " + " ".join(f"{v:.4f}" for v in line))
+
+
+def _z(x):
+    from plait.retrievers.fusion import zscore
+
+    return zscore(x)
+
+
+# ------------------------------------------------------------------------------- latency
+def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_client: int, k: int = 10):
+    """Per-query wall times (ms) with `clients` threads each issuing `per_client` queries."""
+    times: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(c: int) -> None:
+        mine = [texts[(c * per_client + i) % len(texts)] for i in range(per_client)]
+        local = []
+        barrier.wait()
+        for q in mine:
+            t = time.perf_counter()
+            rm(q, k=k, stage=stage)
+            local.append((time.perf_counter() - t) * 1000)
+        with lock:
+            times.extend(local)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return times, len(times) / wall
+
+
+# -------------------------------------------------------------------------------- memory
+def smaps_rss_by_file() -> dict[str, int]:
+    """Rss bytes per mapped file path, summed over its mappings."""
+    out: dict[str, int] = {}
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                current = parts[5] if len(parts) >= 6 else None
+            elif parts[0] == "Rss:" and current:
+                out[current] = out.get(current, 0) + int(parts[1]) * 1024
+    return out
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_probe(index: str, in_memory: bool, queries_file: str, n: int, threads: int) -> None:
+    """Run in a fresh subprocess: baseline after loading the encoder, then open + serve queries."""
+    torch.set_num_threads(threads)
+    from plait.retrievers.encoder import ColBERTEncoder
+
+    enc = ColBERTEncoder.load()
+    enc.encode_queries(["warm up the encoder"])
+    base = rss_anon()
+    rm = ColBERTServe.open(index, encoder=enc, in_memory=in_memory)
+    rm.warmup()
+    opened = rss_anon()
+    texts = [t for _, t in load_queries(queries_file)][:n]
+    for q in texts:
+        rm(q, k=10, stage="hybrid")
+    after = rss_anon()
+    files = {str(p.resolve()) for p in rm.store.mapped_files()}
+    per_file = {Path(k).relative_to(Path(index).resolve()).as_posix(): v
+                for k, v in smaps_rss_by_file().items() if k in files}
+    print(json.dumps({"baseline_rss_anon": base, "opened_rss_anon": opened, "served_rss_anon": after,
+                      "mapped_rss": per_file, "index_bytes": rm.store.disk_bytes(), "queries": len(texts)}))
+
+
+def run_probe(index: Path, in_memory: bool, queries_file: Path, n: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--probe", str(index), "--queries-file", str(queries_file),
+           "--probe-n", str(n), "--threads", str(threads)] + (["--in-memory"] if in_memory else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- bf16 variant
+def to_bf16_copy(src: Path, dst: Path) -> Path:
+    """The same index with bf16 embeddings (hard links for the other files, manifest redone)."""
+    from plait.retrievers.embeddings import open_matrix, to_storage
+    from plait.retrievers.manifest import file_entries, read_manifest, write_manifest
+
+    if (dst / "manifest.json").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    m = read_manifest(src)
+    shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("embeddings.f16", "manifest.json"))
+    mat = open_matrix(src / "embeddings.f16", m["num_tokens"], m["dim"], "float16")
+    with open(dst / "embeddings.bf16", "wb") as f:
+        for start in range(0, len(mat), 65536):
+            f.write(to_storage(np.asarray(mat[start : start + 65536], np.float32), "bfloat16").tobytes())
+    files = [n for n in m["files"] if n != "embeddings.f16"] + ["embeddings.bf16"]
+    m["dtype"] = "bfloat16"
+    m["files"] = file_entries(dst, files)
+    write_manifest(dst, m)
+    return dst
+
+
+# ---------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--index", default=str(ROOT / ".plait" / "bench" / "scifact"))
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tune", action="store_true", help="grid search on TRAIN qrels and exit")
+    ap.add_argument("--query-settings", default=None,
+                    help='with --tune: JSON overrides of the query encoder settings, e.g. {"augment_queries": true}')
+    ap.add_argument("--bf16", action="store_true", help="also measure a bf16 copy of the index")
+    ap.add_argument("--latency-queries", type=int, default=160, help="queries per latency measurement")
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--queries-file", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-n", type=int, default=200, help=argparse.SUPPRESS)
+    ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.probe:
+        memory_probe(args.probe, args.in_memory, args.queries_file, args.probe_n, args.threads)
+        return
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    index = Path(args.index)
+    if args.rebuild or not (index / "manifest.json").exists():
+        from plait.retrievers.build import build_index
+
+        index.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {index} from {data / 'corpus.jsonl'} ...", flush=True)
+        build_index(data / "corpus.jsonl", index, overwrite=True)
+    manifest = json.loads((index / "manifest.json").read_text())
+    rm = ColBERTServe.open(index)
+    rm.warmup()
+    all_queries = load_queries(data / "queries.jsonl")
+
+    if args.tune:
+        if args.query_settings:
+            from dataclasses import replace
+
+            enc = rm.searcher.encoder
+            rm.searcher.encoder = enc.with_settings(replace(enc.settings, **json.loads(args.query_settings)))
+            print("query settings:", rm.searcher.encoder.settings)
+        qrels = load_qrels(data / "qrels" / "train.tsv")
+        tune(rm, subset(all_queries, qrels), qrels)
+        return
+
+    qrels = load_qrels(data / "qrels" / "test.tsv")
+    test_queries = subset(all_queries, qrels)
+    disk = sum(e["bytes"] for e in manifest["files"].values())
+    emb_bytes = manifest["files"][f"embeddings.{'f16' if manifest['dtype'] == 'float16' else 'bf16'}"]["bytes"]
+    print(f"\n== index: {manifest['num_docs']} docs, {manifest['num_tokens']} tokens, dim {manifest['dim']} "
+          f"{manifest['dtype']}, {manifest['num_centroids']} centroids; {disk / 1e6:.1f} MB on disk "
+          f"(embeddings {emb_bytes / 1e6:.1f} MB); build {manifest['build_seconds']:.1f}s "
+          f"on {args.threads} threads")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine: other jobs skew latency)")
+
+    print(f"\n== quality on SciFact test ({len(test_queries)} queries with qrels)")
+    quality = {}
+    for stage in ("bm25", "late", "hybrid"):
+        t = time.perf_counter()
+        quality[stage] = evaluate(rm, test_queries, qrels, stage)
+        print(f"{stage:>7}: nDCG@10 {quality[stage][0]:.4f}  Recall@100 {quality[stage][1]:.4f}  "
+              f"({time.perf_counter() - t:.1f}s)")
+    print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
+
+    texts = [t for _, t in test_queries]
+    print(f"\n== latency (ms, k=10, {args.latency_queries} queries per row, threads share one index)")
+    lat = {}
+    for stage in ("bm25", "late", "hybrid"):
+        for clients in (1, 16):
+            times, qps = latency(rm, texts, stage, clients, max(1, args.latency_queries // clients))
+            lat[(stage, clients)] = statistics.median(times)
+            print(f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
+                  f"  throughput {qps:7.1f} q/s")
+    for clients in (1, 16):
+        print(f"hybrid/bm25 p50 ratio at {clients} client(s): {lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x")
+
+    if args.bf16:
+        bf = to_bf16_copy(index, index.parent / (index.name + "-bf16"))
+        rmb = ColBERTServe.open(bf)
+        rmb.warmup()
+        print("\n== bf16 storage (same index, embeddings converted)")
+        for stage in ("late", "hybrid"):
+            n10, r100 = evaluate(rmb, test_queries, qrels, stage)
+            print(f"{stage:>7}: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}")
+        for clients in (1, 16):
+            times, qps = latency(rmb, texts, "hybrid", clients, max(1, args.latency_queries // clients))
+            print(f" hybrid clients={clients:>2}: p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
+                  f"  throughput {qps:7.1f} q/s; p50 vs bm25 {statistics.median(times) / lat[('bm25', clients)]:.1f}x")
+        rmb.close()
+    rm.close()
+
+    print("\n== serving-process memory (fresh subprocess; 200 hybrid queries after open)")
+    qfile = data / "queries.jsonl"
+    results = {}
+    for name, in_memory in (("mmap", False), ("in-memory peer", True)):
+        r = run_probe(index, in_memory, qfile, 200, args.threads)
+        results[name] = r
+        anon = r["served_rss_anon"] - r["baseline_rss_anon"]
+        mapped = sum(r["mapped_rss"].values())
+        top = sorted(r["mapped_rss"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"{name:>15}: RssAnon over baseline {anon / 1e6:8.1f} MB ({anon / r['index_bytes']:.1%} of index)"
+              f"  | mapped index Rss {mapped / 1e6:7.1f} MB ({mapped / r['index_bytes']:.1%})"
+              f"  | baseline RssAnon (torch+encoder) {r['baseline_rss_anon'] / 1e6:.0f} MB")
+        if top:
+            print(" " * 17 + "largest mapped: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in top))
+    a = results["mmap"]["served_rss_anon"] - results["mmap"]["baseline_rss_anon"]
+    b = results["in-memory peer"]["served_rss_anon"] - results["in-memory peer"]["baseline_rss_anon"]
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"private memory, mmap vs in-memory peer: {a / 1e6:.1f} MB vs {b / 1e6:.1f} MB "
+          f"({1 - a / max(b, 1):.1%} less)")
+
+
+if __name__ == "__main__":
+    main()
