@@ -37,15 +37,18 @@ class Summary(dspy.Signature):
     answer: str = dspy.OutputField()
 
 
-def save_program(path: Path, program: dspy.Module, program_path: str, *, demos: bool = True,
-                 extra: dict | None = None) -> Path:
+def save_program(
+    path: Path, program: dspy.Module, program_path: str, *, demos: bool = True, extra: dict | None = None
+) -> Path:
     """Write `program` as a compiled artifact (with one demo, as a compile would add)."""
     from plait.compilers.artifact import save_artifact
 
     if demos:
         for _, predictor in program.named_predictors():
-            fields = {**{k: "example" for k in predictor.signature.input_fields},
-                      **{k: "science" for k in predictor.signature.output_fields}}
+            fields = {
+                **{k: "example" for k in predictor.signature.input_fields},
+                **{k: "science" for k in predictor.signature.output_fields},
+            }
             predictor.demos = [dspy.Example(**fields)]
     save_artifact(program, path, program_path=program_path, model="smollm2-135m", extra=extra)
     return path
@@ -93,3 +96,20 @@ class Sleeper(dspy.Module):
         if fail:
             raise RuntimeError("the program broke")
         return dspy.Prediction(slept=seconds)
+
+
+API_KEY = "test-key"
+MODEL = "smollm2-135m"
+
+
+def model_runtime(*, artifacts: dict[str, Path] | None = None, store=None, max_tokens: int = 24, **settings):
+    """A `ServeRuntime` on the embedded model (its engine shared process-wide with plait.LM)."""
+    from plait.serve.config import ServeConfig
+    from plait.serve.runtime import ServeRuntime
+
+    runtime = ServeRuntime(ServeConfig(**{"api_keys": (API_KEY,), **settings}), store=store)
+    for name, path in (artifacts or {}).items():
+        runtime.load_artifact(path, name, lm_options={"max_tokens": max_tokens})
+    if not runtime.models:
+        runtime.load_model(MODEL)
+    return runtime

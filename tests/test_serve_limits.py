@@ -48,11 +48,17 @@ def client(server):
 
 def test_health_is_public_everything_else_needs_the_key(server):
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
-    for method, path in [("GET", "/metrics"), ("GET", "/v1/programs"), ("POST", "/v1/programs/sleep"),
-                         ("POST", "/v1/chat/completions"), ("GET", "/nowhere")]:
+    for method, path in [
+        ("GET", "/metrics"),
+        ("GET", "/v1/programs"),
+        ("POST", "/v1/programs/sleep"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/nowhere"),
+    ]:
         missing = httpx.request(method, server.url + path, json={"seconds": 0})
-        wrong = httpx.request(method, server.url + path, json={"seconds": 0},
-                              headers={"Authorization": "Bearer nope"})
+        wrong = httpx.request(
+            method, server.url + path, json={"seconds": 0}, headers={"Authorization": "Bearer nope"}
+        )
         for response in (missing, wrong):
             assert response.status_code == 401, (method, path)
             assert response.headers["www-authenticate"] == "Bearer"
@@ -63,7 +69,9 @@ def test_a_call_with_the_key_runs_the_program(client):
     response = client.post("/v1/programs/sleep", json={"seconds": 0.01})
     assert response.status_code == 200
     body = response.json()
-    assert body["outputs"] == {"slept": 0.01} and body["program"] == "sleep" and body["id"].startswith("prog-")
+    assert (
+        body["outputs"] == {"slept": 0.01} and body["program"] == "sleep" and body["id"].startswith("prog-")
+    )
     assert client.post("/v1/programs/sleep", json={"inputs": {"seconds": 0}}).status_code == 200
 
 
@@ -71,8 +79,12 @@ def test_malformed_json_is_400_and_bad_inputs_422(client):
     for raw in (b"{not json", b"", b"\xff\xfe"):
         response = client.post("/v1/programs/sleep", content=raw)
         assert response.status_code == 400 and response.json()["error"]["code"] == "malformed_json"
-    cases = [({}, "seconds: Field required"), ({"seconds": "soon"}, "seconds"),
-             ({"seconds": 0, "extra": 1}, "extra: Extra inputs are not permitted"), ([1, 2], "JSON object")]
+    cases = [
+        ({}, "seconds: Field required"),
+        ({"seconds": "soon"}, "seconds"),
+        ({"seconds": 0, "extra": 1}, "extra: Extra inputs are not permitted"),
+        ([1, 2], "JSON object"),
+    ]
     for body, message in cases:
         response = client.post("/v1/programs/sleep", json=body)
         assert response.status_code == 422, body
@@ -140,7 +152,9 @@ def wait_idle(client: httpx.Client, seconds: float = 10.0) -> None:
 
 def test_stream_slot_is_released_when_the_client_leaves(client):
     with client.stream("POST", "/v1/programs/sleep?stream=true", json={"seconds": 0.5}) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
     wait_idle(client)
 
 
@@ -149,7 +163,9 @@ def test_rate_limit_is_429_with_retry_after():
         codes = [c.get("/v1/programs").status_code for _ in range(5)]
         assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
         limited = c.get("/v1/programs")
-        assert int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "rate_limit_error"
+        assert (
+            int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "rate_limit_error"
+        )
         assert httpx.get(f"{srv.url}/healthz").status_code == 200  # probes are never limited
         other = httpx.get(f"{srv.url}/v1/programs", headers={"Authorization": "Bearer other"})
         assert other.status_code == 401  # a wrong key is refused before it costs anyone's budget

@@ -42,8 +42,11 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _usage(result: CallResult) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 class _ProgramCall:
@@ -60,10 +63,26 @@ class _ProgramCall:
         metrics.program_latency.observe(result.seconds, program=self.program.name)
         metrics.count_tokens(self.program.model, result.prompt_tokens, result.completion_tokens)
         latency_ms = (time.perf_counter() - self.started) * 1000
-        self.runtime.traces.submit(Trace(self.program.name, self.id, self.inputs, result.outputs, "ok",
-                                         latency_ms, result.prompt_tokens, result.completion_tokens))
-        return {"id": self.id, "program": self.program.name, "model": self.program.model,
-                "outputs": result.outputs, "usage": _usage(result), "latency_ms": round(latency_ms, 3)}
+        self.runtime.traces.submit(
+            Trace(
+                self.program.name,
+                self.id,
+                self.inputs,
+                result.outputs,
+                "ok",
+                latency_ms,
+                result.prompt_tokens,
+                result.completion_tokens,
+            )
+        )
+        return {
+            "id": self.id,
+            "program": self.program.name,
+            "model": self.program.model,
+            "outputs": result.outputs,
+            "usage": _usage(result),
+            "latency_ms": round(latency_ms, 3),
+        }
 
     def failed(self, exc: BaseException) -> ApiError:
         error = api_error_for(exc)
@@ -71,8 +90,17 @@ class _ProgramCall:
             log.error("program %s failed: %s: %s", self.program.name, type(exc).__name__, exc)
             error = ApiError(500, f"the program failed: {error.message}", "server_error", "program_error")
         self.runtime.metrics.program_calls.inc(program=self.program.name, outcome=str(error.status))
-        self.runtime.traces.submit(Trace(self.program.name, self.id, self.inputs, None, str(error.status),
-                                         (time.perf_counter() - self.started) * 1000, error=error.message))
+        self.runtime.traces.submit(
+            Trace(
+                self.program.name,
+                self.id,
+                self.inputs,
+                None,
+                str(error.status),
+                (time.perf_counter() - self.started) * 1000,
+                error=error.message,
+            )
+        )
         return error
 
 
@@ -106,8 +134,9 @@ def _stream_program(runtime: ServeRuntime, call: _ProgramCall) -> StreamingRespo
             yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}}, "error")
         yield sse("[DONE]", "done")
 
-    return StreamingResponse(GuardedStream(events(), runtime.gate.leave), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(
+        GuardedStream(events(), runtime.gate.leave), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 def create_app(runtime: ServeRuntime) -> FastAPI:
@@ -124,8 +153,9 @@ def create_app(runtime: ServeRuntime) -> FastAPI:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(422, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error",
-                              "invalid_request")
+        return error_response(
+            422, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error", "invalid_request"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -141,8 +171,13 @@ def create_app(runtime: ServeRuntime) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": plait.__version__, "programs": sorted(runtime.programs),
-                "models": sorted(runtime.models), "inflight": runtime.gate.inflight}
+        return {
+            "status": "ok",
+            "version": plait.__version__,
+            "programs": sorted(runtime.programs),
+            "models": sorted(runtime.models),
+            "inflight": runtime.gate.inflight,
+        }
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

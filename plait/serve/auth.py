@@ -49,7 +49,11 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         message = "missing bearer token" if bearer_token(scope) is None else "invalid API key"
-        response = error_response(401, f"{message}: send 'Authorization: Bearer <key>'",
-                                  "authentication_error", "invalid_api_key",
-                                  {"WWW-Authenticate": "Bearer"})
+        response = error_response(
+            401,
+            f"{message}: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            "invalid_api_key",
+            {"WWW-Authenticate": "Bearer"},
+        )
         await response(scope, receive, send)

@@ -38,15 +38,17 @@ class WorkerPool:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            raise ApiError(504, f"the call did not finish within {timeout:g} s", "timeout_error",
-                           "request_timeout") from None
+            raise ApiError(
+                504, f"the call did not finish within {timeout:g} s", "timeout_error", "request_timeout"
+            ) from None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=False)
 
 
-async def iterate_in_thread(iterator: Iterator[T], *, on_close: Callable[[], None] | None = None
-                            ) -> AsyncIterator[T]:
+async def iterate_in_thread(
+    iterator: Iterator[T], *, on_close: Callable[[], None] | None = None
+) -> AsyncIterator[T]:
     """Items of a blocking iterator, produced by a thread of its own and awaited here.
 
     A dedicated thread (not the worker pool) so a stream never waits behind queued calls.

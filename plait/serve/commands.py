@@ -27,39 +27,80 @@ API_KEY_ENV = "PLAIT_API_KEY"
 
 def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "serve", help="serve compiled programs (and OpenAI-compatible endpoints) over HTTP",
+        "serve",
+        help="serve compiled programs (and OpenAI-compatible endpoints) over HTTP",
         description="Serve compiled artifacts at POST /v1/programs/{name}, plus /v1/chat/completions, "
-                    "/v1/completions, /healthz and /metrics.")
-    p.add_argument("artifacts", nargs="*", metavar="[NAME=]ARTIFACT.json",
-                   help="compiled artifacts; NAME defaults to the file name without .json")
-    p.add_argument("--model", action="append", default=[], metavar="MODEL",
-                   help="also serve this model on the OpenAI endpoints (repeatable)")
+        "/v1/completions, /healthz and /metrics.",
+    )
+    p.add_argument(
+        "artifacts",
+        nargs="*",
+        metavar="[NAME=]ARTIFACT.json",
+        help="compiled artifacts; NAME defaults to the file name without .json",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also serve this model on the OpenAI endpoints (repeatable)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help=f"accepted bearer token (repeatable; default ${API_KEY_ENV}); required off loopback")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"accepted bearer token (repeatable; default ${API_KEY_ENV}); required off loopback",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--rate-limit", type=float, default=0.0,
-                   help="requests per second per client (API key or address); 0 = off (default)")
-    p.add_argument("--rate-burst", type=int, default=20, help="requests a client may send at once (default 20)")
-    p.add_argument("--max-inflight", type=int, default=64,
-                   help="generation calls admitted at once; more get 503 (default 64)")
-    p.add_argument("--workers", type=int, default=None, help="threads running calls (default: --max-inflight)")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        help="requests per second per client (API key or address); 0 = off (default)",
+    )
+    p.add_argument(
+        "--rate-burst", type=int, default=20, help="requests a client may send at once (default 20)"
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64,
+        help="generation calls admitted at once; more get 503 (default 64)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="threads running calls (default: --max-inflight)"
+    )
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a call gets 504")
-    p.add_argument("--max-tokens-limit", type=int, default=4096,
-                   help="largest max_tokens an OpenAI-style request may ask for (default 4096)")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=4096,
+        help="largest max_tokens an OpenAI-style request may ask for (default 4096)",
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="max_tokens of each program LM call")
-    p.add_argument("--adapter", choices=ADAPTERS, default="auto",
-                   help="DSPy adapter for programs (auto: the artifact's, else constrained when the "
-                        "engine decodes under grammars)")
+    p.add_argument(
+        "--adapter",
+        choices=ADAPTERS,
+        default="auto",
+        help="DSPy adapter for programs (auto: the artifact's, else constrained when the "
+        "engine decodes under grammars)",
+    )
     p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
-    p.add_argument("--database", default=None, help="SQLAlchemy URL for traces (default: PLAIT_DATABASE_URL, "
-                                                     "else .plait/plait.db)")
+    p.add_argument(
+        "--database",
+        default=None,
+        help="SQLAlchemy URL for traces (default: PLAIT_DATABASE_URL, else .plait/plait.db)",
+    )
     p.add_argument("--no-traces", action="store_true", help="do not record request traces")
     p.add_argument("--no-trace-io", action="store_true", help="traces keep field names, not values")
-    p.add_argument("--dspy-cache", action="store_true", help="answer repeated program calls from DSPy's cache")
+    p.add_argument(
+        "--dspy-cache", action="store_true", help="answer repeated program calls from DSPy's cache"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve, func=cmd_serve)
     return p
@@ -78,10 +119,18 @@ def parse_artifact(spec: str) -> tuple[str | None, Path]:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     keys = list(args.api_key) or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
     return ServeConfig(
-        host=args.host, port=args.port, api_keys=tuple(keys), max_body_bytes=args.max_body_bytes,
-        rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_inflight=args.max_inflight,
-        workers=args.workers or args.max_inflight, request_timeout=args.request_timeout,
-        max_tokens_limit=args.max_tokens_limit, trace_io=not args.no_trace_io, dspy_cache=args.dspy_cache,
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys),
+        max_body_bytes=args.max_body_bytes,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_inflight=args.max_inflight,
+        workers=args.workers or args.max_inflight,
+        request_timeout=args.request_timeout,
+        max_tokens_limit=args.max_tokens_limit,
+        trace_io=not args.no_trace_io,
+        dspy_cache=args.dspy_cache,
     ).check()
 
 
@@ -118,9 +167,13 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.artifacts and not args.model:
-        raise ServeConfigError("nothing to serve: give compiled artifacts, or --model for the OpenAI endpoints")
+        raise ServeConfigError(
+            "nothing to serve: give compiled artifacts, or --model for the OpenAI endpoints"
+        )
     config = config_from_args(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     import uvicorn
 
     from plait.serve.app import create_app
@@ -128,12 +181,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime = build_runtime(args, config)
     app = create_app(runtime)
     shown = "localhost" if config.host in ("127.0.0.1", "::1") else config.host
-    print(f"plait: serving {len(runtime.programs)} program(s) {sorted(runtime.programs)} and model(s) "
-          f"{sorted(runtime.models)} on http://{shown}:{config.port}"
-          f"{'' if config.api_keys else ' (no authentication: loopback only)'}", file=sys.stderr)
+    print(
+        f"plait: serving {len(runtime.programs)} program(s) {sorted(runtime.programs)} and model(s) "
+        f"{sorted(runtime.models)} on http://{shown}:{config.port}"
+        f"{'' if config.api_keys else ' (no authentication: loopback only)'}",
+        file=sys.stderr,
+    )
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=10, access_log=args.log_level == "debug")
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=10,
+            access_log=args.log_level == "debug",
+        )
     finally:
         runtime.close()
     return 0

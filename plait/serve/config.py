@@ -63,7 +63,8 @@ class ServeConfig:
         if not is_loopback(self.host) and not self.api_keys:
             raise ServeConfigError(
                 f"refusing to serve on {self.host} without authentication: pass --api-key KEY "
-                "(or set PLAIT_API_KEY), or bind to 127.0.0.1")
+                "(or set PLAIT_API_KEY), or bind to 127.0.0.1"
+            )
         if any(not key or key.strip() != key for key in self.api_keys):
             raise ServeConfigError("an API key must be non-empty and have no surrounding whitespace")
         if not 0 <= self.port <= 65535:

@@ -35,8 +35,12 @@ class BodySizeLimit:
 
     def _too_large(self, size: int | None = None) -> ApiError:
         got = f" ({size} bytes)" if size is not None else ""
-        return ApiError(413, f"request body too large{got}: the limit is {self.max_bytes} bytes",
-                        "invalid_request_error", "request_too_large")
+        return ApiError(
+            413,
+            f"request body too large{got}: the limit is {self.max_bytes} bytes",
+            "invalid_request_error",
+            "request_too_large",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,8 +115,11 @@ class RateLimiter:
 
     def _forget_idle(self, now: float) -> None:
         """Drop clients whose bucket has refilled: they are indistinguishable from new ones."""
-        full = [c for c, (tokens, last) in self._buckets.items()
-                if tokens + (now - last) * self.rate >= self.burst]
+        full = [
+            c
+            for c, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * self.rate >= self.burst
+        ]
         for client in full:
             del self._buckets[client]
 
@@ -137,9 +144,13 @@ class RateLimit:
             wait = self.limiter.retry_after(client_identity(scope))
             if wait is not None:
                 seconds = max(1, math.ceil(wait))
-                response = error_response(429, f"rate limit exceeded: retry in {seconds} s",
-                                          "rate_limit_error", "rate_limit_exceeded",
-                                          {"Retry-After": str(seconds)})
+                response = error_response(
+                    429,
+                    f"rate limit exceeded: retry in {seconds} s",
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                    {"Retry-After": str(seconds)},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -161,8 +172,13 @@ class AdmissionGate:
         with self._lock:
             if self.inflight >= self.capacity:
                 self.rejected += 1
-                raise ApiError(503, f"the server is busy ({self.inflight} calls in flight): retry later",
-                               "overloaded_error", "server_overloaded", {"Retry-After": "1"})
+                raise ApiError(
+                    503,
+                    f"the server is busy ({self.inflight} calls in flight): retry later",
+                    "overloaded_error",
+                    "server_overloaded",
+                    {"Retry-After": "1"},
+                )
             self.inflight += 1
 
     def leave(self) -> None:

@@ -113,13 +113,23 @@ class ServerMetrics:
     read from the engines and the admission gate at scrape time."""
 
     def __init__(self) -> None:
-        self.requests = Counter("plait_http_requests_total", "HTTP requests answered, by route, method and status.")
-        self.latency = Histogram("plait_http_request_duration_seconds",
-                                 "Time from request to the last byte of the answer, by route.")
-        self.errors = Counter("plait_http_errors_total", "Requests answered with status >= 400, by route and status.")
+        self.requests = Counter(
+            "plait_http_requests_total", "HTTP requests answered, by route, method and status."
+        )
+        self.latency = Histogram(
+            "plait_http_request_duration_seconds",
+            "Time from request to the last byte of the answer, by route.",
+        )
+        self.errors = Counter(
+            "plait_http_errors_total", "Requests answered with status >= 400, by route and status."
+        )
         self.program_calls = Counter("plait_program_calls_total", "Program calls, by program and outcome.")
-        self.program_latency = Histogram("plait_program_call_duration_seconds", "Program call time, by program.")
-        self.tokens = Counter("plait_tokens_total", "Tokens processed, by model and kind (prompt, completion).")
+        self.program_latency = Histogram(
+            "plait_program_call_duration_seconds", "Program call time, by program."
+        )
+        self.tokens = Counter(
+            "plait_tokens_total", "Tokens processed, by model and kind (prompt, completion)."
+        )
         self.gauges: list[Gauge] = []
 
     def add_gauge(self, name: str, help_: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
@@ -132,8 +142,15 @@ class ServerMetrics:
             self.tokens.inc(completion, model=model, kind="completion")
 
     def render(self) -> str:
-        metrics: list = [self.requests, self.latency, self.errors, self.program_calls,
-                         self.program_latency, self.tokens, *self.gauges]
+        metrics: list = [
+            self.requests,
+            self.latency,
+            self.errors,
+            self.program_calls,
+            self.program_latency,
+            self.tokens,
+            *self.gauges,
+        ]
         return "\n".join(line for metric in metrics for line in metric.lines()) + "\n"
 
 
@@ -165,7 +182,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_counted)
         finally:
             route = getattr(scope.get("route"), "path", None) or (
-                scope["path"] if scope["path"] in ("/healthz", "/metrics") else "unmatched")
+                scope["path"] if scope["path"] in ("/healthz", "/metrics") else "unmatched"
+            )
             labels = {"route": route, "method": scope["method"], "status": str(status)}
             self.metrics.requests.inc(**labels)
             self.metrics.latency.observe(time.perf_counter() - started, route=route)

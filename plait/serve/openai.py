@@ -103,21 +103,30 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
 
 def _refuse_unsupported(params: _Sampling) -> None:
     if params.tools:
-        raise ApiError(400, "tool calling is not supported by this server: describe the tools in the "
-                            "prompt, or constrain the answer with response_format", code="unsupported_tools")
+        raise ApiError(
+            400,
+            "tool calling is not supported by this server: describe the tools in the "
+            "prompt, or constrain the answer with response_format",
+            code="unsupported_tools",
+        )
     if params.logprobs:
         raise ApiError(400, "logprobs are not supported by this server", code="unsupported_logprobs")
     if isinstance(params, CompletionBody) and (params.echo or params.suffix):
         raise ApiError(400, "echo and suffix are not supported by this server", code="unsupported_parameter")
 
 
-def _sampling(params: _Sampling, runtime: ServeRuntime, model: ServedModel, prompt_tokens: int) -> dict[str, Any]:
+def _sampling(
+    params: _Sampling, runtime: ServeRuntime, model: ServedModel, prompt_tokens: int
+) -> dict[str, Any]:
     limit = runtime.config.max_tokens_limit
     room = max(1, model.engine.max_length - prompt_tokens)
     max_tokens = params.max_completion_tokens or params.max_tokens
     if max_tokens is not None and max_tokens > limit:
-        raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}",
-                       code="max_tokens_too_large")
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} is over this server's limit of {limit}",
+            code="max_tokens_too_large",
+        )
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     if len(stop) > 16 or any(not s for s in stop):
         raise ApiError(400, "stop takes at most 16 non-empty strings", code="invalid_stop")
@@ -228,27 +237,59 @@ class _Call:
                 choice.handle.wait(max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             self.cancel()
-            raise ApiError(504, f"generation did not finish within {self.runtime.config.request_timeout:g} s",
-                           "timeout_error", "request_timeout") from None
+            raise ApiError(
+                504,
+                f"generation did not finish within {self.runtime.config.request_timeout:g} s",
+                "timeout_error",
+                "request_timeout",
+            ) from None
 
     # ---- answers -------------------------------------------------------------------------------
     def response(self) -> dict[str, Any]:
         if self.kind == "chat":
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.handle.text},
-                        "finish_reason": _finish(c.handle), "logprobs": None} for c in self.choices]
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.handle.text},
+                    "finish_reason": _finish(c.handle),
+                    "logprobs": None,
+                }
+                for c in self.choices
+            ]
             obj = "chat.completion"
         else:
-            choices = [{"index": c.index, "text": c.handle.text, "finish_reason": _finish(c.handle),
-                        "logprobs": None} for c in self.choices]
+            choices = [
+                {
+                    "index": c.index,
+                    "text": c.handle.text,
+                    "finish_reason": _finish(c.handle),
+                    "logprobs": None,
+                }
+                for c in self.choices
+            ]
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.id,
-                "choices": choices, "usage": _usage(self.choices), "plait": _plait_usage(self.choices)}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model.id,
+            "choices": choices,
+            "usage": _usage(self.choices),
+            "plait": _plait_usage(self.choices),
+        }
 
-    def chunk(self, delta: str | None = None, finish: str | None = None, *, role: bool = False,
-              usage: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, delta: str | None = None, finish: str | None = None, *, role: bool = False, usage: bool = False
+    ) -> dict[str, Any]:
         if usage:
-            return {"id": self.id, "object": self._chunk_object(), "created": self.created,
-                    "model": self.model.id, "choices": [], "usage": _usage(self.choices)}
+            return {
+                "id": self.id,
+                "object": self._chunk_object(),
+                "created": self.created,
+                "model": self.model.id,
+                "choices": [],
+                "usage": _usage(self.choices),
+            }
         if self.kind == "chat":
             content: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if delta is not None:
@@ -256,8 +297,13 @@ class _Call:
             choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        return {"id": self.id, "object": self._chunk_object(), "created": self.created,
-                "model": self.model.id, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": self._chunk_object(),
+            "created": self.created,
+            "model": self.model.id,
+            "choices": [choice],
+        }
 
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -267,15 +313,29 @@ class _Call:
         runtime = self.runtime
         usage = _usage(self.choices) if self.choices else {"prompt_tokens": 0, "completion_tokens": 0}
         runtime.metrics.count_tokens(self.model.id, usage["prompt_tokens"], usage["completion_tokens"])
-        inputs: dict[str, Any] = {"model": self.model.id,
-                                  **self.body.model_dump(exclude_unset=True, exclude={"model"})}
+        inputs: dict[str, Any] = {
+            "model": self.model.id,
+            **self.body.model_dump(exclude_unset=True, exclude={"model"}),
+        }
         outputs = None
         if status == "ok":
-            outputs = {"texts": [c.handle.text for c in self.choices],
-                       "finish_reasons": [_finish(c.handle) for c in self.choices]}
-        runtime.traces.submit(Trace(self.target, self.id, inputs, outputs, status,
-                                    (time.perf_counter() - self.started) * 1000,
-                                    usage["prompt_tokens"], usage["completion_tokens"], error))
+            outputs = {
+                "texts": [c.handle.text for c in self.choices],
+                "finish_reasons": [_finish(c.handle) for c in self.choices],
+            }
+        runtime.traces.submit(
+            Trace(
+                self.target,
+                self.id,
+                inputs,
+                outputs,
+                status,
+                (time.perf_counter() - self.started) * 1000,
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+                error,
+            )
+        )
 
 
 async def _answer(runtime: ServeRuntime, call: _Call) -> JSONResponse:
@@ -292,7 +352,10 @@ async def _answer(runtime: ServeRuntime, call: _Call) -> JSONResponse:
             runtime.gate.leave()
 
     runtime.gate.enter()
-    return JSONResponse(await runtime.pool.run(work, runtime.config.request_timeout + _GRACE))
+    try:
+        return JSONResponse(await runtime.pool.run(work, runtime.config.request_timeout + _GRACE))
+    except Exception as exc:  # answered here: an unhandled error would also be logged as a crash
+        raise api_error_for(exc) from None
 
 
 async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
@@ -307,7 +370,9 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
         call.cancel()
         runtime.gate.leave()
         call.record("error", str(exc))
-        raise
+        if isinstance(exc, Exception):
+            raise api_error_for(exc) from None
+        raise  # cancellation
     handle = call.choices[0].handle
     outcome = {"status": "cancelled", "error": None}
 
@@ -334,8 +399,9 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
         runtime.gate.leave()
         call.record(outcome["status"], outcome["error"])
 
-    return StreamingResponse(GuardedStream(events(), release), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(
+        GuardedStream(events(), release), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 def make_router(runtime: ServeRuntime) -> APIRouter:
@@ -357,8 +423,18 @@ def make_router(runtime: ServeRuntime) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m.id, "object": "model", "created": 0, "owned_by": "plait",
-             "aliases": sorted(m.names - {m.id})} for m in runtime.models.values()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "plait",
+                    "aliases": sorted(m.names - {m.id}),
+                }
+                for m in runtime.models.values()
+            ],
+        }
 
     return router

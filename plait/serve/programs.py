@@ -101,8 +101,10 @@ def program_inputs(program: Any) -> list[InputSpec]:
     predictors = program.predictors() if hasattr(program, "predictors") else []
     if takes_kwargs and not named and len(predictors) == 1:
         signature = predictors[0].signature
-        return [InputSpec(name, info.annotation, True, description=_field_description(info))
-                for name, info in signature.input_fields.items()]
+        return [
+            InputSpec(name, info.annotation, True, description=_field_description(info))
+            for name, info in signature.input_fields.items()
+        ]
     specs = []
     for p in named:
         required = p.default is inspect.Parameter.empty
@@ -112,9 +114,11 @@ def program_inputs(program: Any) -> list[InputSpec]:
 
 
 def program_outputs(program: Any) -> list[OutputSpec]:
-    return [OutputSpec(name, field_name, info.annotation, _field_description(info))
-            for name, predictor in program.named_predictors()
-            for field_name, info in predictor.signature.output_fields.items()]
+    return [
+        OutputSpec(name, field_name, info.annotation, _field_description(info))
+        for name, predictor in program.named_predictors()
+        for field_name, info in predictor.signature.output_fields.items()
+    ]
 
 
 def input_model(name: str, inputs: list[InputSpec]) -> type[pydantic.BaseModel]:
@@ -217,8 +221,16 @@ def _stream_format(adapter: Any) -> Any:
 class ServedProgram:
     """One compiled program behind `POST /v1/programs/{name}`."""
 
-    def __init__(self, name: str, program: Any, lm: Any, *, adapter: Any = None,
-                 artifact: Any = None, model: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        program: Any,
+        lm: Any,
+        *,
+        adapter: Any = None,
+        artifact: Any = None,
+        model: str | None = None,
+    ):
         if not NAME_PATTERN.match(name):
             raise ValueError(f"program name {name!r} must match {NAME_PATTERN.pattern}")
         self.name, self.program, self.lm, self.adapter = name, program, lm, adapter
@@ -238,10 +250,24 @@ class ServedProgram:
             "signature_hash": getattr(artifact, "signature_hash", None),
             "artifact_sha256": getattr(artifact, "sha256", None),
             "adapter": type(self.adapter).__name__ if self.adapter is not None else "ChatAdapter",
-            "inputs": [{"name": s.name, "type": type_name(s.annotation), "required": s.required,
-                        "description": s.description} for s in self.inputs],
-            "outputs": [{"predictor": s.predictor, "name": s.name, "type": type_name(s.annotation),
-                         "description": s.description} for s in self.outputs],
+            "inputs": [
+                {
+                    "name": s.name,
+                    "type": type_name(s.annotation),
+                    "required": s.required,
+                    "description": s.description,
+                }
+                for s in self.inputs
+            ],
+            "outputs": [
+                {
+                    "predictor": s.predictor,
+                    "name": s.name,
+                    "type": type_name(s.annotation),
+                    "description": s.description,
+                }
+                for s in self.outputs
+            ],
         }
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -250,12 +276,20 @@ class ServedProgram:
 
         The body is either the inputs themselves or `{"inputs": {...}}`.
         """
-        if isinstance(body, dict) and set(body) == {"inputs"} and isinstance(body["inputs"], dict) \
-                and "inputs" not in self.input_model.model_fields:
+        if (
+            isinstance(body, dict)
+            and set(body) == {"inputs"}
+            and isinstance(body["inputs"], dict)
+            and "inputs" not in self.input_model.model_fields
+        ):
             body = body["inputs"]
         if not isinstance(body, dict):
-            raise ApiError(422, f"the body must be a JSON object of {self.name}'s inputs "
-                                f"({', '.join(s.name for s in self.inputs)})", code="invalid_inputs")
+            raise ApiError(
+                422,
+                f"the body must be a JSON object of {self.name}'s inputs "
+                f"({', '.join(s.name for s in self.inputs)})",
+                code="invalid_inputs",
+            )
         try:
             validated = self.input_model.model_validate(body)
         except pydantic.ValidationError as exc:
@@ -263,8 +297,9 @@ class ServedProgram:
             for error in exc.errors():
                 where = ".".join(str(p) for p in error.get("loc", ())) or "body"
                 problems.append(f"{where}: {error.get('msg', 'invalid')}")
-            raise ApiError(422, f"invalid inputs for {self.name}: " + "; ".join(problems),
-                           code="invalid_inputs") from None
+            raise ApiError(
+                422, f"invalid inputs for {self.name}: " + "; ".join(problems), code="invalid_inputs"
+            ) from None
         return {name: getattr(validated, name) for name in self.input_model.model_fields}
 
     # ---- calling ---------------------------------------------------------------------------
@@ -292,18 +327,27 @@ class ServedProgram:
         """(event, data) pairs: `field` chunks as output fields are generated, `status`
         messages, and finally one `prediction` with a `CallResult`."""
         stream_adapter = _stream_format(self.adapter)
-        listeners = [_FieldListener(spec.name, predict=predictor, predict_name=name,
-                                    stream_adapter=stream_adapter)
-                     for name, predictor in self.program.named_predictors()
-                     for spec in [s for s in self.outputs if s.predictor == name]]
-        streamer = dspy.streamify(self.program, stream_listeners=listeners,
-                                  include_final_prediction_in_output_stream=True)
+        listeners = [
+            _FieldListener(spec.name, predict=predictor, predict_name=name, stream_adapter=stream_adapter)
+            for name, predictor in self.program.named_predictors()
+            for spec in [s for s in self.outputs if s.predictor == name]
+        ]
+        streamer = dspy.streamify(
+            self.program, stream_listeners=listeners, include_final_prediction_in_output_stream=True
+        )
         started = time.perf_counter()
         with self._context():
             async for value in streamer(**inputs):
                 if isinstance(value, StreamResponse):
-                    yield "field", {"predictor": value.predict_name, "field": value.signature_field_name,
-                                    "chunk": value.chunk, "last": bool(value.is_last_chunk)}
+                    yield (
+                        "field",
+                        {
+                            "predictor": value.predict_name,
+                            "field": value.signature_field_name,
+                            "chunk": value.chunk,
+                            "last": bool(value.is_last_chunk),
+                        },
+                    )
                 elif isinstance(value, StatusMessage):
                     yield "status", {"message": value.message}
                 elif isinstance(value, dspy.Prediction):

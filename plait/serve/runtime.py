@@ -50,18 +50,36 @@ class ServeRuntime:
         self.gate = AdmissionGate(config.max_inflight)
         self.pool = WorkerPool(config.workers)
         self.traces = TraceWriter(store, record_io=config.trace_io)
-        self.metrics.add_gauge("plait_inflight_calls", "Generation calls admitted and not finished.",
-                               lambda: [((), float(self.gate.inflight))])
-        self.metrics.add_gauge("plait_rejected_calls", "Calls refused by admission control (503) so far.",
-                               lambda: [((), float(self.gate.rejected))])
-        self.metrics.add_gauge("plait_engine_running", "Sequences decoding in the engine, by model.",
-                               lambda: self._engine_values(lambda s: len(s.rows)))
-        self.metrics.add_gauge("plait_engine_waiting", "Requests queued in the engine, by model.",
-                               lambda: self._engine_values(lambda s: len(s.waiting)))
-        self.metrics.add_gauge("plait_engine_steps", "Scheduler iterations so far, by model.",
-                               lambda: self._engine_values(lambda s: s.steps))
-        self.metrics.add_gauge("plait_traces_dropped", "Traces that could not be written to the store.",
-                               lambda: [((), float(self.traces.dropped))])
+        self.metrics.add_gauge(
+            "plait_inflight_calls",
+            "Generation calls admitted and not finished.",
+            lambda: [((), float(self.gate.inflight))],
+        )
+        self.metrics.add_gauge(
+            "plait_rejected_calls",
+            "Calls refused by admission control (503) so far.",
+            lambda: [((), float(self.gate.rejected))],
+        )
+        self.metrics.add_gauge(
+            "plait_engine_running",
+            "Sequences decoding in the engine, by model.",
+            lambda: self._engine_values(lambda s: len(s.rows)),
+        )
+        self.metrics.add_gauge(
+            "plait_engine_waiting",
+            "Requests queued in the engine, by model.",
+            lambda: self._engine_values(lambda s: len(s.waiting)),
+        )
+        self.metrics.add_gauge(
+            "plait_engine_steps",
+            "Scheduler iterations so far, by model.",
+            lambda: self._engine_values(lambda s: s.steps),
+        )
+        self.metrics.add_gauge(
+            "plait_traces_dropped",
+            "Traces that could not be written to the store.",
+            lambda: [((), float(self.traces.dropped))],
+        )
 
     def _engine_values(self, read: Any) -> list[tuple[tuple[tuple[str, str], ...], float]]:
         values = []
@@ -86,8 +104,14 @@ class ServeRuntime:
             raise ApiError(400, f"two programs are named {program.name!r}: name one NAME=path.json")
         self.programs[program.name] = program
 
-    def load_artifact(self, path: str | Path, name: str | None = None, *, adapter: str = "auto",
-                      lm_options: dict[str, Any] | None = None) -> ServedProgram:
+    def load_artifact(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        adapter: str = "auto",
+        lm_options: dict[str, Any] | None = None,
+    ) -> ServedProgram:
         """Load a compiled artifact, give it an LM on its model, and serve it as `name`."""
         import plait
         from plait.compilers.artifact import load_artifact
@@ -97,8 +121,13 @@ class ServeRuntime:
         engine = getattr(getattr(lm, "engine", None), "engine", None)  # local LMs: the shared engine
         if engine is not None:
             self.add_model(loaded.model, engine)
-        program = ServedProgram(name or program_name(path), loaded.program, lm,
-                                adapter=make_adapter(adapter, lm, loaded.meta), artifact=loaded)
+        program = ServedProgram(
+            name or program_name(path),
+            loaded.program,
+            lm,
+            adapter=make_adapter(adapter, lm, loaded.meta),
+            artifact=loaded,
+        )
         self.add_program(program)
         log.info("serving %s (%s on %s) from %s", program.name, loaded.program_path, loaded.model, path)
         return program
@@ -121,15 +150,20 @@ class ServeRuntime:
             if name in served.names:
                 return served
         served_names = ", ".join(sorted(self.models)) or "none"
-        raise ApiError(404, f"model {name!r} is not served here (served: {served_names})",
-                       "not_found_error", "model_not_found")
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here (served: {served_names})",
+            "not_found_error",
+            "model_not_found",
+        )
 
     def program(self, name: str) -> ServedProgram:
         program = self.programs.get(name)
         if program is None:
             known = ", ".join(sorted(self.programs)) or "none"
-            raise ApiError(404, f"no program named {name!r} (served: {known})", "not_found_error",
-                           "program_not_found")
+            raise ApiError(
+                404, f"no program named {name!r} (served: {known})", "not_found_error", "program_not_found"
+            )
         return program
 
     def close(self) -> None:

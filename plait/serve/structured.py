@@ -22,8 +22,15 @@ from typing import Any
 from plait.serve.errors import ApiError
 
 #: Top-level request keys that carry a constraint.
-STRUCTURED_KEYS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                   "structured_outputs", "plait_grammar")
+STRUCTURED_KEYS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "plait_grammar",
+)
 
 
 def _bad(message: str) -> ApiError:
@@ -80,7 +87,11 @@ def _from_structured_outputs(options: Any):
 
     if not isinstance(options, Mapping):
         raise _bad("structured_outputs must be an object")
-    given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if options.get(k) not in (None, False)]
+    given = [
+        k
+        for k in ("json", "regex", "choice", "grammar", "json_object")
+        if options.get(k) not in (None, False)
+    ]
     if len(given) != 1:
         raise _bad("structured_outputs needs exactly one of json, regex, choice, grammar, json_object")
     key = given[0]
@@ -105,8 +116,11 @@ def grammar_from_request(body: Mapping[str, Any]):
     from plait.backends.constraint import GrammarError, GrammarSpec
 
     present = [k for k in STRUCTURED_KEYS if body.get(k) is not None]
-    if "response_format" in present and isinstance(body["response_format"], Mapping) \
-            and body["response_format"].get("type") in (None, "text"):
+    if (
+        "response_format" in present
+        and isinstance(body["response_format"], Mapping)
+        and body["response_format"].get("type") in (None, "text")
+    ):
         present.remove("response_format")
     if not present:
         return None

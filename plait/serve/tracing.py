@@ -24,10 +24,20 @@ MAX_TRACED_CHARS = 20_000
 class TraceStore(Protocol):
     """What the writer needs from `plait.store.Store`."""
 
-    def record_trace(self, program: str, inputs: dict[str, Any], outputs: dict[str, Any] | None,
-                     latency_ms: float, status: str, tokens: int = 0, *, error: str | None = None,
-                     prompt_tokens: int = 0, completion_tokens: int = 0,
-                     request_id: str | None = None) -> int: ...
+    def record_trace(
+        self,
+        program: str,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any] | None,
+        latency_ms: float,
+        status: str,
+        tokens: int = 0,
+        *,
+        error: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        request_id: str | None = None,
+    ) -> int: ...
 
 
 @dataclass
@@ -127,10 +137,17 @@ class TraceWriter:
             outputs = jsonable(trace.outputs) if self.record_io else {"fields": sorted(trace.outputs)}
         try:
             self.store.record_trace(
-                trace.target, inputs, outputs, trace.latency_ms, trace.status,
-                trace.prompt_tokens + trace.completion_tokens, error=trace.error,
-                prompt_tokens=trace.prompt_tokens, completion_tokens=trace.completion_tokens,
-                request_id=trace.request_id)
+                trace.target,
+                inputs,
+                outputs,
+                trace.latency_ms,
+                trace.status,
+                trace.prompt_tokens + trace.completion_tokens,
+                error=trace.error,
+                prompt_tokens=trace.prompt_tokens,
+                completion_tokens=trace.completion_tokens,
+                request_id=trace.request_id,
+            )
             self.written += 1
         except Exception:  # the database is down or full: keep serving
             self.dropped += 1
