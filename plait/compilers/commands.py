@@ -221,3 +221,29 @@ def run_eval(args: argparse.Namespace) -> int:
         Path(args.json_out).write_text(json.dumps(document, indent=2))
     print(json.dumps({"score": report.score, "n": report.n, "parse_failures": report.parse_failures}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m plait.compilers.commands compile|eval ...`: the same commands as `plait`,
+    with the same contract (a PlaitError is one line on stderr and exit code 2)."""
+    import sys
+
+    from plait.cli import OneLineParser
+
+    parser = OneLineParser(prog="plait")
+    add_commands(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PlaitError, ValueError, OSError) as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -121,8 +121,12 @@ def _rows_digest(examples: list[Any]) -> str:
     return digest([example_hash(example) for example in examples])
 
 
-def compile_program(config: CompileConfig, store: Any, progress: Progress | None = None) -> CompileResult:
-    """Run (or resume) the compile described by `config`; returns scores, cost and artifact."""
+def compile_program(config: CompileConfig, store: Any, progress: Progress | None = None, *,
+                    lm: Any = None) -> CompileResult:
+    """Run (or resume) the compile described by `config`; returns scores, cost and artifact.
+
+    `lm` replaces the plait LM built from `config.model` (any `dspy.LM` with a custom engine,
+    e.g. a remote one); its calls are recorded like the default's."""
     progress = progress or LogProgress()
     started = time.perf_counter()
     if config.optimizer not in optimizers.OPTIMIZERS:
@@ -149,7 +153,7 @@ def compile_program(config: CompileConfig, store: Any, progress: Progress | None
     if resumed:
         log.info("resuming compile run %d (attempt %d)", run.id, run.attempts)
     meter = UsageMeter()
-    lm = recording_lm(make_lm(config.model, max_tokens=config.max_tokens), store, run.id, meter)
+    lm = recording_lm(lm or make_lm(config.model, max_tokens=config.max_tokens), store, run.id, meter)
     adapter = select_adapter(lm, config.adapter)
     try:
         before = _scored(program, devset, metric, lm, adapter, config.threads, meter, store, run.id,
@@ -236,8 +240,10 @@ class EvalResult:
     compiled: str | None
 
 
-def evaluate_program(config: EvalConfig, store: Any, progress: Progress | None = None) -> EvalResult:
-    """Score a program (as written, or from a compiled artifact) on a dataset, recorded in the store."""
+def evaluate_program(config: EvalConfig, store: Any, progress: Progress | None = None, *,
+                     lm: Any = None) -> EvalResult:
+    """Score a program (as written, or from a compiled artifact) on a dataset, recorded in the
+    store. `lm` replaces the plait LM for the configured model."""
     progress = progress or LogProgress()
     if config.compiled:
         loaded = load_artifact(config.compiled, init=config.program_args or None)
@@ -264,7 +270,7 @@ def evaluate_program(config: EvalConfig, store: Any, progress: Progress | None =
     run, resumed = store.start_run(kind="eval", key=digest(identity), program_path=config.program,
                                    signature_hash=signature, config=described, resume=not config.fresh)
     meter = UsageMeter()
-    lm = recording_lm(make_lm(model, max_tokens=config.max_tokens), store, run.id, meter)
+    lm = recording_lm(lm or make_lm(model, max_tokens=config.max_tokens), store, run.id, meter)
     adapter = select_adapter(lm, config.adapter)
     try:
         report = _scored(program, examples, metric, lm, adapter, config.threads, meter, store, run.id, "eval",

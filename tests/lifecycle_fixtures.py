@@ -1,0 +1,104 @@
+"""Helpers for the compile / eval / store / pipeline tests.
+
+`KeywordEngine` is a DSPy custom engine that answers ChatAdapter-formatted sentiment requests
+from keywords, instantly and deterministically: the whole compile machinery (optimizers,
+recording, resume) is tested with it in milliseconds; the real model is used only in the
+slow tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Response, TextPart, Usage
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = ("charming", "good", "great", "triumph", "best", "beautiful", "hope", "astounding", "fun")
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL inside one process: nothing catches it."""
+
+
+class KeywordEngine:
+    """Answers `label` by keywords; can crash after `crash_after` calls."""
+
+    def __init__(self, crash_after: int | None = None):
+        self.calls = 0
+        self.crash_after = crash_after
+        self.lock = threading.Lock()
+
+    def complete(self, request: Any) -> Response:
+        with self.lock:
+            self.calls += 1
+            if self.crash_after is not None and self.calls > self.crash_after:
+                raise Crash(f"crash after {self.crash_after} calls")
+        text = "".join(p.text for p in request.messages[-1].parts if isinstance(p, TextPart)).lower()
+        question = text.rsplit("[[ ## text ## ]]", 1)[-1]
+        label = "positive" if any(word in question for word in POSITIVE) else "negative"
+        answer = f"[[ ## label ## ]]\n{label}\n\n[[ ## completed ## ]]"
+        return Response(id=None, model=request.model, message=Message.assistant([TextPart(answer)]),
+                        finish_reason="stop", usage=Usage(input_tokens=len(text) // 4, output_tokens=9))
+
+
+def keyword_lm(engine: KeywordEngine | None = None) -> dspy.LM:
+    return dspy.LM("plait/keywords", engine=engine or KeywordEngine(), cache=False, num_retries=0)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def sst2_rows(data_dir: Path, split: str, count: int, offset: int = 0) -> list[dict]:
+    with open(data_dir / "sst2" / f"{split}.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    return rows[offset: offset + count]
+
+
+def plait_command() -> list[str]:
+    """`python -m plait.cli` once the CLI registers compile/eval, else the commands module."""
+    from plait.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    module = "plait.cli" if "compile" in sub.choices else "plait.compilers.commands"
+    return [sys.executable, "-m", module]
+
+
+def cli_main(argv: list[str]) -> int:
+    """The in-process CLI entry point (same module choice as `plait_command`)."""
+    module = plait_command()[-1]
+    if module == "plait.cli":
+        from plait.cli import main
+    else:
+        from plait.compilers.commands import main
+    return main(argv)
+
+
+def subprocess_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PLAIT_HOME=str(home), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env.pop("PLAIT_DATABASE_URL", None)
+    return env
+
+
+def shared_weights(home: Path) -> None:
+    """Point a fresh PLAIT_HOME at the repo's dequantised-weights cache (no re-dequantising)."""
+    source = REPO / ".plait" / "cache" / "gguf"
+    target = home / "cache" / "gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.exists() and not target.exists():
+        target.symlink_to(source, target_is_directory=True)
+
+
+def run(argv: list[str], home: Path, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([*plait_command(), *argv], env=subprocess_env(home), cwd=REPO, text=True,
+                          capture_output=True, **kwargs)
