@@ -19,6 +19,7 @@ import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage
 from dspy._vendor.lm15.types import StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta
 
+from plait.backends.constraint import compile_constraint, grammar_spec_from_request
 from plait.backends.engine import Engine
 from plait.backends.scheduler import Request as EngineRequest
 
@@ -55,8 +56,10 @@ class PlaitEngine:
 
     supports_function_calling = False
     supports_reasoning = False
-    supports_response_schema = False
-    supported_params = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n"})
+    supports_response_schema = True  # response_format JSON schemas are decoded under a grammar
+    accepts_grammar = True  # ConstrainedAdapter's `plait_grammar` (plait.backends.constraint)
+    supported_params = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n",
+                                  "response_format", "metadata"})
 
     def __init__(self, model: str, engine_options: dict[str, Any] | None = None):
         self.model = model
@@ -77,9 +80,15 @@ class PlaitEngine:
                         temperature=config.temperature if config.temperature is not None else 0.0,
                         top_p=config.top_p, top_k=config.top_k, seed=config.seed,
                         stop=tuple(config.stop) or None)
+        spec = grammar_spec_from_request(request)
+        constraint = None
+        if spec is not None:
+            constraint = compile_constraint(spec, self.engine.tokenizer, self.engine.info.vocab_size)
         deterministic = sampling["temperature"] == 0 or config.seed is not None
-        share_key = (prompt, tuple(sorted(sampling.items()))) if deterministic else None
-        return self.engine.submit(prompt, stream=stream, share_key=share_key, **sampling)
+        share_key = None
+        if deterministic:
+            share_key = (prompt, tuple(sorted(sampling.items())), spec.key if spec is not None else None)
+        return self.engine.submit(prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling)
 
     def complete(self, request: Request) -> Response:
         return self._response(request, self.submit(request).wait())

@@ -13,7 +13,8 @@ from plait.backends.cache import StatePool
 from plait.backends.model import ModelInfo
 from plait.backends.prefix_cache import PrefixCache
 from plait.backends.sampling import SamplingParams
-from plait.backends.scheduler import Request, Scheduler, TokenConstraint, Usage
+from plait.backends.constraint import TokenConstraint
+from plait.backends.scheduler import Request, Scheduler, Usage
 from plait.errors import ContextLengthError
 
 log = logging.getLogger(__name__)

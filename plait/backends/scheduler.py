@@ -21,11 +21,11 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from plait.backends.cache import Batch, StatePool
+from plait.backends.constraint import TokenConstraint, apply_masks
 from plait.backends.model import CausalLM
 from plait.backends.prefix_cache import PrefixCache, block_hashes
 from plait.backends.sampling import SamplingParams, sample
@@ -33,18 +33,6 @@ from plait.backends.tokenizer import Tokenizer
 from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError, PlaitError
 
 log = logging.getLogger(__name__)
-
-
-class TokenConstraint(Protocol):
-    """A grammar driving one request (see `plait.backends.constraint`)."""
-
-    def mask(self) -> torch.Tensor: ...
-
-    def forced(self) -> list[int]: ...
-
-    def advance(self, token_ids: list[int]) -> None: ...
-
-    def is_finished(self) -> bool: ...
 
 
 @dataclass
@@ -126,6 +114,14 @@ class Scheduler:
         elif not request.params.greedy:
             request._generator = torch.Generator().manual_seed(random.getrandbits(63))
         request.pending = list(request.prompt_ids)
+        if request.constraint is not None:
+            # what the grammar forces before anything is sampled joins the prompt's prefill
+            forced = request.constraint.forced()
+            if forced:
+                request.constraint.advance(forced)
+                request.pending += forced
+                request.token_ids = list(forced)
+                request.usage.forced_tokens = len(forced)
         if self.prefix_cache is not None:
             request.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
         request.usage.prompt_tokens = len(request.prompt_ids)
@@ -257,10 +253,18 @@ class Scheduler:
     def _decode_run(self, slots: list[int]) -> None:
         rows = [self.rows[s] for s in slots]
         ids = torch.tensor([[r.pending[0]] for r in rows], device=self.device)
-        logits = self._forward(slots[0], rows, ids)
+        logits = self._forward(slots[0], rows, ids)[:, -1]
+        constraints = [r.constraint for r in rows]
+        if any(c is not None for c in constraints):  # all masks of the batch in one call
+            try:
+                apply_masks(logits, constraints)
+            except PlaitError as exc:
+                for row in rows:
+                    if row.constraint is not None:
+                        self._finish(row, "error", exc, release=False)
         for i, row in enumerate(rows):
             self._consumed(row, 1)
-            self._next_token(row, logits[i, -1])
+            self._next_token(row, logits[i], masked=True)
 
     def _forward(self, first_slot: int, rows: list[Request], ids: torch.Tensor) -> torch.Tensor:
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
@@ -273,12 +277,13 @@ class Scheduler:
         row.cached += count
         del row.pending[:count]
 
-    def _next_token(self, row: Request, logits: torch.Tensor) -> None:
+    def _next_token(self, row: Request, logits: torch.Tensor, masked: bool = False) -> None:
+        """Sample a row's next token from its last logits (already grammar-masked if `masked`)."""
         if row.finish_reason is not None:
             return
         constraint = row.constraint
         try:
-            if constraint is not None:
+            if constraint is not None and not masked:
                 mask = constraint.mask().to(logits.device)
                 logits = logits[: mask.shape[0]].masked_fill(~mask, float("-inf"))
             token = sample(logits, row.params, row._generator)
