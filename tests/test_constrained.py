@@ -30,7 +30,7 @@ from plait.backends.constraint import (
     grammar_spec_from_request,
 )
 from plait.backends.vocab import vocabulary_for
-from plait.modules.grammar import GrammarOptions, chat_grammar, json_grammar
+from plait.modules.grammar import GrammarOptions, chat_grammar, json_grammar, parse_tool_call, tool_call_grammar
 from tests.constrained_fixtures import drive, smollm2_tokenizer
 
 TOKENIZER = smollm2_tokenizer()
@@ -224,6 +224,15 @@ def test_budget_counts_only_inside_its_span():
         assert constraint.budget_closes == 1  # the 40 digits after the span are never cut
 
 
+def test_a_budget_with_no_open_text_starts_at_once():
+    """A thinking budget: `<think>` is in the prompt, the output starts inside the span."""
+    spec = GrammarSpec.lark('start: /[a-z ]+/ "</think>" /[0-9]{3}/', [FieldBudget("", 4, "</think>")])
+    constraint = compile_constraint(spec, TOKENIZER)
+    run = drive(constraint, TOKENIZER, seed=1, structural=0.0)
+    assert constraint.budget_closes == 1 and run.text(TOKENIZER).count("</think>") == 1
+    assert tokens_between([*TOKENIZER.encode("<s>"), *run.ids], b"<s>", b"</think>") <= 4 + 3
+
+
 def test_stop_token_only_where_the_grammar_may_end():
     constraint = compile_constraint(GrammarSpec.regex("[0-9]+"), TOKENIZER)
     assert not constraint.mask()[EOS]
@@ -284,7 +293,7 @@ def test_bad_specs_raise_grammar_error():
     with pytest.raises(GrammarError):
         GrammarSpec.from_json({"kind": "ebnf", "source": "x"})
     with pytest.raises(GrammarError):
-        FieldBudget("", 3, "x")
+        FieldBudget("<a>", 3, "")
 
 
 def test_unschematisable_output_type_raises_grammar_error():
@@ -320,3 +329,55 @@ def test_compiled_grammars_are_cached_per_spec():
     a, b = compile_constraint(spec, TOKENIZER), compile_constraint(spec, TOKENIZER)
     a.advance(TOKENIZER.encode("a"))  # copies do not share state
     assert b.mask()[TOKENIZER.encode("a")[0]] and not a.mask()[TOKENIZER.encode("a")[0]]
+
+
+# ---- native function calling ---------------------------------------------------------------------------
+
+TOOLS = [
+    {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 30},
+                                         "limit": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["query"], "additionalProperties": False}}},
+    {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                   "required": ["a", "b"]}},
+]
+
+
+SCHEMAS = {"search": TOOLS[0]["function"]["parameters"], "add": TOOLS[1]["parameters"]}
+
+
+def test_required_tool_calls_validate_against_their_schemas():
+    import jsonschema
+
+    spec = tool_call_grammar(TOOLS, required=True)
+    names = set()
+    for seed in range(12):
+        run = drive(compile_constraint(spec, TOKENIZER), TOKENIZER, seed)
+        assert run.finished
+        name, arguments = parse_tool_call(run.text(TOKENIZER))
+        jsonschema.validate(arguments, SCHEMAS[name])
+        names.add(name)
+    assert names == {"search", "add"}
+
+
+def test_auto_tool_choice_allows_text_or_a_valid_call():
+    import jsonschema
+
+    spec = tool_call_grammar(TOOLS)
+    mask = compile_constraint(spec, TOKENIZER).mask()
+    brace, word = TOKENIZER.encode("{")[0], TOKENIZER.encode("Hello")[0]
+    assert mask[brace] and mask[word] and not mask[TOKENIZER.encode(" ")[0]]
+    for seed in range(6):
+        constraint = compile_constraint(spec, TOKENIZER)
+        constraint.advance([brace])  # the model opens a call: it must finish a valid one
+        run = drive(constraint, TOKENIZER, seed)
+        name, arguments = parse_tool_call("{" + run.text(TOKENIZER))
+        jsonschema.validate(arguments, SCHEMAS[name])
+    assert parse_tool_call("Hello there") is None
+
+
+def test_tool_call_grammar_errors():
+    with pytest.raises(GrammarError):
+        tool_call_grammar([])
+    with pytest.raises(GrammarError):
+        tool_call_grammar(TOOLS, allowed=("missing",))

@@ -69,7 +69,9 @@ class FieldBudget:
     """A token budget for a free-text span that starts with `open` and ends with `close`.
 
     `max_tokens` tokens after `open`, the constraint waits up to `grace` tokens for one that
-    contains `boundary` (so a sentence is not cut mid-line), then forces `close`.
+    contains `boundary` (so a sentence is not cut mid-line), then forces `close`. An empty
+    `open` opens the span at the start of the output (a thinking budget whose `<think>` is
+    already in the prompt, closed by `</think>`).
     """
 
     open: str
@@ -79,8 +81,8 @@ class FieldBudget:
     boundary: str = "\n"
 
     def __post_init__(self) -> None:
-        if not self.open or not self.close:
-            raise GrammarError("a field budget needs non-empty open and close texts")
+        if not self.close:
+            raise GrammarError("a field budget needs a non-empty close text")
         if self.max_tokens < 0 or self.grace < 0:
             raise GrammarError("field budget token counts must be >= 0")
 
@@ -336,6 +338,9 @@ class TokenConstraint:
         self._span: _OpenSpan | None = None
         self._closes: dict[str, list[int]] = {}
         self._longest_marker = max((len(m.encode()) for b in spec.budgets for m in (b.open, b.close)), default=0)
+        at_start = [b for b in spec.budgets if not b.open]
+        if at_start:
+            self._span = _OpenSpan(at_start[0], 0)
         self.budget_closes = 0  # how many spans were forced closed by their budget
 
     # ---- the engine's four calls ------------------------------------------------------------
@@ -416,6 +421,8 @@ class TokenConstraint:
             self._span, self._scan_from = None, at
         best: tuple[int, FieldBudget] | None = None
         for budget in self.spec.budgets:
+            if not budget.open:
+                continue
             at = self._output.find(budget.open.encode(), max(self._scan_from, recent))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, budget)
