@@ -305,3 +305,18 @@ def test_every_call_is_traced_to_the_store(client, runtime, store):
     completion = store.traces(program="openai:completions", limit=1)[0]
     assert completion.inputs["prompt"] == "Hello" and completion.completion_tokens == 2
     assert completion.request_id.startswith("cmpl-") and runtime.traces.dropped == 0
+
+
+def test_leaving_a_stream_cancels_its_generation(client, runtime, store):
+    scheduler = runtime.models[MODEL].engine.scheduler
+    steps = scheduler.steps
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 256, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["object"] == "text_completion"
+    deadline = time.monotonic() + 30
+    while (scheduler.rows or client.get("/healthz").json()["inflight"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.rows and scheduler.steps - steps < 128  # stopped long before 256 tokens
+    assert runtime.traces.flush()
+    assert store.traces(program="openai:completions", limit=1)[0].status == "cancelled"

@@ -28,10 +28,26 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+class ListStore:
+    """Stands in for `plait.store.Store`: keeps traces in a list."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def record_trace(self, program, inputs, outputs, latency_ms, status, tokens=0, **fields) -> int:
+        self.rows.append(
+            {"program": program, "inputs": inputs, "outputs": outputs, "status": status, **fields}
+        )
+        return len(self.rows)
+
+
 def serve(**settings) -> ServerThread:
-    runtime = ServeRuntime(ServeConfig(**{"api_keys": (KEY,), **settings}))
+    store = ListStore()
+    runtime = ServeRuntime(ServeConfig(**{"api_keys": (KEY,), **settings}), store=store)
     runtime.add_program(ServedProgram("sleep", Sleeper(), lm=None))
-    return ServerThread(create_app(runtime))
+    server = ServerThread(create_app(runtime))
+    server.runtime, server.store = runtime, store
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +146,8 @@ def test_admission_gate_answers_503_at_once_when_full(client, server):
         t.join()
     assert results == [200, 200]
     assert client.post("/v1/programs/sleep", json={"seconds": 0}).status_code == 200  # slots came back
+    assert server.runtime.traces.flush()
+    assert "503" in [row["status"] for row in server.store.rows]  # refusals are traced too
 
 
 def test_slow_calls_get_504_and_program_failures_500(client):

@@ -111,7 +111,7 @@ async def _call_program(runtime: ServeRuntime, call: _ProgramCall) -> JSONRespon
         finally:
             runtime.gate.leave()
 
-    runtime.gate.enter()
+    _admit(runtime, call)
     try:
         result = await runtime.pool.run(work, runtime.config.request_timeout)
     except Exception as exc:
@@ -119,8 +119,16 @@ async def _call_program(runtime: ServeRuntime, call: _ProgramCall) -> JSONRespon
     return JSONResponse(call.succeeded(result))
 
 
+def _admit(runtime: ServeRuntime, call: _ProgramCall) -> None:
+    """Take an admission slot; a refused call (503) is traced too: overload should be visible."""
+    try:
+        runtime.gate.enter()
+    except ApiError as exc:
+        raise call.failed(exc) from None
+
+
 def _stream_program(runtime: ServeRuntime, call: _ProgramCall) -> StreamingResponse:
-    runtime.gate.enter()
+    _admit(runtime, call)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -3,6 +3,7 @@
     plait serve sentiment.json --port 8000 --api-key "$KEY"
     plait serve qa=rag.json sentiment.json --host 0.0.0.0 --api-key "$KEY" --rate-limit 5
     plait serve --model smollm2-135m            # OpenAI-compatible endpoints only
+    plait serve rag.json --remote-url http://gpu:8000/v1 --remote-model nvidia/NVIDIA-Nemotron-Nano-9B-v2
 
 `add_commands(subparsers)` adds the command to plait's CLI. Everything is loaded before the
 port is bound, so a server that accepts connections can answer them; bad settings (a public
@@ -88,6 +89,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="DSPy adapter for programs (auto: the artifact's, else constrained when the "
         "engine decodes under grammars)",
     )
+    p.add_argument(
+        "--remote-url",
+        default=None,
+        metavar="URL",
+        help="run the programs' LM calls on this OpenAI-compatible server (.../v1) instead of a local engine",
+    )
+    p.add_argument(
+        "--remote-model",
+        default=None,
+        help="the model name the remote server serves (default: each artifact's model)",
+    )
+    p.add_argument(
+        "--remote-dialect",
+        default="auto",
+        choices=["auto", "plait", "vllm", "vllm-legacy", "sglang", "openai"],
+        help="how the remote server takes grammars (default: ask it)",
+    )
     p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
@@ -156,13 +174,29 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
         program_options["max_tokens"] = args.max_tokens
     try:
         for name, path in specs:
-            runtime.load_artifact(path, name, adapter=args.adapter, lm_options=program_options)
+            lm = _remote_lm(args, path, config) if args.remote_url else None
+            runtime.load_artifact(path, name, adapter=args.adapter, lm_options=program_options, lm=lm)
         for model in args.model:
             runtime.load_model(model, lm_options)
     except BaseException:
         runtime.close()
         raise
     return runtime
+
+
+def _remote_lm(args: argparse.Namespace, path: Path, config: ServeConfig) -> Any:
+    """The LM for an artifact's program when `--remote-url` sends its calls to another server
+    (its key, if any, from `PLAIT_REMOTE_API_KEY`)."""
+    from plait.backends.remote import remote_lm
+    from plait.compilers.artifact import read_artifact
+
+    model = args.remote_model or read_artifact(path)["model"]
+    options: dict[str, Any] = {"cache": config.dspy_cache}
+    if args.max_tokens:
+        options["max_tokens"] = args.max_tokens
+    return remote_lm(
+        args.remote_url, model, api_key_env="PLAIT_REMOTE_API_KEY", dialect=args.remote_dialect, **options
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -308,7 +308,15 @@ class _Call:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    # ---- accounting ------------------------------------------------------------------------------
+    # ---- accounting ---------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Take an admission slot; a refused call (503) is traced too: overload should be visible."""
+        try:
+            self.runtime.gate.enter()
+        except ApiError as exc:
+            self.record("rejected", exc.message)
+            raise
+
     def record(self, status: str, error: str | None = None) -> None:
         runtime = self.runtime
         usage = _usage(self.choices) if self.choices else {"prompt_tokens": 0, "completion_tokens": 0}
@@ -351,7 +359,7 @@ async def _answer(runtime: ServeRuntime, call: _Call) -> JSONResponse:
         finally:
             runtime.gate.leave()
 
-    runtime.gate.enter()
+    call.admit()
     try:
         return JSONResponse(await runtime.pool.run(work, runtime.config.request_timeout + _GRACE))
     except Exception as exc:  # answered here: an unhandled error would also be logged as a crash
@@ -362,7 +370,7 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
     if call.body.n != 1 or len(call._prompt_texts()) != 1:
         raise ApiError(400, "streaming answers one prompt with n=1", code="unsupported_parameter")
     include_usage = bool((call.body.stream_options or {}).get("include_usage"))
-    runtime.gate.enter()
+    call.admit()
     try:
         await runtime.pool.run(lambda: call.submit(stream=True), runtime.config.request_timeout)
     except BaseException as exc:

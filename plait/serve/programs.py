@@ -10,7 +10,8 @@
 - **calling** it in the caller's thread under `dspy.context(lm=..., adapter=...)`, so many
   programs (and many calls of one program) run side by side on the server's worker threads,
   each with its own settings, while the one shared engine batches their LM calls.
-- **streaming** it with `dspy.streamify` and one `StreamListener` per output field.
+- **streaming** it with `dspy.streamify`, its output fields split as they are generated
+  (`plait.serve.fields`).
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from typing import Any
 
 import dspy
 import pydantic
-from dspy.adapters.chat_adapter import ChatAdapter
 from dspy.adapters.json_adapter import JSONAdapter
+from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 from dspy.streaming.messages import StatusMessage, StreamResponse
 
 from plait.serve.errors import ApiError
+from plait.serve.fields import FieldSplitter
 
 log = logging.getLogger(__name__)
 
 #: Program names appear in URLs: keep them simple.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-ADAPTERS = ("auto", "chat", "json", "constrained", "constrained-json")
+#: Adapter names, as `plait compile --adapter` spells them.
+ADAPTERS = ("auto", "constrained", "chat", "json")
 
 
 @dataclass(frozen=True)
@@ -166,36 +169,25 @@ def usage_tokens(prediction: Any) -> tuple[int, int]:
 
 
 def make_adapter(choice: str, lm: Any, meta: dict[str, Any]) -> Any:
-    """The adapter a program is served with.
+    """The adapter a program is served with: the same choice `plait compile`/`eval` make
+    (`plait.compilers.runtime.select_adapter`), so a program is served as it was scored.
 
-    `auto`: what the artifact says it was compiled with (`extra["adapter"]`), else plait's
-    constrained adapter when the LM decodes under grammars (answers always parse), else
-    DSPy's default.
+    `auto`: the artifact's `extra["adapter"]` when it records one, else plait's constrained
+    adapter when the LM decodes under grammars (answers always parse), else DSPy's ChatAdapter.
     """
-    if choice not in ADAPTERS:
-        raise ApiError(400, f"unknown adapter {choice!r} (one of {', '.join(ADAPTERS)})")
-    if choice == "auto":
-        choice = str(meta.get("adapter") or "auto")
-        if choice not in ADAPTERS or choice == "auto":
-            from plait.modules.adapter import accepts_grammar
+    from plait.compilers.runtime import select_adapter
 
-            choice = "constrained" if accepts_grammar(lm) else "chat"
-    if choice == "chat":
-        return ChatAdapter()
-    if choice == "json":
-        return JSONAdapter()
-    from plait.modules.adapter import ConstrainedAdapter, ConstrainedJSONAdapter
-
-    return ConstrainedAdapter() if choice == "constrained" else ConstrainedJSONAdapter()
+    if choice == "auto" and meta.get("adapter") in ADAPTERS:
+        choice = str(meta["adapter"])
+    return select_adapter(lm, choice)
 
 
 class _FieldListener(StreamListener):
-    """A `StreamListener` that also follows plait's constrained adapters.
+    """DSPy's `StreamListener` for JSON-format answers, plait's JSON adapter included.
 
-    DSPy's listeners recognise adapters by class name; `ConstrainedAdapter` writes exactly
-    ChatAdapter's format (and `ConstrainedJSONAdapter` JSONAdapter's), so the listener parses
-    the stream as the base format. Only the listener sees the base adapter: the program keeps
-    its own.
+    DSPy's listeners recognise adapters by class name; `ConstrainedJSONAdapter` writes exactly
+    JSONAdapter's format, so the listener parses the stream as JSONAdapter's. Only the listener
+    sees the base adapter: the program keeps its own.
     """
 
     def __init__(self, *args: Any, stream_adapter: Any = None, **kwargs: Any):
@@ -209,13 +201,6 @@ class _FieldListener(StreamListener):
     def finalize(self) -> Any:
         with dspy.context(adapter=self.stream_adapter):
             return super().finalize()
-
-
-def _stream_format(adapter: Any) -> Any:
-    """The DSPy adapter whose format `adapter` writes (for stream parsing)."""
-    if isinstance(adapter, JSONAdapter):
-        return JSONAdapter()
-    return ChatAdapter()
 
 
 class ServedProgram:
@@ -325,16 +310,26 @@ class ServedProgram:
 
     async def stream(self, inputs: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """(event, data) pairs: `field` chunks as output fields are generated, `status`
-        messages, and finally one `prediction` with a `CallResult`."""
-        stream_adapter = _stream_format(self.adapter)
-        listeners = [
-            _FieldListener(spec.name, predict=predictor, predict_name=name, stream_adapter=stream_adapter)
-            for name, predictor in self.program.named_predictors()
-            for spec in [s for s in self.outputs if s.predictor == name]
-        ]
+        messages, and finally one `prediction` with a `CallResult`.
+
+        ChatAdapter-format answers (plait's `ConstrainedAdapter` included) are split by
+        `FieldSplitter`, which does not depend on how the text is chunked; JSON-format answers
+        go through DSPy's own `StreamListener`s.
+        """
+        predictors = {
+            id(p): (name, list(p.signature.output_fields)) for name, p in self.program.named_predictors()
+        }
+        listeners = []
+        if isinstance(self.adapter, JSONAdapter):
+            listeners = [
+                _FieldListener(field_name, predict=predictor, predict_name=name, stream_adapter=JSONAdapter())
+                for name, predictor in self.program.named_predictors()
+                for field_name in predictor.signature.output_fields
+            ]
         streamer = dspy.streamify(
             self.program, stream_listeners=listeners, include_final_prediction_in_output_stream=True
         )
+        splitters: dict[int, FieldSplitter] = {}
         started = time.perf_counter()
         with self._context():
             async for value in streamer(**inputs):
@@ -348,6 +343,24 @@ class ServedProgram:
                             "last": bool(value.is_last_chunk),
                         },
                     )
+                elif isinstance(value, EngineChunk) and value.get("predict_id") in predictors:
+                    name, fields = predictors[value["predict_id"]]
+                    splitter = splitters.setdefault(value["predict_id"], FieldSplitter(fields))
+                    choice = (value.get("choices") or [{}])[0]
+                    chunks = splitter.feed((choice.get("delta") or {}).get("content") or "")
+                    if choice.get("finish_reason"):  # the end of this LM call
+                        chunks += splitter.finish()
+                        del splitters[value["predict_id"]]
+                    for chunk in chunks:
+                        yield (
+                            "field",
+                            {
+                                "predictor": name,
+                                "field": chunk.field,
+                                "chunk": chunk.chunk,
+                                "last": chunk.last,
+                            },
+                        )
                 elif isinstance(value, StatusMessage):
                     yield "status", {"message": value.message}
                 elif isinstance(value, dspy.Prediction):

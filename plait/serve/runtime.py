@@ -111,22 +111,32 @@ class ServeRuntime:
         *,
         adapter: str = "auto",
         lm_options: dict[str, Any] | None = None,
+        lm: Any = None,
     ) -> ServedProgram:
-        """Load a compiled artifact, give it an LM on its model, and serve it as `name`."""
+        """Load a compiled artifact, give it an LM on its model, and serve it as `name`.
+
+        `lm` replaces the local engine for the artifact's model: e.g. `remote_lm(...)` keeps
+        the programs on this machine and sends their LM calls to a GPU server.
+        """
         import plait
         from plait.compilers.artifact import load_artifact
 
         loaded = load_artifact(path)
-        lm = plait.LM(loaded.model, cache=self.config.dspy_cache, **(lm_options or {}))
-        engine = getattr(getattr(lm, "engine", None), "engine", None)  # local LMs: the shared engine
-        if engine is not None:
-            self.add_model(loaded.model, engine)
+        model = loaded.model
+        if lm is None:
+            lm = plait.LM(loaded.model, cache=self.config.dspy_cache, **(lm_options or {}))
+            engine = getattr(getattr(lm, "engine", None), "engine", None)  # the shared local engine
+            if engine is not None:
+                self.add_model(loaded.model, engine)
+        else:
+            model = str(getattr(lm, "model", model))
         program = ServedProgram(
             name or program_name(path),
             loaded.program,
             lm,
             adapter=make_adapter(adapter, lm, loaded.meta),
             artifact=loaded,
+            model=model,
         )
         self.add_program(program)
         log.info("serving %s (%s on %s) from %s", program.name, loaded.program_path, loaded.model, path)
