@@ -227,3 +227,43 @@ def test_remote_errors_are_typed(server):
     closed = remote_lm("http://127.0.0.1:9/v1", MODEL, dialect="plait", cache=False, num_retries=0)
     with pytest.raises(dspy.LMError):
         closed("hi")
+
+
+def test_programs_served_here_with_the_model_on_another_server(server, tmp_path, monkeypatch):
+    """Scale-out: `plait serve topic.json --remote-url ...` keeps the program on this machine and
+    sends its LM calls (with their grammars) to the model server; fields still stream."""
+    import argparse
+
+    from plait.serve.commands import add_commands, build_runtime, config_from_args
+    from tests.serve_fixtures import save_program
+
+    artifact = save_program(tmp_path / "topic.json", TopicProgram(), "tests.serve_fixtures:TopicProgram")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "serve",
+            f"topic={artifact}",
+            "--remote-url",
+            f"{server.url}/v1",
+            "--adapter",
+            "constrained",
+            "--no-traces",
+            "--max-tokens",
+            "24",
+        ]
+    )
+    monkeypatch.setenv("PLAIT_REMOTE_API_KEY", API_KEY)
+    monkeypatch.delenv("PLAIT_API_KEY", raising=False)
+    runtime = build_runtime(args, config_from_args(args))
+    assert runtime.models == {} and runtime.programs["topic"].model == f"remote/{MODEL}"
+    with ServerThread(create_app(runtime)) as front, httpx.Client(base_url=front.url, timeout=120) as client:
+        answer = client.post("/v1/programs/topic", json={"headline": "Striker scores twice in derby"}).json()
+        assert answer["outputs"]["topic"] in TOPICS and answer["usage"]["completion_tokens"] > 0
+        with client.stream(
+            "POST", "/v1/programs/topic?stream=true", json={"headline": "Minister resigns"}
+        ) as r:
+            data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    chunks = "".join(d["chunk"] for d in data if "chunk" in d)
+    assert chunks.strip() == data[-1]["outputs"]["topic"] in TOPICS  # streamed under ConstrainedAdapter
+    runtime.close()
