@@ -7,14 +7,10 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable
-
 from plait.errors import PlaitError
 
-Handler = Callable[[argparse.Namespace], int | None]
-
 # Each part of plait adds its own subcommands (`add_commands(subparsers)`).
-COMMAND_MODULES = ("plait.retrievers.commands",)
+COMMAND_MODULES = ("plait.retrievers.commands", "plait.compilers.commands", "plait.serve.commands")
 
 
 def _models(args: argparse.Namespace) -> None:
