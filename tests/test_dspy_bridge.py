@@ -115,3 +115,10 @@ def test_identical_requests_in_flight_are_computed_once(lm, smollm):
     assert unseeded[0] is not unseeded[1]  # sampled candidates (n>1) are never merged
     for h in seeded + unseeded:
         h.wait()
+
+
+def test_an_url_makes_a_remote_lm():
+    remote = plait.LM("http://127.0.0.1:9/v1", model="smollm2-135m")
+    assert isinstance(remote, dspy.LM) and type(remote.engine).__name__ == "RemoteEngine"
+    with pytest.raises(ValueError, match="model"):
+        plait.LM("http://127.0.0.1:9/v1")

@@ -159,18 +159,27 @@ class AsyncPlaitEngine:
         return cls(PlaitEngine.load_state(state))
 
 
-def LM(model: str = "smollm2-135m", *, device: str = "cpu", dtype: str | None = None,
+def LM(name_or_path: str = "smollm2-135m", *, device: str = "cpu", dtype: str | None = None,
        max_batch_size: int = 32, **defaults: Any) -> dspy.LM:
     """A ready `dspy.LM` running on plait's local engine.
 
     `defaults` are DSPy's LM settings (temperature, max_tokens, cache, num_retries, ...).
+    `LM("http://host:port/v1", model="...")` runs on an OpenAI-compatible server instead
+    (vLLM, SGLang, NIM or `plait serve`): see `plait.backends.remote.remote_lm`.
     """
+    if name_or_path.startswith(("http://", "https://")):
+        from plait.backends.remote import remote_lm
+
+        served = defaults.pop("model", None)
+        if served is None:
+            raise ValueError("a remote LM needs the served model's name: plait.LM(url, model=...)")
+        return remote_lm(name_or_path, served, **defaults)
     from plait.backends.registry import resolve
 
-    model_id, _ = resolve(model)
+    model_id, _ = resolve(name_or_path)
     options = {"device": device, "max_batch_size": max_batch_size}
     if dtype is not None:
         options["dtype"] = dtype
-    engine = PlaitEngine(model, options)
+    engine = PlaitEngine(name_or_path, options)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
     return dspy.LM(f"plait/{model_id}", engine=engine, async_engine=AsyncPlaitEngine(engine), **defaults)
