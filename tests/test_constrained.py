@@ -224,6 +224,17 @@ def test_budget_counts_only_inside_its_span():
         assert constraint.budget_closes == 1  # the 40 digits after the span are never cut
 
 
+def test_runaway_json_and_numbers_are_ended_at_their_budget():
+    """Without the structural bias, random tokens almost never close a string or stop a
+    number: the value budgets end them (unwinding `"`, `]`, `}`) so the answer still parses."""
+    signature = dspy.Signature("question -> items: list[str], score: float, info: dict[str, list[str]]")
+    spec = chat_grammar(signature, GrammarOptions(value_tokens=12, number_tokens=5))
+    for seed in range(4):
+        run = drive(compile_constraint(spec, TOKENIZER), TOKENIZER, seed, max_tokens=400, structural=0.0)
+        assert run.finished and run.sampled <= 3 * (12 + 3) + 5 + 3
+        validate_outputs(signature, dspy.ChatAdapter().parse(signature, run.text(TOKENIZER)))
+
+
 def test_a_budget_with_no_open_text_starts_at_once():
     """A thinking budget: `<think>` is in the prompt, the output starts inside the span."""
     spec = GrammarSpec.lark('start: /[a-z ]+/ "</think>" /[0-9]{3}/', [FieldBudget("", 4, "</think>")])

@@ -72,6 +72,10 @@ class FieldBudget:
     contains `boundary` (so a sentence is not cut mid-line), then forces `close`. An empty
     `open` opens the span at the start of the output (a thinking budget whose `<think>` is
     already in the prompt, closed by `</think>`).
+
+    Where the grammar does not allow `close` yet (inside a JSON value), the `unwind` texts are
+    tried in order, as many as the grammar accepts (e.g. `"`, `]`, `}` end the open string,
+    array, object), until `close` fits: a runaway number or string still ends.
     """
 
     open: str
@@ -79,6 +83,7 @@ class FieldBudget:
     close: str
     grace: int = 0
     boundary: str = "\n"
+    unwind: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.close:
@@ -87,14 +92,18 @@ class FieldBudget:
             raise GrammarError("field budget token counts must be >= 0")
 
     def to_json(self) -> dict[str, Any]:
-        return {"open": self.open, "max_tokens": self.max_tokens, "close": self.close,
-                "grace": self.grace, "boundary": self.boundary}
+        out = {"open": self.open, "max_tokens": self.max_tokens, "close": self.close,
+               "grace": self.grace, "boundary": self.boundary}
+        if self.unwind:
+            out["unwind"] = list(self.unwind)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FieldBudget":
         try:
             return cls(str(data["open"]), int(data["max_tokens"]), str(data["close"]),
-                       int(data.get("grace", 0)), str(data.get("boundary", "\n")))
+                       int(data.get("grace", 0)), str(data.get("boundary", "\n")),
+                       tuple(str(u) for u in data.get("unwind", ())))
         except (KeyError, TypeError, ValueError) as exc:
             raise GrammarError(f"bad field budget {data!r}: {exc}") from exc
 
@@ -358,13 +367,12 @@ class TokenConstraint:
         """
         if self._matcher.is_stopped():
             return []
-        close = self._budget_close()
-        if close:
-            self._matcher.consume_tokens(close)
-            after = self._matcher.compute_ff_tokens()
-            self._matcher.rollback(len(close))
-            return close + after
-        return self._matcher.compute_ff_tokens()
+        taken = self._budget_close()
+        if not taken:
+            return self._matcher.compute_ff_tokens()
+        after = self._matcher.compute_ff_tokens()
+        self._matcher.rollback(len(taken))
+        return taken + after
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Consume sampled or forced tokens. Raises `GrammarViolationError` on a rejected one."""
@@ -432,21 +440,37 @@ class TokenConstraint:
             self._scan_from = start
 
     def _budget_close(self) -> list[int]:
+        """When the open span's budget is spent: its close (after unwinding what must end
+        first), consumed into the matcher; the caller rolls it back. [] when not due."""
         span = self._span
         if span is None or span.spent < span.budget.max_tokens:
             return []
         if not span.at_boundary and span.overtime < span.budget.grace and span.spent > 0:
             return []
         budget = span.budget
-        tokens = self._closes.get(budget.close)
+        taken: list[int] = []
+        # The grammar may refuse everything here (mid UTF-8 character, mid number exponent):
+        # then sample on and try again after the next token.
+        for _ in range(_MAX_UNWIND):
+            step = next((t for t in (self._text_tokens(x) for x in (budget.close, *budget.unwind))
+                         if self._matcher.validate_tokens(t) == len(t)), None)
+            if step is None:
+                break
+            self._matcher.consume_tokens(step)
+            taken += step
+            if step == self._text_tokens(budget.close):
+                self.budget_closes += 1
+                break
+        return taken
+
+    def _text_tokens(self, text: str) -> list[int]:
+        tokens = self._closes.get(text)
         if tokens is None:
-            tokens = self._closes[budget.close] = self._compiled.bridge(budget.close)
-        # The grammar may refuse the close here (mid UTF-8 character, or the span already
-        # closing itself): then sample on and try again after the next token.
-        if self._matcher.validate_tokens(tokens) != len(tokens):
-            return []
-        self.budget_closes += 1
-        return list(tokens)
+            tokens = self._closes[text] = self._compiled.bridge(text)
+        return tokens
+
+
+_MAX_UNWIND = 32
 
 
 # ---- batches ----------------------------------------------------------------------------------

@@ -64,10 +64,12 @@ REASONING_FIELDS = frozenset({"reasoning"})
 
 @dataclass(frozen=True)
 class GrammarOptions:
-    """Token budgets for free-text fields.
+    """Token budgets of the fields whose length the grammar alone does not bound.
 
     `text_tokens` bounds an ordinary str field, `reasoning_tokens` the reasoning field; at the
     budget the field closes at the next newline, or after `grace_tokens` more tokens.
+    `number_tokens` bounds an int/float value (a model can write `1.0000…` forever) and
+    `value_tokens` a JSON value; past those the value is ended as soon as the grammar allows.
     `field_tokens` overrides per field name. When `max_tokens` (the request's limit) is
     given, budgets shrink so that the whole answer fits in it.
     """
@@ -77,6 +79,8 @@ class GrammarOptions:
     grace_tokens: int = 32
     field_tokens: tuple[tuple[str, int], ...] = ()
     max_tokens: int | None = None
+    number_tokens: int = 24
+    value_tokens: int = 192
 
 
 # ---- annotations --------------------------------------------------------------------------------
@@ -255,26 +259,46 @@ def react_tool_schemas(signature: type[Signature]) -> dict[str, dict[str, Any]] 
     return schemas
 
 
-def _text_limits(fields: list[_Field], options: GrammarOptions) -> dict[str, int]:
-    """Token budget of each free-text field, shrunk to fit `options.max_tokens` if given."""
+def _is_finite(annotation: Any) -> bool:
+    """bool, Enum and Literal values are a fixed set of short spellings: no budget needed."""
+    return (annotation is bool or get_origin(annotation) is Literal
+            or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)))
+
+
+def _is_number(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return annotation in (int, float)
+
+
+def _field_limits(fields: list[_Field], options: GrammarOptions) -> dict[str, int]:
+    """Token budget of each field that needs one, shrunk to fit `options.max_tokens`."""
     overrides = dict(options.field_tokens)
 
     def wanted(f: _Field) -> int:
         if f.name in overrides:
             return overrides[f.name]
-        reasoning = f.name in REASONING_FIELDS or f.info.annotation is Reasoning
-        return options.reasoning_tokens if reasoning else options.text_tokens
+        if f.text:
+            reasoning = f.name in REASONING_FIELDS or f.info.annotation is Reasoning
+            return options.reasoning_tokens if reasoning else options.text_tokens
+        return options.number_tokens if _is_number(f.info.annotation) else options.value_tokens
 
-    text = [f for f in fields if f.text]
-    limits = {f.name: wanted(f) for f in text}
-    if options.max_tokens is not None and text:
-        # Markers cost ~12 tokens a field; a typed value rarely needs more than 64.
-        structure = 12 * (len(fields) + 1) + 64 * (len(fields) - len(text))
-        room = max(options.max_tokens - structure - options.grace_tokens * len(text), 8 * len(text))
+    open_ended = [f for f in fields if not _is_finite(f.info.annotation)]
+    limits = {f.name: wanted(f) for f in open_ended}
+    if options.max_tokens is not None and limits:
+        # Markers cost ~12 tokens a field, a finite value ~8.
+        structure = 12 * (len(fields) + 1) + 8 * (len(fields) - len(open_ended))
+        grace = options.grace_tokens * sum(1 for f in open_ended if f.text)
+        room = max(options.max_tokens - structure - grace, 8 * len(limits))
         total = sum(limits.values())
         if total > room:
             limits = {n: max(8, room * v // total) for n, v in limits.items()}
     return limits
+
+
+#: Once a JSON value's budget is spent, these end what is open (string, array, object).
+JSON_UNWIND = ('"', "]", "}")
 
 
 def chat_grammar(signature: type[Signature], options: GrammarOptions = GrammarOptions()) -> GrammarSpec:
@@ -309,8 +333,11 @@ def _chat_grammar(signature: type[Signature], options: GrammarOptions) -> Gramma
         items, after_text = _sequence(builder, fields, False, True)
     items.append(lark_string(_marker("completed", after_text, False).rstrip("\n")))
     lines = ["start: " + " ".join(items), *builder.rules, f"TEXT: /{_TEXT_REGEX}/"]
-    budgets = tuple(FieldBudget(_marker(name, False, True), limit, TEXT_CLOSE, grace=options.grace_tokens)
-                    for name, limit in _text_limits(fields, options).items())
+    text = {f.name for f in fields if f.text}
+    budgets = tuple(
+        FieldBudget(_marker(name, False, True), limit, TEXT_CLOSE, grace=options.grace_tokens)
+        if name in text else FieldBudget(_marker(name, False, True), limit, TEXT_CLOSE, unwind=JSON_UNWIND)
+        for name, limit in _field_limits(fields, options).items())
     return GrammarSpec.lark("\n".join(lines) + "\n", budgets)
 
 
@@ -340,8 +367,9 @@ def _json_grammar(signature: type[Signature], options: GrammarOptions) -> Gramma
     schema["additionalProperties"] = False
     schema["required"] = list(fields)
     # A JSON string closes with its quote; there is no newline to wait for inside one.
-    limits = _text_limits([_Field(n, info, is_text(info.annotation)) for n, info in fields.items()], options)
-    budgets = tuple(FieldBudget(f'"{name}": "', limit, '"') for name, limit in limits.items())
+    all_fields = [_Field(n, info, is_text(info.annotation)) for n, info in fields.items()]
+    limits = _field_limits(all_fields, options)
+    budgets = tuple(FieldBudget(f'"{f.name}": "', limits[f.name], '"') for f in all_fields if f.text)
     return GrammarSpec("json_schema", schema, budgets)
 
 
