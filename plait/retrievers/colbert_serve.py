@@ -97,6 +97,7 @@ class ColBERTServe:
 
     def warmup(self) -> None:
         """Run one query through every stage (compiles the BM25 scorer, touches the encoder)."""
+        self.store.bm25.warmup()
         for stage in STAGES:
             self.search_hits(["warmup"], k=1, stage=stage)
 

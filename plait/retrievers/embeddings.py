@@ -69,5 +69,6 @@ def as_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
 def as_torch(rows: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored rows (already copied out of the map) as a tensor ready for the MaxSim product."""
     if dtype == "float16":
-        return torch.from_numpy(rows.astype(np.float32))
+        # torch's fp16->fp32 cast is about twice as fast as numpy's astype on this path.
+        return torch.from_numpy(rows).float()
     return torch.from_numpy(rows).view(torch.bfloat16)

@@ -140,11 +140,18 @@ class BM25Stage:
             )
         except (OSError, ValueError, json.JSONDecodeError) as exc:
             raise IndexCorruptError(f"cannot load the BM25 index in {index_dir / BM25_DIR}: {exc}") from exc
+        # bm25s keeps a set of every term id for its own tokenizer path; we never use it.
+        self.model.unique_token_ids_set = None
         self.vocab: dict[str, int] = self.model.vocab_dict
         self.num_docs = int(self.model.scores["num_docs"])
         self._lock = threading.Lock()
         self._jit = _jit_scorer() if use_numba else None
         self._jit_ready = False
+
+    def warmup(self) -> None:
+        """Compile the numba scorer now rather than inside the first real query."""
+        if self.vocab:
+            self._score(np.asarray([next(iter(self.vocab.values()))], dtype=np.int32))
 
     def term_ids(self, query: str) -> np.ndarray:
         ids = [self.vocab[t] for t in analyze(query, self.stem) if t in self.vocab]

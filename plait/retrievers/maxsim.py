@@ -2,9 +2,10 @@
 
 score(q, d) = sum over query tokens i of max over document tokens j of <q_i, d_j>.
 
-Candidates' rows are copied out of the memory map in blocks of at most `block_tokens` rows,
-so scoring 1,000 long documents never materialises more than a few MB; only the pages of the
-candidates are touched, which is what keeps the serving process's private memory small.
+Candidates' rows are copied out of the memory map in blocks of at most `block_tokens` rows
+(8192 x 384 fp32 = 12 MB), so scoring 1,000 long documents never materialises more than that;
+only the pages of the candidates are touched, and the small transient blocks keep the serving
+process's private memory (RssAnon) low even with many concurrent queries.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def maxsim(
     doc_offsets: np.ndarray,
     docs: np.ndarray,
     dtype: str,
-    block_tokens: int = 32768,
+    block_tokens: int = 8192,
 ) -> np.ndarray:
     """float32 MaxSim score for each document index in `docs` (in the same order)."""
     docs = np.asarray(docs, dtype=np.int64)
