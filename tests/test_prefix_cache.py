@@ -112,3 +112,17 @@ def test_eviction_under_a_tiny_budget_keeps_results_right(hybrid):
         assert engine.prefix_cache.nbytes <= 40_000
     finally:
         engine.close()
+
+
+def test_prompts_of_constrained_requests_are_cached_too(smollm):
+    from plait.backends.constraint import compile_constraint
+
+    cached = Engine(smollm.model, smollm.tokenizer, "prefix-constrained", "llama", prefix_cache=True)
+    try:
+        for question in QUESTIONS[:2]:
+            constraint = compile_constraint(["yes", "no"], smollm.tokenizer, smollm.info.vocab_size)
+            result = cached.generate(_prompt(smollm, question), max_tokens=4, constraint=constraint)
+            assert result.text in ("yes", "no")
+        assert result.usage.cached_tokens >= 64  # the second prompt resumed from the first's blocks
+    finally:
+        cached.close()

@@ -214,9 +214,9 @@ class Scheduler:
                 chunk = row.pending[: self._pass_length(row)]
                 logits = self._forward(slot, [row], torch.tensor([chunk], device=self.device))
                 self._consumed(row, len(chunk))
-                if row.cached <= len(row.prompt_ids):
-                    if self.prefix_cache is not None:
-                        self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
+                computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
+                if self.prefix_cache is not None and computed_prompt:
+                    self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
                 if not row.pending:
                     self._next_token(row, logits[0, -1])
         # decode: every row with exactly one pending token, per contiguous run of slots
