@@ -167,7 +167,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(server):
-    return remote_lm(f"{server.url}/v1", MODEL, api_key=API_KEY, cache=False, max_tokens=24, temperature=0)
+    import plait
+
+    lm = plait.LM(f"{server.url}/v1", model=MODEL, api_key=API_KEY, cache=False, max_tokens=24, temperature=0)
+    assert isinstance(lm.engine, RemoteEngine)  # plait.LM dispatches URLs to the remote engine
+    return lm
 
 
 def _request(lm, text: str, **config) -> Request:

@@ -320,3 +320,76 @@ def test_leaving_a_stream_cancels_its_generation(client, runtime, store):
     assert not scheduler.rows and scheduler.steps - steps < 128  # stopped long before 256 tokens
     assert runtime.traces.flush()
     assert store.traces(program="openai:completions", limit=1)[0].status == "cancelled"
+
+
+@pytest.mark.slow
+def test_plait_serve_command_serves_an_artifact_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from plait.store import Store
+
+    artifact = save_program(tmp_path / "topic.json", TopicProgram(), "tests.serve_fixtures:TopicProgram")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    database = f"sqlite:///{tmp_path / 'plait.db'}"
+    env = {**os.environ, "PLAIT_API_KEY": API_KEY, "PLAIT_DATABASE_URL": database}
+    command = [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "serve",
+        f"headlines={artifact}",
+        "--port",
+        str(port),
+        "--max-tokens",
+        "24",
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "plait serve did not come up"
+            time.sleep(0.5)
+        answer = httpx.post(
+            f"{url}/v1/programs/headlines",
+            json={"headline": "Team wins the cup final"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=120,
+        )
+        assert answer.status_code == 200 and answer.json()["outputs"]["topic"] in TOPICS
+        assert httpx.post(f"{url}/v1/programs/headlines", json={"headline": "x"}).status_code == 401
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    stderr = server.stderr.read()
+    assert code == 0, stderr
+    assert "serving 1 program(s) ['headlines']" in stderr
+    store = Store.open(database)
+    assert [t.status for t in store.traces(program="headlines")] == ["ok"]  # written before exit
+    store.close()

@@ -224,7 +224,8 @@ class _Call:
             return None
         from plait.backends.constraint import compile_constraint
 
-        return compile_constraint(self.spec, self.model.engine.tokenizer)
+        engine = self.model.engine  # masks as wide as the logits
+        return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size)
 
     def cancel(self) -> None:
         for choice in self.choices:
