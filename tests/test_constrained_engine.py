@@ -84,3 +84,57 @@ def test_forced_spans_cut_forward_passes(smollm, data_dir):
     usage = _generate(smollm, signature, inputs).usage
     assert usage.forced_tokens > usage.sampled_tokens
     assert usage.forward_passes < 0.6 * usage.completion_tokens
+
+
+# ---- the whole DSPy path: plait.LM + ConstrainedAdapter --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plait_lm(smollm):
+    from plait.backends.dspy_engine import LM
+
+    lm = LM("smollm2-135m", cache=False, max_tokens=256, temperature=0.7)
+    lm.engine._engine = smollm  # share the session's loaded engine instead of loading a second copy
+    return lm
+
+
+def test_dspy_predict_and_chain_of_thought_parse_first_try(plait_lm, data_dir):
+    from plait.modules.adapter import ConstrainedAdapter
+
+    classify = dspy.Predict("text -> sentiment: Literal['negative', 'positive'], confidence: float")
+    solve = dspy.ChainOfThought("question -> answer: int")
+    with dspy.context(lm=plait_lm, adapter=ConstrainedAdapter(reasoning_tokens=64)):
+        for row in _rows(data_dir, "sst2", 3):
+            out = classify(text=row["text"])
+            assert out.sentiment in ("negative", "positive") and isinstance(out.confidence, float)
+        for row in _rows(data_dir, "gsm8k", 2):
+            out = solve(question=row["question"])
+            assert isinstance(out.answer, int) and isinstance(out.reasoning, str)
+    assert len(plait_lm.history) == 5  # one call each: no JSON fallback
+
+
+def test_react_with_two_tools_completes_and_tool_calls_validate(plait_lm):
+    import jsonschema
+
+    from plait.modules.adapter import ConstrainedAdapter
+    from plait.modules.grammar import react_tool_schemas
+
+    def lookup_capital(country: str) -> str:
+        """Return the capital city of a country."""
+        return {"france": "Paris", "japan": "Tokyo"}.get(country.lower(), "unknown")
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    react = dspy.ReAct("question -> answer", tools=[lookup_capital, multiply], max_iters=3)
+    schemas = react_tool_schemas(react.react.signature)
+    with dspy.context(lm=plait_lm, adapter=ConstrainedAdapter(text_tokens=48)):
+        for question in ["What is the capital of France?", "What is 6 times 7?"]:
+            out = react(question=question)
+            assert isinstance(out.answer, str) and out.answer
+            for key, value in out.trajectory.items():
+                if key.startswith("tool_name"):
+                    jsonschema.validate(out.trajectory[key.replace("name", "args")], schemas[value])
+                if key.startswith("observation"):
+                    assert "Execution error" not in str(value)

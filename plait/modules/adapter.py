@@ -28,10 +28,8 @@ from dspy.signatures.signature import Signature
 from dspy.utils.callback import BaseCallback
 
 from plait.backends.constraint import EXTENSION_KEY, GrammarError, GrammarSpec
+from plait.backends.dspy_engine import DEFAULT_MAX_TOKENS
 from plait.modules.grammar import GrammarOptions, chat_grammar, json_grammar
-
-#: What the engine assumes when a call sets no max_tokens (plait.backends.dspy_engine).
-DEFAULT_MAX_TOKENS = 512
 
 
 def accepts_grammar(lm: BaseLM) -> bool:
@@ -87,18 +85,23 @@ class ConstrainedAdapter(_GrammarMixin, ChatAdapter):
         reasoning_tokens: token budget of ChainOfThought's `reasoning` field.
         grace_tokens: after a budget is spent, how many more tokens may be used to reach the
             end of a line before the field is closed.
+        number_tokens, value_tokens: budgets of an int/float value and of a JSON value, past
+            which the value is ended as soon as its grammar allows.
         field_tokens: per-field budgets, by output field name.
         require_grammar_engine: refuse LMs that cannot decode under a grammar (default), rather
             than silently sending unconstrained calls.
     """
 
     def __init__(self, callbacks: list[BaseCallback] | None = None, *, text_tokens: int = 256,
-                 reasoning_tokens: int = 512, grace_tokens: int = 32,
-                 field_tokens: dict[str, int] | None = None, require_grammar_engine: bool = True):
+                 reasoning_tokens: int = 512, grace_tokens: int = 32, number_tokens: int = 24,
+                 value_tokens: int = 192, field_tokens: dict[str, int] | None = None,
+                 require_grammar_engine: bool = True):
         super().__init__(callbacks=callbacks, use_native_function_calling=False,
                          use_json_adapter_fallback=False)
-        self.grammar_options = GrammarOptions(text_tokens, reasoning_tokens, grace_tokens,
-                                              tuple(sorted((field_tokens or {}).items())))
+        self.grammar_options = GrammarOptions(
+            text_tokens=text_tokens, reasoning_tokens=reasoning_tokens, grace_tokens=grace_tokens,
+            field_tokens=tuple(sorted((field_tokens or {}).items())), number_tokens=number_tokens,
+            value_tokens=value_tokens)
         self.require_grammar_engine = require_grammar_engine
 
     def _grammar(self, signature: type[Signature], options: GrammarOptions) -> GrammarSpec:
@@ -113,8 +116,9 @@ class ConstrainedJSONAdapter(_GrammarMixin, JSONAdapter):
                  reasoning_tokens: int = 512, field_tokens: dict[str, int] | None = None,
                  require_grammar_engine: bool = True):
         super().__init__(callbacks=callbacks, use_native_function_calling=False)
-        self.grammar_options = GrammarOptions(text_tokens, reasoning_tokens, 0,
-                                              tuple(sorted((field_tokens or {}).items())))
+        self.grammar_options = GrammarOptions(
+            text_tokens=text_tokens, reasoning_tokens=reasoning_tokens, grace_tokens=0,
+            field_tokens=tuple(sorted((field_tokens or {}).items())))
         self.require_grammar_engine = require_grammar_engine
 
     def _prepare_response_format(self, lm: BaseLM, lm_kwargs: dict[str, Any], signature: type[Signature]) -> None:
