@@ -392,3 +392,18 @@ def test_tool_call_grammar_errors():
         tool_call_grammar([])
     with pytest.raises(GrammarError):
         tool_call_grammar(TOOLS, allowed=("missing",))
+
+
+def test_batched_masks_accept_wrapped_constraints():
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def mask(self):
+            return self.inner.mask()
+
+    inner = compile_constraint(["yes", "no"], TOKENIZER)
+    logits = torch.zeros(2, TOKENIZER.vocab_size + 8)
+    apply_masks(logits, [Wrapped(inner), compile_constraint(["yes", "no"], TOKENIZER)])
+    assert torch.equal(logits[0] > float("-inf"), logits[1] > float("-inf"))
+    assert torch.equal((logits[0] > float("-inf"))[: TOKENIZER.vocab_size], inner.mask())

@@ -484,29 +484,33 @@ def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | No
 
     One call for a whole decode batch: the masks are computed in parallel by llguidance
     (outside the GIL) into one bitmask, expanded on the logits' device. Rows whose constraint
-    is None are left alone; columns past a constraint's vocabulary are disallowed.
+    is None are left alone; columns past a constraint's vocabulary are disallowed. Any other
+    object with the engine's four calls (a wrapper, a test double) is masked through `mask()`.
     """
     global _executor
-    rows = [(i, c) for i, c in enumerate(constraints) if c is not None]
+    vocab = logits.shape[-1]
+    rows = [(i, c) for i, c in enumerate(constraints) if isinstance(c, TokenConstraint)]
+    for i, c in enumerate(constraints):
+        if c is not None and not isinstance(c, TokenConstraint):
+            mask = c.mask().to(logits.device)[:vocab]
+            logits[i, : mask.shape[0]] = logits[i, : mask.shape[0]].masked_fill(~mask, float("-inf"))
+            logits[i, mask.shape[0]:] = float("-inf")
     if not rows:
         return
     width = max(c.vocab_size for _, c in rows)
-    words = np.zeros((len(constraints), (width + 31) // 32), dtype=np.int32)
+    words = np.zeros((len(rows), (width + 31) // 32), dtype=np.int32)
     if len(rows) == 1:
-        i, c = rows[0]
-        c.fill_bitmask_into(words[i])
+        rows[0][1].fill_bitmask_into(words[0])
     else:
         if _executor is None:
             _executor = llg.LLExecutor(num_threads=2)
-        _executor.unsafe_compute_mask_ptr([(c._matcher, i) for i, c in rows], words.ctypes.data,
+        _executor.unsafe_compute_mask_ptr([(c._matcher, k) for k, (_, c) in enumerate(rows)], words.ctypes.data,
                                           words.shape[1] * 4, words.shape[0])
         for _, c in rows:
             c._check()
     packed = torch.from_numpy(words).to(logits.device)
-    bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(constraints), -1)
-    vocab = logits.shape[-1]
+    bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(rows), -1)
     if bits.shape[1] < vocab:
         bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
     index = torch.tensor([i for i, _ in rows], device=logits.device)
-    allowed = bits[index, :vocab]
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    logits[index] = logits[index].masked_fill(~bits[:, :vocab], float("-inf"))
