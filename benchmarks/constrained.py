@@ -98,9 +98,8 @@ class Timed:
 
     def forced(self) -> list[int]:
         start = time.perf_counter()
-        closes = self.inner.budget_closes
         forced = self.inner.forced()
-        if not self.jump_forward and self.inner.budget_closes == closes:
+        if not self.jump_forward and not self.inner.proposed_budget_close:
             forced = []
         self.seconds += time.perf_counter() - start
         return forced

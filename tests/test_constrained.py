@@ -203,7 +203,7 @@ def tokens_between(ids: list[int], start: bytes, end: bytes) -> int:
 
 
 def test_free_text_budget_closes_at_a_newline_within_grace():
-    signature = dspy.Signature("question -> reasoning: str, answer: int")
+    signature = dspy.Signature("question -> reasoning: str, answer: bool")
     spec = chat_grammar(signature, GrammarOptions(reasoning_tokens=10, grace_tokens=5))
     for seed in range(5):
         constraint = compile_constraint(spec, TOKENIZER)

@@ -350,7 +350,8 @@ class TokenConstraint:
         at_start = [b for b in spec.budgets if not b.open]
         if at_start:
             self._span = _OpenSpan(at_start[0], 0)
-        self.budget_closes = 0  # how many spans were forced closed by their budget
+        self.budget_closes = 0  # spans that ended after their budget ran out
+        self.proposed_budget_close = False  # whether the last forced() span is a budget's close
 
     # ---- the engine's four calls ------------------------------------------------------------
     def mask(self) -> torch.Tensor:
@@ -365,9 +366,11 @@ class TokenConstraint:
 
         When a budgeted span has run out, this is the span's close text plus what follows it.
         """
+        self.proposed_budget_close = False
         if self._matcher.is_stopped():
             return []
         taken = self._budget_close()
+        self.proposed_budget_close = bool(taken)
         if not taken:
             return self._matcher.compute_ff_tokens()
         after = self._matcher.compute_ff_tokens()
@@ -426,6 +429,7 @@ class TokenConstraint:
             at = self._output.find(span.budget.close.encode(), max(span.start, recent))
             if at == -1:
                 return
+            self.budget_closes += span.spent > span.budget.max_tokens
             self._span, self._scan_from = None, at
         best: tuple[int, FieldBudget] | None = None
         for budget in self.spec.budgets:
@@ -459,7 +463,6 @@ class TokenConstraint:
             self._matcher.consume_tokens(step)
             taken += step
             if step == self._text_tokens(budget.close):
-                self.budget_closes += 1
                 break
         return taken
 
