@@ -148,8 +148,13 @@ def rss_anon() -> int:
 
 
 def memory_probe(index: str, in_memory: bool, queries_file: str, n: int, threads: int) -> None:
-    """Run in a fresh subprocess: baseline after loading the encoder, then open + serve queries."""
+    """Run in a fresh subprocess: baseline after loading the encoder, then open + serve queries.
+
+    Set up like `plait index serve` (same malloc setting), since this stands in for it."""
     torch.set_num_threads(threads)
+    from plait.retrievers.memory import return_large_buffers_to_os
+
+    return_large_buffers_to_os()
     from plait.retrievers.encoder import ColBERTEncoder
 
     enc = ColBERTEncoder.load()

@@ -331,3 +331,20 @@ def test_cli_bad_input_raises_plait_errors(tmp_path, index_dir, argv):
     argv = [a.format(idx=index_dir, missing=tmp_path / "missing") for a in argv]
     with pytest.raises(PlaitError):
         _cli(argv)
+
+
+def test_bm25_scores_equal_bm25s_for_both_scorers(index_dir):
+    """Our numpy column sum (and the numba path) reproduce bm25s's own scoring exactly."""
+    import bm25s
+
+    from plait.retrievers.lexical import BM25Stage
+
+    ref = bm25s.BM25.load(str(index_dir / "bm25"), mmap=True, show_progress=False)
+    numpy_stage = BM25Stage(index_dir, stem=True, use_numba=False)
+    numba_stage = BM25Stage(index_dir, stem=True, use_numba=True)
+    for query in [*EXPECTED_TOP1, "hamlet hamlet tragedy", "nothing-matches zzz"]:
+        ids = numpy_stage.term_ids(query)
+        want = ref.get_scores_from_ids(ids) if len(ids) else np.zeros(len(TINY_CORPUS), np.float32)
+        np.testing.assert_allclose(numpy_stage.scores(query), want, rtol=1e-6)
+        np.testing.assert_allclose(numba_stage.scores(query), want, rtol=1e-6)
+    assert numpy_stage.scores("hamlet").argmax() == 0

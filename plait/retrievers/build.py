@@ -138,8 +138,25 @@ def _unique_ids(docs: Iterable[Document]) -> Iterable[Document]:
         yield doc
 
 
-def _write_index(tmp, corpus, encoder, encoder_path, projection, dtype, num_centroids, kmeans_sample,
-                 kmeans_iterations, k1, b, stem, chunk_size, batch_size, seed, progress) -> dict:
+def _write_index(
+    tmp: Path,
+    corpus: str | Path | Iterable[Document],
+    encoder: ColBERTEncoder,
+    encoder_path: str | None,
+    projection: np.ndarray | None,
+    dtype: str,
+    num_centroids: int | None,
+    kmeans_sample: int,
+    kmeans_iterations: int,
+    k1: float,
+    b: float,
+    stem: bool,
+    chunk_size: int,
+    batch_size: int,
+    seed: int,
+    progress: ProgressFn | None,
+) -> dict:
+    """Write every index file into `tmp`; returns the manifest fields (with a `files` list)."""
     docs = iter_corpus(corpus) if isinstance(corpus, str | Path) else _unique_ids(corpus)
     emb_file = emb.file_name(dtype)
     writer = emb.EmbeddingWriter(tmp / emb_file, encoder.dim, dtype)

@@ -154,6 +154,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise BadQueryError(f"--port must be in 1..65535, got {args.port}")
     _threads(args.threads)
+    from plait.retrievers.memory import return_large_buffers_to_os
+
+    return_large_buffers_to_os()  # a long-lived server: keep RssAnon at what it really uses
     rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage)
     rm.warmup()
     print(f"serving {args.index} ({rm.num_docs} docs) on http://{args.host}:{args.port}", file=sys.stderr)
