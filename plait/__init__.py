@@ -20,12 +20,17 @@ _EXPORTS = {
     "PlaitEngine": "plait.backends.dspy_engine",
     "Engine": "plait.backends.engine",
     "GenerationResult": "plait.backends.engine",
+    "ConstrainedAdapter": "plait.modules.adapter",
+    "ConstrainedJSONAdapter": "plait.modules.adapter",
 }
+_SUBPACKAGES = ("backends", "modules", "retrievers", "compilers", "pipelines", "serve", "store")
 
-__all__ = [*_EXPORTS, "PlaitError", "__version__"]
+__all__ = [*_EXPORTS, *_SUBPACKAGES, "PlaitError", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"plait.{name}")
     raise AttributeError(f"module 'plait' has no attribute {name!r}")
