@@ -53,11 +53,10 @@ def typed_program() -> None:
     import dspy
 
     import plait as pl
-    from plait.modules.adapter import ConstrainedAdapter
 
     step("2. A typed DSPy program, decoded under a grammar")
     lm = pl.LM("smollm2-135m", cache=False)
-    dspy.configure(lm=lm, adapter=ConstrainedAdapter())
+    dspy.configure(lm=lm, adapter=pl.ConstrainedAdapter())
     classify = dspy.Predict("text -> sentiment: Literal['negative', 'positive'], confidence: float")
     for text in ["a gorgeous, witty film", "a tedious, joyless slog"]:
         result = classify(text=text)
