@@ -95,8 +95,15 @@ def _z(x):
 
 
 # ------------------------------------------------------------------------------- latency
-def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_client: int, k: int = 10):
-    """Per-query wall times (ms) with `clients` threads each issuing `per_client` queries."""
+def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_client: int, k: int = 10,
+            answers: dict | None = None):
+    """Per-query wall times (ms) with `clients` threads each issuing `per_client` queries.
+
+    Every result is recorded in `answers` (query -> [(id, score)]); a query already there
+    must get the same ranking (scores within 1e-4), else it counts as a wrong result.
+    Returns (times, throughput, wrong results)."""
+    answers = {} if answers is None else answers
+    wrong = 0
     times: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
@@ -105,12 +112,20 @@ def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_cl
         mine = [texts[(c * per_client + i) % len(texts)] for i in range(per_client)]
         local = []
         barrier.wait()
+        got = []
         for q in mine:
             t = time.perf_counter()
-            rm(q, k=k, stage=stage)
+            hits = rm(q, k=k, stage=stage)
             local.append((time.perf_counter() - t) * 1000)
+            got.append((q, [(p.id, p.score) for p in hits]))
+        nonlocal wrong
         with lock:
             times.extend(local)
+            for q, ranking in got:
+                want = answers.setdefault(q, ranking)
+                if [d for d, _ in want] != [d for d, _ in ranking] or not np.allclose(
+                        [s for _, s in want], [s for _, s in ranking], atol=1e-4):
+                    wrong += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
@@ -119,7 +134,7 @@ def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_cl
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return times, len(times) / wall
+    return times, len(times) / wall, wrong
 
 
 # -------------------------------------------------------------------------------- memory
@@ -214,6 +229,8 @@ def main() -> None:
     ap.add_argument("--query-settings", default=None,
                     help='with --tune: JSON overrides of the query encoder settings, e.g. {"augment_queries": true}')
     ap.add_argument("--bf16", action="store_true", help="also measure a bf16 copy of the index")
+    ap.add_argument("--sections", default="quality,latency,bf16,memory",
+                    help="comma-separated subset of quality,latency,bf16,memory")
     ap.add_argument("--latency-queries", type=int, default=160, help="queries per latency measurement")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--queries-file", help=argparse.SUPPRESS)
@@ -260,28 +277,34 @@ def main() -> None:
           f"on {args.threads} threads")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine: other jobs skew latency)")
 
-    print(f"\n== quality on SciFact test ({len(test_queries)} queries with qrels)")
-    quality = {}
-    for stage in ("bm25", "late", "hybrid"):
-        t = time.perf_counter()
-        quality[stage] = evaluate(rm, test_queries, qrels, stage)
-        print(f"{stage:>7}: nDCG@10 {quality[stage][0]:.4f}  Recall@100 {quality[stage][1]:.4f}  "
-              f"({time.perf_counter() - t:.1f}s)")
-    print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
+    sections = set(args.sections.split(","))
+    if "quality" in sections:
+        print(f"\n== quality on SciFact test ({len(test_queries)} queries with qrels)")
+        quality = {}
+        for stage in ("bm25", "late", "hybrid"):
+            t = time.perf_counter()
+            quality[stage] = evaluate(rm, test_queries, qrels, stage)
+            print(f"{stage:>7}: nDCG@10 {quality[stage][0]:.4f}  Recall@100 {quality[stage][1]:.4f}  "
+                  f"({time.perf_counter() - t:.1f}s)")
+        print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
 
     texts = [t for _, t in test_queries]
-    print(f"\n== latency (ms, k=10, {args.latency_queries} queries per row, threads share one index)")
-    lat = {}
-    for stage in ("bm25", "late", "hybrid"):
+    lat: dict = {}
+    if "latency" in sections or "bf16" in sections:
+        print(f"\n== latency (ms, k=10, {args.latency_queries} queries per row, threads share one index)")
+        for stage in ("bm25", "late", "hybrid"):
+            answers: dict = {}  # the 1-client run's answers are the reference for the 16-client run
+            for clients in (1, 16):
+                times, qps, wrong = latency(rm, texts, stage, clients, max(1, args.latency_queries // clients),
+                                            answers=answers)
+                lat[(stage, clients)] = statistics.median(times)
+                print(f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
+                      f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s  wrong results {wrong}/{len(times)}")
         for clients in (1, 16):
-            times, qps = latency(rm, texts, stage, clients, max(1, args.latency_queries // clients))
-            lat[(stage, clients)] = statistics.median(times)
-            print(f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
-                  f"  throughput {qps:7.1f} q/s")
-    for clients in (1, 16):
-        print(f"hybrid/bm25 p50 ratio at {clients} client(s): {lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x")
+            print(f"hybrid/bm25 p50 ratio at {clients} client(s): "
+                  f"{lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x")
 
-    if args.bf16:
+    if args.bf16 and "bf16" in sections:
         bf = to_bf16_copy(index, index.parent / (index.name + "-bf16"))
         rmb = ColBERTServe.open(bf)
         rmb.warmup()
@@ -290,11 +313,13 @@ def main() -> None:
             n10, r100 = evaluate(rmb, test_queries, qrels, stage)
             print(f"{stage:>7}: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}")
         for clients in (1, 16):
-            times, qps = latency(rmb, texts, "hybrid", clients, max(1, args.latency_queries // clients))
+            times, qps, _ = latency(rmb, texts, "hybrid", clients, max(1, args.latency_queries // clients))
             print(f" hybrid clients={clients:>2}: p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
                   f"  throughput {qps:7.1f} q/s; p50 vs bm25 {statistics.median(times) / lat[('bm25', clients)]:.1f}x")
         rmb.close()
     rm.close()
+    if "memory" not in sections:
+        return
 
     print("\n== serving-process memory (fresh subprocess; 200 hybrid queries after open)")
     qfile = data / "queries.jsonl"
