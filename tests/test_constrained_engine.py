@@ -129,7 +129,7 @@ def test_react_with_two_tools_completes_and_tool_calls_validate(plait_lm):
 
     react = dspy.ReAct("question -> answer", tools=[lookup_capital, multiply], max_iters=3)
     schemas = react_tool_schemas(react.react.signature)
-    with dspy.context(lm=plait_lm, adapter=ConstrainedAdapter(text_tokens=48)):
+    with dspy.context(lm=plait_lm, adapter=ConstrainedAdapter(text_tokens=24, reasoning_tokens=32)):
         for question in ["What is the capital of France?", "What is 6 times 7?"]:
             out = react(question=question)
             assert isinstance(out.answer, str) and out.answer
