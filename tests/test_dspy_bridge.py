@@ -122,3 +122,29 @@ def test_an_url_makes_a_remote_lm():
     assert isinstance(remote, dspy.LM) and type(remote.engine).__name__ == "RemoteEngine"
     with pytest.raises(ValueError, match="model"):
         plait.LM("http://127.0.0.1:9/v1")
+
+
+def test_native_tool_calls_validate_against_their_schemas(lm):
+    import jsonschema
+    from dspy.lm15 import FunctionTool, ToolChoice
+
+    weather = FunctionTool(name="get_weather", description="Current weather in a city",
+                           parameters={"type": "object", "properties": {
+                               "city": {"type": "string", "maxLength": 40},
+                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+                               "required": ["city", "unit"]})
+    add = FunctionTool(name="add", description="Add two integers",
+                       parameters={"type": "object", "properties": {"a": {"type": "integer"},
+                                                                    "b": {"type": "integer"}},
+                                   "required": ["a", "b"]})
+    request = Request(model=lm.model, messages=(Message.user("What is the weather in Paris?"),),
+                      tools=(weather, add), config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required")))
+    response = lm.engine.complete(request)
+    assert response.finish_reason == "tool_call"
+    call = response.message.parts[0]
+    schema = {"get_weather": weather.parameters, "add": add.parameters}[call.name]
+    jsonschema.validate(call.input, schema)
+    only_add = Request(model=lm.model, messages=(Message.user("What is 2 plus 3?"),), tools=(weather, add),
+                       config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required", allowed=("add",))))
+    call = lm.engine.complete(only_add).message.parts[0]
+    assert call.name == "add" and isinstance(call.input["a"], int) and isinstance(call.input["b"], int)

@@ -11,17 +11,20 @@ cache key, so two checkpoints never share cached answers.
 """
 
 import asyncio
+import json
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import dspy
-from dspy.lm15 import Message, Request, Response, TextPart, Usage
+from dspy.lm15 import Message, Request, Response, TextPart, ToolCallPart, ToolResultPart, Usage
 from dspy._vendor.lm15.types import StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta
 
-from plait.backends.constraint import compile_constraint, grammar_spec_from_request
+from plait.backends.constraint import GrammarSpec, compile_constraint, grammar_spec_from_request
 from plait.backends.engine import Engine
 from plait.backends.scheduler import Request as EngineRequest
+from plait.modules.grammar import parse_tool_call, tool_call_grammar
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -39,22 +42,55 @@ def shared_engine(model: str, **options: Any) -> Engine:
         return engine
 
 
+def _part_text(part: Any) -> str:
+    """Text of a message part; tool calls and results are rendered as the model sees them."""
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, ToolCallPart):
+        return json.dumps({"name": part.name, "arguments": part.input})
+    if isinstance(part, ToolResultPart):
+        return "".join(_part_text(p) for p in part.content)
+    return ""
+
+
+def _tools_note(tools: tuple) -> str:
+    """Tells the model which tools exist and how a call is written (the grammar enforces it)."""
+    lines = ["You can call these tools. To call one, answer with only a JSON object "
+             '{"name": <tool name>, "arguments": {...}}.']
+    for tool in tools:
+        lines.append(json.dumps({"name": tool.name, "description": tool.description,
+                                 "parameters": tool.parameters}))
+    return "\n".join(lines)
+
+
 def _messages(request: Request) -> list[dict]:
     messages = []
+    system = None
     if request.system is not None:
         system = request.system if isinstance(request.system, str) else "".join(
             getattr(p, "text", "") for p in request.system)
+    if request.tools:
+        system = f"{system}\n\n{_tools_note(request.tools)}" if system else _tools_note(request.tools)
+    if system is not None:
         messages.append({"role": "system", "content": system})
     for message in request.messages:
-        text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
-        messages.append({"role": message.role, "content": text})
+        messages.append({"role": message.role, "content": "".join(_part_text(p) for p in message.parts)})
     return messages
+
+
+def _grammar(request: Request) -> GrammarSpec | None:
+    """The request's grammar: a tool-call grammar when tools are offered, else what it asks for."""
+    choice = request.config.tool_choice
+    if request.tools and (choice is None or choice.mode != "none"):
+        return tool_call_grammar(request.tools, required=choice is not None and choice.mode == "required",
+                                 allowed=choice.allowed if choice is not None else ())
+    return grammar_spec_from_request(request)
 
 
 class PlaitEngine:
     """Synchronous DSPy engine over a local plait `Engine`."""
 
-    supports_function_calling = False
+    supports_function_calling = True  # tools offered in a Request are called under a schema grammar
     supports_reasoning = False
     supports_response_schema = True  # response_format JSON schemas are decoded under a grammar
     accepts_grammar = True  # ConstrainedAdapter's `plait_grammar` (plait.backends.constraint)
@@ -80,7 +116,7 @@ class PlaitEngine:
                         temperature=config.temperature if config.temperature is not None else 0.0,
                         top_p=config.top_p, top_k=config.top_k, seed=config.seed,
                         stop=tuple(config.stop) or None)
-        spec = grammar_spec_from_request(request)
+        spec = _grammar(request)
         constraint = None
         if spec is not None:
             constraint = compile_constraint(spec, self.engine.tokenizer, self.engine.info.vocab_size)
@@ -115,8 +151,15 @@ class PlaitEngine:
         return cls(state["model"], state.get("engine_options"))
 
     def _response(self, request: Request, handle: EngineRequest) -> Response:
+        finish = _finish(handle)
+        call = parse_tool_call(handle.text) if request.tools and finish == "stop" else None
+        if call is not None:
+            name, arguments = call
+            part = ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=name, input=arguments)
+            return Response(id=None, model=request.model, message=Message.assistant([part]),
+                            finish_reason="tool_call", usage=_usage(handle))
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(handle.text)]),
-                        finish_reason=_finish(handle), usage=_usage(handle))
+                        finish_reason=finish, usage=_usage(handle))
 
 
 def _finish(handle: EngineRequest) -> str:
