@@ -5,8 +5,10 @@ Every `PlaitError` (and every bad argument) ends as one line on stderr and exit 
 
 import argparse
 import importlib
+import json
 import os
 import sys
+from pathlib import Path
 from plait.errors import PlaitError
 
 # Each part of plait adds its own subcommands (`add_commands(subparsers)`).
@@ -31,10 +33,15 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.max_tokens < 1:
         raise PlaitError("--max-tokens must be at least 1")
+    spec = _grammar_spec(args)
     engine = Engine.load(args.model, dtype=args.dtype)
     prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    if spec is not None:
+        from plait.backends.constraint import compile_constraint
+
+        options["constraint"] = compile_constraint(spec, engine.tokenizer, engine.info.vocab_size)
     try:
         if args.stream:
             for piece in engine.stream(prompt, **options):
@@ -53,6 +60,28 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _grammar_spec(args: argparse.Namespace):
+    """The output constraint asked for on the command line, checked before the model loads."""
+    from plait.backends.constraint import GrammarSpec
+
+    given = [name for name in ("choice", "json_schema", "regex", "grammar") if getattr(args, name)]
+    if len(given) > 1:
+        raise PlaitError(f"use one of --choice, --json-schema, --regex, --grammar (got {', '.join(given)})")
+    if args.choice:
+        return GrammarSpec.choices(args.choice)
+    if args.regex:
+        return GrammarSpec.regex(args.regex)
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except json.JSONDecodeError as exc:
+            raise PlaitError(f"{args.json_schema} is not valid JSON: {exc}") from exc
+        return GrammarSpec.json_schema(schema)
+    if args.grammar:
+        return GrammarSpec.lark(Path(args.grammar).read_text())
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    constrain = p.add_argument_group("output constraints (one of)")
+    constrain.add_argument("--choice", action="append", help="allowed answer (repeatable)")
+    constrain.add_argument("--json-schema", metavar="FILE", help="JSON schema the answer must follow")
+    constrain.add_argument("--regex", help="regular expression the answer must match")
+    constrain.add_argument("--grammar", metavar="FILE", help="Lark grammar (llguidance dialect) of the answer")
     p.set_defaults(func=_generate)
 
     for module in COMMAND_MODULES:
@@ -91,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except (PlaitError, ValueError, OSError) as exc:
-        print(f"plait: error: {exc}", file=sys.stderr)
+        print(f"plait: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         return 130

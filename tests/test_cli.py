@@ -1,6 +1,8 @@
 """The `plait` command: real subprocesses, one-line errors with exit code 2."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -53,3 +55,28 @@ def test_corrupt_checkpoint_and_long_prompt(tmp_path):
     assert out.returncode == 2 and "GGUF" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run("generate", "--raw", "word " * 9000)
     assert out.returncode == 2 and "context window" in out.stderr
+
+
+def test_constrained_generation_flags(tmp_path):
+    schema = tmp_path / "user.schema.json"
+    schema.write_text('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, '
+                      '"age": {"type": "integer", "minimum": 0, "maximum": 120}}, '
+                      '"required": ["name", "age"], "additionalProperties": false}')
+    grammar = tmp_path / "expr.lark"
+    grammar.write_text('start: expr\nexpr: NUMBER ("+" NUMBER)*\nNUMBER: /[0-9]{1,3}/\n')
+    out = run("generate", "Is water wet?", "--choice", "yes", "--choice", "no")
+    assert out.returncode == 0 and out.stdout.strip() in {"yes", "no"}
+    out = run("generate", "A user record", "--json-schema", str(schema), "--max-tokens", "60")
+    record = json.loads(out.stdout)
+    assert set(record) == {"name", "age"} and 0 <= record["age"] <= 120
+    out = run("generate", "2+2=", "--regex", "[0-9]+", "--max-tokens", "5")
+    assert re.fullmatch(r"[0-9]+", out.stdout.strip())
+    out = run("generate", "Write a sum", "--grammar", str(grammar), "--max-tokens", "30")
+    assert re.fullmatch(r"[0-9]{1,3}(\+[0-9]{1,3})*", out.stdout.strip())
+
+
+@pytest.mark.parametrize("args", [("--regex", "["), ("--choice", "a", "--regex", "b"),
+                                  ("--json-schema", "/nonexistent.json")])
+def test_bad_constraints_are_one_line_errors(args):
+    out = run("generate", "x", *args)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
