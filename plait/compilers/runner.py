@@ -171,7 +171,8 @@ def compile_program(config: CompileConfig, store: Any, progress: Progress | None
 
         extra = {"run_id": run.id, "metric": config.metric, "optimizer": config.optimizer,
                  "score_before": before.score, "score_after": after.score, "devset": config.devset,
-                 "n_dev": len(devset), "n_train": len(trainset)}
+                 "n_dev": len(devset), "n_train": len(trainset), "adapter": config.adapter,
+                 "max_tokens": config.max_tokens}
         sha = save_artifact(compiled, config.out, program_path=config.program, model=config.model, extra=extra,
                             init=config.program_args)
         store.record_artifact(program_path=config.program, signature_hash=signature,
