@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -40,10 +41,14 @@ class KeywordEngine:
             self.calls += 1
             if self.crash_after is not None and self.calls > self.crash_after:
                 raise Crash(f"crash after {self.crash_after} calls")
-        text = "".join(p.text for p in request.messages[-1].parts if isinstance(p, TextPart)).lower()
-        question = text.rsplit("[[ ## text ## ]]", 1)[-1]
+        text = "".join(p.text for p in request.messages[-1].parts if isinstance(p, TextPart))
+        fields = re.findall(r"`\[\[ ## (\w+) ## \]\]`", text.rsplit("Respond with the corresponding", 1)[-1])
+        question = text.lower().rsplit("[[ ## text ## ]]", 1)[-1]
         label = "positive" if any(word in question for word in POSITIVE) else "negative"
-        answer = f"[[ ## label ## ]]\n{label}\n\n[[ ## completed ## ]]"
+        values = {"label": label, "reasoning": "Judging by its words."}
+        answer = "".join(f"[[ ## {name} ## ]]\n{values.get(name, 'Classify the sentiment of the sentence.')}\n\n"
+                         for name in [f for f in fields if f != "completed"] or ["label"])
+        answer += "[[ ## completed ## ]]"
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(answer)]),
                         finish_reason="stop", usage=Usage(input_tokens=len(text) // 4, output_tokens=9))
 

@@ -196,3 +196,29 @@ def test_evaluate_counts_parse_failures():
     examples = to_examples(Sentiment, [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
     report = evaluate(Sentiment(), examples, exact_match, lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
     assert report.parse_failures == 2 and report.score == 0.0 and all(r.error for r in report.results)
+
+
+@pytest.mark.parametrize("optimizer, args", [
+    ("labeled", {}), ("bootstrap", {}), ("random-search", {"num_candidate_programs": 1}),
+    ("simba", {"max_steps": 1, "bsize": 4}), ("gepa", {"max_metric_calls": 30}),
+    ("mipro", {"auto": None, "num_trials": 2, "num_candidates": 2}),
+])
+def test_every_optimizer_runs_and_replays_from_the_store(store, sst2, tmp_path, optimizer, args):
+    if optimizer == "mipro":
+        pytest.importorskip("optuna")
+    config = _config(sst2, tmp_path, optimizer=optimizer, optimizer_args=args)
+    first = compile_program(config, store, lm=keyword_lm())
+    assert store.get_run(first.run_id).status == "finished"
+    compiled = load_artifact(tmp_path / "out.json")
+    assert compiled.meta["optimizer"] == optimizer
+    engine = KeywordEngine()
+    again = compile_program(config, store, lm=keyword_lm(engine))
+    assert engine.calls == 0 and again.after.score == first.after.score  # all of it replayed
+    assert load_artifact(tmp_path / "out.json").program.dump_state() == compiled.program.dump_state()
+
+
+def test_an_optimizer_failure_is_one_plait_error(store, sst2, tmp_path):
+    with pytest.raises(OptimizerError, match="resume"):
+        compile_program(_config(sst2, tmp_path, optimizer="bootstrap", optimizer_args={"max_rounds": "x"}), store,
+                        lm=keyword_lm())
+    assert store.runs()[0].status == "failed"

@@ -225,8 +225,12 @@ def _optimize(config: CompileConfig, program: Any, trainset: list[Any], devset: 
     with dspy.context(lm=lm, adapter=adapter, callbacks=[recorder]):
         try:
             compiled = plan.optimizer.compile(program.deepcopy(), **plan.compile_kwargs)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise OptimizerError(f"{config.optimizer} failed: {type(exc).__name__}: {exc}") from exc
+        except OptimizerError:
+            raise
+        except Exception as exc:  # DSPy's optimizers raise anything; report it in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise OptimizerError(f"{config.optimizer} failed: {type(exc).__name__}: {first[:300]} "
+                                 f"(everything up to here is stored: re-run to resume)") from exc
     trials = recorder.next_number - 1
     progress.finish(phase, f"{trials} candidate evaluations" if trials else "done")
     return compiled, trials, plan.uses_devset
