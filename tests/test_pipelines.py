@@ -120,3 +120,42 @@ def test_every_pipeline_round_trips_through_an_artifact(tmp_path, program, init)
     loaded = load_artifact(path)
     assert loaded.program.dump_state() == compiled.dump_state()
     assert all(p.signature.instructions == "compiled instructions" for _, p in loaded.program.named_predictors())
+
+
+@pytest.mark.slow
+def test_pipelines_on_the_embedded_model_and_a_real_index(tmp_path, data_dir, monkeypatch):
+    """RAG, MultiHop, Math and Agent through `plait eval`'s runner on SmolLM2, with a ColBERT-serve
+    index of the HotPotQA paragraphs of the questions asked: every answer parses, retrieval finds
+    the questions' own paragraphs."""
+    from plait.compilers.runner import EvalConfig, evaluate_program
+    from plait.retrievers import build_index
+    from plait.store import Store
+
+    monkeypatch.delenv(ENV_INDEX, raising=False)
+    questions = _rows(data_dir, "hotpotqa", 2)
+    docs = [{"id": f"{q['id']}-{i}", "title": title, "text": "".join(sentences)}
+            for q in questions for i, (title, sentences) in enumerate(q["context"])]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    index = build_index(corpus, tmp_path / "idx")
+    (tmp_path / "hotpot.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(data_dir, "gsm8k", 1)))
+
+    store = Store.open(f"sqlite:///{tmp_path / 'runs.db'}")
+    cases = [("plait.pipelines.rag:RAG", "hotpot.jsonl", {"index": str(index), "k": 2}, "f1"),
+             ("plait.pipelines.multihop:MultiHop", "hotpot.jsonl", {"index": str(index), "hops": 2, "k": 1}, "f1"),
+             ("plait.pipelines.math:Math", "gsm8k.jsonl", {}, "accuracy"),
+             ("plait.pipelines.agent:Agent", "hotpot.jsonl", {"index": str(index), "max_iters": 2}, "f1")]
+    try:
+        for program, data, init, metric in cases:
+            config = EvalConfig(program=program, devset=str(tmp_path / data), metric=metric, limit=1 if
+                                "agent" in program else None, threads=2, max_tokens=192, program_args=init)
+            report = evaluate_program(config, store).report
+            assert report.parse_failures == 0 and report.errors == 0, (program, report.results)
+            prediction = report.results[0].prediction
+            assert prediction.get("answer") not in (None, ""), (program, prediction)
+            if "context" in prediction:
+                titles = {title for title, _ in questions[0]["context"]}
+                assert any(passage.split(" | ")[0] in titles for passage in prediction["context"])
+    finally:
+        store.close()
