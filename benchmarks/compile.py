@@ -8,7 +8,8 @@ pipeline, grammar-constrained adapter, greedy):
 
   * recording overhead — the dev set scored by `dspy.Evaluate` (the peer: nothing persisted)
     and by plait's `evaluate()` writing every LM call and per-example result to the store
-    (SQLite, WAL): the ratio is what persistence costs;
+    (SQLite, WAL): the ratio is what persistence costs. Both run with the engine's prefix
+    cache warm (one unreported pass first), alternating, best of two each;
   * resume — a bootstrap compile run from scratch, then the same command again: the second run
     finds the run in the store, reuses its per-example results and replays its recorded LM
     calls; the ratio is what a resumed (or repeated) compile costs against a fresh one.
@@ -70,23 +71,34 @@ def main() -> None:
 
     results: list[tuple[str, float, str]] = []
 
-    start = time.perf_counter()
-    peer = dspy.Evaluate(devset=devset, metric=exact_match, num_threads=args.threads, display_progress=False)
-    with dspy.context(lm=lm, adapter=adapter):
-        peer_score = peer(program).score
-    peer_s = time.perf_counter() - start
-    results.append(("dspy.Evaluate (nothing stored)", peer_s, f"score {peer_score:.1f}"))
+    def peer_pass() -> tuple[float, float]:
+        start = time.perf_counter()
+        with dspy.context(lm=lm, adapter=adapter):
+            score = dspy.Evaluate(devset=devset, metric=exact_match, num_threads=args.threads,
+                                  display_progress=False)(program).score
+        return time.perf_counter() - start, score
 
-    run, _ = store.start_run(kind="eval", key="bench-recorded", program_path="bench", signature_hash="-",
-                             config={})
-    meter = UsageMeter()
-    start = time.perf_counter()
-    report = evaluate(program, devset, exact_match, lm=recording_lm(lm, store, run.id, meter), adapter=adapter,
-                      threads=args.threads, meter=meter, store=store, run_id=run.id, phase="eval")
-    recorded_s = time.perf_counter() - start
-    results.append(("plait evaluate (every call + result stored)", recorded_s,
-                    f"score {report.score:.1f}, {store.lm_call_count(run.id)} LM calls stored, "
-                    f"ratio {recorded_s / peer_s:.2f}x"))
+    def plait_pass(round_: int) -> tuple[float, float, int]:
+        run, _ = store.start_run(kind="eval", key=f"bench-recorded-{round_}", program_path="bench",
+                                 signature_hash="-", config={})
+        meter = UsageMeter()
+        start = time.perf_counter()
+        report = evaluate(program, devset, exact_match, lm=recording_lm(lm, store, run.id, meter),
+                          adapter=adapter, threads=args.threads, meter=meter, store=store, run_id=run.id)
+        return time.perf_counter() - start, report.score, store.lm_call_count(run.id)
+
+    # The engine's prefix cache remembers prompts: one unreported pass warms it for both peers,
+    # then they alternate and each keeps its best time.
+    peer_pass()
+    peer_runs, plait_runs = [], []
+    for round_ in range(2):
+        peer_runs.append(peer_pass())
+        plait_runs.append(plait_pass(round_))
+    peer_s, peer_score = min(peer_runs)
+    plait_s, plait_score, stored = min(plait_runs)
+    results.append(("dspy.Evaluate (nothing stored)", peer_s, f"score {peer_score:.1f}"))
+    results.append(("plait evaluate (every call + result stored)", plait_s,
+                    f"score {plait_score:.1f}, {stored} LM calls stored, ratio {plait_s / peer_s:.2f}x"))
 
     config = CompileConfig(program="plait.pipelines.sentiment:Sentiment",
                            trainset=str(_write(train_rows, work / "train.jsonl")),
