@@ -107,15 +107,15 @@ def main() -> None:
     start = time.perf_counter()
     fresh = compile_program(config, store)
     fresh_s = time.perf_counter() - start
-    results.append(("compile, fresh run", fresh_s,
-                    f"{fresh.before.score:.1f} -> {fresh.after.score:.1f}, {fresh.usage.calls} LM calls, "
-                    f"forced share {100 * (fresh.usage.forced_share or 0):.0f}%"))
+    note = (f"{fresh.before.score:.1f} -> {fresh.after.score:.1f}, {fresh.usage.calls} LM calls, "
+            f"forced share {100 * (fresh.usage.forced_share or 0):.0f}%")
+    results.append(("compile, fresh run", fresh_s, note))
     start = time.perf_counter()
     again = compile_program(config, store)
     again_s = time.perf_counter() - start
-    results.append(("compile, same command again (resume)", again_s,
-                    f"{again.before.reused + again.after.reused} examples reused, {again.usage.replayed} calls "
-                    f"replayed, 0 generated; ratio {again_s / fresh_s:.3f}x"))
+    note = (f"{again.before.reused + again.after.reused} examples reused, {again.usage.replayed} calls "
+            f"replayed, 0 generated; ratio {again_s / fresh_s:.3f}x")
+    results.append(("compile, same command again (resume)", again_s, note))
 
     width = max(len(name) for name, _, _ in results)
     print(f"\nSST-2 Sentiment, {len(devset)} dev / {len(train_rows)} train rows, {args.threads} threads, "

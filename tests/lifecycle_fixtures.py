@@ -106,4 +106,4 @@ def shared_weights(home: Path) -> None:
 
 def run(argv: list[str], home: Path, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run([*plait_command(), *argv], env=subprocess_env(home), cwd=REPO, text=True,
-                          capture_output=True, **kwargs)
+                          capture_output=True, check=False, **kwargs)

@@ -97,8 +97,8 @@ def test_optimizer_args():
 # ---- compile on the keyword engine ---------------------------------------------------------
 def _config(sst2, tmp_path, **overrides):
     train, dev = sst2
-    values = dict(program=PROGRAM, trainset=str(train), devset=str(dev), out=str(tmp_path / "out.json"),
-                  optimizer="bootstrap", threads=2, adapter="chat")
+    values = {"program": PROGRAM, "trainset": str(train), "devset": str(dev), "out": str(tmp_path / "out.json"),
+              "optimizer": "bootstrap", "threads": 2, "adapter": "chat"}
     values.update(overrides)
     return CompileConfig(**values)
 

@@ -101,9 +101,9 @@ def test_calculator_is_arithmetic_only():
 
 def test_retrieval_pipelines_say_how_to_get_an_index(monkeypatch):
     monkeypatch.delenv(ENV_INDEX, raising=False)
-    with dspy.context(lm=DummyLM([{"answer": "x"}]), adapter=dspy.ChatAdapter()):
-        with pytest.raises(RetrieverMissingError, match="index"):
-            RAG()(question="q")
+    with dspy.context(lm=DummyLM([{"answer": "x"}]), adapter=dspy.ChatAdapter()), \
+            pytest.raises(RetrieverMissingError, match="index"):
+        RAG()(question="q")
     assert passage_text({"title": "A", "text": "x" * 50}, 20) == "A | " + "x" * 13 + "..."
 
 

@@ -33,8 +33,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "ArtifactCorruptError", "ArtifactError", "ArtifactMismatchError", "ArtifactNotFoundError",
-    "DatasetError", "MetricError", "OptimizerError", "ProgramLoadError", *_LAZY,
+    "ArtifactCorruptError", "ArtifactError", "ArtifactMismatchError", "ArtifactNotFoundError", "DatasetError",
+    "LoadedArtifact", "MetricError", "OptimizerError", "ProgramLoadError", "load_artifact", "load_program_class",
+    "read_artifact", "save_artifact",
 ]
 
 

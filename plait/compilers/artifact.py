@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def artifact_document(program: Any, *, program_path: str, model: str, extra: dic
         "signatures": signature_shape(program),
         "plait_version": plait_version,
         "dspy_version": dspy_version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "extra": dict(extra or {}),
         "state": program.dump_state(json_mode=True),
     }

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from plait.compilers.errors import DatasetError
 from plait.errors import PlaitError
@@ -85,8 +85,14 @@ class RichProgress:
     """The runner's progress protocol drawn as rich progress bars (one per phase)."""
 
     def __init__(self, console: Any):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = console
         self.bars = Progress(SpinnerColumn(), TextColumn("{task.description:<9}"), BarColumn(),
@@ -95,11 +101,11 @@ class RichProgress:
         self.tasks: dict[str, Any] = {}
         self.scores: dict[str, list[float]] = {}
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> Self:
         self.bars.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.bars.stop()
 
     def start(self, phase: str, total: int | None) -> None:

@@ -44,8 +44,9 @@ def _pairs(example: Any, prediction: Any) -> list[tuple[Any, list[Any]]]:
     """(predicted value, gold values) for every labelled field the prediction has."""
     labels = example.labels() if hasattr(example, "labels") else example
     pairs = []
-    for field in labels.keys():
-        if field.endswith("s") and field[:-1] in labels.keys():
+    names = list(labels.keys())
+    for field in names:
+        if field.endswith("s") and field[:-1] in names:
             continue  # `answers` is read as the aliases of `answer`
         predicted = prediction.get(field) if hasattr(prediction, "get") else getattr(prediction, field, None)
         if predicted is None and field.endswith("s") and hasattr(prediction, "get"):
@@ -53,7 +54,7 @@ def _pairs(example: Any, prediction: Any) -> list[tuple[Any, list[Any]]]:
         if predicted is not None:
             pairs.append((predicted, _golds(example, field)))
     if not pairs:
-        raise MetricError(f"the prediction has none of the example's label fields {list(labels.keys())}")
+        raise MetricError(f"the prediction has none of the example's label fields {names}")
     return pairs
 
 

@@ -31,7 +31,7 @@ class Usage:
         """Forced share of completion tokens; None when no completion tokens were counted."""
         return self.forced_tokens / self.completion_tokens if self.completion_tokens else None
 
-    def add(self, other: "Usage") -> None:
+    def add(self, other: Usage) -> None:
         self.calls += other.calls
         self.replayed += other.replayed
         self.prompt_tokens += other.prompt_tokens

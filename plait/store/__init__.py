@@ -27,7 +27,8 @@ _LAZY = {
     "TrialRecord": "plait.store.records",
 }
 
-__all__ = ["StoreError", *_LAZY]
+__all__ = ["ArtifactRecord", "EvaluationRecord", "RunRecord", "Store", "StoreError", "TraceRecord",
+           "TrialRecord", "default_url"]
 
 
 def __getattr__(name: str) -> Any:

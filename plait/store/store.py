@@ -50,7 +50,7 @@ class Store:
             else contextlib.nullcontext()
 
     @classmethod
-    def open(cls, url: str | None = None, *, echo: bool = False) -> "Store":
+    def open(cls, url: str | None = None, *, echo: bool = False) -> Store:
         """Connect to `url` (default: `PLAIT_DATABASE_URL`, else SQLite under `.plait/`) and
         create any missing tables."""
         store = cls(make_engine(url, echo=echo))
