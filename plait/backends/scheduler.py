@@ -15,10 +15,12 @@ moves into the hole. A full queue raises `EngineOverloadedError` (back-pressure)
 that can never fit the memory budget fails with `MemoryBudgetError` without touching others.
 """
 
+import atexit
 import logging
 import queue
 import random
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +93,17 @@ class Request:
         self.cancelled = True
 
 
+_live: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_schedulers() -> None:
+    """Stop every scheduler thread before the interpreter tears down: a daemon thread still
+    inside a torch op at exit aborts the whole process (`terminate called ...`)."""
+    for scheduler in list(_live):
+        scheduler.close()
+
+
 class Scheduler:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, pool: StatePool, max_batch_size: int = 32,
                  max_queue: int = 1024, prefill_chunk: int = 512, prefix_cache: PrefixCache | None = None):
@@ -106,6 +119,7 @@ class Scheduler:
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="plait-scheduler", daemon=True)
         self.thread.start()
+        _live.add(self)
 
     # ---- callers' side -----------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
