@@ -183,3 +183,18 @@ def test_many_threads_submitting_at_once(smollm):
     for t in threads:
         t.join(120)
     assert not errors
+
+
+@torch.inference_mode()
+def test_bf16_decode_follows_its_full_forward(smollm):
+    import copy
+
+    model = copy.deepcopy(smollm.model).to(torch.bfloat16)
+    ids = _ids(smollm, "Tell me about bf16.")
+    full = model(torch.tensor([ids]))[0]
+    pool = StatePool(model.state_specs(torch.bfloat16), max_length=smollm.max_length)
+    model(torch.tensor([ids[:-3]]), Batch(pool, 0, torch.tensor([0])))
+    for pos in range(len(ids) - 3, len(ids)):
+        step = model(torch.tensor([[ids[pos]]]), Batch(pool, 0, torch.tensor([pos])))[0, 0]
+        assert (step - full[pos]).abs().max() < 0.03 * full[pos].abs().max()  # bf16 rounding only
+        assert int(step.argmax()) == int(full[pos].argmax())
