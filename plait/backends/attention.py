@@ -16,21 +16,35 @@ class RotaryEmbedding(nn.Module):
 
     The frequencies are a plain fp32 attribute, not a buffer: they stay fp32 when the weights
     go to bf16, and models built on the meta device (to load weights without a random init)
-    still get real values.
+    still get real values. One instance is shared by every layer; the cos/sin tables of the
+    last positions tensor are kept, so a pass computes them once, not twice per layer.
     """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
         self.inv_freq = 1.0 / (base ** exponents)
+        self._tables: tuple | None = None  # (positions, dtype, cos, sin)
+        self._ranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def positions(self, steps: int, device: torch.device) -> torch.Tensor:
+        """[1, steps] positions 0.. of an uncached pass: one tensor per length, reused by every layer."""
+        key = (steps, device)
+        if key not in self._ranges:
+            self._ranges[key] = torch.arange(steps, device=device)[None]
+        return self._ranges[key]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; positions: [B, T]."""
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
-        angles = positions[:, None, :, None].float() * self.inv_freq
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+        tables = self._tables  # read once: caller threads may score while the scheduler decodes
+        if tables is None or tables[0] is not positions or tables[1] != x.dtype:
+            if self.inv_freq.device != x.device:
+                self.inv_freq = self.inv_freq.to(x.device)
+            angles = positions[:, None, :, None].float() * self.inv_freq
+            cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
+            sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+            tables = self._tables = (positions, x.dtype, cos, sin)
+        _, _, cos, sin = tables
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -58,13 +72,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if state is None:
             if self.rope is not None:
-                positions = torch.arange(steps, device=x.device)[None]
+                positions = self.rope.positions(steps, x.device)
                 q, k = self.rope(q, positions), self.rope(k, positions)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             lens = state.batch.cache_lens
             if self.rope is not None:
-                positions = lens[:, None] + torch.arange(steps, device=x.device)
+                positions = state.batch.positions(steps)
                 q, k = self.rope(q, positions), self.rope(k, positions)
             k_cache, v_cache = state.tensors["k"], state.tensors["v"]
             if bsz == 1:

@@ -156,8 +156,17 @@ class Batch:
             self._masks[new_tokens] = mask
         return mask
 
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """`[B, T]` positions of this pass's new tokens (one tensor per pass, shared by layers)."""
+        positions = self._positions.get(new_tokens)
+        if positions is None:
+            steps = torch.arange(new_tokens, device=self.cache_lens.device)
+            positions = self._positions[new_tokens] = self.cache_lens[:, None] + steps
+        return positions
+
     def __post_init__(self) -> None:
         self._masks: dict[int, torch.Tensor] = {}
+        self._positions: dict[int, torch.Tensor] = {}
 
 
 @dataclass
