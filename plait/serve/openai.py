@@ -416,19 +416,19 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
 def make_router(runtime: ServeRuntime) -> APIRouter:
     router = APIRouter()
 
+    async def complete(request: Request, kind: str, schema: type) -> Any:
+        body = _parse(schema, await read_json(request))
+        _refuse_unsupported(body)
+        call = _Call(runtime, kind, body)
+        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = _parse(ChatBody, await read_json(request))
-        _refuse_unsupported(body)
-        call = _Call(runtime, "chat", body)
-        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+        return await complete(request, "chat", ChatBody)
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = _parse(CompletionBody, await read_json(request))
-        _refuse_unsupported(body)
-        call = _Call(runtime, "completion", body)
-        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+        return await complete(request, "completion", CompletionBody)
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
