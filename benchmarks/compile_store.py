@@ -1,7 +1,7 @@
 """What plait's compile lifecycle costs and saves, on the embedded SmolLM2-135M-Instruct.
 
-    .venv/bin/python benchmarks/compile.py                  # 48 dev rows, 24 train rows, 8 threads
-    .venv/bin/python benchmarks/compile.py --dev 8 --train 8  # smoke run
+    .venv/bin/python benchmarks/compile_store.py            # 48 dev rows, 24 train rows, 8 threads
+    .venv/bin/python benchmarks/compile_store.py --dev 8 --train 8  # smoke run
 
 Peers, measured in the same process on the same engine and data (SST-2, plait's Sentiment
 pipeline, grammar-constrained adapter, greedy):
