@@ -1,0 +1,257 @@
+"""The Triton kernels against the PyTorch path they replace.
+
+On a machine without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set only
+while this module's tests run, and before the kernel modules are (re)imported, since
+`@triton.jit` reads it when it decorates); with CUDA they are compiled and run on the GPU,
+and the last tests compare whole-model logits on the GPU with the CPU path.
+
+Tolerances (absolute, on values of order 1): fp32 conv and norm 1e-5, SSD scan and state
+update 1e-4 (the kernel takes decays as differences of one cumulative sum, the reference sums
+increments), MoE 1e-4 (fp32; the k experts of a token are summed in another order). bf16 runs
+compare against the reference in bf16 within two units in the last place (|d| <= 2^-6 |ref| +
+2^-8): the interpreter rounds fp32 -> bf16 toward zero where the GPU and PyTorch round to
+nearest, one unit apart at most per rounding.
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plait.backends import runtime_triton
+from plait.backends.mamba2 import CausalConv1d, GatedGroupRMSNorm
+from plait.backends.moe import MoEConfig, RoutedExperts, TopKRouter
+from plait.backends.ssd import ssd_chunk_scan, ssd_step
+
+pytestmark = pytest.mark.skipif(not runtime_triton.AVAILABLE, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_MODULES = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton")
+
+
+@pytest.fixture(scope="module")
+def k():
+    """The kernel modules, (re)imported under the interpreter when there is no GPU."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "1"
+    mods = {}
+    for name in KERNEL_MODULES:
+        full = f"plait.backends.{name}"
+        mod = importlib.import_module(full)
+        mods[name] = importlib.reload(mod)  # re-decorate under this module's setting
+    yield type("Kernels", (), mods)
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+    for name in KERNEL_MODULES:  # leave them as a fresh import would
+        importlib.reload(importlib.import_module(f"plait.backends.{name}"))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def dev(*tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+def max_diff(a, b) -> float:
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+def bf16_close(a, b) -> bool:
+    """Within two bf16 units in the last place (see the module docstring)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return bool(((a - b).abs() <= b.abs() * 2**-6 + 2**-8).all())
+
+
+# --- causal conv1d ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 70])
+@pytest.mark.parametrize("with_history", [True, False])
+def test_conv1d_matches_reference(k, length, with_history):
+    g = gen(length)
+    channels, kernel = 40, 4
+    ref = CausalConv1d(channels, kernel, bias=True)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(channels, 1, kernel, generator=g) * 0.5)
+        ref.bias.copy_(torch.randn(channels, generator=g) * 0.1)
+    # [B, T, C] memory viewed as [B, C, T], as the mixer passes it
+    x = torch.randn(2, length, channels, generator=g).transpose(1, 2)
+    history = torch.randn(2, channels, kernel - 1, generator=g) if with_history else None
+    expected, expected_hist = ref(x, history)
+    xd, hd, wd, bd = dev(x, history, ref.weight.detach(), ref.bias.detach())
+    out, new_hist = k.conv1d_triton.causal_conv1d(xd, hd, wd, bd)
+    assert max_diff(out, expected) < 1e-5
+    assert max_diff(new_hist, expected_hist) < 1e-6
+
+
+def test_conv1d_update_matches_reference_and_zero_starts(k):
+    g = gen(1)
+    channels, kernel, rows = 300, 4, 3
+    ref = CausalConv1d(channels, kernel, bias=True)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(channels, 1, kernel, generator=g))
+        ref.bias.copy_(torch.randn(channels, generator=g))
+    history = torch.randn(rows, channels, kernel - 1, generator=g)
+    lens = torch.tensor([5, 0, 2])  # row 1 is a new sequence: its slot's stale history must not count
+    state = history.clone()
+    state[1] = 0
+    x = torch.randn(rows, channels, generator=g)
+    expected, expected_hist = ref(x[:, :, None], state)
+    hd, xd, wd, bd, ld = dev(history.clone(), x, ref.weight.detach(), ref.bias.detach(), lens)
+    out = k.conv1d_triton.causal_conv1d_update(xd, hd, wd, bd, ld)
+    assert max_diff(out, expected[:, :, 0]) < 1e-5
+    assert max_diff(hd, expected_hist) == 0.0
+
+
+# --- gated grouped RMSNorm ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rmsnorm_matches_reference(k, dtype):
+    g = gen(2)
+    size, groups = 96, 4
+    ref = GatedGroupRMSNorm(size, groups, 1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.2 * torch.randn(size, generator=g))
+    ref = ref.to(dtype)
+    y = torch.randn(2, 5, size, generator=g)  # fp32, as the scan returns it
+    packed = torch.randn(2, 5, size + 30, generator=g).to(dtype)
+    gate = packed[..., :size]  # a strided view, like the split of in_proj's output
+    expected = ref(y, gate, dtype)
+    yd, gd, wd = dev(y, gate, ref.weight.detach())
+    out = k.norm_triton.gated_group_rmsnorm(yd, gd, wd, groups, 1e-5, dtype)
+    assert out.dtype == expected.dtype == dtype
+    assert max_diff(out, expected) < 1e-5 if dtype == torch.float32 else bf16_close(out, expected)
+
+
+# --- SSD --------------------------------------------------------------------------------------
+
+
+def ssd_inputs(seed: int, b=2, T=19, h=4, p=8, n=16, groups=2):
+    g = gen(seed)
+    return dict(
+        x=torch.randn(b, T, h, p, generator=g),
+        dt=torch.rand(b, T, h, generator=g) * 0.5,
+        A=-torch.rand(h, generator=g) * 3 - 0.1,
+        B=torch.randn(b, T, groups, n, generator=g),
+        C=torch.randn(b, T, groups, n, generator=g),
+        D=torch.randn(h, generator=g),
+        init=torch.randn(b, h, p, n, generator=g),
+    )
+
+
+@pytest.mark.parametrize(("start", "with_init", "chunk"), [
+    (0, False, 8), (3, True, 8), (8, True, 8), (13, True, 16), (0, True, 32),
+])
+def test_ssd_chunk_scan_matches_reference(k, start, with_init, chunk):
+    t = ssd_inputs(start + chunk)
+    init = t["init"] if with_init else None
+    expected = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"],
+                              initial_state=init, start=start)
+    x, dt, A, B, C, D, init_d = dev(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], init)
+    got = k.ssd_triton.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=init_d, start=start)
+    assert got.chunk_ends == expected.chunk_ends
+    assert max_diff(got.y, expected.y) < 1e-4
+    assert max_diff(got.final_state, expected.final_state) < 1e-4
+    # the per-chunk states (what the prefix cache checkpoints)
+    assert got.chunk_states.shape == expected.chunk_states.shape
+    assert max_diff(got.chunk_states, expected.chunk_states) < 1e-4
+
+
+def test_ssd_chunk_scan_bf16_inputs(k):
+    t = ssd_inputs(5, T=33)
+    x, B, C = (t[n].bfloat16() for n in ("x", "B", "C"))
+    expected = ssd_chunk_scan(x, t["dt"], t["A"], B, C, 16, D=t["D"], initial_state=t["init"])
+    got = k.ssd_triton.ssd_chunk_scan(*dev(x, t["dt"], t["A"], B, C), 16, D=dev(t["D"])[0],
+                                      initial_state=dev(t["init"])[0])
+    assert got.y.dtype == torch.float32 and got.final_state.dtype == torch.float32
+    assert max_diff(got.y, expected.y) < 1e-3  # same bf16 inputs, fp32 maths either side
+
+
+def test_selective_state_update_matches_reference(k):
+    t = ssd_inputs(7, T=1, b=3)
+    lens = torch.tensor([4, 0, 9])  # row 1 starts a sequence: zero state, whatever its slot holds
+    state_ref = t["init"].clone()
+    state_ref[1] = 0
+    y_ref = ssd_step(state_ref, t["x"][:, 0], t["dt"][:, 0], t["A"], t["B"][:, 0], t["C"][:, 0], t["D"])
+    state = dev(t["init"].clone())[0]
+    x, dt, A, B, C, D, ld = dev(t["x"][:, 0], t["dt"][:, 0], t["A"], t["B"][:, 0], t["C"][:, 0], t["D"], lens)
+    y = k.ssd_triton.selective_state_update(state, x, dt, A, B, C, D, cache_lens=ld)
+    assert max_diff(y, y_ref) < 1e-5
+    assert max_diff(state, state_ref) < 1e-5
+
+
+def test_selective_state_update_continues_the_scan(k):
+    """Scan 10 tokens, then 3 kernel steps == the reference scan over all 13."""
+    t = ssd_inputs(8, T=13)
+    args = [t[n] for n in ("x", "dt", "A", "B", "C")]
+    full = ssd_chunk_scan(*args, 8, D=t["D"])
+    x, dt, A, B, C, D = dev(*args, t["D"])
+    state = k.ssd_triton.ssd_chunk_scan(x[:, :10], dt[:, :10], A, B[:, :10], C[:, :10], 8, D=D).final_state
+    ys = [k.ssd_triton.selective_state_update(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D)
+          for i in range(10, 13)]
+    assert max_diff(torch.stack(ys, dim=1), full.y[:, 10:]) < 1e-4
+    assert max_diff(state, full.final_state) < 1e-4
+
+
+# --- MoE --------------------------------------------------------------------------------------
+
+
+def moe_parts(seed, tokens, experts=8, top_k=3, n_group=4, topk_group=2, dim=40, inner=24):
+    cfg = MoEConfig(hidden_size=dim, num_experts=experts, top_k=top_k, intermediate_size=inner,
+                    shared_intermediate_size=0, n_group=n_group, topk_group=topk_group,
+                    routed_scaling_factor=2.5)
+    g = gen(seed)
+    router, routed = TopKRouter(cfg), RoutedExperts(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, dim, generator=g) / math.sqrt(dim))
+        router.e_score_correction_bias.copy_(0.3 * torch.randn(experts, generator=g))
+        routed.up_proj.copy_(torch.randn(experts, inner, dim, generator=g) / math.sqrt(dim))
+        routed.down_proj.copy_(torch.randn(experts, dim, inner, generator=g) / math.sqrt(inner))
+    return router, routed, torch.randn(tokens, dim, generator=g)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 37])
+def test_fused_moe_matches_reference(k, tokens):
+    router, routed, x = moe_parts(tokens, tokens)
+    weights, indices = router(x)  # grouped top-3 with the correction bias steering the choice
+    expected = routed(x, weights, indices)
+    got = k.moe_triton.fused_experts(*dev(x, routed.up_proj.detach(), routed.down_proj.detach(),
+                                          weights, indices))
+    assert max_diff(got, expected) < 1e-4
+
+
+def test_fused_moe_bf16(k):
+    router, routed, x = moe_parts(3, 20)
+    routed = routed.to(torch.bfloat16)
+    weights, indices = router(x)
+    xb = x.bfloat16()
+    expected = routed(xb, weights, indices)
+    got = k.moe_triton.fused_experts(*dev(xb, routed.up_proj.detach(), routed.down_proj.detach(),
+                                          weights, indices))
+    assert got.dtype == torch.bfloat16
+    assert max_diff(got, expected) < 3e-2 * max(1.0, expected.float().abs().max().item())
+
+
+def test_expert_blocks_layout(k):
+    """Every pair appears once, in a block of its own expert; padding rows are marked."""
+    indices = torch.tensor([[0, 3], [3, 5], [0, 3]])
+    rows, block_expert = k.moe_triton.expert_blocks(indices, num_experts=6, block_m=4)
+    flat = indices.reshape(-1)
+    pairs = flat.numel()
+    real = rows[rows < pairs]
+    assert sorted(real.tolist()) == list(range(pairs))
+    for i, pair in enumerate(rows.tolist()):
+        if pair < pairs:
+            assert int(block_expert[i // 4]) == int(flat[pair])
+    used = block_expert[block_expert >= 0].tolist()
+    assert used == sorted(used) and set(used) == {0, 3, 5}
