@@ -3,14 +3,18 @@
 `plait.LM("smollm2-135m")` is an ordinary `dspy.LM` whose custom engine is a `PlaitEngine`:
 DSPy keeps its cache, retries, history and callbacks; every call becomes a `dspy.lm15.Request`
 that we render with the checkpoint's chat template and run on the local scheduler. DSPy's
-threads (Evaluate, optimizers, `n>1` fan-out) call `complete` concurrently, and the
-scheduler batches their decode steps.
+threads (Evaluate, optimizers) call `complete` concurrently, and the scheduler batches their
+decode steps; their shared instructions and demos are computed once (the prefix cache).
+Identical deterministic requests cost one generation: a straggler re-submitted while the
+first copy is in flight joins it, and `n>1` (DSPy completes the same Request `n` times in a
+row) reuses the first candidate when the request is greedy or seeded.
 
 The model string is `plait/<model id>`, where the id is distinct per checkpoint: it is DSPy's
 cache key, so two checkpoints never share cached answers.
 """
 
 import asyncio
+import contextvars
 import json
 import threading
 import uuid
@@ -29,6 +33,8 @@ from plait.modules.grammar import parse_tool_call, tool_call_grammar
 DEFAULT_MAX_TOKENS = 512
 
 _engines: dict[tuple, Engine] = {}
+# per asyncio task: (async engine, the last Request it completed, that request's result)
+_last_async: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("plait_last_completed", default=None)
 _engines_lock = threading.Lock()
 
 
@@ -97,10 +103,14 @@ class PlaitEngine:
     supported_params = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n",
                                   "response_format", "metadata"})
 
-    def __init__(self, model: str, engine_options: dict[str, Any] | None = None):
+    def __init__(self, model: str, engine_options: dict[str, Any] | None = None, *,
+                 engine: Engine | None = None):
+        """`engine`: an already loaded engine to run on (else the process's shared one for
+        `model` and `engine_options`, loaded on first use)."""
         self.model = model
         self.engine_options = dict(engine_options or {})
-        self._engine: Engine | None = None
+        self._engine: Engine | None = engine
+        self._last = threading.local()  # per DSPy thread: the last Request completed and its result
 
     @property
     def engine(self) -> Engine:
@@ -120,14 +130,24 @@ class PlaitEngine:
         constraint = None
         if spec is not None:
             constraint = compile_constraint(spec, self.engine.tokenizer, self.engine.info.vocab_size)
-        deterministic = sampling["temperature"] == 0 or config.seed is not None
         share_key = None
-        if deterministic:
+        if _deterministic(request):
             share_key = (prompt, tuple(sorted(sampling.items())), spec.key if spec is not None else None)
         return self.engine.submit(prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling)
 
     def complete(self, request: Request) -> Response:
-        return self._response(request, self.submit(request).wait())
+        """One candidate. DSPy asks for `n` candidates by completing the same Request object `n`
+        times in a row on the calling thread; when the request is deterministic (greedy or
+        seeded) every candidate is the first one, so it is computed once. Sampled requests are
+        computed every time: each draws its own sample."""
+        last = getattr(self._last, "done", None)
+        if last is not None and last[0] is request and _deterministic(request):
+            self.engine.note_shared()
+            handle = last[1]
+        else:
+            handle = self.submit(request).wait()
+        self._last.done = (request, handle)  # holding the Request keeps its id from being reused
+        return self._response(request, handle)
 
     def stream(self, request: Request) -> Iterator:
         handle = self.submit(request, stream=True)
@@ -162,6 +182,12 @@ class PlaitEngine:
                         finish_reason=finish, usage=_usage(handle))
 
 
+def _deterministic(request: Request) -> bool:
+    """Whether two runs of `request` must give the same text: greedy, or sampled with a seed."""
+    config = request.config
+    return not config.temperature or config.seed is not None
+
+
 def _finish(handle: EngineRequest) -> str:
     return "length" if handle.finish_reason == "length" else "stop"
 
@@ -178,8 +204,16 @@ class AsyncPlaitEngine:
         self.sync = sync
 
     async def complete(self, request: Request) -> Response:
-        handle = await asyncio.to_thread(self.sync.submit, request)
-        await asyncio.to_thread(handle.wait)
+        """One candidate; like the sync engine, the `n` candidates of a deterministic request
+        (completed one after another in the same task) are computed once."""
+        last = _last_async.get()
+        if last is not None and last[0] is self and last[1] is request and _deterministic(request):
+            self.sync.engine.note_shared()
+            handle = last[2]
+        else:
+            handle = await asyncio.to_thread(self.sync.submit, request)
+            await asyncio.to_thread(handle.wait)
+        _last_async.set((self, request, handle))
         return self.sync._response(request, handle)
 
     async def stream(self, request: Request) -> AsyncIterator:

@@ -2,8 +2,10 @@
 
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -31,6 +33,58 @@ class GenerationResult:
     usage: Usage
 
 
+@dataclass
+class EngineStats:
+    """What an engine has done so far (read-only counters; `engine.stats()` takes a snapshot and
+    `later.since(earlier)` gives the work in between).
+
+    `requests` went to the model; `shared` were answered by an identical request (one in flight,
+    or the previous candidate of the same greedy call) at no cost. Of the computed requests'
+    `prompt_tokens`, `prompt_tokens_computed` ran through the model; the rest came from the
+    prefix cache. Every model pass is counted: a decode pass advances `rows` sequences by one
+    token each (`decode_batches[rows]` passes of that size), a multi-token pass (a prompt chunk
+    or a forced span) runs one sequence; `rows_in_flight` sums, over passes, how many sequences
+    the scheduler held at that moment; `forward_seconds` is the time spent inside those passes.
+    """
+
+    requests: int = 0
+    shared: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    decode_passes: int = 0
+    decode_tokens: int = 0
+    multi_token_passes: int = 0
+    multi_token_tokens: int = 0
+    rows_in_flight: int = 0
+    forward_seconds: float = 0.0
+    decode_batches: Counter = field(default_factory=Counter)
+
+    @property
+    def passes(self) -> int:
+        return self.decode_passes + self.multi_token_passes
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_tokens / self.decode_passes if self.decode_passes else 0.0
+
+    @property
+    def max_decode_batch(self) -> int:
+        return max((size for size, count in self.decode_batches.items() if count > 0), default=0)
+
+    @property
+    def mean_rows_in_flight(self) -> float:
+        return self.rows_in_flight / self.passes if self.passes else 0.0
+
+    @property
+    def prompt_cache_share(self) -> float:
+        """Fraction of prompt tokens restored from the prefix cache instead of computed."""
+        return 1 - self.prompt_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def since(self, earlier: "EngineStats") -> "EngineStats":
+        delta = {f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)}
+        return EngineStats(**delta)
+
+
 class Engine:
     """A loaded model plus the scheduler thread that owns it.
 
@@ -53,12 +107,20 @@ class Engine:
         self._inflight_lock = threading.Lock()
         self.prefix_cache = None
         if prefix_cache:
-            block = prefix_block_size or 64
+            # attention-only models restore any block-aligned prefix: small blocks leave fewer of
+            # a prompt's shared tokens to recompute (a DSPy prompt's own part starts mid-block);
+            # Mamba state is checkpointed once per block pass, so hybrids keep bigger blocks
+            block = prefix_block_size or (64 if model.state_chunk > 1 else 16)
             block = -(-block // model.state_chunk) * model.state_chunk  # a multiple of the SSD chunk
             self.prefix_cache = PrefixCache(self.pool.layer_specs, block, prefix_cache_mb * 2**20)
+        self._stats = EngineStats()
+        self._stats_lock = threading.Lock()
         self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch_size=max_batch_size,
                                    max_queue=max_queue, prefill_chunk=prefill_chunk,
                                    prefix_cache=self.prefix_cache)
+        self._pass_started = 0.0
+        self._hooks = [model.register_forward_pre_hook(self._count_pass),
+                       model.register_forward_hook(self._time_pass)]
 
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -66,13 +128,57 @@ class Engine:
         """Load a registered model name, a `.gguf` file or an HF checkpoint directory.
 
         Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue,
-        prefix_cache (on by default), prefix_cache_mb, prefix_block_size.
+        prefix_cache (on by default), prefix_cache_mb, prefix_block_size (default 16 tokens for
+        attention-only models, 64 rounded up to the SSD chunk for hybrids).
         """
         if isinstance(dtype, str):
             dtype = _DTYPES[dtype]
         model_id, path = registry.resolve(name_or_path)
         model, tokenizer, family = registry.load(path, dtype or torch.float32, device)
         return cls(model, tokenizer, model_id, family, **options)
+
+    # ---- what it did -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters (see `EngineStats`)."""
+        with self._stats_lock:
+            snapshot = EngineStats(**{f.name: getattr(self._stats, f.name) for f in fields(EngineStats)})
+            snapshot.decode_batches = Counter(self._stats.decode_batches)
+        snapshot.prompt_tokens_computed = self.scheduler.prompt_tokens_computed
+        return snapshot
+
+    def _count_pass(self, module: Any, args: tuple) -> None:
+        """Forward pre-hook: this engine's scheduler passes (a `Batch` over this engine's pool;
+        reference passes from `logits` and other engines sharing the weights are not counted)."""
+        if not self._ours(args):
+            return
+        rows, tokens = args[0].shape
+        with self._stats_lock:
+            stats = self._stats
+            stats.rows_in_flight += len(self.scheduler.rows)
+            if tokens == 1:
+                stats.decode_passes += 1
+                stats.decode_tokens += rows
+                stats.decode_batches[rows] += 1
+            else:
+                stats.multi_token_passes += 1
+                stats.multi_token_tokens += rows * tokens
+        self._pass_started = time.perf_counter()
+
+    def _ours(self, args: tuple) -> bool:
+        return len(args) >= 2 and getattr(args[1], "pool", None) is self.pool
+
+    def _time_pass(self, module: Any, args: tuple, output: Any) -> None:
+        if self._ours(args):
+            with self._stats_lock:
+                self._stats.forward_seconds += time.perf_counter() - self._pass_started
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt block (a cold start without reloading the weights).
+        Call it while no request is running: the scheduler thread reads the cache."""
+        cache = self.prefix_cache
+        if cache is not None:
+            cache.blocks.clear()
+            cache.nbytes = 0
 
     # ---- scoring ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -101,6 +207,7 @@ class Engine:
             with self._inflight_lock:
                 running = self._inflight.get(share_key)
                 if running is not None and not running._done.is_set():
+                    self.note_shared()
                     return running
                 request = self.submit(prompt, constraint=constraint, **sampling)
                 if len(self._inflight) > 1024:
@@ -115,7 +222,16 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty")
         self._check_length(len(ids), 1)
-        return self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
+        request = self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
+        with self._stats_lock:
+            self._stats.requests += 1
+            self._stats.prompt_tokens += len(ids)
+        return request
+
+    def note_shared(self) -> None:
+        """Count a request answered by another one's result (nothing computed for it)."""
+        with self._stats_lock:
+            self._stats.shared += 1
 
     def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult:
         """Generate from raw text or token ids (no chat template: see `chat`)."""
@@ -134,6 +250,8 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+        for hook in self._hooks:
+            hook.remove()
 
     def _check_length(self, prompt_tokens: int, extra: int) -> None:
         if prompt_tokens + extra > self.max_length:
