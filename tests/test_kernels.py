@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.backends import runtime_triton
+from plait.backends.cache import Batch
 from plait.backends.mamba2 import CausalConv1d, GatedGroupRMSNorm
 from plait.backends.moe import MoEConfig, RoutedExperts, TopKRouter
 from plait.backends.ssd import ssd_chunk_scan, ssd_step
@@ -255,3 +256,163 @@ def test_expert_blocks_layout(k):
             assert int(block_expert[i // 4]) == int(flat[pair])
     used = block_expert[block_expert >= 0].tolist()
     assert used == sorted(used) and set(used) == {0, 3, 5}
+
+
+# --- the whole model: kernels (forced onto CPU under the interpreter) vs the PyTorch path ------
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def tiny(request, tmp_path_factory):
+    from nemotron_fixtures import write_checkpoint
+
+    from plait.backends.nemotron_h import load_nemotron_h
+
+    directory = tmp_path_factory.mktemp(f"kernels-{request.param}")
+    with torch.random.fork_rng():
+        write_checkpoint(directory, request.param, seed=21)
+    return directory, load_nemotron_h(directory, torch.float32, "cpu")
+
+
+def device_pool(model, slots: int, capacity: int = 64):
+    from plait.backends.cache import StatePool
+
+    device = model.embeddings.weight.device
+    return StatePool(model.state_specs(model.embeddings.weight.dtype), device=device, slots=slots,
+                     capacity=capacity, max_length=model.context_length)
+
+
+@torch.no_grad()
+def feed(model, pool, first_slot: int, ids: torch.Tensor, cache_lens: list[int]) -> torch.Tensor:
+    """One pass of ids [B, T] for slots first_slot.. holding cache_lens tokens, on the model's device."""
+    device = model.embeddings.weight.device
+    pool.reserve(pool.slots, max(cache_lens) + ids.shape[1])
+    batch = Batch(pool, first_slot, torch.tensor(cache_lens, device=device))
+    return model(ids.to(device), batch)
+
+
+@torch.no_grad()
+def run_cached(model, ids, batched_tokens):
+    """Prefill two rows in passes of 5 and 8 tokens (the second pass starts mid-chunk), leave
+    stale state in slot 2, then decode steps for rows 0..2 where row 2 starts from nothing.
+    -> (logits of every pass, the pool)."""
+    pool = device_pool(model, slots=4)
+    out = [feed(model, pool, 0, ids[:, :5], [0]), feed(model, pool, 0, ids[:, 5:13], [5]),
+           feed(model, pool, 1, ids[:, 3:12], [0]),
+           feed(model, pool, 2, ids[:, 1:7], [0])]  # stale: row 2's decode says cache_len 0
+    lens = [13, 9, 0]
+    for step in batched_tokens:
+        out.append(feed(model, pool, 0, step[:, None], lens))
+        lens = [n + 1 for n in lens]
+    return out, pool
+
+
+@pytest.mark.slow
+def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
+    """Every Mamba/MoE layer of the tiny checkpoints through the kernels (interpreted on CPU):
+    full forward, chunked prefill from mid-chunk positions, batched decode with a fresh row."""
+    _, model = tiny
+    from nemotron_fixtures import random_ids
+
+    ids = random_ids(21, seed=3)
+    steps = random_ids(9, seed=4).view(3, 3)
+    with torch.no_grad():
+        ref_full = model(ids)
+    ref_cached, ref_pool = run_cached(model, ids, steps)
+    with runtime_triton.forced(), torch.no_grad():
+        full = model(ids)
+        cached, pool = run_cached(model, ids, steps)
+    assert max_diff(full, ref_full) < 1e-4
+    for got, expected in zip(cached, ref_cached):
+        assert max_diff(got, expected) < 1e-4
+    for got_layer, ref_layer in zip(pool.layers, ref_pool.layers):
+        for name in got_layer:
+            assert max_diff(got_layer[name][:3], ref_layer[name][:3]) < 1e-4, name
+
+
+# --- decode buckets (CUDA graphs' padding, checked eagerly on CPU) -------------------------
+
+
+def test_bucket_for():
+    from plait.backends.cuda_graphs import bucket_for
+
+    assert [bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [2, 2, 4, 8, 16, 256]
+    assert bucket_for(257) is None
+
+
+@torch.no_grad()
+def test_padded_decode_leaves_real_rows_unchanged(tiny):
+    """3 rows padded to a bucket of 4: the padding row decodes a throwaway token in the free
+    slot 3 (which holds stale state); rows 0..2 get exactly the unpadded logits and state."""
+    from nemotron_fixtures import random_ids
+
+    from plait.backends.cuda_graphs import DecodeGraphs
+
+    _, model = tiny
+    pools = [device_pool(model, slots=4, capacity=32) for _ in range(2)]
+    for pool in pools:
+        for slot, (n, seed) in enumerate([(7, 1), (11, 2), (4, 3), (9, 4)]):
+            feed(model, pool, slot, random_ids(n, seed=seed), [0])
+    eager_pool, padded_pool = pools
+    graphs = DecodeGraphs(model, padded_pool, capture=False)
+    lens = [7, 11, 4]
+    for step in random_ids(9, seed=5).view(3, 3):
+        expected = feed(model, eager_pool, 0, step[:, None], lens)
+        got = graphs.run(step[:, None], 0, torch.tensor(lens), live_slots=3)
+        assert got.shape == (3, 1, model.vocab_size)
+        assert max_diff(got, expected) < 1e-5
+        lens = [n + 1 for n in lens]
+    for padded_layer, eager_layer in zip(padded_pool.layers, eager_pool.layers):
+        for name in padded_layer:
+            assert max_diff(padded_layer[name][:3], eager_layer[name][:3]) < 1e-5, name
+    # Padding must never land on a live sequence: rows 0..1 with slot 2 still live -> eager.
+    assert graphs.run(torch.tensor([[5], [6]]), 0, torch.tensor([10, 14]), live_slots=3) is None
+    assert graphs.run(torch.ones(300, 1, dtype=torch.long), 0, torch.ones(300, dtype=torch.long),
+                      live_slots=300) is None
+
+
+# --- on a GPU only ---------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (device runs): GPU logits vs the CPU path")
+
+
+@needs_cuda
+@torch.no_grad()
+def test_gpu_logits_equal_cpu_path(tiny):
+    """fp32 on both sides (the kernels' dots use IEEE fp32 for fp32 models)."""
+    from nemotron_fixtures import random_ids
+
+    from plait.backends.nemotron_h import load_nemotron_h
+
+    directory, cpu_model = tiny
+    gpu_model = load_nemotron_h(directory, torch.float32, "cuda")
+    ids = random_ids(21, seed=3)
+    steps = random_ids(9, seed=4).view(3, 3)
+    assert max_diff(gpu_model(ids.cuda()), cpu_model(ids)) < 1e-4
+    cpu_out, _ = run_cached(cpu_model, ids, steps)
+    gpu_out, _ = run_cached(gpu_model, ids.cuda(), steps.cuda())
+    for got, expected in zip(gpu_out, cpu_out):
+        assert max_diff(got, expected) < 1e-4
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_graph_decode_equals_eager(tiny):
+    from nemotron_fixtures import random_ids
+
+    from plait.backends.cuda_graphs import DecodeGraphs
+    from plait.backends.nemotron_h import load_nemotron_h
+
+    model = load_nemotron_h(tiny[0], torch.float32, "cuda")
+    pools = [device_pool(model, slots=4, capacity=32) for _ in range(2)]
+    for pool in pools:
+        for slot, (n, seed) in enumerate([(7, 1), (11, 2), (4, 3)]):
+            feed(model, pool, slot, random_ids(n, seed=seed), [0])
+    graphs = DecodeGraphs(model, pools[1])
+    lens = [7, 11, 4]
+    for step in random_ids(12, seed=5).view(4, 3):
+        expected = feed(model, pools[0], 0, step[:, None], lens)
+        got = graphs.run(step[:, None].cuda(), 0, torch.tensor(lens, device="cuda"), live_slots=3)
+        assert got is not None and not graphs.failed
+        assert max_diff(got, expected) < 1e-4
+        lens = [n + 1 for n in lens]
+    assert list(graphs.graphs) == [(0, 4)]

@@ -7,6 +7,11 @@ a one-token step gives the same result as a full forward (up to the dt clamp, se
 
 A row whose `cache_len` is 0 starts from zero state whatever its slot held before, so a slot
 does not have to be cleared between sequences.
+
+On CUDA (with triton) each step runs as a Triton kernel from the `*_triton` modules beside
+this one; this file's PyTorch code is their reference and the CPU path. A one-token step on
+the kernels does no host-side work at all (new rows are zero-started inside the kernels), so
+it can be captured in a CUDA graph.
 """
 
 import math
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.backends.cache import LayerState, StateSpec
+from plait.backends.runtime_triton import use_kernels
 from plait.backends.ssd import ssd_chunk_scan, ssd_step
 
 
@@ -108,6 +114,10 @@ class GatedGroupRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if use_kernels(y) and self.weight.dtype == dtype:
+            from plait.backends import norm_triton
+
+            return norm_triton.gated_group_rmsnorm(y, gate, self.weight, self.groups, self.eps, dtype)
         h = y.float() * F.silu(gate.float())
         grouped = h.unflatten(-1, (self.groups, -1))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -128,6 +138,10 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, T], history [B, C, K-1] (None = zeros) -> (silu(conv) [B, C, T], new history)."""
+        if use_kernels(x):
+            from plait.backends import conv1d_triton
+
+            return conv1d_triton.causal_conv1d(x, history, self.weight, self.bias)
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], self.kernel - 1)
         window = torch.cat([history.to(x.dtype), x], dim=-1)
@@ -162,6 +176,11 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         bsz, steps, _ = hidden.shape
         gate, xbc, dt_raw = self.in_proj(hidden).split([cfg.inner_size, cfg.conv_dim, cfg.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, T, h]
+        if state is not None and steps == 1 and use_kernels(hidden):
+            y = self._step_kernels(xbc[:, 0], dt[:, 0], A, state)[:, None]
+            return self.out_proj(self.norm(y.flatten(-2), gate, hidden.dtype))
 
         conv_state = ssm_state = None
         start = 0
@@ -180,8 +199,6 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.transpose(1, 2).split(
             [cfg.inner_size, cfg.n_groups * cfg.state_size, cfg.n_groups * cfg.state_size], dim=-1)
 
-        A = -torch.exp(self.A_log.float())
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, T, h]
         step = state is not None and steps == 1
         if step:
             # transformers' decode update only runs for rows that already have state; a row's
@@ -192,7 +209,12 @@ class Mamba2Mixer(nn.Module):
                          C[:, 0].unflatten(-1, (cfg.n_groups, cfg.state_size)), self.D)[:, None]
         else:
             dt = cfg.dt_clamp.apply(dt, True)
-            result = ssd_chunk_scan(
+            scan = ssd_chunk_scan
+            if use_kernels(hidden):
+                from plait.backends import ssd_triton
+
+                scan = ssd_triton.ssd_chunk_scan
+            result = scan(
                 x.unflatten(-1, (cfg.num_heads, cfg.head_dim)), dt, A,
                 B.unflatten(-1, (cfg.n_groups, cfg.state_size)),
                 C.unflatten(-1, (cfg.n_groups, cfg.state_size)),
@@ -202,3 +224,24 @@ class Mamba2Mixer(nn.Module):
             y = result.y
         y = self.norm(y.flatten(-2), gate, hidden.dtype)
         return self.out_proj(y)
+
+    def _step_kernels(self, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                      state: LayerState) -> torch.Tensor:
+        """One token per row on the Triton kernels: xbc [B, conv_dim], dt [B, h] -> y [B, h, p].
+
+        The same maths as the PyTorch step, with no host sync: rows whose cache_len is 0 are
+        zero-started inside the kernels instead of by clearing their slots here.
+        """
+        from plait.backends import conv1d_triton, ssd_triton
+
+        cfg = self.cfg
+        lens = state.batch.cache_lens
+        conv_state, ssm_state = state.tensors["conv"], state.tensors["ssm"]
+        xbc = conv1d_triton.causal_conv1d_update(xbc, conv_state, self.conv1d.weight, self.conv1d.bias, lens)
+        x, B, C = xbc.split(
+            [cfg.inner_size, cfg.n_groups * cfg.state_size, cfg.n_groups * cfg.state_size], dim=-1)
+        dt = cfg.dt_clamp.apply(dt, lens == 0)
+        return ssd_triton.selective_state_update(
+            ssm_state, x.unflatten(-1, (cfg.num_heads, cfg.head_dim)), dt, A,
+            B.unflatten(-1, (cfg.n_groups, cfg.state_size)), C.unflatten(-1, (cfg.n_groups, cfg.state_size)),
+            self.D, cache_lens=lens)

@@ -28,6 +28,7 @@ import torch
 
 from plait.backends.cache import Batch, StatePool
 from plait.backends.constraint import TokenConstraint, apply_masks
+from plait.backends.cuda_graphs import DecodeGraphs
 from plait.backends.model import CausalLM
 from plait.backends.prefix_cache import PrefixCache, block_hashes
 from plait.backends.sampling import SamplingParams, sample
@@ -112,6 +113,7 @@ class Scheduler:
         self.prompt_tokens_computed = 0
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
+        self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
         self.rows: list[Request] = []  # rows[i] lives in slot i
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -284,6 +286,10 @@ class Scheduler:
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.usage.forward_passes += 1
+        if self.decode_graphs is not None and ids.shape[1] == 1:
+            logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
+            if logits is not None:
+                return logits
         return self.model(ids, Batch(self.pool, first_slot, lens), last_only=True)
 
     def _consumed(self, row: Request, count: int) -> None:
