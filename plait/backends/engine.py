@@ -129,12 +129,17 @@ class Engine:
 
         Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue,
         prefix_cache (on by default), prefix_cache_mb, prefix_block_size (default 16 tokens for
-        attention-only models, 64 rounded up to the SSD chunk for hybrids).
+        attention-only models, 64 rounded up to the SSD chunk for hybrids). `quantize="int4"` or
+        `"int8"` runs weight-only quantised linear layers with bf16 activations (CPU; `dtype` is
+        then bf16); the model id gets the scheme as a suffix, since outputs differ.
         """
         if isinstance(dtype, str):
             dtype = _DTYPES[dtype]
+        quantize = options.pop("quantize", None)
         model_id, path = registry.resolve(name_or_path)
-        model, tokenizer, family = registry.load(path, dtype or torch.float32, device)
+        model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
+        if quantize is not None:
+            model_id = f"{model_id}-{quantize}"
         return cls(model, tokenizer, model_id, family, **options)
 
     # ---- what it did -----------------------------------------------------------------------------

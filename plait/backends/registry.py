@@ -68,8 +68,29 @@ def _path_id(path: Path) -> str:
     return f"{stem}-{digest.hexdigest()[:10]}"
 
 
-def load(path: Path, dtype: torch.dtype, device: str) -> tuple[CausalLM, Tokenizer, str]:
-    """Load a checkpoint: (model, tokenizer, family)."""
+def load(path: Path, dtype: torch.dtype, device: str,
+         quantize: str | None = None) -> tuple[CausalLM, Tokenizer, str]:
+    """Load a checkpoint: (model, tokenizer, family).
+
+    `quantize` ("int4" or "int8", CPU only) loads the weights in bf16, then swaps every linear
+    layer for its weight-only quantised twin (see `plait.backends.quant`)."""
+    if quantize is not None:
+        from plait.backends.quant import SCHEMES
+
+        if quantize not in SCHEMES:
+            raise ValueError(f"unknown quantisation {quantize!r}: expected one of {', '.join(SCHEMES)}")
+        if device != "cpu":
+            raise ValueError("weight-only int4/int8 is the CPU path; on a GPU load bf16 weights")
+        dtype = torch.bfloat16
+    model, tokenizer, family = _load(path, dtype, device)
+    if quantize is not None:
+        from plait.backends.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
+    return model, tokenizer, family
+
+
+def _load(path: Path, dtype: torch.dtype, device: str) -> tuple[CausalLM, Tokenizer, str]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path} is not a .gguf file or a checkpoint directory")
