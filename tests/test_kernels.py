@@ -19,7 +19,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from plait.backends import runtime_triton
 from plait.backends.cache import Batch

@@ -19,7 +19,7 @@ import torch
 
 from plait.backends.runtime_triton import dot_precision, interpreting, modules
 
-__all__ = ["fused_experts", "expert_blocks"]
+__all__ = ["expert_blocks", "fused_experts"]
 
 triton, tl = modules()
 

@@ -39,7 +39,7 @@ def modules() -> tuple:
     return triton, tl
 
 
-__all__ = ["AVAILABLE", "modules", "use_kernels", "forced", "interpreting", "dot_precision"]
+__all__ = ["AVAILABLE", "dot_precision", "forced", "interpreting", "modules", "use_kernels"]
 
 _force = False
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from plait.backends.runtime_triton import dot_precision, modules
 from plait.backends.ssd import ScanResult
 
-__all__ = ["ssd_chunk_scan", "selective_state_update"]
+__all__ = ["selective_state_update", "ssd_chunk_scan"]
 
 triton, tl = modules()
 
@@ -114,7 +114,7 @@ def _chunk_output_kernel(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, states_ptr, init
     size = head_dim * state_size
     pn = ps[None, :] * state_size + ns[:, None]  # [n, p] offsets: read the state transposed
     pn_ok = n_ok[:, None] & p_ok[None, :]
-    prev = states_ptr + (((r * chunks + c - 1) * heads + h)) * size
+    prev = states_ptr + ((r * chunks + c - 1) * heads + h) * size
     entering = tl.load(prev + pn, mask=pn_ok & (c > 0), other=0.0)
     if HAS_INIT:
         entering += tl.load(init_ptr + (r * heads + h) * size + pn, mask=pn_ok & (c == 0), other=0.0).to(tl.float32)
