@@ -85,6 +85,24 @@ class EngineStats:
         return EngineStats(**delta)
 
 
+class _CountedModel:
+    """The model as the scheduler sees it: each pass is timed and counted in the engine's stats
+    (nothing is registered on the model itself, which other engines may share). On CUDA, decode
+    steps replayed from a captured graph do not pass through here and are not counted."""
+
+    def __init__(self, model: torch.nn.Module, engine: "Engine"):
+        self._model, self._engine = model, engine
+
+    def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        started = time.perf_counter()
+        out = self._model(ids, *args, **kwargs)
+        self._engine._count_pass(ids.shape, time.perf_counter() - started)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 class Engine:
     """A loaded model plus the scheduler thread that owns it.
 
@@ -115,12 +133,9 @@ class Engine:
             self.prefix_cache = PrefixCache(self.pool.layer_specs, block, prefix_cache_mb * 2**20)
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
-        self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch_size=max_batch_size,
+        self.scheduler = Scheduler(_CountedModel(model, self), tokenizer, self.pool, max_batch_size=max_batch_size,
                                    max_queue=max_queue, prefill_chunk=prefill_chunk,
                                    prefix_cache=self.prefix_cache)
-        self._pass_started = 0.0
-        self._hooks = [model.register_forward_pre_hook(self._count_pass),
-                       model.register_forward_hook(self._time_pass)]
 
     @classmethod
     def load(cls, name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -151,15 +166,12 @@ class Engine:
         snapshot.prompt_tokens_computed = self.scheduler.prompt_tokens_computed
         return snapshot
 
-    def _count_pass(self, module: Any, args: tuple) -> None:
-        """Forward pre-hook: this engine's scheduler passes (a `Batch` over this engine's pool;
-        reference passes from `logits` and other engines sharing the weights are not counted)."""
-        if not self._ours(args):
-            return
-        rows, tokens = args[0].shape
+    def _count_pass(self, shape: torch.Size, seconds: float) -> None:
+        rows, tokens = shape
         with self._stats_lock:
             stats = self._stats
             stats.rows_in_flight += len(self.scheduler.rows)
+            stats.forward_seconds += seconds
             if tokens == 1:
                 stats.decode_passes += 1
                 stats.decode_tokens += rows
@@ -167,15 +179,6 @@ class Engine:
             else:
                 stats.multi_token_passes += 1
                 stats.multi_token_tokens += rows * tokens
-        self._pass_started = time.perf_counter()
-
-    def _ours(self, args: tuple) -> bool:
-        return len(args) >= 2 and getattr(args[1], "pool", None) is self.pool
-
-    def _time_pass(self, module: Any, args: tuple, output: Any) -> None:
-        if self._ours(args):
-            with self._stats_lock:
-                self._stats.forward_seconds += time.perf_counter() - self._pass_started
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prompt block (a cold start without reloading the weights).
@@ -255,8 +258,6 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
-        for hook in self._hooks:
-            hook.remove()
 
     def _check_length(self, prompt_tokens: int, extra: int) -> None:
         if prompt_tokens + extra > self.max_length:
