@@ -297,7 +297,7 @@ class NemotronHForCausalLM(CausalLM):
             x = layer(x, batch.layer(i) if batch is not None and layer.stateful else None)
         if last_only:
             x = x[:, -1:]
-        x = self.norm_f(x).to(self.lm_head.weight.dtype)
+        x = self.norm_f(x).to(self.embeddings.weight.dtype)
         return self.lm_head(x).float()
 
 

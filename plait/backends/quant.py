@@ -71,7 +71,7 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
+        self.register_buffer("qweight", weight)  # not `weight`: nothing may take it for a float matrix
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
 
@@ -83,7 +83,7 @@ class Int8Linear(nn.Module):
         return cls(q, scales.to(torch.bfloat16), None if bias is None else bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
