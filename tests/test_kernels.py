@@ -1,9 +1,12 @@
 """The Triton kernels against the PyTorch path they replace.
 
-On a machine without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set only
-while this module's tests run, and before the kernel modules are (re)imported, since
-`@triton.jit` reads it when it decorates); with CUDA they are compiled and run on the GPU,
-and the last tests compare whole-model logits on the GPU with the CPU path.
+With CUDA they are compiled and run on the GPU (and the last tests compare whole-model logits
+on the GPU with the CPU path). Without CUDA they run under Triton's interpreter, which needs
+TRITON_INTERPRET=1 before triton is first imported (`@triton.jit` and triton's own library
+functions read it when they are defined), and some other test of the suite may already have
+imported triton. So on CPU, `test_kernels_under_interpreter` reruns this file in a child
+pytest with TRITON_INTERPRET=1 set from its start; in the parent process the kernel tests skip
+(saying so), and the environment of the rest of the suite is never touched.
 
 Tolerances (absolute, on values of order 1): fp32 conv and norm 1e-5, SSD scan and state
 update 1e-4 (the kernel takes decays as differences of one cumulative sum, the reference sums
@@ -16,6 +19,10 @@ nearest, one unit apart at most per rounding.
 import importlib
 import math
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,31 +33,43 @@ from plait.backends.mamba2 import CausalConv1d, GatedGroupRMSNorm
 from plait.backends.moe import MoEConfig, RoutedExperts, TopKRouter
 from plait.backends.ssd import ssd_chunk_scan, ssd_step
 
-pytestmark = pytest.mark.skipif(not runtime_triton.AVAILABLE, reason="triton is not installed")
-
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL_MODULES = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton")
+CHILD = os.environ.get("PLAIT_KERNEL_TESTS_CHILD") == "1"
+"""This process is the interpreter run started by `test_kernels_under_interpreter`."""
 
 
 @pytest.fixture(scope="module")
 def k():
-    """The kernel modules, (re)imported under the interpreter when there is no GPU."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    mods = {}
-    for name in KERNEL_MODULES:
-        full = f"plait.backends.{name}"
-        mod = importlib.import_module(full)
-        mods[name] = importlib.reload(mod)  # re-decorate under this module's setting
-    yield type("Kernels", (), mods)
-    if previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-    for name in KERNEL_MODULES:  # leave them as a fresh import would
-        importlib.reload(importlib.import_module(f"plait.backends.{name}"))
+    """The kernel modules, where they can run: on the GPU, or in the interpreter child."""
+    if not runtime_triton.AVAILABLE:
+        pytest.skip("triton is not installed")
+    if not (CUDA or CHILD):
+        pytest.skip("on CPU, test_kernels_under_interpreter runs this in a TRITON_INTERPRET=1 child")
+    names = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton")
+    return type("Kernels", (), {n: importlib.import_module(f"plait.backends.{n}") for n in names})
+
+
+@pytest.fixture
+def parent_only():
+    if CHILD:
+        pytest.skip("runs in the parent process")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA or CHILD, reason="with CUDA the kernel tests run directly on the GPU")
+@pytest.mark.skipif(not runtime_triton.AVAILABLE, reason="triton is not installed")
+def test_kernels_under_interpreter():
+    """Every kernel test of this file, on CPU, in a fresh process under TRITON_INTERPRET=1."""
+    env = os.environ | {"TRITON_INTERPRET": "1", "PLAIT_KERNEL_TESTS_CHILD": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-4000:] + proc.stderr[-2000:]
+    print(report)
+    assert proc.returncode == 0, report
+    ran = re.search(r"(\d+) passed", proc.stdout)
+    assert ran and int(ran.group(1)) >= 20, report
 
 
 def gen(seed: int) -> torch.Generator:
@@ -305,7 +324,6 @@ def run_cached(model, ids, batched_tokens):
     return out, pool
 
 
-@pytest.mark.slow
 def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
     """Every Mamba/MoE layer of the tiny checkpoints through the kernels (interpreted on CPU):
     full forward, chunked prefill from mid-chunk positions, batched decode with a fresh row."""
@@ -331,7 +349,7 @@ def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
 # --- decode buckets (CUDA graphs' padding, checked eagerly on CPU) -------------------------
 
 
-def test_bucket_for():
+def test_bucket_for(parent_only):
     from plait.backends.cuda_graphs import bucket_for
 
     assert [bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [2, 2, 4, 8, 16, 256]
@@ -339,7 +357,7 @@ def test_bucket_for():
 
 
 @torch.no_grad()
-def test_padded_decode_leaves_real_rows_unchanged(tiny):
+def test_padded_decode_leaves_real_rows_unchanged(parent_only, tiny):
     """3 rows padded to a bucket of 4: the padding row decodes a throwaway token in the free
     slot 3 (which holds stale state); rows 0..2 get exactly the unpadded logits and state."""
     from nemotron_fixtures import random_ids
@@ -376,7 +394,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (device runs)
 
 @needs_cuda
 @torch.no_grad()
-def test_gpu_logits_equal_cpu_path(tiny):
+def test_gpu_logits_equal_cpu_path(k, tiny):
     """fp32 on both sides (the kernels' dots use IEEE fp32 for fp32 models)."""
     from nemotron_fixtures import random_ids
 
@@ -395,7 +413,7 @@ def test_gpu_logits_equal_cpu_path(tiny):
 
 @needs_cuda
 @torch.no_grad()
-def test_cuda_graph_decode_equals_eager(tiny):
+def test_cuda_graph_decode_equals_eager(k, tiny):
     from nemotron_fixtures import random_ids
 
     from plait.backends.cuda_graphs import DecodeGraphs
