@@ -33,9 +33,11 @@ from plait.modules.grammar import parse_tool_call, tool_call_grammar
 DEFAULT_MAX_TOKENS = 512
 
 _engines: dict[tuple, Engine] = {}
-# per asyncio task: (async engine, the last Request it completed, that request's result)
-_last_async: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("plait_last_completed", default=None)
 _engines_lock = threading.Lock()
+# The last request completed, as (engine, Request, result): per calling thread for the sync
+# engine, per asyncio task for the async one (see `complete`: DSPy's n>1 fan-out)
+_last_sync = threading.local()
+_last_async: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("plait_last_completed", default=None)
 
 
 def shared_engine(model: str, **options: Any) -> Engine:
@@ -110,7 +112,6 @@ class PlaitEngine:
         self.model = model
         self.engine_options = dict(engine_options or {})
         self._engine: Engine | None = engine
-        self._last = threading.local()  # per DSPy thread: the last Request completed and its result
 
     @property
     def engine(self) -> Engine:
@@ -140,13 +141,13 @@ class PlaitEngine:
         times in a row on the calling thread; when the request is deterministic (greedy or
         seeded) every candidate is the first one, so it is computed once. Sampled requests are
         computed every time: each draws its own sample."""
-        last = getattr(self._last, "done", None)
-        if last is not None and last[0] is request and _deterministic(request):
+        last = getattr(_last_sync, "done", None)
+        if last is not None and last[0] is self and last[1] is request and _deterministic(request):
             self.engine.note_shared()
-            handle = last[1]
+            handle = last[2]
         else:
             handle = self.submit(request).wait()
-        self._last.done = (request, handle)  # holding the Request keeps its id from being reused
+        _last_sync.done = (self, request, handle)  # holding the Request keeps its id from being reused
         return self._response(request, handle)
 
     def stream(self, request: Request) -> Iterator:
