@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from plait.backends.cache import Batch, StatePool
 from plait.backends.engine import Engine
 from plait.backends.nemotron_h import load_nemotron_h
 from plait.backends.quant import Int4Linear, Int8Linear, quantize
@@ -97,7 +98,7 @@ def test_quantised_smollm_tracks_fp32_on_real_text(smollm, data_dir, scheme, min
 
 
 @pytest.mark.slow
-def test_int4_engine_serves_concurrent_requests(smollm):
+def test_int4_engine_serves_concurrent_requests():
     engine = Engine.load("smollm2-135m", quantize="int4")
     try:
         question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -107,8 +108,20 @@ def test_int4_engine_serves_concurrent_requests(smollm):
         with ThreadPoolExecutor(len(prompts)) as pool:
             together = list(pool.map(lambda p: engine.generate(p, max_tokens=12).token_ids, prompts))
         assert all(len(t) == 12 for t in together)
-        # the packed kernel may round a row differently inside a larger batch: most rows agree
-        assert sum(a == b for a, b in zip(solo, together)) >= len(prompts) - 1
+        assert [t[0] for t in together] == [t[0] for t in solo]  # the same prefill, alone or not
+        # later tokens may flip where two candidates tie to bf16 precision: compare logits instead
+        model = engine.model
+        ids = [engine.tokenizer.encode(p) for p in prompts]
+        pool = StatePool(model.state_specs(torch.bfloat16), torch.device("cpu"), 64, None)
+        pool.reserve(len(ids), 64)
+        with torch.inference_mode():
+            for slot, row in enumerate(ids):
+                model(torch.tensor([row]), Batch(pool, slot, torch.tensor([0])))
+            lens = torch.tensor([len(row) for row in ids])
+            nxt = torch.tensor([[row[-1]] for row in ids])
+            batched = model(nxt, Batch(pool, 0, lens))[:, -1]
+            alone = torch.cat([model(nxt[i:i + 1], Batch(pool, i, lens[i:i + 1]))[:, -1] for i in range(len(ids))])
+        assert (batched - alone).abs().max() <= 0.02 * alone.abs().max()
     finally:
         engine.close()
 

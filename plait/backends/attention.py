@@ -11,6 +11,18 @@ from torch import nn
 from plait.backends.cache import SEQ, LayerState, StateSpec
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One `nn.Linear` whose output is the given layers' outputs side by side."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused.requires_grad_(False)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the half-split layout (`rotate_half`).
 
@@ -58,8 +70,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.qkv_proj: nn.Linear | None = None
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.rope = rope
+
+    def fuse(self) -> None:
+        """Merge q/k/v into one matmul (checkpoints load them separately, by their own names):
+        one weight read and one kernel call per step instead of three."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
     def state_specs(self, dtype: torch.dtype) -> dict[str, StateSpec]:
         shape = (self.num_kv_heads, SEQ, self.head_dim)
@@ -67,33 +91,39 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
         bsz, steps, _ = x.shape
-        q = self.q_proj(x).view(bsz, steps, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self._project(x).view(bsz, steps, heads, self.head_dim).transpose(1, 2)
+        rotated, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.rope is not None:  # q and k rotate together: one set of ops for both
+            positions = self.rope.positions(steps, x.device) if state is None else state.batch.positions(steps)
+            rotated = self.rope(rotated, positions)
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         if state is None:
-            if self.rope is not None:
-                positions = self.rope.positions(steps, x.device)
-                q, k = self.rope(q, positions), self.rope(k, positions)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            lens = state.batch.cache_lens
-            if self.rope is not None:
-                positions = state.batch.positions(steps)
-                q, k = self.rope(q, positions), self.rope(k, positions)
-            k_cache, v_cache = state.tensors["k"], state.tensors["v"]
-            if bsz == 1:
-                start = int(lens[0])
-                k_cache[0, :, start:start + steps] = k[0]
-                v_cache[0, :, start:start + steps] = v[0]
-            else:  # decode: one new token per row, each at its own position
-                rows = torch.arange(bsz, device=x.device)
-                k_cache[rows, :, lens] = k[:, :, 0]
-                v_cache[rows, :, lens] = v[:, :, 0]
-            mask = state.batch.key_mask(steps)
-            length = mask.shape[-1]
-            keys, values = k_cache[:, :, :length], v_cache[:, :, :length]
-            if steps == 1 and x.device.type == "cpu" and q.dtype != torch.float32:
-                # PyTorch's CPU SDPA for one bf16 query row is ~6x slower than casting to fp32
-                q, keys, values = q.float(), keys.float(), values.float()
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True).to(x.dtype)
+            out = self._attend_cached(q, k, v, state)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, steps, -1))
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       state: LayerState) -> torch.Tensor:
+        """Write this pass's keys/values into the slots, attend over each row's cached prefix."""
+        bsz, _, steps, _ = q.shape
+        lens = state.batch.cache_lens
+        k_cache, v_cache = state.tensors["k"], state.tensors["v"]
+        if bsz == 1:
+            start = int(lens[0])
+            k_cache[0, :, start:start + steps] = k[0]
+            v_cache[0, :, start:start + steps] = v[0]
+            if start == 0:  # a fresh sequence sees only its own keys: plain causal attention
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # decode: one new token per row, each at its own position
+            rows = torch.arange(bsz, device=q.device)
+            k_cache[rows, :, lens] = k[:, :, 0]
+            v_cache[rows, :, lens] = v[:, :, 0]
+        mask = state.batch.key_mask(steps)
+        length = mask.shape[-1]
+        keys, values = k_cache[:, :, :length], v_cache[:, :, :length]
+        if steps == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+            # PyTorch's CPU SDPA for one bf16 query row is ~6x slower than casting to fp32
+            q, keys, values = q.float(), keys.float(), values.float()
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True).to(k.dtype)

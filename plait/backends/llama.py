@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.backends.attention import Attention, RotaryEmbedding
+from plait.backends.attention import Attention, RotaryEmbedding, fuse_linears
 from plait.backends.cache import Batch, StateSpec
 from plait.backends.model import CausalLM
 from plait.backends.norms import RMSNorm
@@ -35,10 +35,20 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        """Merge gate and up into one matmul (see `Attention.fuse`)."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):

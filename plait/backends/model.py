@@ -39,6 +39,14 @@ class CausalLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`)."""
         raise NotImplementedError
 
+    def fuse_projections(self) -> "CausalLM":
+        """Merge the projections that read the same input (q/k/v, gate/up) into one matmul each:
+        layers that can do so have a `fuse()` method. Done once after loading, before serving."""
+        for module in list(self.modules()):
+            if module is not self and callable(getattr(module, "fuse", None)):
+                module.fuse()
+        return self
+
     def info(self, family: str) -> ModelInfo:
         return ModelInfo(family, self.context_length, self.vocab_size,
                          sum(p.numel() for p in self.parameters()))

@@ -83,6 +83,7 @@ def load(path: Path, dtype: torch.dtype, device: str,
             raise ValueError("weight-only int4/int8 is the CPU path; on a GPU load bf16 weights")
         dtype = torch.bfloat16
     model, tokenizer, family = _load(path, dtype, device)
+    model.fuse_projections()
     if quantize is not None:
         from plait.backends.quant import quantize as quantize_model
 
