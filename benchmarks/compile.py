@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every call (both peers)")
     ap.add_argument("--peers", default="plait,plait-bf16,llama-cpp",
                     help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), llama-cpp")
-    ap.add_argument("--profile", metavar="FILE",
-                    help="cProfile the calling thread over each plait peer's first repeat (FILE.<peer>)")
     ap.add_argument("--smoke", action="store_true", help="8 dev rows, 8 train rows, 1 repeat")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -190,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     devset = [Sentiment.from_row(r) for r in rows]
     trainset = [Sentiment.from_row(json.loads(line)) for line in (DATA / "train.jsonl").open()][: args.train]
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print("load average at start: %.2f %.2f %.2f (cpus: %d)" % (*os.getloadavg(), os.cpu_count()))
+    print("load average at start: {:.2f} {:.2f} {:.2f} (cpus: {})".format(*os.getloadavg(), os.cpu_count()))
     print(f"SST-2: {len(devset)} dev rows, {len(trainset)} train rows; num_threads={args.threads}, "
           f"max_tokens={args.max_tokens}, BootstrapFewShot(max_bootstrapped_demos={args.demos}, "
           f"max_labeled_demos={args.labeled}); torch threads {torch.get_num_threads()}, "
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         with dspy.context(lm=peer.lm, adapter=adapter):
             try:
                 Sentiment()(text="a warm-up sentence .")
-            except Exception as exc:  # noqa: BLE001 — an unparsed answer still warmed the engine
+            except Exception as exc:  # noqa: BLE001 (an unparsed answer still warmed the engine)
                 print(f"  warm-up call on {peer.name}: {type(exc).__name__}")
     print(f"peers loaded and warmed in {time.perf_counter() - t0:.1f} s: {', '.join(p.name for p in peers)}\n")
 
@@ -228,16 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for peer in peers if rep % 2 == 0 else peers[::-1]:
             resets[peer.name]()
-            profiler = None
-            if args.profile and peer.name.startswith("plait") and rep == 0:
-                import cProfile
-
-                profiler = cProfile.Profile()
-                profiler.enable()
             out = run_compile(peer, adapter, devset, trainset, args)
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(f"{args.profile}.{peer.name}")
             runs[peer.name].append(out)
             total = sum(v[0] for v in out.values())
             print(f"  repeat {rep + 1}/{args.repeats} {peer.name:<15} "
@@ -267,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         row += [f"{median(ratios(phase, n)):.2f}x" for n in mine]
         lines.append(row)
     widths = [max(len(r[i]) for r in lines + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     print("\n" + fmt(head))
     print("-" * len(fmt(head)))
     for r in lines:
@@ -282,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               f"parse failures {ev[2]} / {comp[2]}; LM calls {ev[3].calls} + {boot[3].calls} + {comp[3].calls} "
               f"= {calls}")
         for phase, label in phases[:3]:
-            print(f"    {label:<20} {out[phase][3].describe()}")
+            print(f"    {label:<20} {out[phase][3].describe(out[phase][0])}")
     if args.repeats > 1:
         print("  spread of totals over repeats (min-max): " + ", ".join(
             f"{n} {min(seconds(n, 'total', r) for r in range(args.repeats)):.1f}-"
@@ -291,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         total = ratios("total", name)
         print(f"compile goal (>= 5x faster than DSPy + llama-cpp-python): {name} {median(total):.2f}x "
               f"(per-repeat total ratios: {', '.join(f'{x:.2f}' for x in total)})")
-    print("load average at end: %.2f %.2f %.2f (2 cores shared: above ~2 timings are inflated)" % os.getloadavg())
+    print("load average at end: {:.2f} {:.2f} {:.2f} (2 cores shared: above ~2 timings are inflated)".format(
+        *os.getloadavg()))
     return 0
 
 
@@ -301,7 +294,7 @@ class _PlaitCounts:
     def __init__(self, engine):
         self.stats = engine.stats()
 
-    def __sub__(self, other: "_PlaitCounts") -> "_PlaitCounts":
+    def __sub__(self, other: _PlaitCounts) -> _PlaitCounts:
         delta = object.__new__(_PlaitCounts)
         delta.stats = self.stats.since(other.stats)
         return delta
@@ -310,27 +303,28 @@ class _PlaitCounts:
     def calls(self) -> int:
         return self.stats.requests + self.stats.shared
 
-    def describe(self) -> str:
+    def describe(self, wall: float) -> str:
         s = self.stats
         return (f"prompt tokens computed {s.prompt_tokens_computed:,} of {s.prompt_tokens:,} "
                 f"({100 * s.prompt_cache_share:.0f}% from the prefix cache); decode passes {s.decode_passes:,}, "
                 f"mean batch {s.mean_decode_batch:.2f} (max {s.max_decode_batch}); multi-token passes "
                 f"{s.multi_token_passes:,} ({s.multi_token_tokens:,} tokens); sequences in flight per pass "
                 f"{s.mean_rows_in_flight:.2f}; shared requests {s.shared}; time in model passes "
-                f"{s.forward_seconds:.1f} s")
+                f"{s.forward_seconds:.1f} s ({100 * s.forward_seconds / wall:.0f}% of the wall time, "
+                f"{s.multi_token_tokens / max(s.forward_seconds, 1e-9):.0f} tokens/s)")
 
 
 class _LlamaCounts:
     def __init__(self, llama: LlamaCppEngine):
         self.calls, self.prompt, self.completion = llama.calls, llama.prompt_tokens, llama.completion_tokens
 
-    def __sub__(self, other: "_LlamaCounts") -> "_LlamaCounts":
+    def __sub__(self, other: _LlamaCounts) -> _LlamaCounts:
         delta = object.__new__(_LlamaCounts)
         delta.calls = self.calls - other.calls
         delta.prompt, delta.completion = self.prompt - other.prompt, self.completion - other.completion
         return delta
 
-    def describe(self) -> str:
+    def describe(self, wall: float) -> str:
         return (f"prompt tokens {self.prompt:,} (llama.cpp reuses the previous prompt's common prefix), "
                 f"completion tokens {self.completion:,}")
 

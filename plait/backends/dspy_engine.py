@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import dspy
-from dspy.lm15 import Message, Request, Response, TextPart, ToolCallPart, ToolResultPart, Usage
 from dspy._vendor.lm15.types import StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta
+from dspy.lm15 import Message, Request, Response, TextPart, ToolCallPart, ToolResultPart, Usage
 
 from plait.backends.constraint import GrammarSpec, compile_constraint, grammar_spec_from_request
 from plait.backends.engine import Engine
@@ -63,8 +63,8 @@ def _part_text(part: Any) -> str:
 
 def _tools_note(tools: tuple) -> str:
     """Tells the model which tools exist and how a call is written (the grammar enforces it)."""
-    lines = ["You can call these tools. To call one, answer with only a JSON object "
-             '{"name": <tool name>, "arguments": {...}}.']
+    lines = [("You can call these tools. To call one, answer with only a JSON object "
+              '{"name": <tool name>, "arguments": {...}}.')]
     for tool in tools:
         lines.append(json.dumps({"name": tool.name, "description": tool.description,
                                  "parameters": tool.parameters}))
@@ -123,10 +123,10 @@ class PlaitEngine:
     def submit(self, request: Request, stream: bool = False) -> EngineRequest:
         config = request.config
         prompt = self.engine.chat_prompt(_messages(request))
-        sampling = dict(max_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
-                        temperature=config.temperature if config.temperature is not None else 0.0,
-                        top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-                        stop=tuple(config.stop) or None)
+        sampling = {"max_tokens": config.max_tokens or DEFAULT_MAX_TOKENS,
+                    "temperature": config.temperature if config.temperature is not None else 0.0,
+                    "top_p": config.top_p, "top_k": config.top_k, "seed": config.seed,
+                    "stop": tuple(config.stop) or None}
         spec = _grammar(request)
         constraint = None
         if spec is not None:

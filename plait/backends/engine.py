@@ -12,10 +12,10 @@ import torch
 
 from plait.backends import registry
 from plait.backends.cache import StatePool
+from plait.backends.constraint import TokenConstraint
 from plait.backends.model import ModelInfo
 from plait.backends.prefix_cache import PrefixCache
 from plait.backends.sampling import SamplingParams
-from plait.backends.constraint import TokenConstraint
 from plait.backends.scheduler import Request, Scheduler, Usage
 from plait.errors import ContextLengthError
 
