@@ -34,7 +34,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise PlaitError("--max-tokens must be at least 1")
     spec = _grammar_spec(args)
-    engine = Engine.load(args.model, dtype=args.dtype)
+    engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
     prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop or None)
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
+                   help="weight-only quantised linear layers, bf16 activations (CPU)")
     constrain = p.add_argument_group("output constraints (one of)")
     constrain.add_argument("--choice", action="append", help="allowed answer (repeatable)")
     constrain.add_argument("--json-schema", metavar="FILE", help="JSON schema the answer must follow")

@@ -27,6 +27,13 @@ def test_generate_answers_with_the_chat_template():
     assert "Paris" in out.stdout
 
 
+def test_generate_with_int4_weights():
+    out = run("generate", "-m", "smollm2-135m", "--quantize", "int4",
+              "What is the capital of France? Answer in one word.", "--max-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
 def test_generate_raw_and_stream():
     raw = run("generate", "--raw", "The capital of France is", "--max-tokens", "4")
     streamed = run("generate", "--raw", "The capital of France is", "--max-tokens", "4", "--stream")
