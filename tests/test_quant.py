@@ -156,3 +156,13 @@ def test_quantize_replaces_every_linear_layer():
     quantize(model, "int4", head_name="2")
     assert isinstance(model[0], Int4Linear) and isinstance(model[2], Int8Linear)
     assert model(torch.randn(2, 64).bfloat16()).shape == (2, 48)
+
+
+@pytest.mark.slow
+def test_dspy_lm_on_int4_weights_has_its_own_model_string():
+    import plait
+
+    lm = plait.LM("smollm2-135m", quantize="int4", cache=False, max_tokens=16, temperature=0.0)
+    assert lm.model.endswith("-int4") and lm.model != plait.LM("smollm2-135m").model
+    question = {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+    assert "Paris" in lm(messages=[question])[0]

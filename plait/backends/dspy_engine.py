@@ -238,10 +238,12 @@ class AsyncPlaitEngine:
 
 
 def LM(name_or_path: str = "smollm2-135m", *, device: str = "cpu", dtype: str | None = None,
-       max_batch_size: int = 32, **defaults: Any) -> dspy.LM:
+       max_batch_size: int = 32, quantize: str | None = None, **defaults: Any) -> dspy.LM:
     """A ready `dspy.LM` running on plait's local engine.
 
-    `defaults` are DSPy's LM settings (temperature, max_tokens, cache, num_retries, ...).
+    `quantize="int4"` or `"int8"` runs weight-only quantised linear layers (CPU, see
+    `Engine.load`); the model string gets the scheme as a suffix, so DSPy's cache keeps the
+    variants apart. `defaults` are DSPy's LM settings (temperature, max_tokens, cache, ...).
     `LM("http://host:port/v1", model="...")` runs on an OpenAI-compatible server instead
     (vLLM, SGLang, NIM or `plait serve`): see `plait.backends.remote.remote_lm`.
     """
@@ -258,6 +260,9 @@ def LM(name_or_path: str = "smollm2-135m", *, device: str = "cpu", dtype: str | 
     options = {"device": device, "max_batch_size": max_batch_size}
     if dtype is not None:
         options["dtype"] = dtype
+    if quantize is not None:
+        options["quantize"] = quantize
+        model_id = f"{model_id}-{quantize}"
     engine = PlaitEngine(name_or_path, options)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
     return dspy.LM(f"plait/{model_id}", engine=engine, async_engine=AsyncPlaitEngine(engine), **defaults)

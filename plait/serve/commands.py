@@ -108,6 +108,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
+                   help="weight-only quantised linear layers, bf16 activations (CPU)")
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
     p.add_argument(
         "--database",
@@ -169,6 +171,8 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
     lm_options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
     if args.dtype:
         lm_options["dtype"] = args.dtype
+    if args.quantize:
+        lm_options["quantize"] = args.quantize
     program_options = dict(lm_options)
     if args.max_tokens:
         program_options["max_tokens"] = args.max_tokens
