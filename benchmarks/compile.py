@@ -31,6 +31,12 @@ plait dequantises the same GGUF to fp32, so the two are the same model at differ
 precisions: accuracies are close, not equal. Without a grammar the llama.cpp peer may answer
 outside ChatAdapter's format; such rows fail to parse and score 0 (counted in the table).
 
+Under the table, per phase: plait's prompt tokens computed vs total (the rest restored from the
+prefix cache), decode passes and their mean batch, multi-token passes (prompt chunks and forced
+spans), sequences the scheduler held per pass, and the time inside model passes (its share of
+the phase's wall time says whether the engine or everything around it is the limit); the peer's
+prompt and completion tokens as llama.cpp reports them.
+
 Each repeat is cold for both peers (plait's prefix cache is cleared, llama.cpp's KV cache
 reset); weights are loaded and warmed once before timing. Peers alternate order per repeat.
 Wall times are medians over repeats; the ratio is the median of the per-repeat ratios (peers run
