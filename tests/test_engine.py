@@ -53,6 +53,45 @@ def test_chunked_prefill_equals_one_pass(smollm):
     assert done == len(ids)
 
 
+@torch.inference_mode()
+def test_padded_multi_row_pass_equals_each_row_alone(smollm):
+    """Rows of different lengths, some continuing a cached prefix, in one right-padded pass:
+    each row's last logits and the cache it leaves (seen through the next decode step) equal
+    the row computed alone."""
+    texts = ["Name a planet.", "Write a haiku about rain in the mountains.", "What is 2+2?"]
+    prompts = [_ids(smollm, t) for t in texts]
+    starts = [0, 9, 4]  # rows 1 and 2 already hold a cached prefix
+    pool = _pool(smollm, slots=3)
+    for slot, (ids, start) in enumerate(zip(prompts, starts)):
+        if start:
+            smollm.model(torch.tensor([ids[:start]]), Batch(pool, slot, torch.tensor([0])))
+    chunks = [ids[start:] for ids, start in zip(prompts, starts)]
+    width = max(len(c) for c in chunks)
+    padded = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks])
+    batch = Batch(pool, 0, torch.tensor(starts), torch.tensor([len(c) for c in chunks]))
+    last = smollm.model(padded, batch, last_only=True)[:, -1]
+    nxt = last.argmax(-1)
+    after = smollm.model(nxt[:, None], Batch(pool, 0, torch.tensor([len(p) for p in prompts])))[:, -1]
+    for row, ids in enumerate(prompts):
+        full = smollm.logits(ids + [int(nxt[row])])
+        torch.testing.assert_close(last[row], full[len(ids) - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(after[row], full[len(ids)], atol=1e-4, rtol=0)
+
+
+def test_prompts_arriving_together_share_prefill_passes(smollm):
+    engine = Engine(smollm.model, smollm.tokenizer, "padded", "llama", prefix_cache=False)
+    try:
+        prompts = [_ids(smollm, f"Tell me one fact about the number {n}.") for n in range(6)]
+        alone = [engine.generate(ids, max_tokens=6).token_ids for ids in prompts]
+        before = engine.stats()
+        requests = [engine.submit(ids, max_tokens=6) for ids in prompts]  # admitted in one step
+        together = [r.wait().token_ids for r in requests]
+        assert together == alone
+        assert engine.stats().since(before).multi_token_passes < len(prompts)
+    finally:
+        engine.close()
+
+
 def test_scheduler_chunked_prefill_gives_same_tokens(smollm):
     small = Engine(smollm.model, smollm.tokenizer, "chunked", "llama", prefill_chunk=8)
     try:

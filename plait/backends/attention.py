@@ -116,10 +116,11 @@ class Attention(nn.Module):
             v_cache[0, :, start:start + steps] = v[0]
             if start == 0:  # a fresh sequence sees only its own keys: plain causal attention
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # decode: one new token per row, each at its own position
-            rows = torch.arange(bsz, device=q.device)
-            k_cache[rows, :, lens] = k[:, :, 0]
-            v_cache[rows, :, lens] = v[:, :, 0]
+        else:  # several rows (decode, or padded prompt chunks): each writes at its own positions
+            rows = torch.arange(bsz, device=q.device)[:, None]
+            positions = state.batch.positions(steps)
+            k_cache[rows, :, positions] = k.transpose(1, 2)
+            v_cache[rows, :, positions] = v.transpose(1, 2)
         mask = state.batch.key_mask(steps)
         length = mask.shape[-1]
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]

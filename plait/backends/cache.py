@@ -126,12 +126,16 @@ class Batch:
 
     `cache_lens[r]` is how many tokens row r already has in the pool; the new tokens of row r
     take positions `cache_lens[r] ..`. Rows of a multi-token pass (prefill, forced spans) are
-    one row (B == 1); decode passes have one token per row.
+    one row or several padded rows (`new_tokens`); decode passes have one token per row.
     """
 
     pool: StatePool
     first_slot: int
     cache_lens: torch.Tensor  # [B] int64
+    new_tokens: torch.Tensor | None = None
+    """[B] real tokens per row when several rows share a multi-token pass, each padded on the
+    right to the pass's length (None: every row's tokens fill the pass). Padding writes keys and
+    values past a row's end, where nothing reads them before real tokens overwrite them."""
 
     @property
     def size(self) -> int:
@@ -163,6 +167,13 @@ class Batch:
             steps = torch.arange(new_tokens, device=self.cache_lens.device)
             positions = self._positions[new_tokens] = self.cache_lens[:, None] + steps
         return positions
+
+    def last_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [B, 1, ...]: each row's last real position."""
+        if self.new_tokens is None:
+            return x[:, -1:]
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, self.new_tokens.to(x.device) - 1][:, None]
 
     def __post_init__(self) -> None:
         self._masks: dict[int, torch.Tensor] = {}

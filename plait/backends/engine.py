@@ -17,6 +17,7 @@ from plait.backends.model import ModelInfo
 from plait.backends.prefix_cache import PrefixCache
 from plait.backends.sampling import SamplingParams
 from plait.backends.scheduler import Request, Scheduler, Usage
+from plait.backends.threads import run_in_fresh_thread
 from plait.errors import ContextLengthError
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,14 @@ class Engine:
             dtype = _DTYPES[dtype]
         quantize = options.pop("quantize", None)
         model_id, path = registry.resolve(name_or_path)
-        model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
         if quantize is not None:
             model_id = f"{model_id}-{quantize}"
-        return cls(model, tokenizer, model_id, family, **options)
+
+        def build() -> "Engine":
+            model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
+            return cls(model, tokenizer, model_id, family, **options)
+
+        return run_in_fresh_thread(build)  # see plait.backends.threads
 
     # ---- what it did -----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -189,10 +194,13 @@ class Engine:
             cache.nbytes = 0
 
     # ---- scoring ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """fp32 logits [len(ids), vocab] of one full forward pass, no cache (the reference path)."""
         self._check_length(len(ids), 0)
+        return run_in_fresh_thread(self._full_forward, ids)  # see plait.backends.threads
+
+    @torch.inference_mode()
+    def _full_forward(self, ids: list[int]) -> torch.Tensor:
         return self.model(torch.tensor([ids], device=self.device))[0]
 
     # ---- generation ------------------------------------------------------------------------------

@@ -88,5 +88,5 @@ class LlamaForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch.layer(i) if batch is not None else None)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if batch is None else batch.last_tokens(x)
         return self.lm_head(self.norm(x)).float()

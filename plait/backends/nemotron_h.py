@@ -296,7 +296,7 @@ class NemotronHForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch.layer(i) if batch is not None and layer.stateful else None)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if batch is None else batch.last_tokens(x)
         x = self.norm_f(x).to(self.embeddings.weight.dtype)
         return self.lm_head(x).float()
 

@@ -114,6 +114,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
         self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
+        self.padded_passes = all(spec.seq_axis is not None for layer in pool.layer_specs for spec in layer.values())
         self.rows: list[Request] = []  # rows[i] lives in slot i
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -224,17 +225,9 @@ class Scheduler:
         self.steps += 1
         for row in [r for r in self.rows if r.cancelled]:
             self._finish(row, "cancelled")
-        # multi-token passes: prompts (chunked) and forced spans, one row each
-        for slot, row in enumerate(self.rows):
-            if len(row.pending) > 1:
-                chunk = row.pending[: self._pass_length(row)]
-                logits = self._forward(slot, [row], torch.tensor([chunk], device=self.device))
-                self._consumed(row, len(chunk))
-                computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
-                if self.prefix_cache is not None and computed_prompt:
-                    self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
-                if not row.pending:
-                    self._next_token(row, logits[0, -1])
+        # multi-token passes: prompts (chunked) and forced spans
+        for slots, chunks in self._multi_token_groups():
+            self._multi_token_pass(slots, chunks)
         # decode: every row with exactly one pending token, per contiguous run of slots
         run: list[int] = []
         for slot, row in enumerate(self.rows + [None]):
@@ -252,6 +245,44 @@ class Scheduler:
                 self._next_token(row, logits[0, -1])
         for row in [r for r in self.rows if r.finish_reason is not None]:
             self._release(row)
+
+    def _multi_token_groups(self) -> list[tuple[list[int], list[list[int]]]]:
+        """The rows with more than one pending token, with this step's chunk of each, grouped
+        into passes. Prompts that arrive together are prefilled in one padded pass (a matmul
+        over many rows uses the cores better than many small ones) when every state the model
+        keeps lies along the sequence: a Mamba state would absorb the padding, so hybrids run
+        one row per pass. A group is contiguous slots and stops before padding would exceed a
+        quarter of the pass or the keys would run past the pool's capacity."""
+        groups: list[tuple[list[int], list[list[int]]]] = []
+        for slot, row in enumerate(self.rows):
+            if len(row.pending) <= 1:
+                continue
+            chunk = row.pending[: self._pass_length(row)]
+            if groups and self.padded_passes and groups[-1][0][-1] == slot - 1:
+                slots, chunks = groups[-1]
+                width = max(len(chunk), *(len(c) for c in chunks))
+                real = len(chunk) + sum(len(c) for c in chunks)
+                deepest = max(row.cached, *(self.rows[s].cached for s in slots))
+                if width * (len(slots) + 1) <= 1.25 * real and deepest + width <= self.pool.capacity:
+                    slots.append(slot)
+                    chunks.append(chunk)
+                    continue
+            groups.append(([slot], [chunk]))
+        return groups
+
+    def _multi_token_pass(self, slots: list[int], chunks: list[list[int]]) -> None:
+        rows = [self.rows[s] for s in slots]
+        width = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.device)
+        new_tokens = torch.tensor([len(c) for c in chunks]) if len(rows) > 1 else None
+        logits = self._forward(slots[0], rows, ids, new_tokens)
+        for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
+            self._consumed(row, len(chunk))
+            computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
+            if self.prefix_cache is not None and computed_prompt:
+                self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
+            if not row.pending:
+                self._next_token(row, logits[i, -1])
 
     def _pass_length(self, row: Request) -> int:
         """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
@@ -282,7 +313,8 @@ class Scheduler:
             self._consumed(row, 1)
             self._next_token(row, logits[i], masked=True)
 
-    def _forward(self, first_slot: int, rows: list[Request], ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, first_slot: int, rows: list[Request], ids: torch.Tensor,
+                 new_tokens: torch.Tensor | None = None) -> torch.Tensor:
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.usage.forward_passes += 1
@@ -290,7 +322,7 @@ class Scheduler:
             logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
             if logits is not None:
                 return logits
-        return self.model(ids, Batch(self.pool, first_slot, lens), last_only=True)
+        return self.model(ids, Batch(self.pool, first_slot, lens, new_tokens), last_only=True)
 
     def _consumed(self, row: Request, count: int) -> None:
         self.prompt_tokens_computed += max(0, min(count, len(row.prompt_ids) - row.cached))
