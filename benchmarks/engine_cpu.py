@@ -20,6 +20,12 @@ engine tokenizer's stop set; llama.cpp: its raw `generate` loop never stops by i
 actual counts are used anyway. Every call gets a prompt that differs from every other call's from
 its first tokens, so no prefix cache (plait's, llama.cpp's) can skip work.
 
+Every peer runs in a process of its own, one process per peer and repeat (the prompts come from
+this process, so all peers get the same kind of work): in one process the engines' CPU thread
+teams crowd each other — libgomp stops spinning when a process holds more OpenMP threads than
+cores, and llama.cpp's and every torch thread's workers count — which made plait int4's batch-1
+decode read 46 tok/s beside llama.cpp against 94 alone.
+
 Metrics (median over repeats; peers interleaved within each repeat so background load hits all):
   * prefill tok/s   = prompt tokens / time of a 1-new-token call (≈ time to first token);
   * decode tok/s    = (n - 1) / (t(n new tokens) - t(1 new token)) at batch 1, after the prompt;
@@ -32,14 +38,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import io
 import itertools
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -268,6 +276,78 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:,.{digits}f}"
 
 
+def build_peer_info(name: str) -> Peer:
+    """What the table prints of a peer (name, weights, how it runs concurrency), without loading it."""
+    info = Peer()
+    info.name = name
+    if name.startswith("plait "):
+        info.weights = PLAIT_WEIGHTS[name.split()[1]]
+    else:
+        info.weights = {"transformers fp32": TransformersPeer.weights, "llama-cpp-python": LlamaCppPeer.weights}[name]
+    sequential = name == "llama-cpp-python"
+    info.sequential_concurrency = lambda: sequential
+    return info
+
+
+def build_peer(name: str, gguf: Path, args: argparse.Namespace) -> Peer:
+    if name.startswith("plait "):
+        return PlaitPeer(name.split()[1], args.keep_eos)
+    if name == "transformers fp32":
+        return TransformersPeer(gguf)
+    return LlamaCppPeer(gguf, args.threads)
+
+
+def worker(args: argparse.Namespace, gguf: Path) -> int:
+    """One peer, one repeat, in this process: the work file's prompts in, a JSON line out."""
+    work = json.loads(Path(args.work).read_text())
+    peer = build_peer(args.worker, gguf, args)
+    n = args.decode_tokens
+    peer.generate(work["warmup"], 4)  # first calls allocate caches, load kernels
+    peer.concurrent(work["warmup_concurrent"], 2)
+    res: dict[str, float | None] = {}
+    t1, _ = timed(peer.generate, work["prefill"], 1)
+    tn, got = timed(peer.generate, work["decode"], n)
+    res["prefill"] = len(work["prefill"]) / t1
+    res["decode"] = (got - 1) / (tn - t1) if got > 1 and tn > t1 else None
+    res["decode_e2e"] = got / tn
+    if peer.sequential_concurrency():
+        # requests one after another: the throughput is the same for every level
+        elapsed, produced = 0.0, 0
+        for ids in work["sequential"]:
+            dt, got_i = timed(peer.generate, ids, n)
+            elapsed += dt
+            produced += got_i
+        for level in work["concurrent"]:
+            res[f"conc{level}"] = produced / elapsed
+    else:
+        for level, batch in work["concurrent"].items():
+            dt, produced = timed(peer.concurrent, batch, n)
+            res[f"conc{level}"] = produced / dt
+    out = {"metrics": res}
+    if "probe" in work:
+        out["probe"] = peer.tokens(work["probe"], 16)
+    print("RESULT " + json.dumps(out), flush=True)
+    peer.close()
+    return 0
+
+
+def run_worker(name: str, work: dict, args: argparse.Namespace) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(work, f)
+    command = [sys.executable, __file__, "--worker", name, "--work", f.name,
+               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    if args.keep_eos:
+        command.append("--keep-eos")
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -284,105 +364,84 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plait", default="fp32,bf16,int4", help=f"plait variants ({', '.join(PLAIT_VARIANTS)})")
     ap.add_argument("--keep-eos", action="store_true", help="let plait stop at EOS (counts stay exact)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 16 new tokens, 128-token prompt")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.decode_tokens, args.prompt_tokens, args.concurrency = 1, 16, 128, "8"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    levels = [int(c) for c in args.concurrency.split(",") if c]
-    wanted = set(args.peers.split(","))
 
     from plait.backends.registry import resolve
 
     gguf = resolve("smollm2-135m")[1]
+    if args.worker:
+        return worker(args, gguf)
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    wanted = set(args.peers.split(","))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print("load average at start: %.1f %.1f %.1f" % os.getloadavg())
     print(f"model: {gguf.name}   torch {torch.__version__}, threads={args.threads}, cpus={os.cpu_count()}")
     print(f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} new tokens, greedy, "
-          f"{args.repeats} repeat(s), concurrency {levels} (prompts ~{args.conc_prompt_tokens} tokens)")
+          f"{args.repeats} repeat(s), concurrency {levels} (prompts ~{args.conc_prompt_tokens} tokens); "
+          "every peer runs in a process of its own (see below)")
 
-    peers: list[Peer] = []
-    t0 = time.perf_counter()
-    if "plait" in wanted:
-        for variant in args.plait.split(","):
-            peers.append(PlaitPeer(variant, args.keep_eos))
-    encode = peers[0].engine.tokenizer.encode if peers else None
+    names = [f"plait {v}" for v in args.plait.split(",")] if "plait" in wanted else []
     if "transformers" in wanted:
-        try:
-            peers.append(TransformersPeer(gguf))
-        except Exception as exc:  # noqa: BLE001
-            print(f"transformers unavailable: {type(exc).__name__}: {exc}")
+        names.append("transformers fp32")
     if "llama-cpp" in wanted:
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed (pip install llama-cpp-python): peer skipped")
         else:
-            try:
-                peers.append(LlamaCppPeer(gguf, args.threads))
-            except Exception as exc:  # noqa: BLE001
-                print(f"llama-cpp-python unavailable: {type(exc).__name__}: {exc}")
-    if not peers:
+            names.append("llama-cpp-python")
+    if not names:
         print("no peer to measure")
         return 1
-    if encode is None:
-        from plait.backends.engine import Engine
+    from plait.backends.engine import Engine
 
-        encode = Engine.load("smollm2-135m").tokenizer.encode
-    print(f"loaded {', '.join(p.name for p in peers)} in {time.perf_counter() - t0:.0f} s\n")
-    prompts = Prompts(encode)
-
-    # sanity: same greedy tokens? (fp32 peers should agree on most of a short continuation)
+    tokenizer_engine = Engine.load("smollm2-135m", prefix_cache=False)
+    prompts = Prompts(tokenizer_engine.tokenizer.encode)
     probe = prompts.make(64)
-    ref = {p.name: p.tokens(probe, 16) for p in peers if hasattr(p, "tokens")}
-    base = ref.get("plait fp32")
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    probes: dict[str, list[int]] = {}
+    for rep in range(args.repeats):
+        rng = random.Random(1000 + rep)
+        spread = max(1, args.conc_prompt_tokens // 4)
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            work = {
+                "warmup": prompts.make(args.prompt_tokens),
+                "warmup_concurrent": [prompts.make(args.conc_prompt_tokens) for _ in range(min(levels, default=1))],
+                "prefill": prompts.make(args.prompt_tokens),
+                "decode": prompts.make(args.prompt_tokens),
+                "concurrent": {level: [prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
+                                       for _ in range(level)] for level in levels},
+                "sequential": [prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
+                               for _ in range(args.sequential_requests or max(levels))],
+            }
+            if rep == 0:
+                work["probe"] = probe
+            out = run_worker(name, work, args)
+            for key, value in out["metrics"].items():
+                results[name].setdefault(key, []).append(value)
+            if "probe" in out:
+                probes[name] = out["probe"]
+            res = results[name]
+            print(f"  repeat {rep + 1}/{args.repeats} {name:<18} prefill {res['prefill'][-1]:7.1f}  "
+                  f"decode {fmt(res['decode'][-1]):>7}  "
+                  + "  ".join(f"x{lv} {res[f'conc{lv}'][-1]:7.1f}" for lv in levels), flush=True)
+    tokenizer_engine.close()
+    base = probes.get("plait fp32")
     if base is not None:
         agree = []
-        for name, toks in ref.items():
+        for name, toks in probes.items():
             if name != "plait fp32":
                 same = next((i for i, (a, b) in enumerate(zip(base, toks)) if a != b), min(len(base), len(toks)))
                 agree.append(f"{name} {same}/16")
-        print("greedy agreement with plait fp32 (first differing position): " + ", ".join(agree) + "\n")
-
-    # warm-up: first calls allocate caches, load kernels
-    for p in peers:
-        p.generate(prompts.make(args.prompt_tokens), 4)
-        p.concurrent([prompts.make(args.conc_prompt_tokens) for _ in range(min(levels, default=1))], 2)
-
-    results: dict[str, dict[str, list[float]]] = {p.name: {} for p in peers}
-    n = args.decode_tokens
-    for rep in range(args.repeats):
-        order = peers if rep % 2 == 0 else peers[::-1]
-        for p in order:
-            res = results[p.name]
-            t1, _ = timed(p.generate, prompts.make(args.prompt_tokens), 1)
-            tn, got = timed(p.generate, prompts.make(args.prompt_tokens), n)
-            res.setdefault("prefill", []).append(args.prompt_tokens / t1)
-            res.setdefault("decode", []).append((got - 1) / (tn - t1) if got > 1 and tn > t1 else None)
-            res.setdefault("decode_e2e", []).append(got / tn)
-            rng = random.Random(1000 + rep)
-            spread = max(1, args.conc_prompt_tokens // 4)
-            if p.sequential_concurrency():
-                # requests one after another: the throughput is the same for every level
-                count = args.sequential_requests or max(levels)
-                elapsed, produced = 0.0, 0
-                for _ in range(count):
-                    length = args.conc_prompt_tokens + rng.randint(-spread, spread)
-                    dt, got_i = timed(p.generate, prompts.make(length), n)
-                    elapsed += dt
-                    produced += got_i
-                for level in levels:
-                    res.setdefault(f"conc{level}", []).append(produced / elapsed)
-            else:
-                for level in levels:
-                    batch = [prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
-                             for _ in range(level)]
-                    dt, produced = timed(p.concurrent, batch, n)
-                    res.setdefault(f"conc{level}", []).append(produced / dt)
-            gc.collect()
-            print(f"  repeat {rep + 1}/{args.repeats} {p.name:<18} prefill {res['prefill'][-1]:7.1f}  "
-                  f"decode {fmt(res['decode'][-1]):>7}  "
-                  + "  ".join(f"x{lv} {res[f'conc{lv}'][-1]:7.1f}" for lv in levels), flush=True)
+        print("\ngreedy agreement with plait fp32 (first differing position): " + ", ".join(agree))
+    peers = [build_peer_info(name) for name in names]
 
     # ---- table ----
+    n = args.decode_tokens
     metrics = [("prefill", f"prefill tok/s ({args.prompt_tokens}-tok prompt)"),
                ("decode", f"decode tok/s, batch 1 ({n} new)"),
                ("decode_e2e", "batch-1 end to end tok/s (prompt+decode)")]
@@ -430,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  runtime goals, {x}: " + "; ".join(goals))
     print("load average at end: %.1f %.1f %.1f (2 cores: above ~2 the timings are inflated by other work)"
           % os.getloadavg())
-    for p in peers:
-        p.close()
     return 0
 
 
