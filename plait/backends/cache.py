@@ -34,6 +34,12 @@ class StateSpec:
         return tuple(capacity if d == SEQ else d for d in self.shape)
 
 
+def has_fixed_state(layer_specs: list[dict[str, StateSpec]]) -> bool:
+    """Whether any layer keeps state that does not grow with the sequence (Mamba conv/SSM):
+    such state sums up everything fed in, so it cannot be cut at an arbitrary token."""
+    return any(spec.seq_axis is None for specs in layer_specs for spec in specs.values())
+
+
 class StatePool:
     """Slots of per-layer state; grows on demand up to a memory budget and a context limit."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plait.backends.cache import StatePool, StateSpec
+from plait.backends.cache import StatePool, StateSpec, has_fixed_state
 
 
 def block_hashes(ids: list[int], block_size: int) -> list[int]:
@@ -49,7 +49,7 @@ class PrefixCache:
         self.layer_specs = layer_specs
         self.block_size = block_size
         self.budget_bytes = budget_bytes
-        self.has_fixed_state = any(s.seq_axis is None for specs in layer_specs for s in specs.values())
+        self.has_fixed_state = has_fixed_state(layer_specs)
         self.blocks: OrderedDict[int, Block] = OrderedDict()
         self.nbytes = 0
         self.hit_tokens = 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plait.backends.cache import Batch, StatePool
+from plait.backends.cache import Batch, StatePool, has_fixed_state
 from plait.backends.constraint import TokenConstraint, apply_masks
 from plait.backends.cuda_graphs import DecodeGraphs
 from plait.backends.model import CausalLM
@@ -114,7 +114,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
         self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
-        self.padded_passes = all(spec.seq_axis is not None for layer in pool.layer_specs for spec in layer.values())
+        self.padded_passes = not has_fixed_state(pool.layer_specs)  # see _multi_token_groups
         self.rows: list[Request] = []  # rows[i] lives in slot i
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
