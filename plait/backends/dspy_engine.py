@@ -254,7 +254,7 @@ def LM(name_or_path: str = "smollm2-135m", *, device: str = "cpu", dtype: str | 
         if served is None:
             raise ValueError("a remote LM needs the served model's name: plait.LM(url, model=...)")
         return remote_lm(name_or_path, served, **defaults)
-    from plait.backends.registry import resolve
+    from plait.backends.registry import resolve, variant_id
 
     model_id, _ = resolve(name_or_path)
     options = {"device": device, "max_batch_size": max_batch_size}
@@ -262,7 +262,6 @@ def LM(name_or_path: str = "smollm2-135m", *, device: str = "cpu", dtype: str | 
         options["dtype"] = dtype
     if quantize is not None:
         options["quantize"] = quantize
-        model_id = f"{model_id}-{quantize}"
     engine = PlaitEngine(name_or_path, options)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
-    return dspy.LM(f"plait/{model_id}", engine=engine, async_engine=AsyncPlaitEngine(engine), **defaults)
+    return dspy.LM(f"plait/{variant_id(model_id, quantize)}", engine=engine, async_engine=AsyncPlaitEngine(engine), **defaults)

@@ -153,8 +153,7 @@ class Engine:
             dtype = _DTYPES[dtype]
         quantize = options.pop("quantize", None)
         model_id, path = registry.resolve(name_or_path)
-        if quantize is not None:
-            model_id = f"{model_id}-{quantize}"
+        model_id = registry.variant_id(model_id, quantize)
 
         def build() -> "Engine":
             model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)

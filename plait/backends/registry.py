@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from plait.backends.model import CausalLM
+from plait.backends.quant import SCHEMES
+from plait.backends.quant import quantize as quantize_model
 from plait.backends.tokenizer import Tokenizer
 from plait.errors import CheckpointError, ModelNotFoundError
 
@@ -75,8 +77,6 @@ def load(path: Path, dtype: torch.dtype, device: str,
     `quantize` ("int4" or "int8", CPU only) loads the weights in bf16, then swaps every linear
     layer for its weight-only quantised twin (see `plait.backends.quant`)."""
     if quantize is not None:
-        from plait.backends.quant import SCHEMES
-
         if quantize not in SCHEMES:
             raise ValueError(f"unknown quantisation {quantize!r}: expected one of {', '.join(SCHEMES)}")
         if device != "cpu":
@@ -85,10 +85,14 @@ def load(path: Path, dtype: torch.dtype, device: str,
     model, tokenizer, family = _load(path, dtype, device)
     model.fuse_projections()
     if quantize is not None:
-        from plait.backends.quant import quantize as quantize_model
-
         quantize_model(model, quantize)
     return model, tokenizer, family
+
+
+def variant_id(model_id: str, quantize: str | None) -> str:
+    """The id of a checkpoint as loaded: quantised weights give other outputs, so another id
+    (it is DSPy's cache key)."""
+    return model_id if quantize is None else f"{model_id}-{quantize}"
 
 
 def _load(path: Path, dtype: torch.dtype, device: str) -> tuple[CausalLM, Tokenizer, str]:
