@@ -141,11 +141,8 @@ class PlaitEngine:
         times in a row on the calling thread; when the request is deterministic (greedy or
         seeded) every candidate is the first one, so it is computed once. Sampled requests are
         computed every time: each draws its own sample."""
-        last = getattr(_last_sync, "done", None)
-        if last is not None and last[0] is self and last[1] is request and _deterministic(request):
-            self.engine.note_shared()
-            handle = last[2]
-        else:
+        handle = _repeated(getattr(_last_sync, "done", None), self, request, self.engine)
+        if handle is None:
             handle = self.submit(request).wait()
         _last_sync.done = (self, request, handle)  # holding the Request keeps its id from being reused
         return self._response(request, handle)
@@ -183,6 +180,15 @@ class PlaitEngine:
                         finish_reason=finish, usage=_usage(handle))
 
 
+def _repeated(last: tuple | None, owner: Any, request: Request, engine: Engine) -> EngineRequest | None:
+    """The finished handle to answer `request` with again, when `last` (owner, Request, handle)
+    was this very deterministic request on this owner (DSPy's n>1 fan-out); counted as shared."""
+    if last is None or last[0] is not owner or last[1] is not request or not _deterministic(request):
+        return None
+    engine.note_shared()
+    return last[2]
+
+
 def _deterministic(request: Request) -> bool:
     """Whether two runs of `request` must give the same text: greedy, or sampled with a seed."""
     config = request.config
@@ -207,11 +213,8 @@ class AsyncPlaitEngine:
     async def complete(self, request: Request) -> Response:
         """One candidate; like the sync engine, the `n` candidates of a deterministic request
         (completed one after another in the same task) are computed once."""
-        last = _last_async.get()
-        if last is not None and last[0] is self and last[1] is request and _deterministic(request):
-            self.sync.engine.note_shared()
-            handle = last[2]
-        else:
+        handle = _repeated(_last_async.get(), self, request, self.sync.engine)
+        if handle is None:
             handle = await asyncio.to_thread(self.sync.submit, request)
             await asyncio.to_thread(handle.wait)
         _last_async.set((self, request, handle))
