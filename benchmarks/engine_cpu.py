@@ -107,20 +107,18 @@ class Prompts:
 
 # ---- peers ---------------------------------------------------------------------------------------
 class Peer:
-    """One engine under test. `generate(ids, n)` -> number of new tokens actually produced;
+    """One engine under test (`sequential`: its concurrency is requests one after another). `generate(ids, n)` -> number of new tokens actually produced;
     `concurrent(prompts, n)` -> total new tokens produced by all the prompts."""
 
     name = ""
     weights = ""
+    sequential = False
 
     def generate(self, ids: list[int], n: int) -> int:
         raise NotImplementedError
 
     def concurrent(self, prompts: list[list[int]], n: int) -> int:
         raise NotImplementedError
-
-    def sequential_concurrency(self) -> bool:
-        return False
 
     def close(self) -> None:
         pass
@@ -218,6 +216,7 @@ class TransformersPeer(Peer):
 class LlamaCppPeer(Peer):
     name = "llama-cpp-python"
     weights = "Q4_1 as is"
+    sequential = True  # its Python API has no batching
 
     def __init__(self, gguf: Path, threads: int):
         from llama_cpp import Llama
@@ -248,9 +247,6 @@ class LlamaCppPeer(Peer):
     def concurrent(self, prompts, n):
         return sum(self.generate(ids, n) for ids in prompts)
 
-    def sequential_concurrency(self):
-        return True
-
     def close(self):
         self.llm.close()
 
@@ -276,23 +272,20 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:,.{digits}f}"
 
 
-def build_peer_info(name: str) -> Peer:
-    """What the table prints of a peer (name, weights, how it runs concurrency), without loading it."""
-    info = Peer()
-    info.name = name
+OTHER_PEERS = {TransformersPeer.name: TransformersPeer, LlamaCppPeer.name: LlamaCppPeer}
+
+
+def describe(name: str) -> tuple[str, bool]:
+    """(weights, sequential) of a peer, for the table, without loading it."""
     if name.startswith("plait "):
-        info.weights = PLAIT_WEIGHTS[name.split()[1]]
-    else:
-        info.weights = {"transformers fp32": TransformersPeer.weights, "llama-cpp-python": LlamaCppPeer.weights}[name]
-    sequential = name == "llama-cpp-python"
-    info.sequential_concurrency = lambda: sequential
-    return info
+        return PLAIT_WEIGHTS[name.split()[1]], PlaitPeer.sequential
+    return OTHER_PEERS[name].weights, OTHER_PEERS[name].sequential
 
 
 def build_peer(name: str, gguf: Path, args: argparse.Namespace) -> Peer:
     if name.startswith("plait "):
         return PlaitPeer(name.split()[1], args.keep_eos)
-    if name == "transformers fp32":
+    if name == TransformersPeer.name:
         return TransformersPeer(gguf)
     return LlamaCppPeer(gguf, args.threads)
 
@@ -310,7 +303,7 @@ def worker(args: argparse.Namespace, gguf: Path) -> int:
     res["prefill"] = len(work["prefill"]) / t1
     res["decode"] = (got - 1) / (tn - t1) if got > 1 and tn > t1 else None
     res["decode_e2e"] = got / tn
-    if peer.sequential_concurrency():
+    if peer.sequential:
         # requests one after another: the throughput is the same for every level
         elapsed, produced = 0.0, 0
         for ids in work["sequential"]:
@@ -438,7 +431,6 @@ def main(argv: list[str] | None = None) -> int:
                 same = next((i for i, (a, b) in enumerate(zip(base, toks)) if a != b), min(len(base), len(toks)))
                 agree.append(f"{name} {same}/16")
         print("\ngreedy agreement with plait fp32 (first differing position): " + ", ".join(agree))
-    peers = [build_peer_info(name) for name in names]
 
     # ---- table ----
     n = args.decode_tokens
@@ -447,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
                ("decode_e2e", "batch-1 end to end tok/s (prompt+decode)")]
     metrics += [(f"conc{lv}", f"aggregate tok/s, {lv} concurrent") for lv in levels]
     med = {name: {k: median(v) for k, v in r.items()} for name, r in results.items()}
-    names = [p.name for p in peers]
     plait_names = [x for x in names if x.startswith("plait")]
     others = [x for x in names if not x.startswith("plait")]
     ratio_cols = [(a, b) for a in plait_names for b in others]
@@ -466,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     print()
-    for p in peers:
+    for name in names:
+        weights, sequential = describe(name)
         note = (f" (concurrent = {args.sequential_requests or max(levels)} sequential requests per repeat: "
-                "no batching in its Python API)") if p.sequential_concurrency() else ""
-        print(f"  {p.name}: {p.weights}{note}")
+                "no batching in its Python API)") if sequential else ""
+        print(f"  {name}: {weights}{note}")
     print("  ratio columns: plait engine / peer (>1 = plait faster), the median of the per-repeat ratios "
           "(peers run back to back within a repeat, so a drifting background load cancels out)")
     print("  spread over repeats (min-max):")
