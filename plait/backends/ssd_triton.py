@@ -38,20 +38,27 @@ def _block(n: int, cap: int = 64) -> int:
 
 
 @triton.jit
+def _chunk_program(heads, chunks, L: tl.constexpr):
+    """Program axis 0 is (row, chunk, head): (r, c, h) and the offset of that chunk's L
+    entries in the [b, h, c, L] a_cum and dt tensors."""
+    pid = tl.program_id(0)
+    h = pid % heads
+    c = (pid // heads) % chunks
+    r = pid // (heads * chunks)
+    return r, c, h, ((r * heads + h) * chunks + c) * L
+
+
+@triton.jit
 def _chunk_state_kernel(x_ptr, dt_ptr, acum_ptr, b_ptr, states_ptr,
                         chunks, heads, head_dim, state_size, heads_per_group,
                         sxb, sxt, sxh, sbb, sbt, sbg,
                         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)  # (row, chunk, head)
-    h = pid % heads
-    c = (pid // heads) % chunks
-    r = pid // (heads * chunks)
+    r, c, h, at = _chunk_program(heads, chunks, L)
     g = h // heads_per_group
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cum = acum_ptr + ((r * heads + h) * chunks + c) * L  # a_cum and dt are [b, h, c, L]
-    dts = dt_ptr + ((r * heads + h) * chunks + c) * L
+    cum, dts = acum_ptr + at, dt_ptr + at
     a_end = tl.load(cum + L - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
@@ -94,17 +101,13 @@ def _chunk_output_kernel(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, states_ptr, init
                          L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr,
                          PRECISION: tl.constexpr):
-    pid = tl.program_id(0)  # (row, chunk, head)
-    h = pid % heads
-    c = (pid // heads) % chunks
-    r = pid // (heads * chunks)
+    r, c, h, at = _chunk_program(heads, chunks, L)
     g = h // heads_per_group
     ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     ns = tl.arange(0, BLOCK_N)  # the whole state size in one tile
     l_ok, p_ok, n_ok = ls < L, ps < head_dim, ns < state_size
-    cum = acum_ptr + ((r * heads + h) * chunks + c) * L
-    dts = dt_ptr + ((r * heads + h) * chunks + c) * L
+    cum, dts = acum_ptr + at, dt_ptr + at
     a_l = tl.load(cum + ls, mask=l_ok, other=0.0)
     t_l = c * L + ls
     cl = tl.load(c_ptr + r * scb + t_l[:, None] * sct + g * scg + ns[None, :],
