@@ -23,6 +23,11 @@ from torch import nn
 SCHEMES = ("int4", "int8")
 
 
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation {scheme!r}: expected one of {', '.join(SCHEMES)}")
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
 
@@ -97,6 +102,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32,
     Under "int4" a layer whose shape the packed kernel cannot take (input size not a multiple of
     `group_size`, output size not a multiple of 16) and the output head get int8 instead.
     """
+    check_scheme(scheme)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from plait.backends.model import CausalLM
-from plait.backends.quant import SCHEMES
+from plait.backends.quant import check_scheme
 from plait.backends.quant import quantize as quantize_model
 from plait.backends.tokenizer import Tokenizer
 from plait.errors import CheckpointError, ModelNotFoundError
@@ -77,8 +77,7 @@ def load(path: Path, dtype: torch.dtype, device: str,
     `quantize` ("int4" or "int8", CPU only) loads the weights in bf16, then swaps every linear
     layer for its weight-only quantised twin (see `plait.backends.quant`)."""
     if quantize is not None:
-        if quantize not in SCHEMES:
-            raise ValueError(f"unknown quantisation {quantize!r}: expected one of {', '.join(SCHEMES)}")
+        check_scheme(quantize)  # before the weights are read
         if device != "cpu":
             raise ValueError("weight-only int4/int8 is the CPU path; on a GPU load bf16 weights")
         dtype = torch.bfloat16
