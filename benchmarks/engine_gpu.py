@@ -38,29 +38,8 @@ import torch  # noqa: E402
 from plait.backends.cache import Batch, StatePool  # noqa: E402
 from plait.backends.cuda_graphs import DecodeGraphs  # noqa: E402
 from plait.backends.nemotron_h import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
+from plait.backends.nemotron_presets import PUBLISHED, preset  # noqa: E402
 
-COMMON = dict(vocab_size=131072, head_dim=128, ssm_state_size=128, n_groups=8, conv_kernel=4,
-              chunk_size=128, layer_norm_epsilon=1e-5, max_position_embeddings=16384,
-              tie_word_embeddings=False, time_step_min=0.001)
-MODELS = {
-    # nvidia/NVIDIA-Nemotron-Nano-9B-v2 config.json
-    "nano-9b-v2": COMMON | dict(
-        hidden_size=4480, hybrid_override_pattern="M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
-        num_attention_heads=40, num_key_value_heads=8, intermediate_size=15680,
-        mamba_num_heads=128, mamba_head_dim=80),
-    # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 config.json
-    "nano-30b-a3b": COMMON | dict(
-        hidden_size=2688, hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
-        num_attention_heads=32, num_key_value_heads=2, intermediate_size=1856,
-        mamba_num_heads=64, mamba_head_dim=64, n_routed_experts=128, num_experts_per_tok=6,
-        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_shared_experts=1,
-        routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True),
-}
-TINY = dict(vocab_size=4096, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-            intermediate_size=512, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=32, n_groups=2,
-            moe_intermediate_size=128, moe_shared_expert_intermediate_size=256, n_routed_experts=16,
-            num_experts_per_tok=4, chunk_size=32, max_position_embeddings=2048)
-TINY_PATTERNS = {"nano-9b-v2": "M-M*-M-", "nano-30b-a3b": "MEM*EME"}
 
 
 def sync(device: torch.device) -> None:
@@ -290,7 +269,7 @@ def run_model(name: str, config: dict, args, device, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(PUBLISHED), help=f"comma-separated: {', '.join(PUBLISHED)}")
     parser.add_argument("--tiny", action="store_true", help="scaled-down dimensions (a smoke run; CPU works)")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row before decoding")
@@ -310,9 +289,7 @@ def main() -> None:
     print(f"device: {name}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s; torch {torch.__version__}"
           + ("; TINY dimensions (smoke run)" if args.tiny else ""))
     for model_name in args.models.split(","):
-        config = MODELS[model_name]
-        if args.tiny:
-            config = config | TINY | dict(hybrid_override_pattern=TINY_PATTERNS[model_name])
+        config = preset(model_name, tiny=args.tiny)
         run_model(model_name + (" (tiny)" if args.tiny else ""), config, args, device, bandwidth)
 
 

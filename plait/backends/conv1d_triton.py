@@ -63,7 +63,8 @@ def causal_conv1d(x: torch.Tensor, history: torch.Tensor | None, weight: torch.T
     out = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device).transpose(1, 2)
     w = weight.reshape(channels, kernel).contiguous()
     hist = history if history is not None else x.new_zeros(1, 1, 1)
-    block_c, block_t = 64, min(64, triton.next_power_of_2(length))
+    # 64 x 64 tiles need 255 registers and spill on sm_90 (`python -m plait.backends.triton_aot`)
+    block_c, block_t = 64, min(32, triton.next_power_of_2(length))
     grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(length, block_t))
     _conv1d_kernel[grid](
         x, hist, w, bias if bias is not None else w, out, channels, length,

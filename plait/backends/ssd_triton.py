@@ -171,7 +171,10 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     y = torch.empty(batch, chunks * L, heads, head_dim, dtype=torch.float32, device=x.device)
 
     precision = dot_precision(x.dtype)
-    block_l, block_p, block_n = _block(L), _block(head_dim), _block(state_size, cap=256)
+    # IEEE fp32 dots run on the FMA units, operands in registers: 64-wide tiles spill ~7 KB per
+    # thread on sm_90 (`python -m plait.backends.triton_aot --dtype float32`); 32 do not.
+    cap = 32 if precision == "ieee" else 64
+    block_l, block_p, block_n = _block(L, cap), _block(head_dim, cap), _block(state_size, cap=256)
     common = (chunks, heads, head_dim, state_size, heads // groups)
     _chunk_state_kernel[(batch * chunks * heads, triton.cdiv(head_dim, block_p),
                          triton.cdiv(state_size, _block(state_size)))](
