@@ -21,6 +21,7 @@ pytestmark = [
 
 MAMBA_KERNELS = {"_conv1d_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_chunk_output_kernel",
                  "_gated_rmsnorm_kernel", "_conv1d_update_kernel", "_state_update_kernel"}
+ATTENTION_KERNELS = {"_attention_split_kernel", "_attention_merge_kernel"}
 DOT_KERNELS = {"_chunk_state_kernel", "_chunk_output_kernel", "_grouped_gemm"}
 
 
@@ -38,7 +39,7 @@ def test_every_kernel_builds_for_sm90_without_spills(model, dtype, overrides):
     pattern = "".join(dict.fromkeys(PUBLISHED[model]["hybrid_override_pattern"]))  # each layer kind once
     builds = model_builds(preset(model, pattern=pattern) | overrides, dtype, arch=90)
 
-    expected = MAMBA_KERNELS | ({"_grouped_gemm"} if "E" in pattern else set())
+    expected = MAMBA_KERNELS | ATTENTION_KERNELS | ({"_grouped_gemm"} if "E" in pattern else set())
     assert {b.kernel for b in builds} == expected
     problems = {(b.kernel, tuple(b.constants.items())): b.problems(90) for b in builds if b.problems(90)}
     assert not problems

@@ -2,6 +2,9 @@
 
 Llama uses RoPE; Nemotron-H's attention layers use no positional encoding at all (the Mamba
 layers carry position), so `rope=None` there.
+
+On CUDA (with triton) a decode step attends with the kernel in `attention_triton`, which reads
+each row's length on the device; this file's SDPA code is its reference and the CPU path.
 """
 
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.backends.cache import SEQ, LayerState, StateSpec
+from plait.backends.runtime_triton import use_kernels
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
@@ -110,6 +114,13 @@ class Attention(nn.Module):
         bsz, _, steps, _ = q.shape
         lens = state.batch.cache_lens
         k_cache, v_cache = state.tensors["k"], state.tensors["v"]
+        if steps == 1 and use_kernels(q):  # decode on the GPU: no host sync, only real keys read
+            from plait.backends import attention_triton
+
+            rows = torch.arange(bsz, device=q.device)
+            k_cache[rows, :, lens] = k[:, :, 0]
+            v_cache[rows, :, lens] = v[:, :, 0]
+            return attention_triton.decode_attention(q[:, :, 0], k_cache, v_cache, lens)[:, :, None]
         if bsz == 1:
             start = int(lens[0])
             k_cache[0, :, start:start + steps] = k[0]

@@ -9,16 +9,18 @@ one launch. A graph replays fixed shapes at fixed addresses, so:
   real row can see them (every row's state and attention are its own);
 * the ids and cache lengths are copied into static tensors the graph reads, and the logits
   are read from the static tensor it writes;
-* attention reads the pool's whole KV capacity under a mask computed on the device
+* attention runs the Triton decode kernel, which reads each row's length on the device; the
+  PyTorch fallback reads the pool's whole KV capacity under a mask computed on the device
   (`GraphBatch`), instead of slicing to the longest row, which would need the host to know it;
-* nothing in the captured step may ask the host anything: on CUDA the Mamba and MoE layers run
-  the Triton kernels, which need no sync (see mamba2.py, moe.py).
+* nothing in the captured step may ask the host anything: on CUDA the Mamba, MoE and attention
+  layers run the Triton kernels, which need no sync (see mamba2.py, moe.py, attention.py).
 
 Graphs are captured against the pool's tensors; when the pool grows (new tensors) they are
-dropped and recaptured. The smallest bucket is 2 because the attention layer's one-row path
-reads a cache length on the host. A step that does not fit (its rows are not the last live
-slots, so padding would land on another sequence; more rows than the largest bucket; a pool
-too small and no budget to grow it) returns None and the caller runs the model eagerly.
+dropped and recaptured. A bucket of one row exists only with the kernels: the PyTorch
+attention's one-row path reads a cache length on the host. A step that does not fit (its
+rows are not the last live slots, so padding would land on another sequence; more rows than
+the largest bucket; a pool too small and no budget to grow it) returns None and the caller
+runs the model eagerly.
 
 `DecodeGraphs(..., capture=False)` does the same bucketing and padding and runs the padded
 step eagerly: that is how the bucket logic is tested on CPU.
@@ -31,11 +33,12 @@ import torch
 
 from plait.backends.cache import Batch, StatePool
 from plait.backends.model import CausalLM
+from plait.backends.runtime_triton import use_kernels
 from plait.errors import MemoryBudgetError
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def bucket_for(rows: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
@@ -82,7 +85,8 @@ class DecodeGraphs:
         """Graphs for a CUDA pool (unless PLAIT_CUDA_GRAPHS=0); None elsewhere."""
         if pool.device.type != "cuda" or os.environ.get("PLAIT_CUDA_GRAPHS") == "0":
             return None
-        return cls(model, pool)
+        probe = torch.empty(0, device=pool.device)
+        return cls(model, pool, BUCKETS if use_kernels(probe) else BUCKETS[1:])
 
     def run(self, ids: torch.Tensor, first_slot: int, cache_lens: torch.Tensor,
             live_slots: int) -> torch.Tensor | None:
