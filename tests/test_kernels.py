@@ -300,18 +300,23 @@ def device_pool(model, slots: int, capacity: int = 64):
 
 
 @torch.no_grad()
-def feed(model, pool, first_slot: int, ids: torch.Tensor, cache_lens: list[int]) -> torch.Tensor:
-    """One pass of ids [B, T] for slots first_slot.. holding cache_lens tokens, on the model's device."""
+def feed(model, pool, first_slot: int, ids: torch.Tensor, cache_lens: list[int],
+         new_tokens: list[int] | None = None) -> torch.Tensor:
+    """One pass of ids [B, T] for slots first_slot.. holding cache_lens tokens, on the model's
+    device; `new_tokens`: real tokens per row of a right-padded pass."""
     device = model.embeddings.weight.device
     pool.reserve(pool.slots, max(cache_lens) + ids.shape[1])
-    batch = Batch(pool, first_slot, torch.tensor(cache_lens, device=device))
+    real = torch.tensor(new_tokens) if new_tokens is not None else None
+    batch = Batch(pool, first_slot, torch.tensor(cache_lens, device=device), real)
     return model(ids.to(device), batch)
 
 
 @torch.no_grad()
 def run_cached(model, ids, batched_tokens):
     """Prefill two rows in passes of 5 and 8 tokens (the second pass starts mid-chunk), leave
-    stale state in slot 2, then decode steps for rows 0..2 where row 2 starts from nothing.
+    stale state in slot 2, then decode steps for rows 0..2 where row 2 starts from nothing,
+    then one right-padded pass of 11, 4 and 7 tokens for rows 0..2 (the conv history and SSM
+    state must end at each row's last real token) and a last decode step.
     -> (logits of every pass, the pool)."""
     pool = device_pool(model, slots=4)
     out = [feed(model, pool, 0, ids[:, :5], [0]), feed(model, pool, 0, ids[:, 5:13], [5]),
@@ -321,12 +326,17 @@ def run_cached(model, ids, batched_tokens):
     for step in batched_tokens:
         out.append(feed(model, pool, 0, step[:, None], lens))
         lens = [n + 1 for n in lens]
+    real = [11, 4, 7]
+    out.append(feed(model, pool, 0, ids[:, 2:13].expand(3, -1), lens, real))
+    lens = [n + r for n, r in zip(lens, real)]
+    out.append(feed(model, pool, 0, batched_tokens[0][:, None], lens))
     return out, pool
 
 
 def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
     """Every Mamba/MoE layer of the tiny checkpoints through the kernels (interpreted on CPU):
-    full forward, chunked prefill from mid-chunk positions, batched decode with a fresh row."""
+    full forward, chunked prefill from mid-chunk positions, batched decode with a fresh row,
+    a padded multi-row pass."""
     _, model = tiny
     from nemotron_fixtures import random_ids
 

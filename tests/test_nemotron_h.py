@@ -23,6 +23,7 @@ from nemotron_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
+from plait.backends.cache import Batch
 from plait.backends.mamba2 import DtClamp
 from plait.backends.nemotron_h import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig, load_nemotron_h
 from plait.backends.ssd import ssd_chunk_scan, ssd_step
@@ -173,6 +174,57 @@ def test_batched_decode_matches_each_alone(checkpoint):
     together = torch.stack(together, dim=1)  # [3, steps, V]
     for r in range(3):
         assert max_diff(together[r], alone[r]) < 1e-5
+
+
+def assert_same_state(pool_a, slot_a: int, pool_b, slot_b: int, length: int, atol: float) -> None:
+    """Every layer's state of one sequence in two pools: Mamba conv/SSM state whole, attention
+    keys/values over the sequence's `length` positions (what lies past it is never read)."""
+    for specs, layer_a, layer_b in zip(pool_a.layer_specs, pool_a.layers, pool_b.layers):
+        for name, spec in specs.items():
+            a, b = layer_a[name][slot_a], layer_b[name][slot_b]
+            if spec.seq_axis is not None:
+                a, b = a.narrow(spec.seq_axis, 0, length), b.narrow(spec.seq_axis, 0, length)
+            assert max_diff(a, b) < atol, name
+
+
+@torch.no_grad()
+def test_padded_multi_row_pass_matches_each_row_alone(checkpoint):
+    """Rows of different lengths in one right-padded pass (`Batch.new_tokens`), two of them
+    continuing a cached prefix from mid-chunk positions and one starting over a stale slot:
+    each row's last logits, the conv/SSM/KV state it leaves, and the decode steps after it
+    equal the row computed alone. The padding must neither enter the SSM state nor end the
+    conv history; the default dt clamp is on, so a padding dt masked before the clamp would
+    show too."""
+    model = checkpoint[3]
+    prompts = [random_ids(n, seed=40 + n) for n in (19, 11, 16)]
+    starts = [0, 5, 3]
+    steps = random_ids(4 * 3, seed=50).view(4, 3)
+
+    alone_pools, alone_last = [], []
+    for prompt, start in zip(prompts, starts):
+        alone_pools.append(new_pool(model))
+        chunks = [start, prompt.shape[1] - start] if start else None
+        alone_last.append(prefill(model, alone_pools[-1], 0, prompt, chunks=chunks)[0, -1])
+
+    pool = new_pool(model, slots=3)
+    prefill(model, pool, 0, random_ids(9, seed=99))  # stale: row 0 starts at position 0 over it
+    for slot, (prompt, start) in enumerate(zip(prompts, starts)):
+        if start:
+            prefill(model, pool, slot, prompt[:, :start])
+    chunks = [prompt[0, start:] for prompt, start in zip(prompts, starts)]
+    width = max(len(c) for c in chunks)
+    padded = torch.stack([torch.cat([c, c[-1:].expand(width - len(c))]) for c in chunks])
+    batch = Batch(pool, 0, torch.tensor(starts), torch.tensor([len(c) for c in chunks]))
+    last = model(padded, batch, last_only=True)[:, -1]
+    lens = torch.tensor([p.shape[1] for p in prompts])
+    for r in range(3):
+        assert max_diff(last[r], alone_last[r]) < ATOL
+        assert_same_state(pool, r, alone_pools[r], 0, int(lens[r]), ATOL)
+    for s in range(steps.shape[0]):
+        together = decode_step(model, pool, 0, steps[s], lens + s)
+        for r, alone in enumerate(alone_pools):
+            expected = decode_step(model, alone, 0, steps[s, r:r + 1], lens[r:r + 1] + s)
+            assert max_diff(together[r], expected[0]) < ATOL
 
 
 # --- the dt clamp --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ previous inputs of a continuing sequence are its `history` ([B, C, K-1], the con
 Two kernels:
 
 * `causal_conv1d`: a multi-token pass. Taps that reach before the pass read the history.
-  Returns the new history like the reference (the last K-1 inputs of history + x).
+  Returns the new history from the reference's own `mamba2.conv_history` (the K-1 inputs
+  ending at each row's last real one, which for a right-padded row is not the pass's end).
 * `causal_conv1d_update`: one token per row (decode). Reads and shifts the history in place,
   and treats rows whose cache length is 0 as having zero history, so a decode step needs no
   host-side check of which rows are new (a CUDA graph cannot have one).
@@ -16,6 +17,7 @@ reference's `F.conv1d` in that dtype is.
 
 import torch
 
+from plait.backends.mamba2 import conv_history
 from plait.backends.runtime_triton import modules
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -54,8 +56,10 @@ def _conv1d_kernel(x_ptr, hist_ptr, w_ptr, bias_ptr, out_ptr, channels, length,
 
 
 def causal_conv1d(x: torch.Tensor, history: torch.Tensor | None, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, C, T] (any strides), history [B, C, K-1] or None (zeros), weight [C, 1, K] ->
+                  bias: torch.Tensor | None, lengths: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, C, T] (any strides), history [B, C, K-1] or None (zeros), weight [C, 1, K],
+    lengths [B] real inputs per row of a right-padded pass (None: all T) ->
     (silu(conv) [B, C, T] in x's dtype, new history [B, C, K-1])."""
     batch, channels, length = x.shape
     kernel = weight.shape[-1]
@@ -71,10 +75,7 @@ def causal_conv1d(x: torch.Tensor, history: torch.Tensor | None, weight: torch.T
         *x.stride(), *hist.stride(), *out.stride(),
         K=kernel, HAS_HISTORY=history is not None, HAS_BIAS=bias is not None,
         BLOCK_C=block_c, BLOCK_T=block_t)
-    if history is None:
-        history = x.new_zeros(batch, channels, kernel - 1)
-    window = torch.cat([history.to(x.dtype), x[:, :, max(0, length - (kernel - 1)):]], dim=-1)
-    return out, window[:, :, window.shape[-1] - (kernel - 1):]
+    return out, conv_history(x, history, kernel - 1, lengths)
 
 
 @triton.jit

@@ -124,6 +124,28 @@ class GatedGroupRMSNorm(nn.Module):
         return self.weight * grouped.flatten(-2).to(dtype)
 
 
+def conv_history(x: torch.Tensor, history: torch.Tensor | None, keep: int,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The conv state after a pass: per row, the `keep` (= kernel - 1) inputs ending at its
+    last real one. x [B, C, T]; history [B, C, keep] or None (zeros); lengths [B] real inputs
+    per row of a right-padded pass (None: all T) -> [B, C, keep] in x's dtype.
+
+    A padded row's history must end at its last real input, not at the padding, or the next
+    pass would continue from tokens the sequence never had. The PyTorch path and the Triton
+    wrapper (`conv1d_triton.causal_conv1d`) both call this, so they cannot disagree.
+    """
+    if history is None:
+        history = x.new_zeros(x.shape[0], x.shape[1], keep)
+    length = x.shape[-1]
+    if lengths is None:  # every row ends at T: only the tail of x can be in the history
+        window = torch.cat([history.to(x.dtype), x[:, :, max(0, length - keep):]], dim=-1)
+        return window[:, :, window.shape[-1] - keep:]
+    # window = history + x along time; row r's entries ending at input n_r - 1 are window[n_r : n_r + keep]
+    window = torch.cat([history.to(x.dtype), x], dim=-1)
+    ends = lengths.to(x.device)[:, None] + torch.arange(keep, device=x.device)
+    return window.gather(-1, ends[:, None, :].expand(-1, x.shape[1], -1))
+
+
 class CausalConv1d(nn.Module):
     """Depthwise causal convolution that continues from the previous `kernel - 1` inputs.
 
@@ -136,17 +158,22 @@ class CausalConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.kernel = kernel
 
-    def forward(self, x: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, C, T], history [B, C, K-1] (None = zeros) -> (silu(conv) [B, C, T], new history)."""
+    def forward(self, x: torch.Tensor, history: torch.Tensor | None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, T], history [B, C, K-1] (None = zeros), lengths [B] real inputs per row of a
+        right-padded pass (None: all T) -> (silu(conv) [B, C, T], new history; see `conv_history`).
+
+        Padding sits after a row's real inputs, so the causal outputs of real positions never
+        see it; only the new history has to skip it."""
         if use_kernels(x):
             from plait.backends import conv1d_triton
 
-            return conv1d_triton.causal_conv1d(x, history, self.weight, self.bias)
+            return conv1d_triton.causal_conv1d(x, history, self.weight, self.bias, lengths)
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], self.kernel - 1)
         window = torch.cat([history.to(x.dtype), x], dim=-1)
         out = F.conv1d(window, self.weight.to(x.dtype), self.bias, groups=x.shape[1])
-        return F.silu(out), window[:, :, window.shape[-1] - (self.kernel - 1):]
+        return F.silu(out), conv_history(x, history, self.kernel - 1, lengths)
 
 
 class Mamba2Mixer(nn.Module):
@@ -182,9 +209,10 @@ class Mamba2Mixer(nn.Module):
             y = self._step_kernels(xbc[:, 0], dt[:, 0], A, state)[:, None]
             return self.out_proj(self.norm(y.flatten(-2), gate, hidden.dtype))
 
-        conv_state = ssm_state = None
+        conv_state = ssm_state = lengths = None
         start = 0
         if state is not None:
+            lengths = state.batch.new_tokens  # rows right-padded to the pass: see _mask_padding
             conv_state, ssm_state = state.tensors["conv"], state.tensors["ssm"]
             lens = state.batch.cache_lens
             fresh = lens == 0
@@ -193,7 +221,7 @@ class Mamba2Mixer(nn.Module):
                 ssm_state[fresh] = 0
             start = int(lens[0]) if bsz == 1 else 0
 
-        xbc, new_conv = self.conv1d(xbc.transpose(1, 2), conv_state)
+        xbc, new_conv = self.conv1d(xbc.transpose(1, 2), conv_state, lengths)
         if conv_state is not None:
             conv_state.copy_(new_conv)
         x, B, C = xbc.transpose(1, 2).split(
@@ -209,6 +237,8 @@ class Mamba2Mixer(nn.Module):
                          C[:, 0].unflatten(-1, (cfg.n_groups, cfg.state_size)), self.D)[:, None]
         else:
             dt = cfg.dt_clamp.apply(dt, True)
+            if lengths is not None:
+                dt = self._mask_padding(dt, lengths)
             scan = ssd_chunk_scan
             if use_kernels(hidden):
                 from plait.backends import ssd_triton
@@ -224,6 +254,18 @@ class Mamba2Mixer(nn.Module):
             y = result.y
         y = self.norm(y.flatten(-2), gate, hidden.dtype)
         return self.out_proj(y)
+
+    @staticmethod
+    def _mask_padding(dt: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """dt [B, T, h] -> 0 at positions t >= lengths[r], the padding of a multi-row pass.
+
+        A step with dt = 0 decays the state by exp(0 * A) = 1 and adds nothing, so the SSM state
+        a row ends with is its state after its last real token (for the PyTorch and the Triton
+        scan alike). This must come after the dt clamp, which would lift 0 to its floor.
+        """
+        steps = torch.arange(dt.shape[1], device=dt.device)
+        padding = steps[None, :] >= lengths.to(dt.device)[:, None]
+        return dt.masked_fill(padding[:, :, None], 0.0)
 
     def _step_kernels(self, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                       state: LayerState) -> torch.Tensor:
