@@ -316,9 +316,10 @@ class _PlaitCounts:
         return (f"prompt tokens computed {s.prompt_tokens_computed:,} of {s.prompt_tokens:,} "
                 f"({100 * s.prompt_cache_share:.0f}% from the prefix cache); decode passes {s.decode_passes:,}, "
                 f"mean batch {s.mean_decode_batch:.2f} (max {s.max_decode_batch}); multi-token passes "
-                f"{s.multi_token_passes:,} ({s.multi_token_tokens:,} tokens); sequences in flight per pass "
-                f"{s.mean_rows_in_flight:.2f}; shared requests {s.shared}; time in model passes "
-                f"{s.forward_seconds:.1f} s ({100 * s.forward_seconds / wall:.0f}% of the wall time, "
+                f"{s.multi_token_passes:,} ({s.multi_token_tokens:,} tokens + {s.multi_token_padding:,} padding); "
+                f"sequences in flight per pass {s.mean_rows_in_flight:.2f}; shared requests {s.shared}; "
+                f"time in model passes {s.forward_seconds:.1f} s "
+                f"({100 * s.forward_seconds / wall:.0f}% of the wall time, "
                 f"{s.multi_token_tokens / max(s.forward_seconds, 1e-9):.0f} tokens/s)")
 
 

@@ -74,3 +74,56 @@ def test_chunked_prefill_in_the_scheduler(checkpoint):
         assert small.generate(ids, max_tokens=10).token_ids == _reference(hf_model, ids, 10)
     finally:
         small.close()
+
+
+def _submit_together(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of prompts submitted at once (admitted in one scheduler step, normally)."""
+    requests = [engine.submit(ids, max_tokens=max_tokens) for ids in prompts]
+    return [r.wait().token_ids for r in requests]
+
+
+def test_prompts_arriving_together_share_padded_prefill_passes(checkpoint):
+    """Mamba state does not absorb the padding of a multi-row pass, so a hybrid batches
+    concurrent prompts of different lengths into one prefill pass like an attention-only
+    model, with exactly the tokens of one-by-one generation; padding is not counted as
+    computed tokens."""
+    engine, _ = checkpoint
+    padded = Engine(engine.model, engine.tokenizer, "padded", "nemotron_h", prefix_cache=False)
+    try:
+        assert padded.scheduler.padded_passes
+        prompts = [engine.tokenizer.encode(f"one fact about the number {7 ** n}, please") for n in range(6)]
+        assert len({len(p) for p in prompts}) > 1
+        alone = [padded.generate(ids, max_tokens=8).token_ids for ids in prompts]
+        before = padded.stats()
+        assert _submit_together(padded, prompts, 8) == alone
+        stats = padded.stats().since(before)
+        assert stats.multi_token_passes < len(prompts)
+        assert stats.multi_token_padding > 0
+        assert stats.multi_token_tokens == sum(len(p) for p in prompts)
+    finally:
+        padded.close()
+
+
+def test_padded_passes_with_the_prefix_cache(checkpoint):
+    """With the prefix cache, a hybrid's passes stop at block boundaries and each row's Mamba
+    state is checkpointed after its pass: padded passes must leave exactly the rows' states
+    there. Prompts prefilled together, then longer prompts resuming from those checkpoints
+    (also together), give the tokens of an engine without a cache."""
+    engine, _ = checkpoint
+    plain = Engine(engine.model, engine.tokenizer, "plain", "nemotron_h", prefix_cache=False)
+    cached = Engine(engine.model, engine.tokenizer, "cached", "nemotron_h", prefix_block_size=16)
+    try:
+        tok = engine.tokenizer.encode
+        bases = [tok(f"{word} is where the story of this prompt starts; it goes on {n} times")
+                 for n, word in enumerate(["north", "south-west", "east", "far west", "up"])]
+        longer = [ids + tok(f" and then some more, {n}") for n, ids in enumerate(bases)]
+        for prompts in (bases, longer):
+            expected = [plain.generate(ids, max_tokens=6).token_ids for ids in prompts]
+            before = cached.stats()
+            assert _submit_together(cached, prompts, 6) == expected
+            stats = cached.stats().since(before)
+            assert stats.multi_token_padding > 0
+        assert cached.prefix_cache.hit_tokens >= 16 * len(longer)  # the second round resumed
+    finally:
+        plain.close()
+        cached.close()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from plait.backends import registry
-from plait.backends.cache import StatePool
+from plait.backends.cache import Batch, StatePool
 from plait.backends.constraint import TokenConstraint
 from plait.backends.model import ModelInfo
 from plait.backends.prefix_cache import PrefixCache
@@ -43,8 +43,10 @@ class EngineStats:
     or the previous candidate of the same greedy call) at no cost. Of the computed requests'
     `prompt_tokens`, `prompt_tokens_computed` ran through the model; the rest came from the
     prefix cache. Every model pass is counted: a decode pass advances `rows` sequences by one
-    token each (`decode_batches[rows]` passes of that size), a multi-token pass (a prompt chunk
-    or a forced span) runs one sequence; `rows_in_flight` sums, over passes, how many sequences
+    token each (`decode_batches[rows]` passes of that size), a multi-token pass runs prompt
+    chunks or forced spans of one sequence or of several, each padded on the right to the
+    longest: `multi_token_tokens` counts their real tokens, `multi_token_padding` the padding
+    computed alongside (thrown away); `rows_in_flight` sums, over passes, how many sequences
     the scheduler held at that moment; `forward_seconds` is the time spent inside those passes.
     """
 
@@ -56,6 +58,7 @@ class EngineStats:
     decode_tokens: int = 0
     multi_token_passes: int = 0
     multi_token_tokens: int = 0
+    multi_token_padding: int = 0
     rows_in_flight: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
@@ -94,10 +97,11 @@ class _CountedModel:
     def __init__(self, model: torch.nn.Module, engine: "Engine"):
         self._model, self._engine = model, engine
 
-    def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, batch: Batch | None = None, **kwargs: Any) -> torch.Tensor:
         started = time.perf_counter()
-        out = self._model(ids, *args, **kwargs)
-        self._engine._count_pass(ids.shape, time.perf_counter() - started)
+        out = self._model(ids, batch, **kwargs)
+        new_tokens = batch.new_tokens if batch is not None else None
+        self._engine._count_pass(ids.shape, new_tokens, time.perf_counter() - started)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -170,7 +174,9 @@ class Engine:
         snapshot.prompt_tokens_computed = self.scheduler.prompt_tokens_computed
         return snapshot
 
-    def _count_pass(self, shape: torch.Size, seconds: float) -> None:
+    def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
+        """Count one pass of ids `shape` [rows, tokens]; `new_tokens` are the real tokens per row
+        of a padded multi-row pass (None: the pass is all real tokens)."""
         rows, tokens = shape
         with self._stats_lock:
             stats = self._stats
@@ -181,8 +187,10 @@ class Engine:
                 stats.decode_tokens += rows
                 stats.decode_batches[rows] += 1
             else:
+                real = rows * tokens if new_tokens is None else int(new_tokens.sum())
                 stats.multi_token_passes += 1
-                stats.multi_token_tokens += rows * tokens
+                stats.multi_token_tokens += real
+                stats.multi_token_padding += rows * tokens - real
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prompt block (a cold start without reloading the weights).

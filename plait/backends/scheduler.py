@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plait.backends.cache import Batch, StatePool, has_fixed_state
+from plait.backends.cache import Batch, StatePool
 from plait.backends.constraint import TokenConstraint, apply_masks
 from plait.backends.cuda_graphs import DecodeGraphs
 from plait.backends.model import CausalLM
@@ -114,7 +114,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
         self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
-        self.padded_passes = not has_fixed_state(pool.layer_specs)  # see _multi_token_groups
+        self.padded_passes = True  # see _multi_token_groups; False: one row per pass (for comparison)
         self.rows: list[Request] = []  # rows[i] lives in slot i
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -248,11 +248,13 @@ class Scheduler:
 
     def _multi_token_groups(self) -> list[tuple[list[int], list[list[int]]]]:
         """The rows with more than one pending token, with this step's chunk of each, grouped
-        into passes. Prompts that arrive together are prefilled in one padded pass (a matmul
-        over many rows uses the cores better than many small ones) when every state the model
-        keeps lies along the sequence: a Mamba state would absorb the padding, so hybrids run
-        one row per pass. A group is contiguous slots and stops before padding would exceed a
-        quarter of the pass or the keys would run past the pool's capacity."""
+        into passes. Prompts that arrive together are prefilled in one pass, each row padded on
+        the right to the longest (a matmul over many rows uses the cores better than many small
+        ones). Padding never reaches a row's state: attention writes its keys past the row's end
+        where nothing reads them, and Mamba layers give it dt = 0 and end the conv history at
+        the row's last real token (`Batch.new_tokens`), so hybrids batch prompts too. A group
+        is contiguous slots and stops before padding would exceed a quarter of the pass or the
+        keys would run past the pool's capacity."""
         groups: list[tuple[list[int], list[list[int]]]] = []
         for slot, row in enumerate(self.rows):
             if len(row.pending) <= 1:
