@@ -6,6 +6,9 @@ compiles for sm_90, none spills registers or exceeds the SM's shared memory, and
 lower to Hopper's warpgroup MMA (wgmma). The shapes come from a real engine's passes (prompt,
 continuation, decode at the CUDA-graph batch sizes), so a dispatch change that stopped a layer
 from reaching its kernel fails here too.
+
+The last tests check that a decode step on the kernels asks the host nothing (no `.item()`,
+no boolean-mask indexing...): CUDA-graph capture needs that, and it can be proven on CPU.
 """
 
 import pytest
@@ -66,3 +69,40 @@ def test_compile_only_puts_triton_back():
     assert builds[0].registers > 0 and builds[0].num_warps > 0
     assert JITFunction.run is launch and driver._active is active
     assert not runtime_triton.use_kernels(y)
+
+
+@pytest.mark.parametrize("model", ["nano-9b-v2", "nano-30b-a3b"])
+@torch.no_grad()
+def test_decode_step_on_kernels_asks_the_host_nothing(model):
+    """The step DecodeGraphs captures, at 1 and 3 rows (padded to buckets 1 and 4), with a
+    row whose cache is empty: no op in it waits for the device. The PyTorch path (CPU) does
+    wait (Mamba clears fresh rows with a boolean mask), which shows the check sees syncs."""
+    from plait.backends.cuda_graphs import DecodeGraphs, HostSyncs
+    from plait.backends.nemotron_presets import preset
+    from plait.backends.triton_aot import compile_only, run_engine_passes, zero_model
+
+    net = zero_model(preset(model, tiny=True), torch.bfloat16)
+    with compile_only(90):
+        pool = run_engine_passes(net, prompt=40, decode_batches=(4,))
+        graphs = DecodeGraphs(net, pool, capture=False)
+        with HostSyncs() as syncs:
+            assert graphs.run(torch.zeros(1, 1, dtype=torch.long), 0, torch.tensor([45]), live_slots=1) is not None
+            assert graphs.run(torch.zeros(3, 1, dtype=torch.long), 0, torch.tensor([45, 0, 9]), live_slots=3) is not None
+    assert syncs.found == []
+    with HostSyncs() as syncs:
+        graphs.run(torch.zeros(3, 1, dtype=torch.long), 0, torch.tensor([45, 0, 9]), live_slots=3)
+    assert syncs.found
+
+
+def test_host_syncs_sees_what_waits():
+    from plait.backends.cuda_graphs import HostSyncs
+
+    t = torch.arange(6)
+    with HostSyncs() as syncs:
+        t[t > 2] = 0
+        int(t[0])
+        t.repeat_interleave(t)
+        t[torch.tensor([1, 2])] = 3  # integer indices: no sync
+        t.repeat_interleave(2)
+    assert syncs.found == ["aten.index_put_.default", "aten._local_scalar_dense.default",
+                           "aten.repeat_interleave.Tensor"]

@@ -30,6 +30,7 @@ import logging
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.backends.cache import Batch, StatePool
 from plait.backends.model import CausalLM
@@ -39,6 +40,33 @@ from plait.errors import MemoryBudgetError
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops run inside it that make the host wait for the device's result.
+
+    On a GPU such an op (`.item()`, `int(t)`, `bool(t)`, boolean-mask indexing, `nonzero`,
+    `unique`) stalls the step, and inside CUDA-graph capture it is an error: this is how a CPU
+    test proves that a decode step can be captured. Ops are judged by what they ask, not by
+    where they run, so it works on CPU tensors too.
+    """
+
+    SYNCING = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+                         "aten::unique_dim", "aten::unique_consecutive", "aten::equal"})
+    MASK_INDEXING = frozenset({"aten::index", "aten::index_put", "aten::index_put_"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name in self.MASK_INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        counted = func._overloadname in ("Tensor", "self_Tensor") and "output_size" not in (kwargs or {})
+        if name in self.SYNCING or masked or (name == "aten::repeat_interleave" and counted):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def bucket_for(rows: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:

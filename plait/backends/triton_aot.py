@@ -170,9 +170,10 @@ def zero_model(config: dict, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def run_engine_passes(model, prompt: int = 300, decode_batches: tuple[int, ...] = (1, 8, 64, 256)) -> None:
+def run_engine_passes(model, prompt: int = 300, decode_batches: tuple[int, ...] = (1, 8, 64, 256)) -> StatePool:
     """The passes the engine launches: a fresh prompt, a 5-token continuation from mid-chunk,
-    and a decode step at each batch size (CUDA-graph buckets), on the model's device."""
+    and a decode step at each batch size (CUDA-graph buckets), on the model's device.
+    -> the pool, its first row at `prompt + 5` tokens."""
     dtype = model.embeddings.weight.dtype
     slots = max(decode_batches)
     pool = StatePool(model.state_specs(dtype), slots=slots, capacity=prompt + 8, max_length=model.context_length)
@@ -181,6 +182,7 @@ def run_engine_passes(model, prompt: int = 300, decode_batches: tuple[int, ...] 
     model(ids[:, :5], Batch(pool, 0, torch.tensor([prompt])), last_only=True)
     for rows in decode_batches:
         model(torch.zeros(rows, 1, dtype=torch.long), Batch(pool, 0, torch.full((rows,), prompt + 5)))
+    return pool
 
 
 def model_builds(config: dict, dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[KernelBuild]:
