@@ -8,12 +8,13 @@ imported triton. So on CPU, `test_kernels_under_interpreter` reruns this file in
 pytest with TRITON_INTERPRET=1 set from its start; in the parent process the kernel tests skip
 (saying so), and the environment of the rest of the suite is never touched.
 
-Tolerances (absolute, on values of order 1): fp32 conv and norm 1e-5, SSD scan and state
-update 1e-4 (the kernel takes decays as differences of one cumulative sum, the reference sums
-increments), MoE 1e-4 (fp32; the k experts of a token are summed in another order). bf16 runs
-compare against the reference in bf16 within two units in the last place (|d| <= 2^-6 |ref| +
-2^-8): the interpreter rounds fp32 -> bf16 toward zero where the GPU and PyTorch round to
-nearest, one unit apart at most per rounding.
+Tolerances (absolute, on values of order 1): fp32 conv, norm and decode attention 1e-5, SSD
+scan and state update 1e-4 (the kernel takes decays as differences of one cumulative sum, the
+reference sums increments), MoE 1e-4 (fp32; the k experts of a token are summed in another
+order). bf16 runs compare against the reference in bf16 within two units in the last place
+(|d| <= 2^-6 |ref| + 2^-8): the interpreter rounds fp32 -> bf16 toward zero where the GPU and
+PyTorch round to nearest, one unit apart at most per rounding. bf16 decode attention is within
+2e-2 of fp32 maths (see its test).
 """
 
 import importlib
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from plait.backends import runtime_triton
 from plait.backends.cache import Batch
@@ -46,7 +48,7 @@ def k():
         pytest.skip("triton is not installed")
     if not (CUDA or CHILD):
         pytest.skip("on CPU, test_kernels_under_interpreter runs this in a TRITON_INTERPRET=1 child")
-    names = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton")
+    names = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton", "attention_triton")
     return type("Kernels", (), {n: importlib.import_module(f"plait.backends.{n}") for n in names})
 
 
@@ -276,6 +278,32 @@ def test_expert_blocks_layout(k):
     assert used == sorted(used) and set(used) == {0, 3, 5}
 
 
+# --- decode attention ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "head_dim", "capacity", "lens"), [
+    (3, 8, 2, 32, 300, [0, 77, 299]),  # 5 splits; a row with only its new key; a full row
+    (1, 5, 1, 24, 64, [40]),  # a GQA group of 5 padded to 16 query rows; head_dim not a power of 2
+    (2, 4, 4, 16, 1000, [999, 3]),  # 16 splits, 15 of them empty for row 1
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(k, batch, heads, kv_heads, head_dim, capacity, lens, dtype):
+    """Row r attends to keys 0..lens[r] of its cache and nothing after them (the tail holds
+    noise); fp32 within 1e-5, bf16 within 2e-2 of fp32 maths (the kernel rounds the softmax
+    weights to bf16 before the value product, as flash attention does)."""
+    g = gen(11)
+    q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=g).to(dtype)
+    cache_lens = torch.tensor(lens)
+    got = k.attention_triton.decode_attention(*dev(q, k_cache, v_cache, cache_lens)).cpu()
+    assert got.dtype == dtype and got.shape == q.shape
+    mask = (torch.arange(capacity)[None, :] <= cache_lens[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache.float(), v_cache.float(),
+                                              attn_mask=mask, enable_gqa=True)[:, :, 0]
+    assert max_diff(got, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 # --- the whole model: kernels (forced onto CPU under the interpreter) vs the PyTorch path ------
 
 
@@ -360,9 +388,10 @@ def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
 
 
 def test_bucket_for(parent_only):
-    from plait.backends.cuda_graphs import bucket_for
+    from plait.backends.cuda_graphs import BUCKETS, bucket_for
 
-    assert [bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [2, 2, 4, 8, 16, 256]
+    assert [bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [1, 2, 4, 8, 16, 256]
+    assert bucket_for(1, BUCKETS[1:]) == 2  # no one-row bucket without the attention kernel
     assert bucket_for(257) is None
 
 
