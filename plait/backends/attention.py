@@ -114,24 +114,22 @@ class Attention(nn.Module):
         bsz, _, steps, _ = q.shape
         lens = state.batch.cache_lens
         k_cache, v_cache = state.tensors["k"], state.tensors["v"]
-        if steps == 1 and use_kernels(q):  # decode on the GPU: no host sync, only real keys read
-            from plait.backends import attention_triton
-
-            rows = torch.arange(bsz, device=q.device)
-            k_cache[rows, :, lens] = k[:, :, 0]
-            v_cache[rows, :, lens] = v[:, :, 0]
-            return attention_triton.decode_attention(q[:, :, 0], k_cache, v_cache, lens)[:, :, None]
-        if bsz == 1:
+        on_kernel = steps == 1 and use_kernels(q)  # decode on the GPU: no host sync, only real keys read
+        if bsz == 1 and not on_kernel:
             start = int(lens[0])
             k_cache[0, :, start:start + steps] = k[0]
             v_cache[0, :, start:start + steps] = v[0]
             if start == 0:  # a fresh sequence sees only its own keys: plain causal attention
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # several rows (decode, or padded prompt chunks): each writes at its own positions
+        else:  # several rows, or the kernel: each row writes at its own positions, no host sync
             rows = torch.arange(bsz, device=q.device)[:, None]
             positions = state.batch.positions(steps)
             k_cache[rows, :, positions] = k.transpose(1, 2)
             v_cache[rows, :, positions] = v.transpose(1, 2)
+        if on_kernel:
+            from plait.backends import attention_triton
+
+            return attention_triton.decode_attention(q[:, :, 0], k_cache, v_cache, lens)[:, :, None]
         mask = state.batch.key_mask(steps)
         length = mask.shape[-1]
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]

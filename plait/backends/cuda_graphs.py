@@ -113,8 +113,8 @@ class DecodeGraphs:
         """Graphs for a CUDA pool (unless PLAIT_CUDA_GRAPHS=0); None elsewhere."""
         if pool.device.type != "cuda" or os.environ.get("PLAIT_CUDA_GRAPHS") == "0":
             return None
-        probe = torch.empty(0, device=pool.device)
-        return cls(model, pool, BUCKETS if use_kernels(probe) else BUCKETS[1:])
+        kernels = use_kernels(next(model.parameters()))
+        return cls(model, pool, BUCKETS if kernels else BUCKETS[1:])
 
     def run(self, ids: torch.Tensor, first_slot: int, cache_lens: torch.Tensor,
             live_slots: int) -> torch.Tensor | None:

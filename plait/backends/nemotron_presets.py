@@ -43,3 +43,9 @@ def preset(name: str, tiny: bool = False, pattern: str | None = None) -> dict:
         raise KeyError(f"unknown model {name!r}: expected one of {', '.join(PUBLISHED)}")
     config = PUBLISHED[name] | (TINY | dict(hybrid_override_pattern=TINY_PATTERNS[name]) if tiny else {})
     return config | (dict(hybrid_override_pattern=pattern) if pattern else {})
+
+
+def one_layer_per_kind(name: str) -> str:
+    """A published model's layer pattern cut to one layer of each kind, in order of first use
+    (e.g. "M-*"): the shapes of every layer with a fraction of the weights."""
+    return "".join(dict.fromkeys(PUBLISHED[name]["hybrid_override_pattern"]))

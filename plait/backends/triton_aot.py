@@ -195,7 +195,7 @@ def model_builds(config: dict, dtype: torch.dtype = torch.bfloat16, arch: int = 
 
 
 def main() -> None:
-    from plait.backends.nemotron_presets import PUBLISHED, preset
+    from plait.backends.nemotron_presets import PUBLISHED, one_layer_per_kind, preset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=list(PUBLISHED),
@@ -206,7 +206,7 @@ def main() -> None:
                         help="layer pattern to build (default: one layer of each kind the model has)")
     args = parser.parse_args()
     for name in args.model or list(PUBLISHED):
-        pattern = args.layers or "".join(dict.fromkeys(PUBLISHED[name]["hybrid_override_pattern"]))
+        pattern = args.layers or one_layer_per_kind(name)
         builds = model_builds(preset(name, pattern=pattern), getattr(torch, args.dtype), args.arch)
         print(f"\n== {name} ({args.dtype}, layers {pattern!r}) for sm_{args.arch}: {len(builds)} builds")
         print(f"{'kernel':<24}{'warps':>6}{'stages':>7}{'regs':>6}{'local':>7}{'smem KiB':>10}{'MMA':>7}  constants")
