@@ -159,12 +159,14 @@ class Batch:
         """
         mask = self._masks.get(new_tokens)
         if mask is None:
-            length = int(self.cache_lens.max()) + new_tokens
-            keys = torch.arange(length, device=self.cache_lens.device)
-            last = self.cache_lens[:, None] + torch.arange(new_tokens, device=self.cache_lens.device)
-            mask = (keys[None, None, :] <= last[:, :, None])[:, None]
-            self._masks[new_tokens] = mask
+            keys = torch.arange(self.key_length(new_tokens), device=self.cache_lens.device)
+            last = self.positions(new_tokens)
+            mask = self._masks[new_tokens] = (keys[None, None, :] <= last[:, :, None])[:, None]
         return mask
+
+    def key_length(self, new_tokens: int) -> int:
+        """L of `key_mask`: the longest row's length after this pass."""
+        return int(self.cache_lens.max()) + new_tokens
 
     def positions(self, new_tokens: int) -> torch.Tensor:
         """`[B, T]` positions of this pass's new tokens (one tensor per pass, shared by layers)."""

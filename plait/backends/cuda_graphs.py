@@ -81,14 +81,8 @@ class GraphBatch(Batch):
     so a graph that captured it stays right for any lengths it replays with.
     """
 
-    def key_mask(self, new_tokens: int) -> torch.Tensor:
-        mask = self._masks.get(new_tokens)
-        if mask is None:
-            device = self.cache_lens.device
-            keys = torch.arange(self.pool.capacity, device=device)
-            last = self.cache_lens[:, None] + torch.arange(new_tokens, device=device)
-            mask = self._masks[new_tokens] = (keys[None, None, :] <= last[:, :, None])[:, None]
-        return mask
+    def key_length(self, new_tokens: int) -> int:
+        return self.pool.capacity
 
 
 class _Captured:

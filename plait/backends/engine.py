@@ -5,7 +5,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -169,10 +169,8 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (see `EngineStats`)."""
         with self._stats_lock:
-            snapshot = EngineStats(**{f.name: getattr(self._stats, f.name) for f in fields(EngineStats)})
-            snapshot.decode_batches = Counter(self._stats.decode_batches)
-        snapshot.prompt_tokens_computed = self.scheduler.prompt_tokens_computed
-        return snapshot
+            return replace(self._stats, decode_batches=Counter(self._stats.decode_batches),
+                           prompt_tokens_computed=self.scheduler.prompt_tokens_computed)
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
         """Count one pass of ids `shape` [rows, tokens]; `new_tokens` are the real tokens per row
@@ -195,10 +193,8 @@ class Engine:
     def clear_prefix_cache(self) -> None:
         """Forget every cached prompt block (a cold start without reloading the weights).
         Call it while no request is running: the scheduler thread reads the cache."""
-        cache = self.prefix_cache
-        if cache is not None:
-            cache.blocks.clear()
-            cache.nbytes = 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     # ---- scoring ---------------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> torch.Tensor:

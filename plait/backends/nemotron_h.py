@@ -313,6 +313,11 @@ FP32_PARAMS = ("e_score_correction_bias", "A_log", "dt_bias", "D")
 """Small parameters that feed fp32 math; kept fp32 whatever the model dtype."""
 
 
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter or buffer of a `dtype` model is kept in (see `FP32_PARAMS`)."""
+    return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+
+
 def _plait_name(hf_name: str) -> str | None:
     """HF parameter name -> plait's (None for weights plait deliberately skips)."""
     if hf_name.startswith(IGNORED_PREFIXES):
@@ -425,10 +430,7 @@ def load_nemotron_h(checkpoint_dir: str | Path, dtype: torch.dtype = torch.bfloa
         raise CheckpointError(f"{directory}: {len(missing)} weights missing, e.g. {', '.join(missing[:5])}")
 
     # Pass 2: read, convert, place.
-    def dtype_for(name: str) -> torch.dtype:
-        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
-
-    state = {name: torch.empty(params[name].shape, dtype=dtype_for(name), device=device)
+    state = {name: torch.empty(params[name].shape, dtype=param_dtype(name, dtype), device=device)
              for name in experts_seen}
     by_file: dict[Path, list[tuple[str, str, int | None]]] = {}
     for path, key, target, index in plan:
@@ -439,7 +441,7 @@ def load_nemotron_h(checkpoint_dir: str | Path, dtype: torch.dtype = torch.bfloa
                 for key, target, index in entries:
                     tensor = f.get_tensor(key)
                     if index is None:
-                        state[target] = tensor.to(device=device, dtype=dtype_for(target))
+                        state[target] = tensor.to(device=device, dtype=param_dtype(target, dtype))
                     else:
                         state[target][index].copy_(tensor)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

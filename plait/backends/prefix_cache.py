@@ -119,6 +119,11 @@ class PrefixCache:
                 self.nbytes += added
         self._evict()
 
+    def clear(self) -> None:
+        """Drop every block (the hit counters keep counting)."""
+        self.blocks.clear()
+        self.nbytes = 0
+
     def _add(self, key: int, block: Block) -> None:
         self.blocks[key] = block
         self.nbytes += block.nbytes

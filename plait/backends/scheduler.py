@@ -276,7 +276,7 @@ class Scheduler:
         rows = [self.rows[s] for s in slots]
         width = max(len(c) for c in chunks)
         ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.device)
-        new_tokens = torch.tensor([len(c) for c in chunks]) if len(rows) > 1 else None
+        new_tokens = torch.tensor([len(c) for c in chunks], device=self.device) if len(rows) > 1 else None
         logits = self._forward(slots[0], rows, ids, new_tokens)
         for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
             self._consumed(row, len(chunk))

@@ -174,13 +174,15 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     # IEEE fp32 dots run on the FMA units, operands in registers: 64-wide tiles spill ~7 KB per
     # thread on sm_90 (`python -m plait.backends.triton_aot --dtype float32`); 32 do not.
     cap = 32 if precision == "ieee" else 64
-    block_l, block_p, block_n = _block(L, cap), _block(head_dim, cap), _block(state_size, cap=256)
+    block_l, block_p = _block(L, cap), _block(head_dim, cap)
+    state_tile = _block(state_size)  # chunk states: tiles of the state axis
+    block_n = _block(state_size, cap=256)  # outputs: the whole state axis in one tile
     common = (chunks, heads, head_dim, state_size, heads // groups)
     _chunk_state_kernel[(batch * chunks * heads, triton.cdiv(head_dim, block_p),
-                         triton.cdiv(state_size, _block(state_size)))](
+                         triton.cdiv(state_size, state_tile))](
         xs, dts, a_cum, Bs, states, *common, xs.stride(0), xs.stride(1), xs.stride(2),
         Bs.stride(0), Bs.stride(1), Bs.stride(2),
-        L=L, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=_block(state_size), PRECISION=precision)
+        L=L, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=state_tile, PRECISION=precision)
     size = head_dim * state_size
     block = min(1024, triton.next_power_of_2(size))
     _state_pass_kernel[(batch * heads, triton.cdiv(size, block))](

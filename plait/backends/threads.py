@@ -9,27 +9,15 @@ loading thread's team alive, 11.3 ms without). The scheduler thread runs the mod
 the engine does elsewhere (loading, reference logits) runs on a thread whose team ends with it.
 """
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
 def run_in_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
-    """`fn(*args, **kwargs)` on a new thread that ends when it returns; exceptions propagate."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
-            error.append(exc)
-
-    worker = threading.Thread(target=target, name="plait-torch-work")
-    worker.start()
-    worker.join()
-    if error:
-        raise error[0]
-    return result[0]
+    """`fn(*args, **kwargs)` on a new thread that ends when it returns; exceptions propagate.
+    (Leaving the one-worker executor joins its thread, and its OpenMP team goes with it.)"""
+    with ThreadPoolExecutor(1, thread_name_prefix="plait-torch-work") as pool:
+        return pool.submit(fn, *args, **kwargs).result()

@@ -156,17 +156,16 @@ def compile_only(arch: int = 90) -> Iterator[list[KernelBuild]]:
 def zero_model(config: dict, dtype: torch.dtype):
     """A Nemotron-H model of this config with zero weights (dtypes as the checkpoint loader
     gives them), built without initialising anything twice."""
-    from plait.backends.nemotron_h import FP32_PARAMS, NemotronHConfig, NemotronHForCausalLM
+    from plait.backends.nemotron_h import NemotronHConfig, NemotronHForCausalLM, param_dtype
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(NemotronHConfig.from_dict(config))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    zeros = {name: torch.zeros(t.shape, dtype=torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype)
-             for name, t in tensors.items()}
+    zeros = {name: torch.zeros(t.shape, dtype=param_dtype(name, dtype)) for name, t in tensors.items()}
     model.load_state_dict(zeros, strict=False, assign=True)
     if config.get("tie_word_embeddings"):
         model.lm_head.weight = model.embeddings.weight
-    return model.eval().requires_grad_(False)
+    return model.fuse_projections().eval().requires_grad_(False)  # as registry.load serves it
 
 
 @torch.no_grad()
