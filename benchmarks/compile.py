@@ -159,10 +159,6 @@ def run_compile(peer: Peer, adapter, devset, trainset, args) -> dict:
     return out
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev", type=int, default=100, help="dev rows scored by each Evaluate")
@@ -205,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     adapter = ConstrainedAdapter(require_grammar_engine=False)  # one adapter: identical prompts
     peers: list[Peer] = []
     resets = {}
-    engine = None
     t0 = time.perf_counter()
     for name, options in (("plait", {}), ("plait-bf16", {"dtype": "bf16"}), ("plait-int4", {"quantize": "int4"})):
         if name in wanted:
@@ -260,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     head = ["phase (median wall s)"] + names + [f"llama-cpp/{n}" for n in mine]
     lines = []
     for phase, label in phases:
-        row = [label] + [f"{median([seconds(n, phase, r) for r in range(args.repeats)]):.1f}" for n in names]
-        row += [f"{median(ratios(phase, n)):.2f}x" for n in mine]
+        row = [label] + [f"{statistics.median([seconds(n, phase, r) for r in range(args.repeats)]):.1f}"
+                         for n in names]
+        row += [f"{statistics.median(ratios(phase, n)):.2f}x" for n in mine]
         lines.append(row)
     widths = [max(len(r[i]) for r in lines + [head]) for i in range(len(head))]
 
@@ -289,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(seconds(n, 'total', r) for r in range(args.repeats)):.1f} s" for n in names))
     for name in mine:
         total = ratios("total", name)
-        print(f"compile goal (>= 5x faster than DSPy + llama-cpp-python): {name} {median(total):.2f}x "
+        print(f"compile goal (>= 5x faster than DSPy + llama-cpp-python): {name} {statistics.median(total):.2f}x "
               f"(per-repeat total ratios: {', '.join(f'{x:.2f}' for x in total)})")
     print("load average at end: {:.2f} {:.2f} {:.2f} (2 cores shared: above ~2 timings are inflated)".format(
         *os.getloadavg()))

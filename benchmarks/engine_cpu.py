@@ -62,11 +62,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 # Figures from the foundation/runtime issues, measured on this machine kind (2 cores).
-ISSUE_FIGURES = {
-    "llama-cpp": {"prefill": 249.0, "decode": 113.0},
-    "transformers": {"prefill": 417.0, "decode": 16.0, "conc8": 87.0},
-}
-
 _SENTENCES = [
     "The river town woke slowly, its bakeries opening one shutter at a time.",
     "Engineers measured the bridge every spring and wrote the numbers in a green ledger.",

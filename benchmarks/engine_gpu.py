@@ -41,7 +41,6 @@ from plait.backends.nemotron_h import NemotronHConfig, NemotronHForCausalLM  # n
 from plait.backends.nemotron_presets import PUBLISHED, preset  # noqa: E402
 
 
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,7 +107,7 @@ def build(config: dict, device: torch.device, seed: int = 0):
     left = [n for n, t in [*plait.named_parameters(), *plait.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"transformers has no tensor for plait's {', '.join(left[:5])}")
-    return hf, plait.eval().requires_grad_(False)
+    return hf, plait.fuse_projections().eval().requires_grad_(False)  # as registry.load serves it
 
 
 def weight_bytes_per_step(model: NemotronHForCausalLM) -> int:

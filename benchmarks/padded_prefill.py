@@ -44,6 +44,7 @@ def main() -> None:
     cfg = NemotronHConfig.from_dict(preset(args.model, tiny=True))
     model = NemotronHForCausalLM(cfg).eval().requires_grad_(False)
     randomise(model, 0)
+    model.fuse_projections()  # as registry.load serves it
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(args.lo, args.hi + 1, (args.rows,), generator=g).tolist()
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
