@@ -41,14 +41,14 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
         self.inv_freq = 1.0 / (base ** exponents)
         self._tables: tuple | None = None  # (positions, dtype, cos, sin)
-        self._ranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._range: torch.Tensor | None = None
 
     def positions(self, steps: int, device: torch.device) -> torch.Tensor:
-        """[1, steps] positions 0.. of an uncached pass: one tensor per length, reused by every layer."""
-        key = (steps, device)
-        if key not in self._ranges:
-            self._ranges[key] = torch.arange(steps, device=device)[None]
-        return self._ranges[key]
+        """[1, steps] positions 0.. of an uncached pass: the same tensor for every layer of it."""
+        positions = self._range  # one entry: a pass needs only its own (and lengths vary without end)
+        if positions is None or positions.shape[1] != steps or positions.device != device:
+            positions = self._range = torch.arange(steps, device=device)[None]
+        return positions
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; positions: [B, T]."""
