@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m plait.demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check plait tests benchmarks
+	$(BIN)/ruff format --check plait tests benchmarks
 
 bench: install
 	$(BIN)/pip install -q "llama-cpp-python>=0.3" || echo "llama-cpp-python unavailable: peers limited to transformers"

@@ -72,8 +72,9 @@ class LlamaCppEngine:
     def __init__(self, model_path: str, n_threads: int = 2, n_ctx: int = 4096):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=model_path, n_threads=n_threads, n_threads_batch=n_threads, n_ctx=n_ctx,
-                         verbose=False)
+        self.llm = Llama(
+            model_path=model_path, n_threads=n_threads, n_threads_batch=n_threads, n_ctx=n_ctx, verbose=False
+        )
         self.lock = threading.Lock()
         self.calls = 0
         self.prompt_tokens = 0
@@ -85,25 +86,42 @@ class LlamaCppEngine:
         chat = []
         if request.system:
             system = request.system
-            chat.append({"role": "system",
-                         "content": system if isinstance(system, str) else "".join(p.text for p in system)})
+            chat.append(
+                {
+                    "role": "system",
+                    "content": system if isinstance(system, str) else "".join(p.text for p in system),
+                }
+            )
         for message in request.messages:
-            chat.append({"role": message.role, "content": "".join(getattr(p, "text", "") for p in message.parts)})
+            chat.append(
+                {"role": message.role, "content": "".join(getattr(p, "text", "") for p in message.parts)}
+            )
         config = request.config
         with self.lock:
             out = self.llm.create_chat_completion(
-                messages=chat, max_tokens=config.max_tokens, temperature=config.temperature or 0.0,
-                stop=list(config.stop) or None, repeat_penalty=1.0, seed=config.seed)
+                messages=chat,
+                max_tokens=config.max_tokens,
+                temperature=config.temperature or 0.0,
+                stop=list(config.stop) or None,
+                repeat_penalty=1.0,
+                seed=config.seed,
+            )
             self.calls += 1
         usage = out["usage"]
         self.prompt_tokens += usage["prompt_tokens"]
         self.completion_tokens += usage["completion_tokens"]
         choice = out["choices"][0]
-        return Response(id=out.get("id"), model=request.model,
-                        message=Message.assistant([TextPart(choice["message"]["content"] or "")]),
-                        finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-                        usage=Usage(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
-                                    total_tokens=usage["total_tokens"]))
+        return Response(
+            id=out.get("id"),
+            model=request.model,
+            message=Message.assistant([TextPart(choice["message"]["content"] or "")]),
+            finish_reason="length" if choice["finish_reason"] == "length" else "stop",
+            usage=Usage(
+                input_tokens=usage["prompt_tokens"],
+                output_tokens=usage["completion_tokens"],
+                total_tokens=usage["total_tokens"],
+            ),
+        )
 
     def reset(self) -> None:
         """Forget the KV cache of the last prompt (a cold start for the next repeat)."""
@@ -133,20 +151,33 @@ def run_compile(peer: Peer, adapter, devset, trainset, args) -> dict:
     from plait.pipelines.sentiment import Sentiment
 
     out: dict = {}
-    evaluate = dspy.Evaluate(devset=devset, metric=label_match, num_threads=args.threads,
-                             display_progress=False, max_errors=len(devset) + 1)
+    evaluate = dspy.Evaluate(
+        devset=devset,
+        metric=label_match,
+        num_threads=args.threads,
+        display_progress=False,
+        max_errors=len(devset) + 1,
+    )
     with dspy.context(lm=peer.lm, adapter=adapter, max_errors=10_000):
         program = Sentiment()
         before = peer.counters()
         start = time.perf_counter()
         result = evaluate(program)
-        out["evaluate"] = (time.perf_counter() - start, result.score, parse_failures(result),
-                           peer.counters() - before)
+        out["evaluate"] = (
+            time.perf_counter() - start,
+            result.score,
+            parse_failures(result),
+            peer.counters() - before,
+        )
 
         before = peer.counters()
         start = time.perf_counter()
-        optimizer = dspy.BootstrapFewShot(metric=label_match, max_bootstrapped_demos=args.demos,
-                                          max_labeled_demos=args.labeled, max_errors=10_000)
+        optimizer = dspy.BootstrapFewShot(
+            metric=label_match,
+            max_bootstrapped_demos=args.demos,
+            max_labeled_demos=args.labeled,
+            max_errors=10_000,
+        )
         compiled = optimizer.compile(Sentiment(), trainset=trainset)
         demos = len(compiled.classify.demos)
         out["bootstrap"] = (time.perf_counter() - start, float(demos), 0, peer.counters() - before)
@@ -154,8 +185,12 @@ def run_compile(peer: Peer, adapter, devset, trainset, args) -> dict:
         before = peer.counters()
         start = time.perf_counter()
         result = evaluate(compiled)
-        out["compiled"] = (time.perf_counter() - start, result.score, parse_failures(result),
-                           peer.counters() - before)
+        out["compiled"] = (
+            time.perf_counter() - start,
+            result.score,
+            parse_failures(result),
+            peer.counters() - before,
+        )
     return out
 
 
@@ -168,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demos", type=int, default=4, help="max_bootstrapped_demos")
     ap.add_argument("--labeled", type=int, default=8, help="max_labeled_demos")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every call (both peers)")
-    ap.add_argument("--peers", default="plait,plait-bf16,llama-cpp",
-                    help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), plait-int4 "
-                         "(quantize='int4': weight-only int4, bf16 activations), llama-cpp")
+    ap.add_argument(
+        "--peers",
+        default="plait,plait-bf16,llama-cpp",
+        help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), plait-int4 "
+        "(quantize='int4': weight-only int4, bf16 activations), llama-cpp",
+    )
     ap.add_argument("--smoke", action="store_true", help="8 dev rows, 8 train rows, 1 repeat")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -182,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # parse failures are counted in the table instead
 
     import plait
-    from plait.backends.registry import resolve
+    from plait.backends.loading.registry import resolve
     from plait.modules.adapter import ConstrainedAdapter
     from plait.pipelines.sentiment import Sentiment
 
@@ -193,16 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     trainset = [Sentiment.from_row(json.loads(line)) for line in (DATA / "train.jsonl").open()][: args.train]
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print("load average at start: {:.2f} {:.2f} {:.2f} (cpus: {})".format(*os.getloadavg(), os.cpu_count()))
-    print(f"SST-2: {len(devset)} dev rows, {len(trainset)} train rows; num_threads={args.threads}, "
-          f"max_tokens={args.max_tokens}, BootstrapFewShot(max_bootstrapped_demos={args.demos}, "
-          f"max_labeled_demos={args.labeled}); torch threads {torch.get_num_threads()}, "
-          f"{args.repeats} repeat(s)")
+    print(
+        f"SST-2: {len(devset)} dev rows, {len(trainset)} train rows; num_threads={args.threads}, "
+        f"max_tokens={args.max_tokens}, BootstrapFewShot(max_bootstrapped_demos={args.demos}, "
+        f"max_labeled_demos={args.labeled}); torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} repeat(s)"
+    )
 
     adapter = ConstrainedAdapter(require_grammar_engine=False)  # one adapter: identical prompts
     peers: list[Peer] = []
     resets = {}
     t0 = time.perf_counter()
-    for name, options in (("plait", {}), ("plait-bf16", {"dtype": "bf16"}), ("plait-int4", {"quantize": "int4"})):
+    for name, options in (
+        ("plait", {}),
+        ("plait-bf16", {"dtype": "bf16"}),
+        ("plait-int4", {"quantize": "int4"}),
+    ):
         if name in wanted:
             lm = plait.LM("smollm2-135m", cache=False, temperature=0.0, max_tokens=args.max_tokens, **options)
             engine = lm.engine.engine
@@ -213,17 +257,25 @@ def main(argv: list[str] | None = None) -> int:
             print("llama-cpp-python is not installed: peer skipped")
         else:
             llama = LlamaCppEngine(str(gguf), n_threads=2)
-            lm = dspy.LM("llamacpp/smollm2-135m-q4_1", engine=llama, cache=False, temperature=0.0,
-                         max_tokens=args.max_tokens, num_retries=0)
+            lm = dspy.LM(
+                "llamacpp/smollm2-135m-q4_1",
+                engine=llama,
+                cache=False,
+                temperature=0.0,
+                max_tokens=args.max_tokens,
+                num_retries=0,
+            )
             peers.append(Peer("dspy+llama-cpp", lm, lambda llama=llama: _LlamaCounts(llama)))
             resets["dspy+llama-cpp"] = llama.reset
     for peer in peers:  # load and warm: weights, grammar compiler, first allocations
         with dspy.context(lm=peer.lm, adapter=adapter):
             try:
                 Sentiment()(text="a warm-up sentence .")
-            except Exception as exc:  # noqa: BLE001 (an unparsed answer still warmed the engine)
+            except Exception as exc:
                 print(f"  warm-up call on {peer.name}: {type(exc).__name__}")
-    print(f"peers loaded and warmed in {time.perf_counter() - t0:.1f} s: {', '.join(p.name for p in peers)}\n")
+    print(
+        f"peers loaded and warmed in {time.perf_counter() - t0:.1f} s: {', '.join(p.name for p in peers)}\n"
+    )
 
     runs: dict[str, list[dict]] = {p.name: [] for p in peers}
     for rep in range(args.repeats):
@@ -232,13 +284,21 @@ def main(argv: list[str] | None = None) -> int:
             out = run_compile(peer, adapter, devset, trainset, args)
             runs[peer.name].append(out)
             total = sum(v[0] for v in out.values())
-            print(f"  repeat {rep + 1}/{args.repeats} {peer.name:<15} "
-                  + "  ".join(f"{k} {v[0]:6.1f} s" for k, v in out.items()) + f"  total {total:6.1f} s"
-                  f"  (load {os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"  repeat {rep + 1}/{args.repeats} {peer.name:<15} "
+                + "  ".join(f"{k} {v[0]:6.1f} s" for k, v in out.items())
+                + f"  total {total:6.1f} s"
+                f"  (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
 
     # ---- table ----
-    phases = [("evaluate", "Evaluate, program"), ("bootstrap", "BootstrapFewShot"),
-              ("compiled", "Evaluate, compiled"), ("total", "total")]
+    phases = [
+        ("evaluate", "Evaluate, program"),
+        ("bootstrap", "BootstrapFewShot"),
+        ("compiled", "Evaluate, compiled"),
+        ("total", "total"),
+    ]
     names = [p.name for p in peers]
 
     def seconds(name: str, phase: str, rep: int) -> float:
@@ -255,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     head = ["phase (median wall s)"] + names + [f"llama-cpp/{n}" for n in mine]
     lines = []
     for phase, label in phases:
-        row = [label] + [f"{statistics.median([seconds(n, phase, r) for r in range(args.repeats)]):.1f}"
-                         for n in names]
+        row = [label] + [
+            f"{statistics.median([seconds(n, phase, r) for r in range(args.repeats)]):.1f}" for n in names
+        ]
         row += [f"{statistics.median(ratios(phase, n)):.2f}x" for n in mine]
         lines.append(row)
     widths = [max(len(r[i]) for r in lines + [head]) for i in range(len(head))]
@@ -274,21 +335,34 @@ def main(argv: list[str] | None = None) -> int:
         out = runs[name][-1]
         ev, boot, comp = out["evaluate"], out["bootstrap"], out["compiled"]
         calls = sum(v[3].calls for v in out.values())
-        print(f"  {name}: accuracy {ev[1]:.1f}% -> {comp[1]:.1f}% (compiled, {int(boot[1])} demos); "
-              f"parse failures {ev[2]} / {comp[2]}; LM calls {ev[3].calls} + {boot[3].calls} + {comp[3].calls} "
-              f"= {calls}")
+        print(
+            f"  {name}: accuracy {ev[1]:.1f}% -> {comp[1]:.1f}% (compiled, {int(boot[1])} demos); "
+            f"parse failures {ev[2]} / {comp[2]}; LM calls {ev[3].calls} + {boot[3].calls} + {comp[3].calls} "
+            f"= {calls}"
+        )
         for phase, label in phases[:3]:
             print(f"    {label:<20} {out[phase][3].describe(out[phase][0])}")
     if args.repeats > 1:
-        print("  spread of totals over repeats (min-max): " + ", ".join(
-            f"{n} {min(seconds(n, 'total', r) for r in range(args.repeats)):.1f}-"
-            f"{max(seconds(n, 'total', r) for r in range(args.repeats)):.1f} s" for n in names))
+        print(
+            "  spread of totals over repeats (min-max): "
+            + ", ".join(
+                f"{n} {min(seconds(n, 'total', r) for r in range(args.repeats)):.1f}-"
+                f"{max(seconds(n, 'total', r) for r in range(args.repeats)):.1f} s"
+                for n in names
+            )
+        )
     for name in mine:
         total = ratios("total", name)
-        print(f"compile goal (>= 5x faster than DSPy + llama-cpp-python): {name} {statistics.median(total):.2f}x "
-              f"(per-repeat total ratios: {', '.join(f'{x:.2f}' for x in total)})")
-    print("load average at end: {:.2f} {:.2f} {:.2f} (2 cores shared: above ~2 timings are inflated)".format(
-        *os.getloadavg()))
+        print(
+            "compile goal (>= 5x faster than DSPy + llama-cpp-python): "
+            f"{name} {statistics.median(total):.2f}x "
+            f"(per-repeat total ratios: {', '.join(f'{x:.2f}' for x in total)})"
+        )
+    print(
+        "load average at end: {:.2f} {:.2f} {:.2f} (2 cores shared: above ~2 timings are inflated)".format(
+            *os.getloadavg()
+        )
+    )
     return 0
 
 
@@ -309,14 +383,17 @@ class _PlaitCounts:
 
     def describe(self, wall: float) -> str:
         s = self.stats
-        return (f"prompt tokens computed {s.prompt_tokens_computed:,} of {s.prompt_tokens:,} "
-                f"({100 * s.prompt_cache_share:.0f}% from the prefix cache); decode passes {s.decode_passes:,}, "
-                f"mean batch {s.mean_decode_batch:.2f} (max {s.max_decode_batch}); multi-token passes "
-                f"{s.multi_token_passes:,} ({s.multi_token_tokens:,} tokens + {s.multi_token_padding:,} padding); "
-                f"sequences in flight per pass {s.mean_rows_in_flight:.2f}; shared requests {s.shared}; "
-                f"time in model passes {s.forward_seconds:.1f} s "
-                f"({100 * s.forward_seconds / wall:.0f}% of the wall time, "
-                f"{s.multi_token_tokens / max(s.forward_seconds, 1e-9):.0f} tokens/s)")
+        return (
+            f"prompt tokens computed {s.prompt_tokens_computed:,} of {s.prompt_tokens:,} "
+            f"({100 * s.prompt_cache_share:.0f}% from the prefix cache); decode passes {s.decode_passes:,}, "
+            f"mean batch {s.mean_decode_batch:.2f} (max {s.max_decode_batch}); multi-token passes "
+            f"{s.multi_token_passes:,} ({s.multi_token_tokens:,} tokens + "
+            f"{s.multi_token_padding:,} padding); "
+            f"sequences in flight per pass {s.mean_rows_in_flight:.2f}; shared requests {s.shared}; "
+            f"time in model passes {s.forward_seconds:.1f} s "
+            f"({100 * s.forward_seconds / wall:.0f}% of the wall time, "
+            f"{s.multi_token_tokens / max(s.forward_seconds, 1e-9):.0f} tokens/s)"
+        )
 
 
 class _LlamaCounts:
@@ -330,8 +407,10 @@ class _LlamaCounts:
         return delta
 
     def describe(self, wall: float) -> str:
-        return (f"prompt tokens {self.prompt:,} (llama.cpp reuses the previous prompt's common prefix), "
-                f"completion tokens {self.completion:,}")
+        return (
+            f"prompt tokens {self.prompt:,} (llama.cpp reuses the previous prompt's common prefix), "
+            f"completion tokens {self.completion:,}"
+        )
 
 
 if __name__ == "__main__":

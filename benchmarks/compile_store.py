@@ -74,17 +74,28 @@ def main() -> None:
     def peer_pass() -> tuple[float, float]:
         start = time.perf_counter()
         with dspy.context(lm=lm, adapter=adapter):
-            score = dspy.Evaluate(devset=devset, metric=exact_match, num_threads=args.threads,
-                                  display_progress=False)(program).score
+            score = dspy.Evaluate(
+                devset=devset, metric=exact_match, num_threads=args.threads, display_progress=False
+            )(program).score
         return time.perf_counter() - start, score
 
     def plait_pass(round_: int) -> tuple[float, float, int]:
-        run, _ = store.start_run(kind="eval", key=f"bench-recorded-{round_}", program_path="bench",
-                                 signature_hash="-", config={})
+        run, _ = store.start_run(
+            kind="eval", key=f"bench-recorded-{round_}", program_path="bench", signature_hash="-", config={}
+        )
         meter = UsageMeter()
         start = time.perf_counter()
-        report = evaluate(program, devset, exact_match, lm=recording_lm(lm, store, run.id, meter),
-                          adapter=adapter, threads=args.threads, meter=meter, store=store, run_id=run.id)
+        report = evaluate(
+            program,
+            devset,
+            exact_match,
+            lm=recording_lm(lm, store, run.id, meter),
+            adapter=adapter,
+            threads=args.threads,
+            meter=meter,
+            store=store,
+            run_id=run.id,
+        )
         return time.perf_counter() - start, report.score, store.lm_call_count(run.id)
 
     # The engine's prefix cache remembers prompts: one unreported pass warms it for both peers,
@@ -97,13 +108,22 @@ def main() -> None:
     peer_s, peer_score = min(peer_runs)
     plait_s, plait_score, stored = min(plait_runs)
     results.append(("dspy.Evaluate (nothing stored)", peer_s, f"score {peer_score:.1f}"))
-    results.append(("plait evaluate (every call + result stored)", plait_s,
-                    f"score {plait_score:.1f}, {stored} LM calls stored, ratio {plait_s / peer_s:.2f}x"))
+    results.append(
+        (
+            "plait evaluate (every call + result stored)",
+            plait_s,
+            f"score {plait_score:.1f}, {stored} LM calls stored, ratio {plait_s / peer_s:.2f}x",
+        )
+    )
 
-    config = CompileConfig(program="plait.pipelines.sentiment:Sentiment",
-                           trainset=str(_write(train_rows, work / "train.jsonl")),
-                           devset=str(_write(dev_rows, work / "dev.jsonl")), out=str(work / "out.json"),
-                           optimizer="bootstrap", threads=args.threads)
+    config = CompileConfig(
+        program="plait.pipelines.sentiment:Sentiment",
+        trainset=str(_write(train_rows, work / "train.jsonl")),
+        devset=str(_write(dev_rows, work / "dev.jsonl")),
+        out=str(work / "out.json"),
+        optimizer="bootstrap",
+        threads=args.threads,
+    )
 
     def timed_compile():
         start = time.perf_counter()
@@ -111,17 +131,23 @@ def main() -> None:
         return report, time.perf_counter() - start
 
     fresh, fresh_s = timed_compile()
-    note = (f"{fresh.before.score:.1f} -> {fresh.after.score:.1f}, {fresh.usage.calls} LM calls, "
-            f"forced share {100 * (fresh.usage.forced_share or 0):.0f}%")
+    note = (
+        f"{fresh.before.score:.1f} -> {fresh.after.score:.1f}, {fresh.usage.calls} LM calls, "
+        f"forced share {100 * (fresh.usage.forced_share or 0):.0f}%"
+    )
     results.append(("compile, fresh run", fresh_s, note))
     again, again_s = timed_compile()
-    note = (f"{again.before.reused + again.after.reused} examples reused, {again.usage.replayed} calls "
-            f"replayed, 0 generated; ratio {again_s / fresh_s:.3f}x")
+    note = (
+        f"{again.before.reused + again.after.reused} examples reused, {again.usage.replayed} calls "
+        f"replayed, 0 generated; ratio {again_s / fresh_s:.3f}x"
+    )
     results.append(("compile, same command again (resume)", again_s, note))
 
     width = max(len(name) for name, _, _ in results)
-    print(f"\nSST-2 Sentiment, {len(devset)} dev / {len(train_rows)} train rows, {args.threads} threads, "
-          f"smollm2-135m on CPU")
+    print(
+        f"\nSST-2 Sentiment, {len(devset)} dev / {len(train_rows)} train rows, {args.threads} threads, "
+        f"smollm2-135m on CPU"
+    )
     for name, seconds, note in results:
         print(f"  {name:<{width}}  {seconds:8.2f} s   {note}")
     store.close()

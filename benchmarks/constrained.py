@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import dspy
 import pydantic
@@ -37,9 +36,9 @@ from dspy.utils.exceptions import AdapterParseError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plait.backends.constraint import TokenConstraint, compile_constraint  # noqa: E402
-from plait.backends.engine import Engine  # noqa: E402
-from plait.modules.grammar import GrammarOptions, chat_grammar  # noqa: E402
+from plait.backends.grammar.constraint import TokenConstraint, compile_constraint  # noqa: E402
+from plait.backends.runtime.engine import Engine  # noqa: E402
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -71,8 +70,9 @@ def workloads(rows: int) -> dict[str, list[tuple[type[dspy.Signature], dict]]]:
     return {
         "sst2 Literal+float": [(sentiment, {"text": r["text"]}) for r in _rows("sst2", rows)],
         "sst2 typed (bool, model, list)": [(TypedReview, {"text": r["text"]}) for r in _rows("sst2", rows)],
-        "squad str": [(qa, {"context": r["context"][:1500], "question": r["question"]})
-                      for r in _rows("squad", rows)],
+        "squad str": [
+            (qa, {"context": r["context"][:1500], "question": r["question"]}) for r in _rows("squad", rows)
+        ],
         "gsm8k CoT int": [(cot, {"question": r["question"]}) for r in _rows("gsm8k", rows)],
     }
 
@@ -167,8 +167,10 @@ def main() -> None:
     modes = ("constrained", "no jump-forward", "dspy")
     totals = {m: Tally() for m in modes}
     print(f"model {args.model}, {args.rows} rows per signature, max_tokens {args.max_tokens}, greedy\n")
-    header = (f"{'signature':32} {'tokens':>6} {'forced':>7} {'passes jf':>9} {'no-jf':>6} {'cut':>5} "
-              f"{'grammar ms/step':>15} {'% of wall':>9} {'fail: plait':>11} {'dspy':>5}")
+    header = (
+        f"{'signature':32} {'tokens':>6} {'forced':>7} {'passes jf':>9} {'no-jf':>6} {'cut':>5} "
+        f"{'grammar ms/step':>15} {'% of wall':>9} {'fail: plait':>11} {'dspy':>5}"
+    )
     print(header)
     print("-" * len(header))
     for name, cases in workloads(args.rows).items():
@@ -181,11 +183,13 @@ def main() -> None:
         _row(name, tallies)
     print("-" * len(header))
     _row("all", totals)
-    print("\ntokens/forced/passes: mean per completion of the constrained peer (passes include the prompt's);"
-          "\n'no-jf' = passes of the same grammar with every forced token sampled one pass each;"
-          "\ncut = 1 - passes jf / no-jf; grammar ms/step = mask + forced + advance per sampled token;"
-          "\n% of wall = grammar time / generation wall time; fail = completions ChatAdapter.parse rejects"
-          "\n(for DSPy's ChatAdapter each one costs a second, JSON-mode call).")
+    print(
+        "\ntokens/forced/passes: mean per completion of the constrained peer (passes include the prompt's);"
+        "\n'no-jf' = passes of the same grammar with every forced token sampled one pass each;"
+        "\ncut = 1 - passes jf / no-jf; grammar ms/step = mask + forced + advance per sampled token;"
+        "\n% of wall = grammar time / generation wall time; fail = completions ChatAdapter.parse rejects"
+        "\n(for DSPy's ChatAdapter each one costs a second, JSON-mode call)."
+    )
 
 
 def _row(name: str, tallies: dict[str, Tally]) -> None:
@@ -193,9 +197,11 @@ def _row(name: str, tallies: dict[str, Tally]) -> None:
     mean = statistics.fmean
     forced_share = sum(c.forced) / max(sum(c.tokens), 1)
     cut = 1 - sum(c.passes) / max(sum(n.passes), 1)
-    print(f"{name:32} {mean(c.tokens):6.1f} {forced_share:7.0%} {mean(c.passes):9.1f} {mean(n.passes):6.1f} "
-          f"{cut:5.0%} {statistics.median(c.grammar_ms):15.3f} {c.grammar_s / c.wall_s:9.2%} "
-          f"{c.failures:>5}/{c.runs:<5} {d.failures:>2}/{d.runs}")
+    print(
+        f"{name:32} {mean(c.tokens):6.1f} {forced_share:7.0%} {mean(c.passes):9.1f} {mean(n.passes):6.1f} "
+        f"{cut:5.0%} {statistics.median(c.grammar_ms):15.3f} {c.grammar_s / c.wall_s:9.2%} "
+        f"{c.failures:>5}/{c.runs:<5} {d.failures:>2}/{d.runs}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 # Figures from the foundation/runtime issues, measured on this machine kind (2 cores).
 _SENTENCES = [
@@ -102,7 +102,8 @@ class Prompts:
 
 # ---- peers ---------------------------------------------------------------------------------------
 class Peer:
-    """One engine under test (`sequential`: its concurrency is requests one after another). `generate(ids, n)` -> number of new tokens actually produced;
+    """One engine under test (`sequential`: its concurrency is requests one after another).
+    `generate(ids, n)` -> number of new tokens actually produced;
     `concurrent(prompts, n)` -> total new tokens produced by all the prompts."""
 
     name = ""
@@ -133,10 +134,11 @@ PLAIT_WEIGHTS = {
 
 class PlaitPeer(Peer):
     def __init__(self, variant: str, keep_eos: bool):
-        from plait.backends.engine import Engine
+        from plait.backends.runtime.engine import Engine
 
-        self.engine = Engine.load("smollm2-135m", prefix_cache=False, max_batch_size=32,
-                                  **PLAIT_VARIANTS[variant])
+        self.engine = Engine.load(
+            "smollm2-135m", prefix_cache=False, max_batch_size=32, **PLAIT_VARIANTS[variant]
+        )
         if not keep_eos:
             # the equivalent of transformers' min_new_tokens / vLLM's ignore_eos for a benchmark
             self.engine.tokenizer.stop_token_ids = frozenset()
@@ -174,16 +176,25 @@ class TransformersPeer(Peer):
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         with contextlib.redirect_stderr(io.StringIO()):  # its dequantisation progress bar
-            self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              dtype=torch.float32).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            ).eval()
         cfg = self.model.generation_config
         self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
     @torch.inference_mode()
     def _run(self, input_ids: torch.Tensor, mask: torch.Tensor, n: int) -> int:
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=self.pad,
-                                  temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=self.pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         return (out.shape[1] - input_ids.shape[1]) * out.shape[0]
 
     def generate(self, ids, n):
@@ -193,18 +204,26 @@ class TransformersPeer(Peer):
     def tokens(self, ids, n) -> list[int]:
         x = torch.tensor([ids])
         with torch.inference_mode():
-            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=self.pad,
-                                      temperature=None, top_p=None, top_k=None)
-        return out[0, x.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=self.pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        return out[0, x.shape[1] :].tolist()
 
     def concurrent(self, prompts, n):
         width = max(map(len, prompts))
         x = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(x)
         for i, ids in enumerate(prompts):  # left padding
-            x[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
+            x[i, width - len(ids) :] = torch.tensor(ids)
+            mask[i, width - len(ids) :] = 1
         return self._run(x, mask, n)
 
 
@@ -216,15 +235,22 @@ class LlamaCppPeer(Peer):
     def __init__(self, gguf: Path, threads: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
-                         logits_all=False, verbose=False)
+        self.llm = Llama(
+            model_path=str(gguf),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=2048,
+            logits_all=False,
+            verbose=False,
+        )
 
     def generate(self, ids, n):
         self.llm.reset()  # no reuse of an earlier prompt's KV (prompts differ anyway)
         count = 0
         # the raw sampling loop: greedy, never stops on EOS by itself
-        for _ in self.llm.generate(list(ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                   reset=True):
+        for _ in self.llm.generate(
+            list(ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
+        ):
             count += 1
             if count >= n:
                 break
@@ -322,8 +348,18 @@ def worker(args: argparse.Namespace, gguf: Path) -> int:
 def run_worker(name: str, work: dict, args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(work, f)
-    command = [sys.executable, __file__, "--worker", name, "--work", f.name,
-               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--work",
+        f.name,
+        "--threads",
+        str(args.threads),
+        "--decode-tokens",
+        str(args.decode_tokens),
+    ]
     if args.keep_eos:
         command.append("--keep-eos")
     try:
@@ -333,25 +369,37 @@ def run_worker(name: str, work: dict, args: argparse.Namespace) -> dict:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=128, help="new tokens per request")
-    ap.add_argument("--prompt-tokens", type=int, default=500, help="prompt length for prefill / batch-1 decode")
-    ap.add_argument("--conc-prompt-tokens", type=int, default=48,
-                    help="mean prompt length of the concurrent requests (they vary ±25%%)")
+    ap.add_argument(
+        "--prompt-tokens", type=int, default=500, help="prompt length for prefill / batch-1 decode"
+    )
+    ap.add_argument(
+        "--conc-prompt-tokens",
+        type=int,
+        default=48,
+        help="mean prompt length of the concurrent requests (they vary ±25%%)",
+    )
     ap.add_argument("--concurrency", default="8,32", help="comma-separated request counts")
     ap.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     ap.add_argument("--peers", default="plait,transformers,llama-cpp")
-    ap.add_argument("--sequential-requests", type=int, default=8,
-                    help="llama-cpp-python: requests per repeat for its sequential throughput (it does not "
-                         "depend on the concurrency level; 0 = as many as the largest level)")
+    ap.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=8,
+        help="llama-cpp-python: requests per repeat for its sequential throughput (it does not "
+        "depend on the concurrency level; 0 = as many as the largest level)",
+    )
     ap.add_argument("--plait", default="fp32,bf16,int4", help=f"plait variants ({', '.join(PLAIT_VARIANTS)})")
     ap.add_argument("--keep-eos", action="store_true", help="let plait stop at EOS (counts stay exact)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 16 new tokens, 128-token prompt")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repeat, 16 new tokens, 128-token prompt"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -360,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    from plait.backends.registry import resolve
+    from plait.backends.loading.registry import resolve
 
     gguf = resolve("smollm2-135m")[1]
     if args.worker:
@@ -368,11 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     wanted = set(args.peers.split(","))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print("load average at start: %.1f %.1f %.1f" % os.getloadavg())
+    print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(f"model: {gguf.name}   torch {torch.__version__}, threads={args.threads}, cpus={os.cpu_count()}")
-    print(f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} new tokens, greedy, "
-          f"{args.repeats} repeat(s), concurrency {levels} (prompts ~{args.conc_prompt_tokens} tokens); "
-          "every peer runs in a process of its own (see below)")
+    print(
+        f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} new tokens, greedy, "
+        f"{args.repeats} repeat(s), concurrency {levels} (prompts ~{args.conc_prompt_tokens} tokens); "
+        "every peer runs in a process of its own (see below)"
+    )
 
     names = [f"plait {v}" for v in args.plait.split(",")] if "plait" in wanted else []
     if "transformers" in wanted:
@@ -385,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print("no peer to measure")
         return 1
-    from plait.backends.engine import Engine
+    from plait.backends.runtime.engine import Engine
 
     tokenizer_engine = Engine.load("smollm2-135m", prefix_cache=False)
     prompts = Prompts(tokenizer_engine.tokenizer.encode)
@@ -395,16 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         rng = random.Random(1000 + rep)
         spread = max(1, args.conc_prompt_tokens // 4)
-        for name in (names if rep % 2 == 0 else names[::-1]):
+        for name in names if rep % 2 == 0 else names[::-1]:
             work = {
                 "warmup": prompts.make(args.prompt_tokens),
-                "warmup_concurrent": [prompts.make(args.conc_prompt_tokens) for _ in range(min(levels, default=1))],
+                "warmup_concurrent": [
+                    prompts.make(args.conc_prompt_tokens) for _ in range(min(levels, default=1))
+                ],
                 "prefill": prompts.make(args.prompt_tokens),
                 "decode": prompts.make(args.prompt_tokens),
-                "concurrent": {level: [prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
-                                       for _ in range(level)] for level in levels},
-                "sequential": [prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
-                               for _ in range(args.sequential_requests or max(levels))],
+                "concurrent": {
+                    level: [
+                        prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
+                        for _ in range(level)
+                    ]
+                    for level in levels
+                },
+                "sequential": [
+                    prompts.make(args.conc_prompt_tokens + rng.randint(-spread, spread))
+                    for _ in range(args.sequential_requests or max(levels))
+                ],
             }
             if rep == 0:
                 work["probe"] = probe
@@ -414,30 +473,39 @@ def main(argv: list[str] | None = None) -> int:
             if "probe" in out:
                 probes[name] = out["probe"]
             res = results[name]
-            print(f"  repeat {rep + 1}/{args.repeats} {name:<18} prefill {res['prefill'][-1]:7.1f}  "
-                  f"decode {fmt(res['decode'][-1]):>7}  "
-                  + "  ".join(f"x{lv} {res[f'conc{lv}'][-1]:7.1f}" for lv in levels), flush=True)
+            print(
+                f"  repeat {rep + 1}/{args.repeats} {name:<18} prefill {res['prefill'][-1]:7.1f}  "
+                f"decode {fmt(res['decode'][-1]):>7}  "
+                + "  ".join(f"x{lv} {res[f'conc{lv}'][-1]:7.1f}" for lv in levels),
+                flush=True,
+            )
     tokenizer_engine.close()
     base = probes.get("plait fp32")
     if base is not None:
         agree = []
         for name, toks in probes.items():
             if name != "plait fp32":
-                same = next((i for i, (a, b) in enumerate(zip(base, toks)) if a != b), min(len(base), len(toks)))
+                same = next(
+                    (i for i, (a, b) in enumerate(zip(base, toks)) if a != b), min(len(base), len(toks))
+                )
                 agree.append(f"{name} {same}/16")
         print("\ngreedy agreement with plait fp32 (first differing position): " + ", ".join(agree))
 
     # ---- table ----
     n = args.decode_tokens
-    metrics = [("prefill", f"prefill tok/s ({args.prompt_tokens}-tok prompt)"),
-               ("decode", f"decode tok/s, batch 1 ({n} new)"),
-               ("decode_e2e", "batch-1 end to end tok/s (prompt+decode)")]
+    metrics = [
+        ("prefill", f"prefill tok/s ({args.prompt_tokens}-tok prompt)"),
+        ("decode", f"decode tok/s, batch 1 ({n} new)"),
+        ("decode_e2e", "batch-1 end to end tok/s (prompt+decode)"),
+    ]
     metrics += [(f"conc{lv}", f"aggregate tok/s, {lv} concurrent") for lv in levels]
     med = {name: {k: median(v) for k, v in r.items()} for name, r in results.items()}
     plait_names = [x for x in names if x.startswith("plait")]
     others = [x for x in names if not x.startswith("plait")]
     ratio_cols = [(a, b) for a in plait_names for b in others]
-    head = ["metric (median)"] + names + [f"{a.split()[1]}/{b.split()[0].split('-')[0]}" for a, b in ratio_cols]
+    head = (
+        ["metric (median)"] + names + [f"{a.split()[1]}/{b.split()[0].split('-')[0]}" for a, b in ratio_cols]
+    )
     rows = []
     for key, label in metrics:
         row = [label] + [fmt(med[x].get(key)) for x in names]
@@ -454,18 +522,31 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name in names:
         weights, sequential = describe(name)
-        note = (f" (concurrent = {args.sequential_requests or max(levels)} sequential requests per repeat: "
-                "no batching in its Python API)") if sequential else ""
+        note = (
+            (
+                f" (concurrent = {args.sequential_requests or max(levels)} sequential requests per repeat: "
+                "no batching in its Python API)"
+            )
+            if sequential
+            else ""
+        )
         print(f"  {name}: {weights}{note}")
-    print("  ratio columns: plait engine / peer (>1 = plait faster), the median of the per-repeat ratios "
-          "(peers run back to back within a repeat, so a drifting background load cancels out)")
+    print(
+        "  ratio columns: plait engine / peer (>1 = plait faster), the median of the per-repeat ratios "
+        "(peers run back to back within a repeat, so a drifting background load cancels out)"
+    )
     print("  spread over repeats (min-max):")
     for x in names:
-        spans = ", ".join(f"{k} {fmt(min(v))}-{fmt(max(v))}" for k, v in results[x].items()
-                          if k in ("prefill", "decode") and all(e is not None for e in v))
+        spans = ", ".join(
+            f"{k} {fmt(min(v))}-{fmt(max(v))}"
+            for k, v in results[x].items()
+            if k in ("prefill", "decode") and all(e is not None for e in v)
+        )
         print(f"    {x}: {spans}")
-    print("  issue figures (same machine kind): llama-cpp-python decode 113, prefill 249; "
-          "transformers fp32 decode 16, prefill 417, 8 concurrent 87")
+    print(
+        "  issue figures (same machine kind): llama-cpp-python decode 113, prefill 249; "
+        "transformers fp32 decode 16, prefill 417, 8 concurrent 87"
+    )
     if "llama-cpp-python" in med:
         for x in plait_names:
             r1 = ratio(results[x]["decode"], results["llama-cpp-python"]["decode"])
@@ -474,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                 r32 = ratio(results[x]["conc32"], results["llama-cpp-python"]["conc32"])
                 goals.append(f"32 concurrent {fmt(r32, 2)}x of llama.cpp sequential (goal >= 4x)")
             print(f"  runtime goals, {x}: " + "; ".join(goals))
-    print("load average at end: %.1f %.1f %.1f (2 cores: above ~2 the timings are inflated by other work)"
-          % os.getloadavg())
+    print(
+        "load average at end: {:.1f} {:.1f} {:.1f} (2 cores: above ~2 the timings are inflated "
+        "by other work)".format(*os.getloadavg())
+    )
     return 0
 
 

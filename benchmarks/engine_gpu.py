@@ -33,12 +33,13 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from plait.backends.cache import Batch, StatePool  # noqa: E402
-from plait.backends.cuda_graphs import DecodeGraphs  # noqa: E402
-from plait.backends.nemotron_h import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
-from plait.backends.nemotron_presets import PUBLISHED, preset  # noqa: E402
+from plait.backends.models.nemotron_h import NemotronHForCausalLM
+from plait.backends.models.nemotron_h_config import NemotronHConfig
+from plait.backends.models.nemotron_h_presets import PUBLISHED, preset
+from plait.backends.models.state import Batch, StatePool
+from plait.backends.runtime.cuda_graphs import DecodeGraphs
 
 
 def sync(device: torch.device) -> None:
@@ -64,7 +65,11 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
         if leaf == "A_log":
             p.uniform_(0.0, math.log(16.0), generator=g)
         elif leaf == "dt_bias":  # softplus^-1 of dt log-uniform in [1e-3, 0.1]
-            dt = torch.empty_like(p, dtype=torch.float32).uniform_(math.log(1e-3), math.log(0.1), generator=g).exp()
+            dt = (
+                torch.empty_like(p, dtype=torch.float32)
+                .uniform_(math.log(1e-3), math.log(0.1), generator=g)
+                .exp()
+            )
             p.copy_(dt + torch.log(-torch.expm1(-dt)))
         elif leaf == "D" or "norm" in name:
             p.fill_(1.0)
@@ -142,17 +147,29 @@ def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
 @torch.no_grad()
 def plait_prefill(model, length: int, device) -> float:
     ids = torch.randint(3, model.vocab_size, (1, length), device=device)
-    pool = StatePool(model.state_specs(torch.bfloat16), device=device, slots=1, capacity=length,
-                     max_length=model.context_length)
+    pool = StatePool(
+        model.state_specs(torch.bfloat16),
+        device=device,
+        slots=1,
+        capacity=length,
+        max_length=model.context_length,
+    )
     model(ids[:, :64], Batch(pool, 0, torch.tensor([0], device=device)))  # warm-up (compiles the kernels)
-    seconds = timed(lambda: model(ids, Batch(pool, 0, torch.tensor([0], device=device)), last_only=True), device)
+    seconds = timed(
+        lambda: model(ids, Batch(pool, 0, torch.tensor([0], device=device)), last_only=True), device
+    )
     return length / seconds
 
 
 @torch.no_grad()
 def plait_decode(model, batch: int, prompt: int, steps: int, device) -> float:
-    pool = StatePool(model.state_specs(torch.bfloat16), device=device, slots=max(2, batch),
-                     capacity=prompt + steps + 4, max_length=model.context_length)
+    pool = StatePool(
+        model.state_specs(torch.bfloat16),
+        device=device,
+        slots=max(2, batch),
+        capacity=prompt + steps + 4,
+        max_length=model.context_length,
+    )
     for row in range(batch):
         ids = torch.randint(3, model.vocab_size, (1, prompt), device=device)
         model(ids, Batch(pool, row, torch.tensor([0], device=device)), last_only=True)
@@ -236,8 +253,10 @@ def run_model(name: str, config: dict, args, device, bandwidth: float) -> None:
     params = sum(p.numel() for p in model.parameters())
     step_bytes = weight_bytes_per_step(model)
     roofline = bandwidth / step_bytes  # batch-1 steps/s if only the weights' bytes counted
-    print(f"\n== {name}: {params / 1e9:.2f} B parameters (bf16), {step_bytes / 2**30:.2f} GiB read per "
-          f"batch-1 step -> roofline {roofline:,.1f} tok/s at {bandwidth / 1e9:,.0f} GB/s")
+    print(
+        f"\n== {name}: {params / 1e9:.2f} B parameters (bf16), {step_bytes / 2**30:.2f} GiB read per "
+        f"batch-1 step -> roofline {roofline:,.1f} tok/s at {bandwidth / 1e9:,.0f} GB/s"
+    )
     results: dict[str, dict[str, object]] = {}
     engines = [("plait", plait_prefill, plait_decode, model)]
     if not args.no_transformers:
@@ -249,8 +268,9 @@ def run_model(name: str, config: dict, args, device, bandwidth: float) -> None:
             row[f"prefill {length}"] = measure(f"{engine} prefill {length}", prefill, m, length, device)
         for batch in args.batches:
             steps = args.decode_steps if engine == "plait" else max(4, args.decode_steps // 4)
-            row[f"decode b{batch}"] = measure(f"{engine} decode b{batch}", decode, m, batch, args.prompt,
-                                              steps, device)
+            row[f"decode b{batch}"] = measure(
+                f"{engine} decode b{batch}", decode, m, batch, args.prompt, steps, device
+            )
         row["peak GiB"] = peak(device)
     keys = list(results["plait"])
     width = max(len(k) for k in keys) + 2
@@ -268,7 +288,9 @@ def run_model(name: str, config: dict, args, device, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(PUBLISHED), help=f"comma-separated: {', '.join(PUBLISHED)}")
+    parser.add_argument(
+        "--models", default=",".join(PUBLISHED), help=f"comma-separated: {', '.join(PUBLISHED)}"
+    )
     parser.add_argument("--tiny", action="store_true", help="scaled-down dimensions (a smoke run; CPU works)")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row before decoding")
@@ -285,8 +307,10 @@ def main() -> None:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s; torch {torch.__version__}"
-          + ("; TINY dimensions (smoke run)" if args.tiny else ""))
+    print(
+        f"device: {name}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s; torch {torch.__version__}"
+        + ("; TINY dimensions (smoke run)" if args.tiny else "")
+    )
     for model_name in args.models.split(","):
         config = preset(model_name, tiny=args.tiny)
         run_model(model_name + (" (tiny)" if args.tiny else ""), config, args, device, bandwidth)

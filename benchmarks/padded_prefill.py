@@ -18,15 +18,16 @@ import time
 import torch
 from engine_gpu import randomise
 
-from plait.backends.engine import Engine
-from plait.backends.nemotron_h import NemotronHConfig, NemotronHForCausalLM
-from plait.backends.nemotron_presets import PUBLISHED, preset
+from plait.backends.models.nemotron_h import NemotronHForCausalLM
+from plait.backends.models.nemotron_h_config import NemotronHConfig
+from plait.backends.models.nemotron_h_presets import PUBLISHED, preset
+from plait.backends.runtime.engine import Engine
 
 
 class ByteTokenizer:
     """Enough of a tokenizer for token-id prompts: the engine only decodes what it generates."""
 
-    stop_token_ids = {2}
+    stop_token_ids = frozenset({2})
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i % 256 for i in ids).decode("latin-1")
@@ -49,8 +50,10 @@ def main() -> None:
     lengths = torch.randint(args.lo, args.hi + 1, (args.rows,), generator=g).tolist()
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     engine = Engine(model, ByteTokenizer(), "bench", "nemotron_h", prefix_cache=False)
-    print(f"{args.model} (tiny, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, fp32), "
-          f"{torch.get_num_threads()} threads, prompts of {lengths} tokens")
+    print(
+        f"{args.model} (tiny, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, fp32), "
+        f"{torch.get_num_threads()} threads, prompts of {lengths} tokens"
+    )
     try:
         engine.generate(prompts[0][:16], max_tokens=1)  # warm-up
         times: dict[bool, list[float]] = {False: [], True: []}
@@ -68,11 +71,16 @@ def main() -> None:
         engine.close()
     for padded, label in ((False, "one row per pass"), (True, "padded passes")):
         s = stats[padded]
-        print(f"{label:<17} median {statistics.median(times[padded]) * 1e3:7.1f} ms  "
-              f"({s.multi_token_passes} passes, {s.multi_token_tokens} tokens + {s.multi_token_padding} padding)")
+        print(
+            f"{label:<17} median {statistics.median(times[padded]) * 1e3:7.1f} ms  "
+            f"({s.multi_token_passes} passes, {s.multi_token_tokens} tokens + "
+            f"{s.multi_token_padding} padding)"
+        )
     if outputs[True] != outputs[False]:
         raise SystemExit("the two modes generated different tokens")
-    print(f"speed-up of padded passes: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
+    print(
+        f"speed-up of padded passes: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x"
+    )
 
 
 if __name__ == "__main__":

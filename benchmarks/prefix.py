@@ -16,20 +16,29 @@ from pathlib import Path
 
 import torch
 
-from plait.backends.engine import Engine
+from plait.backends.runtime.engine import Engine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
 def prompts(engine: Engine, count: int) -> list[list[int]]:
     rows = [json.loads(line) for line in open(DATA / "train.jsonl")]
-    demos = "\n\n".join(f"Sentence: {r['text']}\nSentiment: {'positive' if r['label'] else 'negative'}"
-                        for r in rows[:24])
+    demos = "\n\n".join(
+        f"Sentence: {r['text']}\nSentiment: {'positive' if r['label'] else 'negative'}" for r in rows[:24]
+    )
     instructions = f"Classify the sentiment of each movie-review sentence.\n\n{demos}"
     dev = [json.loads(line) for line in open(DATA / "dev.jsonl")][:count]
-    return [engine.tokenizer.encode(engine.chat_prompt([
-        {"role": "system", "content": instructions},
-        {"role": "user", "content": f"Sentence: {r['text']}\nSentiment:"}])) for r in dev]
+    return [
+        engine.tokenizer.encode(
+            engine.chat_prompt(
+                [
+                    {"role": "system", "content": instructions},
+                    {"role": "user", "content": f"Sentence: {r['text']}\nSentiment:"},
+                ]
+            )
+        )
+        for r in dev
+    ]
 
 
 def run(engine: Engine, batch: list[list[int]], max_tokens: int, threads: int) -> tuple[float, int, list]:
@@ -58,15 +67,20 @@ def main() -> None:
         if len({p[i] for p in batch}) > 1:
             shared = i
             break
-    print(f"{len(batch)} requests, prompt tokens median {statistics.median(lengths):.0f}, "
-          f"shared prefix {shared} tokens, {args.max_tokens} new tokens each, {args.threads} callers")
+    print(
+        f"{len(batch)} requests, prompt tokens median {statistics.median(lengths):.0f}, "
+        f"shared prefix {shared} tokens, {args.max_tokens} new tokens each, {args.threads} callers"
+    )
 
     results: dict[str, list[tuple[float, int]]] = {"off": [], "on": []}
     reference = None
     for _ in range(args.repeats):
         for mode in ("off", "on"):
-            engine = base if mode == "off" else Engine(base.model, base.tokenizer, "prefix-on", "llama",
-                                                      prefix_cache=True)
+            engine = (
+                base
+                if mode == "off"
+                else Engine(base.model, base.tokenizer, "prefix-on", "llama", prefix_cache=True)
+            )
             wall, computed, outputs = run(engine, batch, args.max_tokens, args.threads)
             reference = reference or outputs
             assert outputs == reference, "the prefix cache changed an output"
@@ -81,8 +95,10 @@ def main() -> None:
     print(f"{'':10}{'wall s':>10}{'prompt tokens computed':>26}")
     for mode in ("off", "on"):
         print(f"cache {mode:4}{med(mode, 0):10.1f}{med(mode, 1):26.0f}")
-    print(f"ratio (off/on): prefill tokens {med('off', 1) / med('on', 1):.1f}x fewer, "
-          f"end to end {med('off', 0) / med('on', 0):.2f}x faster; outputs identical: True")
+    print(
+        f"ratio (off/on): prefill tokens {med('off', 1) / med('on', 1):.1f}x fewer, "
+        f"end to end {med('off', 0) / med('on', 0):.2f}x faster; outputs identical: True"
+    )
 
 
 if __name__ == "__main__":

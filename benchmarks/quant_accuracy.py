@@ -25,8 +25,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,7 +51,7 @@ def passages(encode, count: int, length: int) -> list[list[int]]:
 
 
 def plait_logits(quantize: str | None, dtype: str, texts: list[list[int]]) -> list[torch.Tensor]:
-    from plait.backends.engine import Engine
+    from plait.backends.runtime.engine import Engine
 
     engine = Engine.load("smollm2-135m", dtype=dtype, quantize=quantize, prefix_cache=False)
     try:
@@ -63,11 +63,12 @@ def plait_logits(quantize: str | None, dtype: str, texts: list[list[int]]) -> li
 def llama_cpp_logits(texts: list[list[int]], threads: int) -> list[torch.Tensor]:
     from llama_cpp import Llama
 
-    from plait.backends.registry import resolve
+    from plait.backends.loading.registry import resolve
 
     _, gguf = resolve("smollm2-135m")
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512, logits_all=True,
-                verbose=False)
+    llm = Llama(
+        model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512, logits_all=True, verbose=False
+    )
     out = []
     for ids in texts:
         llm.reset()
@@ -91,39 +92,56 @@ def compare(name: str, got: list[torch.Tensor], ref: list[torch.Tensor], texts: 
         abs_sum += diff.mean(-1).sum().item()
         abs_max = max(abs_max, diff.max().item())
         kl_sum += (base_logp.exp() * (base_logp - logp)).sum(-1).sum().item()
-    return {"name": name, "ppl": float(torch.tensor(nll / tokens).exp()), "agree": agree / tokens,
-            "mean_abs": abs_sum / tokens, "max_abs": abs_max, "kl": kl_sum / tokens}
+    return {
+        "name": name,
+        "ppl": float(torch.tensor(nll / tokens).exp()),
+        "agree": agree / tokens,
+        "mean_abs": abs_sum / tokens,
+        "max_abs": abs_max,
+        "kl": kl_sum / tokens,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--passages", type=int, default=24)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
-    from plait.backends.engine import Engine
+    from plait.backends.runtime.engine import Engine
 
     tokenizer = Engine.load("smollm2-135m", prefix_cache=False)
     texts = passages(tokenizer.tokenizer.encode, args.passages, args.length)
     tokenizer.close()
-    print(f"{len(texts)} SQuAD dev passages x {args.length} tokens = {len(texts) * (args.length - 1)} "
-          "scored positions; reference: plait fp32 (the GGUF's Q4_1 weights, dequantised)\n")
+    print(
+        f"{len(texts)} SQuAD dev passages x {args.length} tokens = {len(texts) * (args.length - 1)} "
+        "scored positions; reference: plait fp32 (the GGUF's Q4_1 weights, dequantised)\n"
+    )
     ref = plait_logits(None, "float32", texts)
     rows = [compare("plait fp32", ref, ref, texts)]
-    for name, quantize, dtype in [("plait bf16", None, "bfloat16"), ("plait int8", "int8", "bfloat16"),
-                                  ("plait int4", "int4", "bfloat16")]:
+    for name, quantize, dtype in [
+        ("plait bf16", None, "bfloat16"),
+        ("plait int8", "int8", "bfloat16"),
+        ("plait int4", "int4", "bfloat16"),
+    ]:
         rows.append(compare(name, plait_logits(quantize, dtype, texts), ref, texts))
     if importlib.util.find_spec("llama_cpp") is not None:
         rows.append(compare("llama.cpp Q4_1", llama_cpp_logits(texts, args.threads), ref, texts))
     else:
         print("llama-cpp-python is not installed: its row is left out\n")
     base = rows[0]["ppl"]
-    print(f"{'weights':<16}{'perplexity':>11}{'vs fp32':>9}{'top-1 agree':>13}"
-          f"{'mean |dlogit|':>15}{'max |dlogit|':>14}{'KL(fp32||x)':>13}")
+    print(
+        f"{'weights':<16}{'perplexity':>11}{'vs fp32':>9}{'top-1 agree':>13}"
+        f"{'mean |dlogit|':>15}{'max |dlogit|':>14}{'KL(fp32||x)':>13}"
+    )
     for r in rows:
-        print(f"{r['name']:<16}{r['ppl']:>11.3f}{r['ppl'] / base:>8.3f}x{r['agree']:>12.1%}"
-              f"{r['mean_abs']:>15.4f}{r['max_abs']:>14.3f}{r['kl']:>13.5f}")
+        print(
+            f"{r['name']:<16}{r['ppl']:>11.3f}{r['ppl'] / base:>8.3f}x{r['agree']:>12.1%}"
+            f"{r['mean_abs']:>15.4f}{r['max_abs']:>14.3f}{r['kl']:>13.5f}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,10 @@ def tune(rm: ColBERTServe, queries, qrels) -> None:
             pool = np.unique(np.concatenate([bm25_rank[:200], cent]))
             rows.append((qid, bm25_rank, cent, pool, sparse_all[pool], s.late_scores(qv, pool)))
     print(f"scored {len(rows)} train queries in {time.perf_counter() - t0:.1f}s")
-    print(f"{'bm25_cands':>10} {'centroid_cands':>14} " + " ".join(f"a={a:.1f}" for a in np.arange(0, 1.01, 0.1)))
+    print(
+        f"{'bm25_cands':>10} {'centroid_cands':>14} "
+        + " ".join(f"a={a:.1f}" for a in np.arange(0, 1.01, 0.1))
+    )
     for n_bm25 in (50, 100, 200):
         for n_cent in (0, 50, 100):
             line = []
@@ -95,8 +98,15 @@ def _z(x):
 
 
 # ------------------------------------------------------------------------------- latency
-def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_client: int, k: int = 10,
-            answers: dict | None = None):
+def latency(
+    rm: ColBERTServe,
+    texts: list[str],
+    stage: str,
+    clients: int,
+    per_client: int,
+    k: int = 10,
+    answers: dict | None = None,
+):
     """Per-query wall times (ms) with `clients` threads each issuing `per_client` queries.
 
     Every result is recorded in `answers` (query -> [(id, score)]); a query already there
@@ -124,7 +134,8 @@ def latency(rm: ColBERTServe, texts: list[str], stage: str, clients: int, per_cl
             for q, ranking in got:
                 want = answers.setdefault(q, ranking)
                 if [d for d, _ in want] != [d for d, _ in ranking] or not np.allclose(
-                        [s for _, s in want], [s for _, s in ranking], atol=1e-4):
+                    [s for _, s in want], [s for _, s in ranking], atol=1e-4
+                ):
                     wrong += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -183,15 +194,38 @@ def memory_probe(index: str, in_memory: bool, queries_file: str, n: int, threads
         rm(q, k=10, stage="hybrid")
     after = rss_anon()
     files = {str(p.resolve()) for p in rm.store.mapped_files()}
-    per_file = {Path(k).relative_to(Path(index).resolve()).as_posix(): v
-                for k, v in smaps_rss_by_file().items() if k in files}
-    print(json.dumps({"baseline_rss_anon": base, "opened_rss_anon": opened, "served_rss_anon": after,
-                      "mapped_rss": per_file, "index_bytes": rm.store.disk_bytes(), "queries": len(texts)}))
+    per_file = {
+        Path(k).relative_to(Path(index).resolve()).as_posix(): v
+        for k, v in smaps_rss_by_file().items()
+        if k in files
+    }
+    print(
+        json.dumps(
+            {
+                "baseline_rss_anon": base,
+                "opened_rss_anon": opened,
+                "served_rss_anon": after,
+                "mapped_rss": per_file,
+                "index_bytes": rm.store.disk_bytes(),
+                "queries": len(texts),
+            }
+        )
+    )
 
 
 def run_probe(index: Path, in_memory: bool, queries_file: Path, n: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--probe", str(index), "--queries-file", str(queries_file),
-           "--probe-n", str(n), "--threads", str(threads)] + (["--in-memory"] if in_memory else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe",
+        str(index),
+        "--queries-file",
+        str(queries_file),
+        "--probe-n",
+        str(n),
+        "--threads",
+        str(threads),
+    ] + (["--in-memory"] if in_memory else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -206,7 +240,9 @@ def to_bf16_copy(src: Path, dst: Path) -> Path:
         return dst
     shutil.rmtree(dst, ignore_errors=True)
     m = read_manifest(src)
-    shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("embeddings.f16", "manifest.json"))
+    shutil.copytree(
+        src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("embeddings.f16", "manifest.json")
+    )
     mat = open_matrix(src / "embeddings.f16", m["num_tokens"], m["dim"], "float16")
     with open(dst / "embeddings.bf16", "wb") as f:
         for start in range(0, len(mat), 65536):
@@ -226,11 +262,17 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="grid search on TRAIN qrels and exit")
-    ap.add_argument("--query-settings", default=None,
-                    help='with --tune: JSON overrides of the query encoder settings, e.g. {"augment_queries": true}')
+    ap.add_argument(
+        "--query-settings",
+        default=None,
+        help='with --tune: JSON overrides of the query encoder settings, e.g. {"augment_queries": true}',
+    )
     ap.add_argument("--bf16", action="store_true", help="also measure a bf16 copy of the index")
-    ap.add_argument("--sections", default="quality,latency,bf16,memory",
-                    help="comma-separated subset of quality,latency,bf16,memory")
+    ap.add_argument(
+        "--sections",
+        default="quality,latency,bf16,memory",
+        help="comma-separated subset of quality,latency,bf16,memory",
+    )
     ap.add_argument("--latency-queries", type=int, default=160, help="queries per latency measurement")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--queries-file", help=argparse.SUPPRESS)
@@ -270,12 +312,19 @@ def main() -> None:
     qrels = load_qrels(data / "qrels" / "test.tsv")
     test_queries = subset(all_queries, qrels)
     disk = sum(e["bytes"] for e in manifest["files"].values())
-    emb_bytes = manifest["files"][f"embeddings.{'f16' if manifest['dtype'] == 'float16' else 'bf16'}"]["bytes"]
-    print(f"\n== index: {manifest['num_docs']} docs, {manifest['num_tokens']} tokens, dim {manifest['dim']} "
-          f"{manifest['dtype']}, {manifest['num_centroids']} centroids; {disk / 1e6:.1f} MB on disk "
-          f"(embeddings {emb_bytes / 1e6:.1f} MB); build {manifest['build_seconds']:.1f}s "
-          f"on {args.threads} threads")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine: other jobs skew latency)")
+    emb_bytes = manifest["files"][f"embeddings.{'f16' if manifest['dtype'] == 'float16' else 'bf16'}"][
+        "bytes"
+    ]
+    print(
+        f"\n== index: {manifest['num_docs']} docs, {manifest['num_tokens']} tokens, dim {manifest['dim']} "
+        f"{manifest['dtype']}, {manifest['num_centroids']} centroids; {disk / 1e6:.1f} MB on disk "
+        f"(embeddings {emb_bytes / 1e6:.1f} MB); build {manifest['build_seconds']:.1f}s "
+        f"on {args.threads} threads"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        "(shared machine: other jobs skew latency)"
+    )
 
     sections = set(args.sections.split(","))
     if "quality" in sections:
@@ -284,8 +333,10 @@ def main() -> None:
         for stage in ("bm25", "late", "hybrid"):
             t = time.perf_counter()
             quality[stage] = evaluate(rm, test_queries, qrels, stage)
-            print(f"{stage:>7}: nDCG@10 {quality[stage][0]:.4f}  Recall@100 {quality[stage][1]:.4f}  "
-                  f"({time.perf_counter() - t:.1f}s)")
+            print(
+                f"{stage:>7}: nDCG@10 {quality[stage][0]:.4f}  Recall@100 {quality[stage][1]:.4f}  "
+                f"({time.perf_counter() - t:.1f}s)"
+            )
         print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
 
     texts = [t for _, t in test_queries]
@@ -295,14 +346,20 @@ def main() -> None:
         for stage in ("bm25", "late", "hybrid"):
             answers: dict = {}  # the 1-client run's answers are the reference for the 16-client run
             for clients in (1, 16):
-                times, qps, wrong = latency(rm, texts, stage, clients, max(1, args.latency_queries // clients),
-                                            answers=answers)
+                times, qps, wrong = latency(
+                    rm, texts, stage, clients, max(1, args.latency_queries // clients), answers=answers
+                )
                 lat[(stage, clients)] = statistics.median(times)
-                print(f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
-                      f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s  wrong results {wrong}/{len(times)}")
+                print(
+                    f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
+                    f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s  "
+                    f"wrong results {wrong}/{len(times)}"
+                )
         for clients in (1, 16):
-            print(f"hybrid/bm25 p50 ratio at {clients} client(s): "
-                  f"{lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x")
+            print(
+                f"hybrid/bm25 p50 ratio at {clients} client(s): "
+                f"{lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x"
+            )
 
     if args.bf16 and "bf16" in sections:
         bf = to_bf16_copy(index, index.parent / (index.name + "-bf16"))
@@ -314,8 +371,11 @@ def main() -> None:
             print(f"{stage:>7}: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}")
         for clients in (1, 16):
             times, qps, _ = latency(rmb, texts, "hybrid", clients, max(1, args.latency_queries // clients))
-            print(f" hybrid clients={clients:>2}: p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
-                  f"  throughput {qps:7.1f} q/s; p50 vs bm25 {statistics.median(times) / lat[('bm25', clients)]:.1f}x")
+            print(
+                f" hybrid clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
+                f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s; "
+                f"p50 vs bm25 {statistics.median(times) / lat[('bm25', clients)]:.1f}x"
+            )
         rmb.close()
     rm.close()
     if "memory" not in sections:
@@ -330,16 +390,20 @@ def main() -> None:
         anon = r["served_rss_anon"] - r["baseline_rss_anon"]
         mapped = sum(r["mapped_rss"].values())
         top = sorted(r["mapped_rss"].items(), key=lambda kv: -kv[1])[:4]
-        print(f"{name:>15}: RssAnon over baseline {anon / 1e6:8.1f} MB ({anon / r['index_bytes']:.1%} of index)"
-              f"  | mapped index Rss {mapped / 1e6:7.1f} MB ({mapped / r['index_bytes']:.1%})"
-              f"  | baseline RssAnon (torch+encoder) {r['baseline_rss_anon'] / 1e6:.0f} MB")
+        print(
+            f"{name:>15}: RssAnon over baseline {anon / 1e6:8.1f} MB ({anon / r['index_bytes']:.1%} of index)"
+            f"  | mapped index Rss {mapped / 1e6:7.1f} MB ({mapped / r['index_bytes']:.1%})"
+            f"  | baseline RssAnon (torch+encoder) {r['baseline_rss_anon'] / 1e6:.0f} MB"
+        )
         if top:
             print(" " * 17 + "largest mapped: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in top))
     a = results["mmap"]["served_rss_anon"] - results["mmap"]["baseline_rss_anon"]
     b = results["in-memory peer"]["served_rss_anon"] - results["in-memory peer"]["baseline_rss_anon"]
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"private memory, mmap vs in-memory peer: {a / 1e6:.1f} MB vs {b / 1e6:.1f} MB "
-          f"({1 - a / max(b, 1):.1%} less)")
+    print(
+        f"private memory, mmap vs in-memory peer: {a / 1e6:.1f} MB vs {b / 1e6:.1f} MB "
+        f"({1 - a / max(b, 1):.1%} less)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 
 from plait.errors import PlaitError
 from plait.paths import plait_home
+from plait.version import __version__
 
 # No network at run time, and DSPy's cache inside plait's own directory. Both must be set
 # before DSPy (and litellm under it) is first imported.
@@ -12,14 +13,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DSPY_CACHEDIR", str(plait_home() / "cache" / "dspy"))
 
-__version__ = "0.1.0"
-
 # The public API, imported on first use: `plait generate` need not pay for importing DSPy.
 _EXPORTS = {
-    "LM": "plait.backends.dspy_engine",
-    "PlaitEngine": "plait.backends.dspy_engine",
-    "Engine": "plait.backends.engine",
-    "GenerationResult": "plait.backends.engine",
+    "LM": "plait.backends.clients.local",
+    "PlaitEngine": "plait.backends.clients.local",
+    "Engine": "plait.backends.runtime.engine",
+    "GenerationResult": "plait.backends.runtime.engine",
     "ConstrainedAdapter": "plait.modules.adapter",
     "ConstrainedJSONAdapter": "plait.modules.adapter",
 }

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+
 from plait.errors import PlaitError
 
 # Each part of plait adds its own subcommands (`add_commands(subparsers)`).
@@ -19,7 +20,7 @@ def _models(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from plait.backends.registry import REGISTRY
+    from plait.backends.loading.registry import REGISTRY
 
     table = Table("name", "installed", "description")
     for model in REGISTRY.values():
@@ -29,17 +30,23 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from plait.backends.engine import Engine
+    from plait.backends.runtime.engine import Engine
 
     if args.max_tokens < 1:
         raise PlaitError("--max-tokens must be at least 1")
     spec = _grammar_spec(args)
     engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
     prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
-    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or None,
+    )
     if spec is not None:
-        from plait.backends.constraint import compile_constraint
+        from plait.backends.grammar.constraint import compile_constraint
 
         options["constraint"] = compile_constraint(spec, engine.tokenizer, engine.info.vocab_size)
     try:
@@ -64,7 +71,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _grammar_spec(args: argparse.Namespace):
     """The output constraint asked for on the command line, checked before the model loads."""
-    from plait.backends.constraint import GrammarSpec
+    from plait.backends.grammar.spec import GrammarSpec
 
     given = [name for name in ("choice", "json_schema", "regex", "grammar") if getattr(args, name)]
     if len(given) > 1:
@@ -93,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with a local model")
     p.add_argument("prompt")
-    p.add_argument("-m", "--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
+    p.add_argument(
+        "-m", "--model", default="smollm2-135m", help="registered name, .gguf file or HF directory"
+    )
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -103,13 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
-                   help="weight-only quantised linear layers, bf16 activations (CPU)")
+    p.add_argument(
+        "--quantize",
+        choices=["int4", "int8"],
+        default=None,
+        help="weight-only quantised linear layers, bf16 activations (CPU)",
+    )
     constrain = p.add_argument_group("output constraints (one of)")
     constrain.add_argument("--choice", action="append", help="allowed answer (repeatable)")
     constrain.add_argument("--json-schema", metavar="FILE", help="JSON schema the answer must follow")
     constrain.add_argument("--regex", help="regular expression the answer must match")
-    constrain.add_argument("--grammar", metavar="FILE", help="Lark grammar (llguidance dialect) of the answer")
+    constrain.add_argument(
+        "--grammar", metavar="FILE", help="Lark grammar (llguidance dialect) of the answer"
+    )
     p.set_defaults(func=_generate)
 
     for module in COMMAND_MODULES:

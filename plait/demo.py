@@ -41,8 +41,14 @@ def plait(*args: str) -> None:
 def generation() -> None:
     step("1. The local engine")
     plait("models")
-    plait("generate", "-m", "smollm2-135m", "What is the capital of France? Answer in one word.",
-          "--max-tokens", "16")
+    plait(
+        "generate",
+        "-m",
+        "smollm2-135m",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "16",
+    )
 
 
 def typed_program() -> None:
@@ -69,10 +75,14 @@ def typed_program() -> None:
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(lambda t: classify(text=t).sentiment, texts))
     concurrent_s = time.perf_counter() - started
-    console.print(f"8 calls one by one: {sequential_s:.1f} s; 8 at once: {concurrent_s:.1f} s "
-                  f"({sequential_s / concurrent_s:.1f}x); identical greedy answers: {sequential == concurrent}")
-    console.print(f"prefix cache: {scheduler.prefix_cache.hit_tokens if scheduler.prefix_cache else 0} prompt tokens "
-                  "restored instead of recomputed")
+    console.print(
+        f"8 calls one by one: {sequential_s:.1f} s; 8 at once: {concurrent_s:.1f} s "
+        f"({sequential_s / concurrent_s:.1f}x); identical greedy answers: {sequential == concurrent}"
+    )
+    console.print(
+        f"prefix cache: {scheduler.prefix_cache.hit_tokens if scheduler.prefix_cache else 0} prompt tokens "
+        "restored instead of recomputed"
+    )
 
 
 def retrieval(work: Path) -> None:
@@ -84,7 +94,9 @@ def retrieval(work: Path) -> None:
                 break
             out.write(line)
     plait("index", "build", str(corpus), "--out", str(work / "index"))
-    plait("index", "search", str(work / "index"), "Which film did Tim Burton direct about Ed Wood?", "-k", "3")
+    plait(
+        "index", "search", str(work / "index"), "Which film did Tim Burton direct about Ed Wood?", "-k", "3"
+    )
 
 
 def lifecycle(work: Path) -> Path:
@@ -97,10 +109,29 @@ def lifecycle(work: Path) -> Path:
     held_out = ["--offset", str(ROWS), "--limit", str(2 * ROWS)]  # rows compile never saw
     plait("eval", program, *common, *held_out, "--json-out", str(before))
     # random search over small demo sets: what works for a 135M model (plain bootstrap does not)
-    plait("compile", program, "--trainset", str(train), *common, "--optimizer", "random-search",
-          "--optimizer-arg", "max_bootstrapped_demos=2", "--optimizer-arg", "max_labeled_demos=2",
-          "--optimizer-arg", "num_candidate_programs=6", "--threads", "8",
-          "--train-limit", str(ROWS), "--dev-limit", str(ROWS), "--out", str(artifact))
+    plait(
+        "compile",
+        program,
+        "--trainset",
+        str(train),
+        *common,
+        "--optimizer",
+        "random-search",
+        "--optimizer-arg",
+        "max_bootstrapped_demos=2",
+        "--optimizer-arg",
+        "max_labeled_demos=2",
+        "--optimizer-arg",
+        "num_candidate_programs=6",
+        "--threads",
+        "8",
+        "--train-limit",
+        str(ROWS),
+        "--dev-limit",
+        str(ROWS),
+        "--out",
+        str(artifact),
+    )
     plait("eval", program, "--compiled", str(artifact), *common, *held_out, "--json-out", str(after))
     table = Table("program", "accuracy (held-out SST-2 dev rows)", "parse failures")
     for name, path in [("as written", before), ("compiled", after)]:
@@ -118,7 +149,17 @@ def serving(artifact: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     key = "demo-key"
-    command = [sys.executable, "-m", "plait.cli", "serve", str(artifact), "--port", str(port), "--api-key", key]
+    command = [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "serve",
+        str(artifact),
+        "--port",
+        str(port),
+        "--api-key",
+        key,
+    ]
     console.print(f"[dim]$ plait serve {artifact.name} --port {port} --api-key {key}[/dim]")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -136,10 +177,13 @@ def serving(artifact: Path) -> None:
         headers = {"Authorization": f"Bearer {key}"}
         console.print(f"GET /v1/programs -> {httpx.get(f'{base}/v1/programs', headers=headers).json()}")
         for text in ["a triumph of a movie", "the dullest two hours of my life"]:
-            response = httpx.post(f"{base}/v1/programs/sentiment", json={"text": text}, headers=headers,
-                                  timeout=120)
-            console.print(f"POST /v1/programs/sentiment {{'text': {text!r}}} -> {response.status_code} "
-                          f"{response.json()}")
+            response = httpx.post(
+                f"{base}/v1/programs/sentiment", json={"text": text}, headers=headers, timeout=120
+            )
+            console.print(
+                f"POST /v1/programs/sentiment {{'text': {text!r}}} -> {response.status_code} "
+                f"{response.json()}"
+            )
         denied = httpx.post(f"{base}/v1/programs/sentiment", json={"text": "x"}, timeout=30)
         console.print(f"without the key -> {denied.status_code} {denied.json()}")
     finally:

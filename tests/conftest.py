@@ -25,7 +25,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2 engine, loaded once for the whole session."""
-    from plait.backends.engine import Engine
+    from plait.backends.runtime.engine import Engine
 
     engine = Engine.load("smollm2-135m")
     yield engine
@@ -34,6 +34,6 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def smollm_gguf_path() -> Path:
-    from plait.backends.registry import resolve
+    from plait.backends.loading.registry import resolve
 
     return resolve("smollm2-135m")[1]

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-from plait.backends.constraint import TokenConstraint, compile_constraint, grammar_spec_from_request
-from plait.backends.tokenizer import Tokenizer
-from plait.backends.vocab import vocabulary_for
+from plait.backends.grammar.constraint import TokenConstraint, compile_constraint
+from plait.backends.grammar.spec import grammar_spec_from_request
+from plait.backends.grammar.vocab import vocabulary_for
+from plait.backends.loading.tokenizer import Tokenizer
 
 
 def smollm2_gguf() -> Path:
@@ -25,7 +26,7 @@ def smollm2_gguf() -> Path:
 def smollm2_tokenizer() -> Tokenizer:
     """The embedded model's tokenizer (GPT-2 byte-level BPE, 49152 ids), read from its GGUF
     metadata only: no weights are loaded."""
-    from plait.backends.gguf_loader import _fields, _read
+    from plait.backends.loading.gguf import _fields, _read
 
     return Tokenizer.from_gguf_fields(_fields(_read(smollm2_gguf())))
 
@@ -51,15 +52,20 @@ class Run:
     ids: list[int] = field(default_factory=list)
     sampled: int = 0
     forced: int = 0
-    passes: int = 0     # forward passes with jump-forward: one per sample, one per forced span
+    passes: int = 0  # forward passes with jump-forward: one per sample, one per forced span
     finished: bool = False
 
     def text(self, tokenizer: Tokenizer) -> str:
         return tokenizer.decode(self.ids)
 
 
-def drive(constraint: TokenConstraint, tokenizer: Tokenizer, seed: int, max_tokens: int = 4000,
-          structural: float = 1.0) -> Run:
+def drive(
+    constraint: TokenConstraint,
+    tokenizer: Tokenizer,
+    seed: int,
+    max_tokens: int = 4000,
+    structural: float = 1.0,
+) -> Run:
     """The engine's loop: forced prefix, then mask -> sample -> advance -> forced -> advance.
 
     Sampling is numpy-only (argmax of random logits over the allowed ids): cheap, and free
@@ -117,10 +123,13 @@ class RandomGrammarEngine:
         constraint = compile_constraint(spec, self.tokenizer)
         run = drive(constraint, self.tokenizer, seed=self.seed + len(self.requests))
         self.runs.append(run)
-        return Response(id=None, model=request.model,
-                        message=Message(role="assistant", parts=(TextPart(text=run.text(self.tokenizer)),)),
-                        finish_reason="stop",
-                        usage=Usage(input_tokens=1, output_tokens=len(run.ids)))
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message(role="assistant", parts=(TextPart(text=run.text(self.tokenizer)),)),
+            finish_reason="stop",
+            usage=Usage(input_tokens=1, output_tokens=len(run.ids)),
+        )
 
     def stream(self, request):
         raise NotImplementedError

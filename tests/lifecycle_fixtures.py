@@ -46,11 +46,18 @@ class KeywordEngine:
         question = text.lower().rsplit("[[ ## text ## ]]", 1)[-1]
         label = "positive" if any(word in question for word in POSITIVE) else "negative"
         values = {"label": label, "reasoning": "Judging by its words."}
-        answer = "".join(f"[[ ## {name} ## ]]\n{values.get(name, 'Classify the sentiment of the sentence.')}\n\n"
-                         for name in [f for f in fields if f != "completed"] or ["label"])
+        answer = "".join(
+            f"[[ ## {name} ## ]]\n{values.get(name, 'Classify the sentiment of the sentence.')}\n\n"
+            for name in [f for f in fields if f != "completed"] or ["label"]
+        )
         answer += "[[ ## completed ## ]]"
-        return Response(id=None, model=request.model, message=Message.assistant([TextPart(answer)]),
-                        finish_reason="stop", usage=Usage(input_tokens=len(text) // 4, output_tokens=9))
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant([TextPart(answer)]),
+            finish_reason="stop",
+            usage=Usage(input_tokens=len(text) // 4, output_tokens=9),
+        )
 
 
 def keyword_lm(engine: KeywordEngine | None = None) -> dspy.LM:
@@ -65,26 +72,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def sst2_rows(data_dir: Path, split: str, count: int, offset: int = 0) -> list[dict]:
     with open(data_dir / "sst2" / f"{split}.jsonl") as handle:
         rows = [json.loads(line) for line in handle]
-    return rows[offset: offset + count]
+    return rows[offset : offset + count]
 
 
 def plait_command() -> list[str]:
-    """`python -m plait.cli` once the CLI registers compile/eval, else the commands module."""
-    from plait.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    module = "plait.cli" if "compile" in sub.choices else "plait.compilers.commands"
-    return [sys.executable, "-m", module]
+    """The `plait` command, as a subprocess of this interpreter."""
+    return [sys.executable, "-m", "plait.cli"]
 
 
 def cli_main(argv: list[str]) -> int:
-    """The in-process CLI entry point (same module choice as `plait_command`)."""
-    module = plait_command()[-1]
-    if module == "plait.cli":
-        from plait.cli import main
-    else:
-        from plait.compilers.commands import main
+    """The in-process CLI entry point."""
+    from plait.cli import main
+
     return main(argv)
 
 
@@ -105,5 +104,12 @@ def shared_weights(home: Path) -> None:
 
 
 def run(argv: list[str], home: Path, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([*plait_command(), *argv], env=subprocess_env(home), cwd=REPO, text=True,
-                          capture_output=True, check=False, **kwargs)
+    return subprocess.run(
+        [*plait_command(), *argv],
+        env=subprocess_env(home),
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        check=False,
+        **kwargs,
+    )

@@ -13,22 +13,52 @@ import numpy as np
 
 # Eight short documents on distinct topics; each query below has exactly one right answer.
 TINY_CORPUS = [
-    {"_id": "hamlet", "title": "Hamlet", "text": "Hamlet is a tragedy written by William Shakespeare around 1600. "
-     "The prince of Denmark seeks revenge on his uncle."},
-    {"_id": "photo", "title": "Photosynthesis", "text": "Plants convert sunlight, water and carbon dioxide into "
-     "glucose and oxygen inside their chloroplasts."},
-    {"_id": "python", "title": "Python (programming language)", "text": "Python is a programming language "
-     "created by Guido van Rossum; it emphasises readable code."},
-    {"_id": "eiffel", "text": "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
-     "France, completed in 1889."},
-    {"id": 5, "title": "White matter", "text": "Diffusion tensor imaging shows the microstructural development "
-     "of cerebral white matter in premature newborns."},
-    {"_id": "volcano", "title": "Volcanoes", "text": "A volcano erupts when molten rock, ash and gases escape "
-     "from a magma chamber below the surface."},
-    {"_id": "bees", "title": "Honey bees", "text": "Honey bees pollinate flowering crops and store nectar as "
-     "honey in wax combs inside the hive."},
-    {"_id": "insulin", "title": "Insulin", "text": "Insulin is a hormone made by the pancreas that lowers blood "
-     "glucose; people with type 1 diabetes must inject it."},
+    {
+        "_id": "hamlet",
+        "title": "Hamlet",
+        "text": "Hamlet is a tragedy written by William Shakespeare around 1600. "
+        "The prince of Denmark seeks revenge on his uncle.",
+    },
+    {
+        "_id": "photo",
+        "title": "Photosynthesis",
+        "text": "Plants convert sunlight, water and carbon dioxide into "
+        "glucose and oxygen inside their chloroplasts.",
+    },
+    {
+        "_id": "python",
+        "title": "Python (programming language)",
+        "text": "Python is a programming language created by Guido van Rossum; it emphasises readable code.",
+    },
+    {
+        "_id": "eiffel",
+        "text": "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+        "France, completed in 1889.",
+    },
+    {
+        "id": 5,
+        "title": "White matter",
+        "text": "Diffusion tensor imaging shows the microstructural development "
+        "of cerebral white matter in premature newborns.",
+    },
+    {
+        "_id": "volcano",
+        "title": "Volcanoes",
+        "text": "A volcano erupts when molten rock, ash and gases escape "
+        "from a magma chamber below the surface.",
+    },
+    {
+        "_id": "bees",
+        "title": "Honey bees",
+        "text": "Honey bees pollinate flowering crops and store nectar as "
+        "honey in wax combs inside the hive.",
+    },
+    {
+        "_id": "insulin",
+        "title": "Insulin",
+        "text": "Insulin is a hormone made by the pancreas that lowers blood "
+        "glucose; people with type 1 diabetes must inject it.",
+    },
 ]
 
 # query -> the document that must rank first (in every stage)
@@ -62,7 +92,9 @@ class ServerThread:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -90,8 +122,14 @@ def make_colbert_checkpoint(directory: Path, minilm: Path, dim: int = 16, use_bi
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=128)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     state = {f"bert.{k}": v.detach().clone().contiguous() for k, v in bert.state_dict().items()}
@@ -106,9 +144,19 @@ def make_colbert_checkpoint(directory: Path, minilm: Path, dim: int = 16, use_bi
     config["architectures"] = ["HF_ColBERT"]
     (directory / "config.json").write_text(json.dumps(config))
     shutil.copy(minilm / "tokenizer.json", directory / "tokenizer.json")
-    (directory / "artifact.metadata").write_text(json.dumps(
-        {"query_maxlen": 12, "doc_maxlen": 40, "query_token_id": "[unused0]", "doc_token_id": "[unused1]",
-         "attend_to_mask_tokens": False, "mask_punctuation": True, "dim": dim}))
+    (directory / "artifact.metadata").write_text(
+        json.dumps(
+            {
+                "query_maxlen": 12,
+                "doc_maxlen": 40,
+                "query_token_id": "[unused0]",
+                "doc_token_id": "[unused1]",
+                "attend_to_mask_tokens": False,
+                "mask_punctuation": True,
+                "dim": dim,
+            }
+        )
+    )
     return directory
 
 

@@ -46,8 +46,8 @@ def save_program(
     if demos:
         for _, predictor in program.named_predictors():
             fields = {
-                **{k: "example" for k in predictor.signature.input_fields},
-                **{k: "science" for k in predictor.signature.output_fields},
+                **dict.fromkeys(predictor.signature.input_fields, "example"),
+                **dict.fromkeys(predictor.signature.output_fields, "science"),
             }
             predictor.demos = [dspy.Example(**fields)]
     save_artifact(program, path, program_path=program_path, model="smollm2-135m", extra=extra)

@@ -10,8 +10,13 @@ import pytest
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "plait.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "plait.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def test_models_lists_the_embedded_model():
@@ -21,15 +26,29 @@ def test_models_lists_the_embedded_model():
 
 
 def test_generate_answers_with_the_chat_template():
-    out = run("generate", "-m", "smollm2-135m", "What is the capital of France? Answer in one word.",
-              "--max-tokens", "16")
+    out = run(
+        "generate",
+        "-m",
+        "smollm2-135m",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "16",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 
 
 def test_generate_with_int4_weights():
-    out = run("generate", "-m", "smollm2-135m", "--quantize", "int4",
-              "What is the capital of France? Answer in one word.", "--max-tokens", "16")
+    out = run(
+        "generate",
+        "-m",
+        "smollm2-135m",
+        "--quantize",
+        "int4",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "16",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 
@@ -41,13 +60,16 @@ def test_generate_raw_and_stream():
     assert raw.stdout.strip() and raw.stdout.strip() == streamed.stdout.strip()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("generate", "-m", "no-such-model", "hi"), "unknown model"),
-    (("generate", "-m", "/nonexistent/dir", "hi"), "unknown model"),
-    (("generate", "--max-tokens", "0", "hi"), "max-tokens"),
-    (("generate",), "required"),
-    (("generate", "--temperature", "-1", "hi"), "temperature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("generate", "-m", "no-such-model", "hi"), "unknown model"),
+        (("generate", "-m", "/nonexistent/dir", "hi"), "unknown model"),
+        (("generate", "--max-tokens", "0", "hi"), "max-tokens"),
+        (("generate",), "required"),
+        (("generate", "--temperature", "-1", "hi"), "temperature"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     out = run(*args)
     assert out.returncode == 2
@@ -66,9 +88,11 @@ def test_corrupt_checkpoint_and_long_prompt(tmp_path):
 
 def test_constrained_generation_flags(tmp_path):
     schema = tmp_path / "user.schema.json"
-    schema.write_text('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, '
-                      '"age": {"type": "integer", "minimum": 0, "maximum": 120}}, '
-                      '"required": ["name", "age"], "additionalProperties": false}')
+    schema.write_text(
+        '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, '
+        '"age": {"type": "integer", "minimum": 0, "maximum": 120}}, '
+        '"required": ["name", "age"], "additionalProperties": false}'
+    )
     grammar = tmp_path / "expr.lark"
     grammar.write_text('start: expr\nexpr: NUMBER ("+" NUMBER)*\nNUMBER: /[0-9]{1,3}/\n')
     out = run("generate", "Is water wet?", "--choice", "yes", "--choice", "no")
@@ -82,8 +106,9 @@ def test_constrained_generation_flags(tmp_path):
     assert re.fullmatch(r"[0-9]{1,3}(\+[0-9]{1,3})*", out.stdout.strip())
 
 
-@pytest.mark.parametrize("args", [("--regex", "["), ("--choice", "a", "--regex", "b"),
-                                  ("--json-schema", "/nonexistent.json")])
+@pytest.mark.parametrize(
+    "args", [("--regex", "["), ("--choice", "a", "--regex", "b"), ("--json-schema", "/nonexistent.json")]
+)
 def test_bad_constraints_are_one_line_errors(args):
     out = run("generate", "x", *args)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1

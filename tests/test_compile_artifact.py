@@ -24,8 +24,10 @@ PATH = "plait.pipelines.sentiment:Sentiment"
 
 def _compiled() -> Sentiment:
     program = Sentiment()
-    program.classify.demos = [Sentiment.from_row({"text": "a triumph", "label": 1}),
-                              Sentiment.from_row({"text": "a mess", "label": 0})]
+    program.classify.demos = [
+        Sentiment.from_row({"text": "a triumph", "label": 1}),
+        Sentiment.from_row({"text": "a mess", "label": 0}),
+    ]
     program.classify.signature = program.classify.signature.with_instructions("Decide the sentiment.")
     return program
 
@@ -45,7 +47,8 @@ def test_round_trip(tmp_path):
 
 def test_program_from_a_file_and_init_arguments(tmp_path):
     source = tmp_path / "myprog.py"
-    source.write_text(textwrap.dedent('''
+    source.write_text(
+        textwrap.dedent("""
         import dspy
 
         class Echo(dspy.Module):
@@ -56,7 +59,8 @@ def test_program_from_a_file_and_init_arguments(tmp_path):
 
             def forward(self, question):
                 return self.answer(question=question)
-    '''))
+    """)
+    )
     cls = load_program_class(f"{source}:Echo")
     assert cls is load_program_class(f"{source}:Echo")  # imported once
     program = cls(style="terse")
@@ -83,14 +87,17 @@ def test_signature_mismatch_is_a_clear_error(tmp_path):
         load_artifact(path)
 
 
-@pytest.mark.parametrize("damage", [
-    lambda text: text[: len(text) // 2],                         # truncated
-    lambda text: "not json at all",
-    lambda text: json.dumps({"hello": "world"}),                 # JSON, but not an artifact
-    lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "state"}),
-    lambda text: json.dumps({**json.loads(text), "state": {"nope": {}}}),  # state of another program
-    lambda text: json.dumps({**json.loads(text), "format_version": 99}),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # truncated
+        lambda text: "not json at all",
+        lambda text: json.dumps({"hello": "world"}),  # JSON, but not an artifact
+        lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "state"}),
+        lambda text: json.dumps({**json.loads(text), "state": {"nope": {}}}),  # state of another program
+        lambda text: json.dumps({**json.loads(text), "format_version": 99}),
+    ],
+)
 def test_corrupt_artifacts(tmp_path, damage):
     path = tmp_path / "a.json"
     save_artifact(_compiled(), path, program_path=PATH, model="smollm2-135m")
@@ -103,7 +110,12 @@ def test_corrupt_artifacts(tmp_path, damage):
 def test_missing_artifact_and_bad_program_paths(tmp_path):
     with pytest.raises(ArtifactNotFoundError):
         load_artifact(tmp_path / "nope.json")
-    for target in ["no_colon", "plait.pipelines.sentiment:Nope", "no.such.module:X", "missing.py:X",
-                   "plait.pipelines.sentiment:LABELS"]:
+    for target in [
+        "no_colon",
+        "plait.pipelines.sentiment:Nope",
+        "no.such.module:X",
+        "missing.py:X",
+        "plait.pipelines.sentiment:LABELS",
+    ]:
         with pytest.raises(ProgramLoadError):
             load_program_class(target)

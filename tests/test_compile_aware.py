@@ -13,8 +13,8 @@ import dspy
 import pytest
 from dspy.utils.parallelizer import ParallelExecutor
 
-from plait.backends.dspy_engine import AsyncPlaitEngine, PlaitEngine
-from plait.backends.engine import Engine
+from plait.backends.clients.local import AsyncPlaitEngine, PlaitEngine
+from plait.backends.runtime.engine import Engine
 from plait.modules.adapter import ConstrainedAdapter
 
 
@@ -27,8 +27,9 @@ class DescribeFeeling(dspy.Signature):
 
 DEMOS = [
     dspy.Example(text="a gorgeous , witty , seductive movie .", feeling="delighted and charmed"),
-    dspy.Example(text="the plot is nothing but boilerplate clichés from start to finish .",
-                 feeling="bored and annoyed"),
+    dspy.Example(
+        text="the plot is nothing but boilerplate clichés from start to finish .", feeling="bored and annoyed"
+    ),
     dspy.Example(text="it 's a charming and often affecting journey .", feeling="warm and moved"),
     dspy.Example(text="unflinchingly bleak and desperate", feeling="gloomy and uneasy"),
 ]
@@ -44,8 +45,14 @@ def engine(smollm):
 
 def _lm(engine: Engine, **defaults) -> dspy.LM:
     sync = PlaitEngine("smollm2-135m", engine=engine)
-    return dspy.LM("plait/smollm2-135m", engine=sync, async_engine=AsyncPlaitEngine(sync), cache=False,
-                   num_retries=0, **defaults)
+    return dspy.LM(
+        "plait/smollm2-135m",
+        engine=sync,
+        async_engine=AsyncPlaitEngine(sync),
+        cache=False,
+        num_retries=0,
+        **defaults,
+    )
 
 
 def _messages(text: str) -> list[dict]:
@@ -62,15 +69,22 @@ def test_threaded_evaluate_computes_the_shared_prefix_once_and_batches(engine, d
 
     before = engine.stats()
     with dspy.context(lm=lm, adapter=adapter):
-        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: bool(pred.feeling.strip()),
-                               num_threads=8, display_progress=False)(program)
+        result = dspy.Evaluate(
+            devset=devset,
+            metric=lambda ex, pred, trace=None: bool(pred.feeling.strip()),
+            num_threads=8,
+            display_progress=False,
+        )(program)
     stats = engine.stats().since(before)
     assert result.score == 100.0 and stats.requests == len(devset)
 
-    prompts = [engine.prompt_ids(engine.chat_prompt(adapter.format(DescribeFeeling, demos=DEMOS,
-                                                                   inputs={"text": ex.text})))
-               for ex in devset]
-    shared = min(len(os.path.commonprefix([prompts[0], p])) for p in prompts[1:])
+    prompts = [
+        engine.prompt_ids(
+            engine.chat_prompt(adapter.format(DescribeFeeling, demos=DEMOS, inputs={"text": ex.text}))
+        )
+        for ex in devset
+    ]
+    shared = min(len(os.path.commonprefix([prompts[0], p])) for p in prompts[1:])  # noqa: RUF071 (text)
     own = sum(len(p) - shared for p in prompts)
     block = engine.prefix_cache.block_size
     # the demos make a shared prefix longer than all the rows' slack together: a second

@@ -37,8 +37,10 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sst2(tmp_path, data_dir):
-    return (write_jsonl(tmp_path / "train.jsonl", sst2_rows(data_dir, "train", 8)),
-            write_jsonl(tmp_path / "dev.jsonl", sst2_rows(data_dir, "dev", 8)))
+    return (
+        write_jsonl(tmp_path / "train.jsonl", sst2_rows(data_dir, "train", 8)),
+        write_jsonl(tmp_path / "dev.jsonl", sst2_rows(data_dir, "dev", 8)),
+    )
 
 
 def _one_line_error(capsys, argv, match):
@@ -49,17 +51,29 @@ def _one_line_error(capsys, argv, match):
 
 def test_bad_input_is_one_line_and_exit_2(home, sst2, tmp_path, capsys):
     train, dev = sst2
-    base = ["compile", PROGRAM, "--trainset", str(train), "--devset", str(dev), "--out", str(tmp_path / "o.json")]
+    base = [
+        "compile",
+        PROGRAM,
+        "--trainset",
+        str(train),
+        "--devset",
+        str(dev),
+        "--out",
+        str(tmp_path / "o.json"),
+    ]
     _one_line_error(capsys, [*base, "--metric", "nope"], "unknown metric")
     _one_line_error(capsys, [*base[:3], str(tmp_path / "missing.jsonl"), *base[4:]], "dataset not found")
     _one_line_error(capsys, ["compile", "no.such:Prog", *base[2:]], "cannot import module")
     _one_line_error(capsys, [*base, "--optimizer", "nope"], "invalid choice")
     _one_line_error(capsys, [*base, "--program-arg", "novalue"], "key=value")
-    _one_line_error(capsys, [*base, "--optimizer-arg", "max_bootstrapped_demos=2", "--optimizer-arg", "x"],
-                    "key=value")
+    _one_line_error(
+        capsys, [*base, "--optimizer-arg", "max_bootstrapped_demos=2", "--optimizer-arg", "x"], "key=value"
+    )
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"format": "plait-artifact", "trunc')
-    _one_line_error(capsys, ["eval", PROGRAM, "--compiled", str(corrupt), "--devset", str(dev)], "not valid JSON")
+    _one_line_error(
+        capsys, ["eval", PROGRAM, "--compiled", str(corrupt), "--devset", str(dev)], "not valid JSON"
+    )
     _one_line_error(capsys, ["eval", PROGRAM, "--devset", str(dev), "--offset", "100"], "no rows")
 
 
@@ -67,13 +81,35 @@ def test_bad_input_is_one_line_and_exit_2(home, sst2, tmp_path, capsys):
 def test_eval_json_report_on_the_embedded_model(home, sst2, tmp_path, capsys):
     _, dev = sst2
     compiled = Sentiment()
-    compiled.classify.demos = [Sentiment.from_row(row) for row in
-                               [{"text": "a gorgeous , witty film", "label": 1}, {"text": "dull and lifeless", "label": 0}]]
+    compiled.classify.demos = [
+        Sentiment.from_row(row)
+        for row in [
+            {"text": "a gorgeous , witty film", "label": 1},
+            {"text": "dull and lifeless", "label": 0},
+        ]
+    ]
     artifact = tmp_path / "sentiment.json"
     save_artifact(compiled, artifact, program_path=PROGRAM, model="smollm2-135m")
     out = tmp_path / "report.json"
-    assert cli_main(["eval", PROGRAM, "--compiled", str(artifact), "--devset", str(dev), "--limit", "4",
-                     "--threads", "4", "--json-out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                PROGRAM,
+                "--compiled",
+                str(artifact),
+                "--devset",
+                str(dev),
+                "--limit",
+                "4",
+                "--threads",
+                "4",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert {"score", "n", "parse_failures", "results"} <= set(report)
     assert report["n"] == 4 and len(report["results"]) == 4 and 0 <= report["score"] <= 100
@@ -88,10 +124,32 @@ def test_eval_json_report_on_the_embedded_model(home, sst2, tmp_path, capsys):
 def test_killed_compile_resumes_without_redoing_finished_examples(home, sst2, tmp_path):
     train, dev = sst2
     db = f"sqlite:///{tmp_path / 'runs.db'}"
-    argv = [*plait_command(), "compile", PROGRAM, "--trainset", str(train), "--devset", str(dev),
-            "--optimizer", "labeled", "--threads", "2", "--out", str(tmp_path / "out.json"), "--db", db]
-    process = subprocess.Popen(argv, env=subprocess_env(home), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    argv = [
+        *plait_command(),
+        "compile",
+        PROGRAM,
+        "--trainset",
+        str(train),
+        "--devset",
+        str(dev),
+        "--optimizer",
+        "labeled",
+        "--threads",
+        "2",
+        "--out",
+        str(tmp_path / "out.json"),
+        "--db",
+        db,
+    ]
+    process = subprocess.Popen(
+        argv,
+        env=subprocess_env(home),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     store = Store.open(db)
     try:
         deadline = time.monotonic() + 600
@@ -110,12 +168,15 @@ def test_killed_compile_resumes_without_redoing_finished_examples(home, sst2, tm
         killed = {e.example_hash: e.id for e in store.evaluations(run.id, phase="baseline")}
         assert 3 <= len(killed) < 8
 
-        done = subprocess.run(argv, env=subprocess_env(home), cwd=REPO, capture_output=True, text=True,
-                              timeout=900, check=False)
+        done = subprocess.run(
+            argv, env=subprocess_env(home), cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+        )
         assert done.returncode == 0, done.stderr
         assert "resumed" in done.stderr
         resumed = store.get_run(run.id)
-        assert resumed.status == "finished" and resumed.attempts == 2 and store.runs(kind="compile") == [resumed]
+        assert (
+            resumed.status == "finished" and resumed.attempts == 2 and store.runs(kind="compile") == [resumed]
+        )
         baseline = store.evaluations(run.id, phase="baseline")
         assert sorted(e.example_index for e in baseline) == list(range(8))  # each example scored once
         for example, row_id in killed.items():
@@ -127,3 +188,56 @@ def test_killed_compile_resumes_without_redoing_finished_examples(home, sst2, tm
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         store.close()
+
+
+def test_dspy_quiet_silences_dspy_bars_and_info_logs_only_while_it_runs(capsys):
+    import io
+    import logging
+
+    import tqdm
+
+    from plait.compilers.commands import dspy_quiet
+
+    dspy_log = logging.getLogger("dspy.evaluate")
+    bar_output = io.StringIO()
+    with dspy_quiet():
+        for _ in tqdm.tqdm(range(3), disable=False, file=bar_output):
+            pass
+        print("Bootstrapped 1 full traces")
+        assert not logging.getLogger("dspy").isEnabledFor(logging.INFO)
+        assert dspy_log.isEnabledFor(logging.WARNING)
+    assert bar_output.getvalue() == ""
+    for _ in tqdm.tqdm(range(3), disable=False, file=bar_output):  # outside: DSPy's bars again
+        pass
+    assert "3/3" in bar_output.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.slow
+def test_compile_prints_plaits_progress_not_dspys(home, sst2, tmp_path, capsys):
+    """BootstrapFewShot draws a tqdm bar and logs INFO lines of its own; the CLI shows neither."""
+    train, dev = sst2
+    argv = [
+        "compile",
+        PROGRAM,
+        "--trainset",
+        str(train),
+        "--devset",
+        str(dev),
+        "--limit",
+        "4",
+        "--optimizer",
+        "bootstrap",
+        "--optimizer-arg",
+        "max_bootstrapped_demos=1",
+        "--out",
+        str(tmp_path / "o.json"),
+        "--db",
+        f"sqlite:///{tmp_path / 'runs.db'}",
+    ]
+    assert cli_main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "wrote" in captured.err and "score" in captured.err  # plait's own summary
+    for dspy_output in ("it/s]", "Bootstrapped", "Average Metric"):
+        assert dspy_output not in printed, printed

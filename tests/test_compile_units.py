@@ -37,7 +37,9 @@ def sst2(tmp_path, data_dir):
 
 # ---- metrics -------------------------------------------------------------------------------
 def test_builtin_metrics():
-    qa = dspy.Example(question="q", answer="The Eiffel Tower", answers=["Eiffel tower", "tower"]).with_inputs("question")
+    qa = dspy.Example(question="q", answer="The Eiffel Tower", answers=["Eiffel tower", "tower"]).with_inputs(
+        "question"
+    )
     assert exact_match(qa, dspy.Prediction(answer="eiffel tower.")) == 1.0
     assert exact_match(qa, dspy.Prediction(answer="the tower")) == 1.0  # an alias from `answers`
     assert exact_match(qa, dspy.Prediction(answer="Paris")) == 0.0
@@ -53,7 +55,12 @@ def test_builtin_metrics():
 def test_metric_resolution():
     assert resolve_metric("accuracy") is resolve_metric("exact_match")
     assert resolve_metric("plait.compilers.metrics:f1") is f1
-    for bad in ["nope", "no.such.module:f", "plait.compilers.metrics:nothing", "plait.compilers.metrics:BUILTIN"]:
+    for bad in [
+        "nope",
+        "no.such.module:f",
+        "plait.compilers.metrics:nothing",
+        "plait.compilers.metrics:BUILTIN",
+    ]:
         with pytest.raises(MetricError):
             resolve_metric(bad)
 
@@ -89,7 +96,11 @@ def test_rows_become_examples():
 
 def test_optimizer_args():
     assert parse_optimizer_args(["k=4", "auto=light", 'x="y"', "flag=true"]) == {
-        "k": 4, "auto": "light", "x": "y", "flag": True}
+        "k": 4,
+        "auto": "light",
+        "x": "y",
+        "flag": True,
+    }
     with pytest.raises(OptimizerError):
         parse_optimizer_args(["novalue"])
 
@@ -97,8 +108,15 @@ def test_optimizer_args():
 # ---- compile on the keyword engine ---------------------------------------------------------
 def _config(sst2, tmp_path, **overrides):
     train, dev = sst2
-    values = {"program": PROGRAM, "trainset": str(train), "devset": str(dev), "out": str(tmp_path / "out.json"),
-              "optimizer": "bootstrap", "threads": 2, "adapter": "chat"}
+    values = {
+        "program": PROGRAM,
+        "trainset": str(train),
+        "devset": str(dev),
+        "out": str(tmp_path / "out.json"),
+        "optimizer": "bootstrap",
+        "threads": 2,
+        "adapter": "chat",
+    }
     values.update(overrides)
     return CompileConfig(**values)
 
@@ -106,8 +124,12 @@ def _config(sst2, tmp_path, **overrides):
 @pytest.mark.parametrize("optimizer", ["labeled", "bootstrap", "random-search"])
 def test_compile_records_everything(store, sst2, tmp_path, optimizer):
     engine = KeywordEngine()
-    config = _config(sst2, tmp_path, optimizer=optimizer,
-                     optimizer_args={"num_candidate_programs": 2} if optimizer == "random-search" else {})
+    config = _config(
+        sst2,
+        tmp_path,
+        optimizer=optimizer,
+        optimizer_args={"num_candidate_programs": 2} if optimizer == "random-search" else {},
+    )
     result = compile_program(config, store, lm=keyword_lm(engine))
     run = store.get_run(result.run_id)
     assert run.status == "finished" and run.score_before == result.before.score
@@ -189,20 +211,33 @@ def test_evaluate_counts_parse_failures():
     class Garbage(KeywordEngine):
         def complete(self, request):
             response = super().complete(request)
-            return response.__class__(id=None, model=response.model, message=dspy.lm15.Message.assistant(
-                [dspy.lm15.TextPart("no markers at all")]), finish_reason="stop", usage=response.usage)
+            return response.__class__(
+                id=None,
+                model=response.model,
+                message=dspy.lm15.Message.assistant([dspy.lm15.TextPart("no markers at all")]),
+                finish_reason="stop",
+                usage=response.usage,
+            )
 
     lm = dspy.LM("plait/garbage", engine=Garbage(), cache=False, num_retries=0)
     examples = to_examples(Sentiment, [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
-    report = evaluate(Sentiment(), examples, exact_match, lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+    report = evaluate(
+        Sentiment(), examples, exact_match, lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)
+    )
     assert report.parse_failures == 2 and report.score == 0.0 and all(r.error for r in report.results)
 
 
-@pytest.mark.parametrize("optimizer, args", [
-    ("labeled", {}), ("bootstrap", {}), ("random-search", {"num_candidate_programs": 1}),
-    ("simba", {"max_steps": 1, "bsize": 4}), ("gepa", {"max_metric_calls": 30}),
-    ("mipro", {"auto": None, "num_trials": 2, "num_candidates": 2}),
-])
+@pytest.mark.parametrize(
+    "optimizer, args",
+    [
+        ("labeled", {}),
+        ("bootstrap", {}),
+        ("random-search", {"num_candidate_programs": 1}),
+        ("simba", {"max_steps": 1, "bsize": 4}),
+        ("gepa", {"max_metric_calls": 30}),
+        ("mipro", {"auto": None, "num_trials": 2, "num_candidates": 2}),
+    ],
+)
 def test_every_optimizer_runs_and_replays_from_the_store(store, sst2, tmp_path, optimizer, args):
     if optimizer == "mipro":
         pytest.importorskip("optuna")
@@ -219,6 +254,9 @@ def test_every_optimizer_runs_and_replays_from_the_store(store, sst2, tmp_path, 
 
 def test_an_optimizer_failure_is_one_plait_error(store, sst2, tmp_path):
     with pytest.raises(OptimizerError, match="resume"):
-        compile_program(_config(sst2, tmp_path, optimizer="bootstrap", optimizer_args={"max_rounds": "x"}), store,
-                        lm=keyword_lm())
+        compile_program(
+            _config(sst2, tmp_path, optimizer="bootstrap", optimizer_args={"max_rounds": "x"}),
+            store,
+            lm=keyword_lm(),
+        )
     assert store.runs()[0].status == "failed"

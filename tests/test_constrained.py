@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 import itertools
 import string
-from typing import Annotated, Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Optional
 
 import dspy
 import pydantic
@@ -20,17 +21,11 @@ from dspy.lm15 import Config, Message, Request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plait.backends.constraint import (
-    FieldBudget,
-    GrammarError,
-    GrammarSpec,
-    GrammarViolationError,
-    apply_masks,
-    compile_constraint,
-    grammar_spec_from_request,
-)
-from plait.backends.vocab import vocabulary_for
-from plait.modules.grammar import GrammarOptions, chat_grammar, json_grammar, parse_tool_call, tool_call_grammar
+from plait.backends.grammar.constraint import GrammarViolationError, apply_masks, compile_constraint
+from plait.backends.grammar.spec import FieldBudget, GrammarError, GrammarSpec, grammar_spec_from_request
+from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
+from plait.backends.grammar.vocab import vocabulary_for
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar
 from tests.constrained_fixtures import drive, smollm2_tokenizer
 
 TOKENIZER = smollm2_tokenizer()
@@ -53,8 +48,11 @@ def literal_types(draw) -> Any:
 
 @st.composite
 def enum_types(draw) -> type[enum.Enum]:
-    names = draw(st.lists(st.sampled_from(["RED", "GREEN", "BLUE", "CYAN", "GREY"]), min_size=1,
-                          max_size=4, unique=True))
+    names = draw(
+        st.lists(
+            st.sampled_from(["RED", "GREEN", "BLUE", "CYAN", "GREY"]), min_size=1, max_size=4, unique=True
+        )
+    )
     if draw(st.booleans()):
         members = {n: n.lower() + "!" for n in names}
     else:
@@ -83,7 +81,7 @@ def json_types(draw, depth: int = 0) -> Any:
     if kind == "list":
         return list[inner]
     if kind == "optional":
-        return Optional[inner]
+        return Optional[inner]  # noqa: UP045 (typing.Optional, as DSPy users write it)
     if kind == "dict":
         return dict[str, inner]
     fields = {}
@@ -103,12 +101,27 @@ def json_types(draw, depth: int = 0) -> Any:
 @st.composite
 def output_fields(draw) -> tuple[Any, dict[str, Any]]:
     """(annotation, OutputField kwargs) of one chat-format output field."""
-    kind = draw(st.sampled_from(["str", "optional_str", "int", "float", "bool", "literal", "enum",
-                                 "optional_int", "bounded", "json", "json"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "str",
+                "optional_str",
+                "int",
+                "float",
+                "bool",
+                "literal",
+                "enum",
+                "optional_int",
+                "bounded",
+                "json",
+                "json",
+            ]
+        )
+    )
     if kind == "str":
         return str, {}
     if kind == "optional_str":
-        return Optional[str], {}
+        return Optional[str], {}  # noqa: UP045
     if kind == "int":
         return int, {}
     if kind == "float":
@@ -120,7 +133,7 @@ def output_fields(draw) -> tuple[Any, dict[str, Any]]:
     if kind == "enum":
         return draw(enum_types()), {}
     if kind == "optional_int":
-        return Optional[int], {}
+        return Optional[int], {}  # noqa: UP045
     if kind == "bounded":
         lo = draw(st.integers(-100, 100))
         return int, {"ge": lo, "le": lo + draw(st.integers(0, 50))}
@@ -147,8 +160,12 @@ def validate_outputs(signature: type[dspy.Signature], parsed: dict[str, Any]) ->
 
 
 OPTIONS = GrammarOptions(text_tokens=24, reasoning_tokens=40, grace_tokens=6)
-PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # ---- the property -------------------------------------------------------------------------------
@@ -215,8 +232,9 @@ def test_free_text_budget_closes_at_a_newline_within_grace():
 
 
 def test_budget_counts_only_inside_its_span():
-    spec = GrammarSpec.lark('start: "<a>" /[a-z ]+/ "</a>" /[0-9]{40}/',
-                            [FieldBudget("<a>", max_tokens=3, close="</a>")])
+    spec = GrammarSpec.lark(
+        'start: "<a>" /[a-z ]+/ "</a>" /[0-9]{40}/', [FieldBudget("<a>", max_tokens=3, close="</a>")]
+    )
     for seed in range(3):
         constraint = compile_constraint(spec, TOKENIZER)
         run = drive(constraint, TOKENIZER, seed, structural=0.0)
@@ -271,7 +289,7 @@ def test_rejected_token_raises():
 def test_ids_beyond_the_tokenizer_are_never_allowed():
     constraint = compile_constraint({"type": "string"}, TOKENIZER, vocab_size=TOKENIZER.vocab_size + 64)
     mask = constraint.mask()
-    assert mask.shape == (TOKENIZER.vocab_size + 64,) and not mask[TOKENIZER.vocab_size:].any()
+    assert mask.shape == (TOKENIZER.vocab_size + 64,) and not mask[TOKENIZER.vocab_size :].any()
 
 
 def test_batched_masks_equal_row_masks():
@@ -287,12 +305,15 @@ def test_batched_masks_equal_row_masks():
 # ---- errors ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, message", [
-    (GrammarSpec.lark("start: undefined_rule"), "unknown name"),
-    (GrammarSpec.regex("a(b"), "unclosed group"),
-    ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum"),
-    ({"type": "no-such-type"}, "type"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (GrammarSpec.lark("start: undefined_rule"), "unknown name"),
+        (GrammarSpec.regex("a(b"), "unclosed group"),
+        ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum"),
+        ({"type": "no-such-type"}, "type"),
+    ],
+)
 def test_bad_grammars_raise_a_clear_grammar_error(spec, message):
     with pytest.raises(GrammarError, match=message):
         compile_constraint(spec, TOKENIZER)
@@ -308,7 +329,9 @@ def test_bad_specs_raise_grammar_error():
 
 
 def test_unschematisable_output_type_raises_grammar_error():
-    signature = dspy.Signature({"q": (str, dspy.InputField()), "o": (Callable[[int], int], dspy.OutputField())}, "x")
+    signature = dspy.Signature(
+        {"q": (str, dspy.InputField()), "o": (Callable[[int], int], dspy.OutputField())}, "x"
+    )
     with pytest.raises(GrammarError, match="JSON schema"):
         chat_grammar(signature)
 
@@ -324,15 +347,20 @@ def test_spec_round_trips_through_json_and_requests():
     spec = chat_grammar(dspy.Signature("q -> reasoning, answer: int"))
     assert GrammarSpec.from_json(spec.to_json()) == spec
     assert grammar_spec_from_request(_request(extensions={"plait_grammar": spec.to_json()})) == spec
-    assert grammar_spec_from_request(_request(extensions={"metadata": {"plait_grammar": spec.to_json()}})) == spec
+    assert (
+        grammar_spec_from_request(_request(extensions={"metadata": {"plait_grammar": spec.to_json()}}))
+        == spec
+    )
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    from_format = grammar_spec_from_request(_request(response_format={"type": "json_schema", "schema": schema}))
+    from_format = grammar_spec_from_request(
+        _request(response_format={"type": "json_schema", "schema": schema})
+    )
     assert from_format == GrammarSpec.json_schema(schema)
     assert grammar_spec_from_request(_request()) is None
 
 
 def test_compiled_grammars_are_cached_per_spec():
-    from plait.backends.constraint import _compiled_for
+    from plait.backends.grammar.constraint import _compiled_for
 
     spec = GrammarSpec.regex("[ab][0-9]")
     compile_constraint(spec, TOKENIZER)
@@ -345,12 +373,29 @@ def test_compiled_grammars_are_cached_per_spec():
 # ---- native function calling ---------------------------------------------------------------------------
 
 TOOLS = [
-    {"type": "function", "function": {"name": "search", "parameters": {
-        "type": "object", "properties": {"query": {"type": "string", "maxLength": 30},
-                                         "limit": {"type": "integer", "minimum": 1, "maximum": 9}},
-        "required": ["query"], "additionalProperties": False}}},
-    {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                                   "required": ["a", "b"]}},
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "maxLength": 30},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["query"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
 ]
 
 

@@ -14,9 +14,9 @@ import pytest
 from dspy.lm15 import Message, Response, TextPart, Usage
 from dspy.utils.exceptions import AdapterParseError
 
-from plait.backends.constraint import GrammarError, grammar_spec_from_request
+from plait.backends.grammar.spec import GrammarError, grammar_spec_from_request
 from plait.modules.adapter import ConstrainedAdapter, ConstrainedJSONAdapter
-from plait.modules.grammar import GrammarOptions, chat_grammar, react_tool_schemas
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar, react_tool_schemas
 from tests.constrained_fixtures import RandomGrammarEngine, smollm2_tokenizer
 
 TOKENIZER = smollm2_tokenizer()
@@ -81,8 +81,9 @@ def test_chain_of_thought_reasoning_respects_its_budget():
 
 def test_budgets_shrink_to_fit_max_tokens():
     signature = dspy.Signature("question -> reasoning, answer")
-    spec = chat_grammar(signature, GrammarOptions(text_tokens=256, reasoning_tokens=512, grace_tokens=8,
-                                                  max_tokens=200))
+    spec = chat_grammar(
+        signature, GrammarOptions(text_tokens=256, reasoning_tokens=512, grace_tokens=8, max_tokens=200)
+    )
     assert sum(b.max_tokens + b.grace for b in spec.budgets) <= 200
 
 
@@ -104,7 +105,7 @@ def test_react_tool_calls_always_validate():
     assert set(schemas) == {"search", "add", "finish"}
     assert schemas["add"]["required"] == ["a", "b"] and schemas["search"]["required"] == ["query"]
     for seed in range(3):
-        lm, engine = grammar_lm(seed)
+        lm, _engine = grammar_lm(seed)
         with dspy.context(lm=lm, adapter=ConstrainedAdapter(text_tokens=16, reasoning_tokens=16)):
             out = react(question="what is 2 + 3?")
         assert out.answer
@@ -128,9 +129,8 @@ def test_json_adapter_mode():
 
 def test_an_lm_without_grammar_support_is_refused():
     lm = dspy.utils.DummyLM([{"answer": "4"}])
-    with dspy.context(lm=lm, adapter=ConstrainedAdapter()):
-        with pytest.raises(GrammarError, match="plait.LM"):
-            dspy.Predict("question -> answer")(question="2+2?")
+    with dspy.context(lm=lm, adapter=ConstrainedAdapter()), pytest.raises(GrammarError, match="plait.LM"):
+        dspy.Predict("question -> answer")(question="2+2?")
     with dspy.context(lm=lm, adapter=ConstrainedAdapter(require_grammar_engine=False)):
         assert dspy.Predict("question -> answer")(question="2+2?").answer == "4"
 
@@ -140,26 +140,33 @@ class _Garbage(RandomGrammarEngine):
 
     def complete(self, request):
         self.requests.append(request)
-        return Response(id=None, model=request.model, message=Message(role="assistant", parts=(TextPart("oops"),)),
-                        finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1))
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message(role="assistant", parts=(TextPart("oops"),)),
+            finish_reason="stop",
+            usage=Usage(input_tokens=1, output_tokens=1),
+        )
 
 
 def test_no_json_fallback_call():
     engine = _Garbage(TOKENIZER)
     lm = dspy.LM("plait/garbage", engine=engine, cache=False, num_retries=0)
-    with dspy.context(lm=lm, adapter=ConstrainedAdapter()):
-        with pytest.raises(AdapterParseError):
-            dspy.Predict("question -> answer: int")(question="?")
+    with dspy.context(lm=lm, adapter=ConstrainedAdapter()), pytest.raises(AdapterParseError):
+        dspy.Predict("question -> answer: int")(question="?")
     assert len(engine.requests) == 1
 
 
 def test_literal_tool_name_branches_pick_the_matching_schema():
     signature = dspy.Signature(
-        {"question": (str, dspy.InputField()),
-         "next_thought": (str, dspy.OutputField()),
-         "next_tool_name": (Literal["add", "finish"], dspy.OutputField()),
-         "next_tool_args": (dict, dspy.OutputField())},
+        {
+            "question": (str, dspy.InputField()),
+            "next_thought": (str, dspy.OutputField()),
+            "next_tool_name": (Literal["add", "finish"], dspy.OutputField()),
+            "next_tool_args": (dict, dspy.OutputField()),
+        },
         "(1) add, whose description is <desc>Add.</desc>. It takes arguments {'a': {'type': 'integer'}}.\n"
-        "(2) finish, whose description is <desc>Done.</desc>. It takes arguments {}.")
+        "(2) finish, whose description is <desc>Done.</desc>. It takes arguments {}.",
+    )
     source = chat_grammar(signature).source
     assert source.count("%json") == 2 and '"add"' in source and '"finish"' in source

@@ -6,14 +6,14 @@ from __future__ import annotations
 import enum
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Optional
+from typing import Literal
 
 import dspy
 import pydantic
 import pytest
 
-from plait.backends.constraint import compile_constraint
-from plait.modules.grammar import GrammarOptions, chat_grammar
+from plait.backends.grammar.constraint import compile_constraint
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ class ReviewSignature(dspy.Signature):
     positive: bool = dspy.OutputField()
     mood: Mood = dspy.OutputField()
     verdict: Verdict = dspy.OutputField()
-    note: Optional[int] = dspy.OutputField()
+    note: int | None = dspy.OutputField()
 
 
 def _rows(data_dir, name: str, count: int) -> list[dict]:
@@ -50,8 +50,10 @@ def _rows(data_dir, name: str, count: int) -> list[dict]:
 def _cases(data_dir) -> list[tuple[type[dspy.Signature], dict]]:
     sst2 = [(ReviewSignature, {"text": r["text"]}) for r in _rows(data_dir, "sst2", 4)]
     squad_sig = dspy.Signature("context, question -> answer")
-    squad = [(squad_sig, {"context": r["context"][:1200], "question": r["question"]})
-             for r in _rows(data_dir, "squad", 3)]
+    squad = [
+        (squad_sig, {"context": r["context"][:1200], "question": r["question"]})
+        for r in _rows(data_dir, "squad", 3)
+    ]
     cot = dspy.ChainOfThought("question -> answer: int").predict.signature
     gsm8k = [(cot, {"question": r["question"]}) for r in _rows(data_dir, "gsm8k", 3)]
     return sst2 + squad + gsm8k
@@ -59,8 +61,9 @@ def _cases(data_dir) -> list[tuple[type[dspy.Signature], dict]]:
 
 def _generate(engine, signature, inputs, max_tokens=200):
     messages = dspy.ChatAdapter().format(signature, [], inputs)
-    spec = chat_grammar(signature, GrammarOptions(max_tokens=max_tokens, text_tokens=48,
-                                                  reasoning_tokens=96, grace_tokens=16))
+    spec = chat_grammar(
+        signature, GrammarOptions(max_tokens=max_tokens, text_tokens=48, reasoning_tokens=96, grace_tokens=16)
+    )
     constraint = compile_constraint(spec, engine.tokenizer)
     return engine.chat(messages, constraint=constraint, max_tokens=max_tokens, temperature=0.7, seed=1)
 
@@ -91,7 +94,7 @@ def test_forced_spans_cut_forward_passes(smollm, data_dir):
 
 @pytest.fixture(scope="module")
 def plait_lm(smollm):
-    from plait.backends.dspy_engine import LM
+    from plait.backends.clients.local import LM
 
     lm = LM("smollm2-135m", cache=False, max_tokens=256, temperature=0.7)
     lm.engine._engine = smollm  # share the session's loaded engine instead of loading a second copy
@@ -117,7 +120,7 @@ def test_react_with_two_tools_completes_and_tool_calls_validate(plait_lm):
     import jsonschema
 
     from plait.modules.adapter import ConstrainedAdapter
-    from plait.modules.grammar import react_tool_schemas
+    from plait.modules.signature_grammar import react_tool_schemas
 
     def lookup_capital(country: str) -> str:
         """Return the capital city of a country."""

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
 
-from plait.backends.constraint import GrammarSpec, compile_constraint, llguidance_tokenizer
-from plait.backends.tokenizer import Tokenizer
-from plait.backends.vocab import _byte_level_alphabet, build_vocabulary, text_encoder, vocabulary_for
+from plait.backends.grammar.constraint import compile_constraint, llguidance_tokenizer
+from plait.backends.grammar.spec import GrammarSpec
+from plait.backends.grammar.vocab import _byte_level_alphabet, build_vocabulary, text_encoder, vocabulary_for
+from plait.backends.loading.tokenizer import Tokenizer
 from tests.constrained_fixtures import smollm2_tokenizer
 
 GPT2 = smollm2_tokenizer()
@@ -49,8 +50,11 @@ def test_gpt2_decode_equals_concatenated_token_bytes(text):
 def test_gpt2_bytes_agree_with_llguidances_own_reading_of_tokenizer_json():
     vocab = vocabulary_for(GPT2)
     reference = llg.LLTokenizer(GPT2.backend.to_str(), eos_token=2)
-    mismatched = [i for i in range(vocab.size)
-                  if i not in vocab.special_ids and reference.decode_bytes([i]) != vocab.token_bytes[i]]
+    mismatched = [
+        i
+        for i in range(vocab.size)
+        if i not in vocab.special_ids and reference.decode_bytes([i]) != vocab.token_bytes[i]
+    ]
     assert mismatched == []
 
 
@@ -67,16 +71,41 @@ def test_special_tokens_are_not_text():
 
 
 def sentencepiece_tokenizer() -> Tokenizer:
-    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁",
-              *string.ascii_lowercase, "▁t", "▁th", "▁the", "he", "ll", "llo", "▁he", "▁hello", "é"]
+    pieces = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        *(f"<0x{b:02X}>" for b in range(256)),
+        "▁",
+        *string.ascii_lowercase,
+        "▁t",
+        "▁th",
+        "▁the",
+        "he",
+        "ll",
+        "llo",
+        "▁he",
+        "▁hello",
+        "é",
+    ]
     vocab = {p: i for i, p in enumerate(pieces)}
-    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("h", "e"), ("l", "l"), ("ll", "o"),
-              ("▁", "he"), ("▁he", "llo")]
-    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
-                                     fuse_unk=True))
+    merges = [
+        ("▁", "t"),
+        ("▁t", "h"),
+        ("▁th", "e"),
+        ("h", "e"),
+        ("l", "l"),
+        ("ll", "o"),
+        ("▁", "he"),
+        ("▁he", "llo"),
+    ]
+    backend = HFTokenizer(
+        models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True)
+    )
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     backend.add_special_tokens(["<s>", "</s>"])
     return Tokenizer(backend, None, "<s>", "</s>")
 
@@ -87,7 +116,9 @@ SP = sentencepiece_tokenizer()
 def test_sentencepiece_kind_and_pieces():
     vocab = build_vocabulary(SP)
     assert vocab.kind == "sentencepiece" and vocab.eos_ids == (2,) and vocab.bos_id == 1
-    assert vocab.token_bytes[3 + 0x0A] == b"\n" and vocab.token_bytes[SP.backend.token_to_id("▁the")] == b" the"
+    assert (
+        vocab.token_bytes[3 + 0x0A] == b"\n" and vocab.token_bytes[SP.backend.token_to_id("▁the")] == b" the"
+    )
     assert {1, 2} <= vocab.special_ids
 
 
@@ -115,14 +146,25 @@ def test_sentencepiece_constraint_round_trip():
     assert constraint.is_finished()
 
 
-@pytest.mark.parametrize("decoder, kind", [
-    ({"type": "ByteLevel"}, "byte_level"),
-    ({"type": "Metaspace", "replacement": "▁"}, "sentencepiece"),
-    ({"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                                       {"type": "ByteFallback"}]}, "sentencepiece"),
-    ({"type": "WordPiece"}, "plain"),
-])
+@pytest.mark.parametrize(
+    "decoder, kind",
+    [
+        ({"type": "ByteLevel"}, "byte_level"),
+        ({"type": "Metaspace", "replacement": "▁"}, "sentencepiece"),
+        (
+            {
+                "type": "Sequence",
+                "decoders": [
+                    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                    {"type": "ByteFallback"},
+                ],
+            },
+            "sentencepiece",
+        ),
+        ({"type": "WordPiece"}, "plain"),
+    ],
+)
 def test_kind_detection(decoder, kind):
-    from plait.backends.vocab import detect_kind
+    from plait.backends.grammar.vocab import detect_kind
 
     assert detect_kind({"decoder": decoder, "model": {}}) == kind

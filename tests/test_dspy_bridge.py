@@ -9,8 +9,8 @@ import pytest
 from dspy.lm15 import Config, Message, Request
 
 import plait
-from plait.backends.dspy_engine import AsyncPlaitEngine, PlaitEngine
-from plait.backends.registry import resolve
+from plait.backends.clients.local import AsyncPlaitEngine, PlaitEngine
+from plait.backends.loading.registry import resolve
 
 QUESTIONS = [f"In one short sentence, what is {n} times two?" for n in range(3, 11)]
 
@@ -43,8 +43,9 @@ def test_lm_call_runs_the_local_engine(lm, smollm):
 def test_request_config_reaches_the_engine(lm):
     response = lm(_request(lm, "Write a long story about a lighthouse.", max_tokens=5))
     assert response.finish_reason == "length" and response.usage.output_tokens == 5
-    stopped = lm(_request(lm, "What is the capital of France? Answer in one word.", stop=("Paris",),
-                          max_tokens=16))
+    stopped = lm(
+        _request(lm, "What is the capital of France? Answer in one word.", stop=("Paris",), max_tokens=16)
+    )
     assert "Paris" not in stopped.text
 
 
@@ -108,10 +109,13 @@ def test_identical_requests_in_flight_are_computed_once(lm, smollm):
     assert len({id(h) for h in handles}) == 1
     texts = {h.wait().text for h in handles}
     assert len(texts) == 1 and texts.pop()
-    seeded = [engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0, seed=s))
-              for s in (1, 2)]
+    seeded = [
+        engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0, seed=s)) for s in (1, 2)
+    ]
     assert seeded[0] is not seeded[1]  # different seeds are different requests
-    unseeded = [engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0)) for _ in range(2)]
+    unseeded = [
+        engine.submit(_request(lm, "Invent a word.", max_tokens=8, temperature=1.0)) for _ in range(2)
+    ]
     assert unseeded[0] is not unseeded[1]  # sampled candidates (n>1) are never merged
     for h in seeded + unseeded:
         h.wait()
@@ -128,23 +132,43 @@ def test_native_tool_calls_validate_against_their_schemas(lm):
     import jsonschema
     from dspy.lm15 import FunctionTool, ToolChoice
 
-    weather = FunctionTool(name="get_weather", description="Current weather in a city",
-                           parameters={"type": "object", "properties": {
-                               "city": {"type": "string", "maxLength": 40},
-                               "unit": {"enum": ["celsius", "fahrenheit"]}},
-                               "required": ["city", "unit"]})
-    add = FunctionTool(name="add", description="Add two integers",
-                       parameters={"type": "object", "properties": {"a": {"type": "integer"},
-                                                                    "b": {"type": "integer"}},
-                                   "required": ["a", "b"]})
-    request = Request(model=lm.model, messages=(Message.user("What is the weather in Paris?"),),
-                      tools=(weather, add), config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required")))
+    weather = FunctionTool(
+        name="get_weather",
+        description="Current weather in a city",
+        parameters={
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    )
+    add = FunctionTool(
+        name="add",
+        description="Add two integers",
+        parameters={
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    )
+    request = Request(
+        model=lm.model,
+        messages=(Message.user("What is the weather in Paris?"),),
+        tools=(weather, add),
+        config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required")),
+    )
     response = lm.engine.complete(request)
     assert response.finish_reason == "tool_call"
     call = response.message.parts[0]
     schema = {"get_weather": weather.parameters, "add": add.parameters}[call.name]
     jsonschema.validate(call.input, schema)
-    only_add = Request(model=lm.model, messages=(Message.user("What is 2 plus 3?"),), tools=(weather, add),
-                       config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required", allowed=("add",))))
+    only_add = Request(
+        model=lm.model,
+        messages=(Message.user("What is 2 plus 3?"),),
+        tools=(weather, add),
+        config=Config(max_tokens=60, tool_choice=ToolChoice(mode="required", allowed=("add",))),
+    )
     call = lm.engine.complete(only_add).message.parts[0]
     assert call.name == "add" and isinstance(call.input["a"], int) and isinstance(call.input["b"], int)

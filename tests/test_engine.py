@@ -7,10 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from plait.backends.cache import Batch, StatePool
-from plait.backends.engine import Engine
-from plait.errors import (CheckpointError, ContextLengthError, EngineOverloadedError, MemoryBudgetError,
-                          ModelNotFoundError)
+from plait.backends.models.state import Batch
+from plait.backends.runtime.engine import Engine
+from plait.backends.runtime.state_pool import StatePool
+from plait.errors import (
+    CheckpointError,
+    ContextLengthError,
+    EngineOverloadedError,
+    MemoryBudgetError,
+    ModelNotFoundError,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
@@ -44,11 +50,11 @@ def test_chunked_prefill_equals_one_pass(smollm):
     pool = _pool(smollm)
     done = 0
     for size in [7, 1, 13, 5, 100]:
-        chunk = ids[done:done + size]
+        chunk = ids[done : done + size]
         if not chunk:
             break
         out = smollm.model(torch.tensor([chunk]), Batch(pool, 0, torch.tensor([done])))
-        torch.testing.assert_close(out[0], full[done:done + len(chunk)], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[0], full[done : done + len(chunk)], atol=1e-4, rtol=0)
         done += len(chunk)
     assert done == len(ids)
 
@@ -102,14 +108,24 @@ def test_scheduler_chunked_prefill_gives_same_tokens(smollm):
 
 
 def test_batch_does_not_change_a_requests_tokens(smollm):
-    prompts = ["Name a planet.", "Write a haiku about rain.", "What is 2+2?", "Describe a cat in detail.",
-               "Say hello in French.", "Why is the sky blue? Explain at length."]
+    prompts = [
+        "Name a planet.",
+        "Write a haiku about rain.",
+        "What is 2+2?",
+        "Describe a cat in detail.",
+        "Say hello in French.",
+        "Why is the sky blue? Explain at length.",
+    ]
     lengths = [5, 30, 8, 40, 12, 25]  # rows finish at different times: slots get compacted mid-batch
     alone = [smollm.generate(_ids(smollm, p), max_tokens=n).token_ids for p, n in zip(prompts, lengths)]
     steps_before = smollm.scheduler.steps
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda a: smollm.generate(_ids(smollm, a[0]), max_tokens=a[1]).token_ids,
-                                 zip(prompts, lengths)))
+        together = list(
+            pool.map(
+                lambda a: smollm.generate(_ids(smollm, a[0]), max_tokens=a[1]).token_ids,
+                zip(prompts, lengths),
+            )
+        )
     assert together == alone
     # batched: far fewer scheduler iterations than the tokens generated
     assert smollm.scheduler.steps - steps_before < sum(len(t) for t in alone)

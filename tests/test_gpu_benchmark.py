@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plait.backends import runtime_triton
+from plait.backends.kernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,9 @@ def test_engine_gpu_tiny_measures_both_engines():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not runtime_triton.AVAILABLE, reason="triton is not installed")
+@pytest.mark.skipif(not dispatch.AVAILABLE, reason="triton is not installed")
 def test_triton_aot_report_lists_every_build():
-    out = run("-m", "plait.backends.triton_aot", "--model", "nano-9b-v2", "--layers", "M*")
+    out = run("-m", "plait.backends.runtime.triton_aot", "--model", "nano-9b-v2", "--layers", "M*")
     assert "for sm_90" in out and "!!" not in out  # no build with a problem
     for kernel in ("_chunk_output_kernel", "_state_update_kernel", "_attention_split_kernel"):
         assert re.search(rf"^{kernel}\s+\d+\s+\d+\s+\d+\s+0\s", out, re.M), kernel  # 0 bytes spilled

@@ -29,11 +29,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plait.backends import runtime_triton
-from plait.backends.cache import Batch
-from plait.backends.mamba2 import CausalConv1d, GatedGroupRMSNorm
-from plait.backends.moe import MoEConfig, RoutedExperts, TopKRouter
-from plait.backends.ssd import ssd_chunk_scan, ssd_step
+from plait.backends.kernels import dispatch
+from plait.backends.models.mamba2 import CausalConv1d, GatedGroupRMSNorm
+from plait.backends.models.moe import MoEConfig, RoutedExperts, TopKRouter
+from plait.backends.models.ssd import ssd_chunk_scan, ssd_step
+from plait.backends.models.state import Batch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -44,12 +44,12 @@ CHILD = os.environ.get("PLAIT_KERNEL_TESTS_CHILD") == "1"
 @pytest.fixture(scope="module")
 def k():
     """The kernel modules, where they can run: on the GPU, or in the interpreter child."""
-    if not runtime_triton.AVAILABLE:
+    if not dispatch.AVAILABLE:
         pytest.skip("triton is not installed")
     if not (CUDA or CHILD):
         pytest.skip("on CPU, test_kernels_under_interpreter runs this in a TRITON_INTERPRET=1 child")
-    names = ("conv1d_triton", "norm_triton", "ssd_triton", "moe_triton", "attention_triton")
-    return type("Kernels", (), {n: importlib.import_module(f"plait.backends.{n}") for n in names})
+    names = ("conv1d", "norm", "ssd", "moe", "attention")
+    return type("Kernels", (), {n: importlib.import_module(f"plait.backends.kernels.{n}") for n in names})
 
 
 @pytest.fixture
@@ -60,13 +60,19 @@ def parent_only():
 
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA or CHILD, reason="with CUDA the kernel tests run directly on the GPU")
-@pytest.mark.skipif(not runtime_triton.AVAILABLE, reason="triton is not installed")
+@pytest.mark.skipif(not dispatch.AVAILABLE, reason="triton is not installed")
 def test_kernels_under_interpreter():
     """Every kernel test of this file, on CPU, in a fresh process under TRITON_INTERPRET=1."""
     env = os.environ | {"TRITON_INTERPRET": "1", "PLAIT_KERNEL_TESTS_CHILD": "1"}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = proc.stdout[-4000:] + proc.stderr[-2000:]
     print(report)
     assert proc.returncode == 0, report
@@ -109,7 +115,7 @@ def test_conv1d_matches_reference(k, length, with_history):
     history = torch.randn(2, channels, kernel - 1, generator=g) if with_history else None
     expected, expected_hist = ref(x, history)
     xd, hd, wd, bd = dev(x, history, ref.weight.detach(), ref.bias.detach())
-    out, new_hist = k.conv1d_triton.causal_conv1d(xd, hd, wd, bd)
+    out, new_hist = k.conv1d.causal_conv1d(xd, hd, wd, bd)
     assert max_diff(out, expected) < 1e-5
     assert max_diff(new_hist, expected_hist) < 1e-6
 
@@ -128,7 +134,7 @@ def test_conv1d_update_matches_reference_and_zero_starts(k):
     x = torch.randn(rows, channels, generator=g)
     expected, expected_hist = ref(x[:, :, None], state)
     hd, xd, wd, bd, ld = dev(history.clone(), x, ref.weight.detach(), ref.bias.detach(), lens)
-    out = k.conv1d_triton.causal_conv1d_update(xd, hd, wd, bd, ld)
+    out = k.conv1d.causal_conv1d_update(xd, hd, wd, bd, ld)
     assert max_diff(out, expected[:, :, 0]) < 1e-5
     assert max_diff(hd, expected_hist) == 0.0
 
@@ -149,7 +155,7 @@ def test_gated_rmsnorm_matches_reference(k, dtype):
     gate = packed[..., :size]  # a strided view, like the split of in_proj's output
     expected = ref(y, gate, dtype)
     yd, gd, wd = dev(y, gate, ref.weight.detach())
-    out = k.norm_triton.gated_group_rmsnorm(yd, gd, wd, groups, 1e-5, dtype)
+    out = k.norm.gated_group_rmsnorm(yd, gd, wd, groups, 1e-5, dtype)
     assert out.dtype == expected.dtype == dtype
     assert max_diff(out, expected) < 1e-5 if dtype == torch.float32 else bf16_close(out, expected)
 
@@ -170,16 +176,24 @@ def ssd_inputs(seed: int, b=2, T=19, h=4, p=8, n=16, groups=2):
     )
 
 
-@pytest.mark.parametrize(("start", "with_init", "chunk"), [
-    (0, False, 8), (3, True, 8), (8, True, 8), (13, True, 16), (0, True, 32),
-])
+@pytest.mark.parametrize(
+    ("start", "with_init", "chunk"),
+    [
+        (0, False, 8),
+        (3, True, 8),
+        (8, True, 8),
+        (13, True, 16),
+        (0, True, 32),
+    ],
+)
 def test_ssd_chunk_scan_matches_reference(k, start, with_init, chunk):
     t = ssd_inputs(start + chunk)
     init = t["init"] if with_init else None
-    expected = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"],
-                              initial_state=init, start=start)
+    expected = ssd_chunk_scan(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], initial_state=init, start=start
+    )
     x, dt, A, B, C, D, init_d = dev(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], init)
-    got = k.ssd_triton.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=init_d, start=start)
+    got = k.ssd.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=init_d, start=start)
     assert got.chunk_ends == expected.chunk_ends
     assert max_diff(got.y, expected.y) < 1e-4
     assert max_diff(got.final_state, expected.final_state) < 1e-4
@@ -192,8 +206,9 @@ def test_ssd_chunk_scan_bf16_inputs(k):
     t = ssd_inputs(5, T=33)
     x, B, C = (t[n].bfloat16() for n in ("x", "B", "C"))
     expected = ssd_chunk_scan(x, t["dt"], t["A"], B, C, 16, D=t["D"], initial_state=t["init"])
-    got = k.ssd_triton.ssd_chunk_scan(*dev(x, t["dt"], t["A"], B, C), 16, D=dev(t["D"])[0],
-                                      initial_state=dev(t["init"])[0])
+    got = k.ssd.ssd_chunk_scan(
+        *dev(x, t["dt"], t["A"], B, C), 16, D=dev(t["D"])[0], initial_state=dev(t["init"])[0]
+    )
     assert got.y.dtype == torch.float32 and got.final_state.dtype == torch.float32
     assert max_diff(got.y, expected.y) < 1e-3  # same bf16 inputs, fp32 maths either side
 
@@ -206,7 +221,7 @@ def test_selective_state_update_matches_reference(k):
     y_ref = ssd_step(state_ref, t["x"][:, 0], t["dt"][:, 0], t["A"], t["B"][:, 0], t["C"][:, 0], t["D"])
     state = dev(t["init"].clone())[0]
     x, dt, A, B, C, D, ld = dev(t["x"][:, 0], t["dt"][:, 0], t["A"], t["B"][:, 0], t["C"][:, 0], t["D"], lens)
-    y = k.ssd_triton.selective_state_update(state, x, dt, A, B, C, D, cache_lens=ld)
+    y = k.ssd.selective_state_update(state, x, dt, A, B, C, D, cache_lens=ld)
     assert max_diff(y, y_ref) < 1e-5
     assert max_diff(state, state_ref) < 1e-5
 
@@ -217,9 +232,10 @@ def test_selective_state_update_continues_the_scan(k):
     args = [t[n] for n in ("x", "dt", "A", "B", "C")]
     full = ssd_chunk_scan(*args, 8, D=t["D"])
     x, dt, A, B, C, D = dev(*args, t["D"])
-    state = k.ssd_triton.ssd_chunk_scan(x[:, :10], dt[:, :10], A, B[:, :10], C[:, :10], 8, D=D).final_state
-    ys = [k.ssd_triton.selective_state_update(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D)
-          for i in range(10, 13)]
+    state = k.ssd.ssd_chunk_scan(x[:, :10], dt[:, :10], A, B[:, :10], C[:, :10], 8, D=D).final_state
+    ys = [
+        k.ssd.selective_state_update(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D) for i in range(10, 13)
+    ]
     assert max_diff(torch.stack(ys, dim=1), full.y[:, 10:]) < 1e-4
     assert max_diff(state, full.final_state) < 1e-4
 
@@ -228,9 +244,16 @@ def test_selective_state_update_continues_the_scan(k):
 
 
 def moe_parts(seed, tokens, experts=8, top_k=3, n_group=4, topk_group=2, dim=40, inner=24):
-    cfg = MoEConfig(hidden_size=dim, num_experts=experts, top_k=top_k, intermediate_size=inner,
-                    shared_intermediate_size=0, n_group=n_group, topk_group=topk_group,
-                    routed_scaling_factor=2.5)
+    cfg = MoEConfig(
+        hidden_size=dim,
+        num_experts=experts,
+        top_k=top_k,
+        intermediate_size=inner,
+        shared_intermediate_size=0,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=2.5,
+    )
     g = gen(seed)
     router, routed = TopKRouter(cfg), RoutedExperts(cfg)
     with torch.no_grad():
@@ -246,8 +269,7 @@ def test_fused_moe_matches_reference(k, tokens):
     router, routed, x = moe_parts(tokens, tokens)
     weights, indices = router(x)  # grouped top-3 with the correction bias steering the choice
     expected = routed(x, weights, indices)
-    got = k.moe_triton.fused_experts(*dev(x, routed.up_proj.detach(), routed.down_proj.detach(),
-                                          weights, indices))
+    got = k.moe.fused_experts(*dev(x, routed.up_proj.detach(), routed.down_proj.detach(), weights, indices))
     assert max_diff(got, expected) < 1e-4
 
 
@@ -257,8 +279,7 @@ def test_fused_moe_bf16(k):
     weights, indices = router(x)
     xb = x.bfloat16()
     expected = routed(xb, weights, indices)
-    got = k.moe_triton.fused_experts(*dev(xb, routed.up_proj.detach(), routed.down_proj.detach(),
-                                          weights, indices))
+    got = k.moe.fused_experts(*dev(xb, routed.up_proj.detach(), routed.down_proj.detach(), weights, indices))
     assert got.dtype == torch.bfloat16
     assert max_diff(got, expected) < 3e-2 * max(1.0, expected.float().abs().max().item())
 
@@ -266,7 +287,7 @@ def test_fused_moe_bf16(k):
 def test_expert_blocks_layout(k):
     """Every pair appears once, in a block of its own expert; padding rows are marked."""
     indices = torch.tensor([[0, 3], [3, 5], [0, 3]])
-    rows, block_expert = k.moe_triton.expert_blocks(indices, num_experts=6, block_m=4)
+    rows, block_expert = k.moe.expert_blocks(indices, num_experts=6, block_m=4)
     flat = indices.reshape(-1)
     pairs = flat.numel()
     real = rows[rows < pairs]
@@ -281,11 +302,14 @@ def test_expert_blocks_layout(k):
 # --- decode attention ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("batch", "heads", "kv_heads", "head_dim", "capacity", "lens"), [
-    (3, 8, 2, 32, 300, [0, 77, 299]),  # 5 splits; a row with only its new key; a full row
-    (1, 5, 1, 24, 64, [40]),  # a GQA group of 5 padded to 16 query rows; head_dim not a power of 2
-    (2, 4, 4, 16, 1000, [999, 3]),  # 16 splits, 15 of them empty for row 1
-])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "head_dim", "capacity", "lens"),
+    [
+        (3, 8, 2, 32, 300, [0, 77, 299]),  # 5 splits; a row with only its new key; a full row
+        (1, 5, 1, 24, 64, [40]),  # a GQA group of 5 padded to 16 query rows; head_dim not a power of 2
+        (2, 4, 4, 16, 1000, [999, 3]),  # 16 splits, 15 of them empty for row 1
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_sdpa(k, batch, heads, kv_heads, head_dim, capacity, lens, dtype):
     """Row r attends to keys 0..lens[r] of its cache and nothing after them (the tail holds
@@ -296,11 +320,12 @@ def test_decode_attention_matches_sdpa(k, batch, heads, kv_heads, head_dim, capa
     k_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=g).to(dtype)
     cache_lens = torch.tensor(lens)
-    got = k.attention_triton.decode_attention(*dev(q, k_cache, v_cache, cache_lens)).cpu()
+    got = k.attention.decode_attention(*dev(q, k_cache, v_cache, cache_lens)).cpu()
     assert got.dtype == dtype and got.shape == q.shape
     mask = (torch.arange(capacity)[None, :] <= cache_lens[:, None])[:, None, None, :]
-    expected = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache.float(), v_cache.float(),
-                                              attn_mask=mask, enable_gqa=True)[:, :, 0]
+    expected = F.scaled_dot_product_attention(
+        q[:, :, None].float(), k_cache.float(), v_cache.float(), attn_mask=mask, enable_gqa=True
+    )[:, :, 0]
     assert max_diff(got, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -311,7 +336,7 @@ def test_decode_attention_matches_sdpa(k, batch, heads, kv_heads, head_dim, capa
 def tiny(request, tmp_path_factory):
     from nemotron_fixtures import write_checkpoint
 
-    from plait.backends.nemotron_h import load_nemotron_h
+    from plait.backends.loading.nemotron_h import load_nemotron_h
 
     directory = tmp_path_factory.mktemp(f"kernels-{request.param}")
     with torch.random.fork_rng():
@@ -320,16 +345,27 @@ def tiny(request, tmp_path_factory):
 
 
 def device_pool(model, slots: int, capacity: int = 64):
-    from plait.backends.cache import StatePool
+    from plait.backends.runtime.state_pool import StatePool
 
     device = model.embeddings.weight.device
-    return StatePool(model.state_specs(model.embeddings.weight.dtype), device=device, slots=slots,
-                     capacity=capacity, max_length=model.context_length)
+    return StatePool(
+        model.state_specs(model.embeddings.weight.dtype),
+        device=device,
+        slots=slots,
+        capacity=capacity,
+        max_length=model.context_length,
+    )
 
 
 @torch.no_grad()
-def feed(model, pool, first_slot: int, ids: torch.Tensor, cache_lens: list[int],
-         new_tokens: list[int] | None = None) -> torch.Tensor:
+def feed(
+    model,
+    pool,
+    first_slot: int,
+    ids: torch.Tensor,
+    cache_lens: list[int],
+    new_tokens: list[int] | None = None,
+) -> torch.Tensor:
     """One pass of ids [B, T] for slots first_slot.. holding cache_lens tokens, on the model's
     device; `new_tokens`: real tokens per row of a right-padded pass."""
     device = model.embeddings.weight.device
@@ -347,9 +383,12 @@ def run_cached(model, ids, batched_tokens):
     state must end at each row's last real token) and a last decode step.
     -> (logits of every pass, the pool)."""
     pool = device_pool(model, slots=4)
-    out = [feed(model, pool, 0, ids[:, :5], [0]), feed(model, pool, 0, ids[:, 5:13], [5]),
-           feed(model, pool, 1, ids[:, 3:12], [0]),
-           feed(model, pool, 2, ids[:, 1:7], [0])]  # stale: row 2's decode says cache_len 0
+    out = [
+        feed(model, pool, 0, ids[:, :5], [0]),
+        feed(model, pool, 0, ids[:, 5:13], [5]),
+        feed(model, pool, 1, ids[:, 3:12], [0]),
+        feed(model, pool, 2, ids[:, 1:7], [0]),
+    ]  # stale: row 2's decode says cache_len 0
     lens = [13, 9, 0]
     for step in batched_tokens:
         out.append(feed(model, pool, 0, step[:, None], lens))
@@ -373,7 +412,7 @@ def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
     with torch.no_grad():
         ref_full = model(ids)
     ref_cached, ref_pool = run_cached(model, ids, steps)
-    with runtime_triton.forced(), torch.no_grad():
+    with dispatch.forced(), torch.no_grad():
         full = model(ids)
         cached, pool = run_cached(model, ids, steps)
     assert max_diff(full, ref_full) < 1e-4
@@ -388,7 +427,7 @@ def test_whole_model_on_kernels_matches_pytorch_path(k, tiny):
 
 
 def test_bucket_for(parent_only):
-    from plait.backends.cuda_graphs import BUCKETS, bucket_for
+    from plait.backends.runtime.cuda_graphs import BUCKETS, bucket_for
 
     assert [bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [1, 2, 4, 8, 16, 256]
     assert bucket_for(1, BUCKETS[1:]) == 2  # no one-row bucket without the attention kernel
@@ -401,7 +440,7 @@ def test_padded_decode_leaves_real_rows_unchanged(parent_only, tiny):
     slot 3 (which holds stale state); rows 0..2 get exactly the unpadded logits and state."""
     from nemotron_fixtures import random_ids
 
-    from plait.backends.cuda_graphs import DecodeGraphs
+    from plait.backends.runtime.cuda_graphs import DecodeGraphs
 
     _, model = tiny
     pools = [device_pool(model, slots=4, capacity=32) for _ in range(2)]
@@ -422,8 +461,10 @@ def test_padded_decode_leaves_real_rows_unchanged(parent_only, tiny):
             assert max_diff(padded_layer[name][:3], eager_layer[name][:3]) < 1e-5, name
     # Padding must never land on a live sequence: rows 0..1 with slot 2 still live -> eager.
     assert graphs.run(torch.tensor([[5], [6]]), 0, torch.tensor([10, 14]), live_slots=3) is None
-    assert graphs.run(torch.ones(300, 1, dtype=torch.long), 0, torch.ones(300, dtype=torch.long),
-                      live_slots=300) is None
+    assert (
+        graphs.run(torch.ones(300, 1, dtype=torch.long), 0, torch.ones(300, dtype=torch.long), live_slots=300)
+        is None
+    )
 
 
 # --- on a GPU only ---------------------------------------------------------------------------
@@ -437,7 +478,7 @@ def test_gpu_logits_equal_cpu_path(k, tiny):
     """fp32 on both sides (the kernels' dots use IEEE fp32 for fp32 models)."""
     from nemotron_fixtures import random_ids
 
-    from plait.backends.nemotron_h import load_nemotron_h
+    from plait.backends.loading.nemotron_h import load_nemotron_h
 
     directory, cpu_model = tiny
     gpu_model = load_nemotron_h(directory, torch.float32, "cuda")
@@ -455,8 +496,8 @@ def test_gpu_logits_equal_cpu_path(k, tiny):
 def test_cuda_graph_decode_equals_eager(k, tiny):
     from nemotron_fixtures import random_ids
 
-    from plait.backends.cuda_graphs import DecodeGraphs
-    from plait.backends.nemotron_h import load_nemotron_h
+    from plait.backends.loading.nemotron_h import load_nemotron_h
+    from plait.backends.runtime.cuda_graphs import DecodeGraphs
 
     model = load_nemotron_h(tiny[0], torch.float32, "cuda")
     pools = [device_pool(model, slots=4, capacity=32) for _ in range(2)]

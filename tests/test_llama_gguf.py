@@ -28,7 +28,7 @@ def test_tokenizer_and_chat_template_match_transformers(smollm, reference):
 
 
 def test_logits_match_transformers(smollm, reference):
-    hf_tok, hf_model = reference
+    _hf_tok, hf_model = reference
     ids = smollm.tokenizer.encode(smollm.chat_prompt(PROMPT))
     ours = smollm.logits(ids)
     with torch.no_grad():
@@ -38,10 +38,10 @@ def test_logits_match_transformers(smollm, reference):
 
 
 def test_greedy_generation_matches_transformers(smollm, reference):
-    hf_tok, hf_model = reference
+    _hf_tok, hf_model = reference
     ids = smollm.tokenizer.encode(smollm.chat_prompt(PROMPT))
     ours = smollm.generate(ids, max_tokens=24).token_ids
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-    theirs = [t for t in out[0, len(ids):].tolist() if t not in smollm.tokenizer.stop_token_ids]
+    theirs = [t for t in out[0, len(ids) :].tolist() if t not in smollm.tokenizer.stop_token_ids]
     assert ours == theirs

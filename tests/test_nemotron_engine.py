@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from plait.backends.engine import Engine
+from plait.backends.runtime.engine import Engine
 from tests.nemotron_fixtures import write_checkpoint
 
 
@@ -24,10 +24,16 @@ def _byte_tokenizer(directory) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(directory / "tokenizer.json"))
     eos = sorted(alphabet)[2]
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": eos,
-        "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>",
-    }))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": eos,
+                "chat_template": (
+                    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+                ),
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
@@ -42,9 +48,10 @@ def checkpoint(request, tmp_path_factory):
 
 def _reference(hf_model, ids: list[int], max_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                eos_token_id=2, pad_token_id=0)
-    tokens = out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=2, pad_token_id=0
+        )
+    tokens = out[0, len(ids) :].tolist()
     return tokens[: tokens.index(2)] if 2 in tokens else tokens
 
 
@@ -91,7 +98,7 @@ def test_prompts_arriving_together_share_padded_prefill_passes(checkpoint):
     padded = Engine(engine.model, engine.tokenizer, "padded", "nemotron_h", prefix_cache=False)
     try:
         assert padded.scheduler.padded_passes
-        prompts = [engine.tokenizer.encode(f"one fact about the number {7 ** n}, please") for n in range(6)]
+        prompts = [engine.tokenizer.encode(f"one fact about the number {7**n}, please") for n in range(6)]
         assert len({len(p) for p in prompts}) > 1
         alone = [padded.generate(ids, max_tokens=8).token_ids for ids in prompts]
         before = padded.stats()
@@ -114,8 +121,10 @@ def test_padded_passes_with_the_prefix_cache(checkpoint):
     cached = Engine(engine.model, engine.tokenizer, "cached", "nemotron_h", prefix_block_size=16)
     try:
         tok = engine.tokenizer.encode
-        bases = [tok(f"{word} is where the story of this prompt starts; it goes on {n} times")
-                 for n, word in enumerate(["north", "south-west", "east", "far west", "up"])]
+        bases = [
+            tok(f"{word} is where the story of this prompt starts; it goes on {n} times")
+            for n, word in enumerate(["north", "south-west", "east", "far west", "up"])
+        ]
         longer = [ids + tok(f" and then some more, {n}") for n, ids in enumerate(bases)]
         for prompts in (bases, longer):
             expected = [plain.generate(ids, max_tokens=6).token_ids for ids in prompts]

@@ -23,10 +23,11 @@ from nemotron_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
-from plait.backends.cache import Batch
-from plait.backends.mamba2 import DtClamp
-from plait.backends.nemotron_h import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig, load_nemotron_h
-from plait.backends.ssd import ssd_chunk_scan, ssd_step
+from plait.backends.loading.nemotron_h import load_nemotron_h
+from plait.backends.models.mamba2 import DtClamp
+from plait.backends.models.nemotron_h_config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
+from plait.backends.models.ssd import ssd_chunk_scan, ssd_step
+from plait.backends.models.state import Batch
 from plait.errors import CheckpointError
 
 ATOL = 1e-4
@@ -89,8 +90,14 @@ def test_greedy_generation_matches_transformers(checkpoint):
     prompt = random_ids(11, seed=8)
     new_tokens = 12
     hf.generation_config.eos_token_id = None  # never stop early
-    expected = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                           output_logits=True, return_dict_in_generate=True)
+    expected = hf.generate(
+        prompt,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
 
     pool = new_pool(model)
     logits = prefill(model, pool, 0, prompt)[:, -1]
@@ -121,11 +128,16 @@ def test_incremental_decode_matches_full_forward(unclamped):
     assert max_diff(torch.cat(logits, dim=1), full) < ATOL
 
 
-@pytest.mark.parametrize(("chunks", "clamp"), [
-    ([5, 7, 11], "default"), ([8, 8, 7], "default"), ([5, 7, 11], "none"),
-    # A one-token pass is a decode step, which (like transformers) the default does not clamp.
-    ([5, 1, 7, 10], "none"),
-])
+@pytest.mark.parametrize(
+    ("chunks", "clamp"),
+    [
+        ([5, 7, 11], "default"),
+        ([8, 8, 7], "default"),
+        ([5, 7, 11], "none"),
+        # A one-token pass is a decode step, which (like transformers) the default does not clamp.
+        ([5, 1, 7, 10], "none"),
+    ],
+)
 @torch.no_grad()
 def test_chunked_prefill_matches_one_pass(checkpoint, unclamped, chunks, clamp):
     model = checkpoint[3] if clamp == "default" else unclamped
@@ -141,8 +153,13 @@ def test_chunked_prefill_matches_one_pass(checkpoint, unclamped, chunks, clamp):
             assert max_diff(layer_one[name][0], layer_chunked[name][0]) < 1e-5, name
     # ... and the next token continues identically.
     nxt = torch.tensor([17])
-    assert max_diff(decode_step(model, one_pool, 0, nxt, torch.tensor([23])),
-                    decode_step(model, chunk_pool, 0, nxt, torch.tensor([23]))) < ATOL
+    assert (
+        max_diff(
+            decode_step(model, one_pool, 0, nxt, torch.tensor([23])),
+            decode_step(model, chunk_pool, 0, nxt, torch.tensor([23])),
+        )
+        < ATOL
+    )
 
 
 @torch.no_grad()
@@ -158,7 +175,7 @@ def test_batched_decode_matches_each_alone(checkpoint):
         rows = []
         for s in range(steps.shape[0]):
             length = torch.tensor([prompt.shape[1] + s])
-            rows.append(decode_step(model, pool, 0, steps[s, r:r + 1], length)[0])
+            rows.append(decode_step(model, pool, 0, steps[s, r : r + 1], length)[0])
         alone.append(torch.stack(rows))
 
     pool = new_pool(model, slots=3)
@@ -223,7 +240,7 @@ def test_padded_multi_row_pass_matches_each_row_alone(checkpoint):
     for s in range(steps.shape[0]):
         together = decode_step(model, pool, 0, steps[s], lens + s)
         for r, alone in enumerate(alone_pools):
-            expected = decode_step(model, alone, 0, steps[s, r:r + 1], lens[r:r + 1] + s)
+            expected = decode_step(model, alone, 0, steps[s, r : r + 1], lens[r : r + 1] + s)
             assert max_diff(together[r], expected[0]) < ATOL
 
 
@@ -259,7 +276,7 @@ def test_dt_clamp_modes(tmp_path):
     out = hf(ids[:, :10], use_cache=True)
     cache, hf_steps = out.past_key_values, []
     for pos in range(10, 14):
-        out = hf(ids[:, pos:pos + 1], past_key_values=cache, use_cache=True)
+        out = hf(ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         hf_steps.append(out.logits[:, -1])
     hf_steps = torch.stack(hf_steps, dim=1)
@@ -324,7 +341,8 @@ def test_config_pattern_and_block_type_list_agree():
     expected = [MAMBA, ATTENTION, MLP, MOE]
     by_pattern = NemotronHConfig.from_dict({"hybrid_override_pattern": "M*-E"})
     by_list = NemotronHConfig.from_dict(
-        {"layers_block_type": ["linear_attention", "full_attention", "mlp", "moe"]})
+        {"layers_block_type": ["linear_attention", "full_attention", "mlp", "moe"]}
+    )
     by_legacy_list = NemotronHConfig.from_dict({"layers_block_type": ["mamba", "attention", "mlp", "moe"]})
     assert by_pattern.layer_types == by_list.layer_types == by_legacy_list.layer_types == expected
     assert by_list.hybrid_override_pattern == "M*-E"

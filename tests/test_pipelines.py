@@ -64,7 +64,11 @@ def test_multihop_queries_each_hop_and_dedupes_context():
     assert len(prediction.context) == 2  # the second hop found nothing new
     assert prediction.answer == "yes"
     assert [name for name, _ in MultiHop(hops=3).named_predictors()] == [
-        "write_query[0]", "write_query[1]", "write_query[2]", "answer"]
+        "write_query[0]",
+        "write_query[1]",
+        "write_query[2]",
+        "answer",
+    ]
 
 
 def test_math_outputs_an_int():
@@ -77,12 +81,18 @@ def test_math_outputs_an_int():
 
 def test_agent_calls_its_tools():
     rm = StubRetriever()
-    lm = DummyLM([
-        {"next_thought": "compute", "next_tool_name": "calculator", "next_tool_args": {"expression": "(16-3-4)*2"}},
-        {"next_thought": "look up", "next_tool_name": "search", "next_tool_args": {"query": "ducks"}},
-        {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
-        {"reasoning": "the calculator said 18", "answer": "18"},
-    ])
+    lm = DummyLM(
+        [
+            {
+                "next_thought": "compute",
+                "next_tool_name": "calculator",
+                "next_tool_args": {"expression": "(16-3-4)*2"},
+            },
+            {"next_thought": "look up", "next_tool_name": "search", "next_tool_args": {"query": "ducks"}},
+            {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+            {"reasoning": "the calculator said 18", "answer": "18"},
+        ]
+    )
     agent = Agent(retriever=rm, k=1)
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
         prediction = agent(question="How much?")
@@ -101,15 +111,23 @@ def test_calculator_is_arithmetic_only():
 
 def test_retrieval_pipelines_say_how_to_get_an_index(monkeypatch):
     monkeypatch.delenv(ENV_INDEX, raising=False)
-    with dspy.context(lm=DummyLM([{"answer": "x"}]), adapter=dspy.ChatAdapter()), \
-            pytest.raises(RetrieverMissingError, match="index"):
+    with (
+        dspy.context(lm=DummyLM([{"answer": "x"}]), adapter=dspy.ChatAdapter()),
+        pytest.raises(RetrieverMissingError, match="index"),
+    ):
         RAG()(question="q")
     assert passage_text({"title": "A", "text": "x" * 50}, 20) == "A | " + "x" * 13 + "..."
 
 
-@pytest.mark.parametrize("program, init", [(RAG, {"index": "idx", "k": 2, "reasoning": True}),
-                                           (MultiHop, {"index": "idx", "hops": 3}), (Math, {}),
-                                           (Agent, {"index": "idx", "max_iters": 3})])
+@pytest.mark.parametrize(
+    "program, init",
+    [
+        (RAG, {"index": "idx", "k": 2, "reasoning": True}),
+        (MultiHop, {"index": "idx", "hops": 3}),
+        (Math, {}),
+        (Agent, {"index": "idx", "max_iters": 3}),
+    ],
+)
 def test_every_pipeline_round_trips_through_an_artifact(tmp_path, program, init):
     compiled = program(**init)
     for _, predictor in compiled.named_predictors():
@@ -119,7 +137,9 @@ def test_every_pipeline_round_trips_through_an_artifact(tmp_path, program, init)
     save_artifact(compiled, path, program_path=target, model="smollm2-135m", init=init)
     loaded = load_artifact(path)
     assert loaded.program.dump_state() == compiled.dump_state()
-    assert all(p.signature.instructions == "compiled instructions" for _, p in loaded.program.named_predictors())
+    assert all(
+        p.signature.instructions == "compiled instructions" for _, p in loaded.program.named_predictors()
+    )
 
 
 @pytest.mark.slow
@@ -133,8 +153,11 @@ def test_pipelines_on_the_embedded_model_and_a_real_index(tmp_path, data_dir, mo
 
     monkeypatch.delenv(ENV_INDEX, raising=False)
     questions = _rows(data_dir, "hotpotqa", 2)
-    docs = [{"id": f"{q['id']}-{i}", "title": title, "text": "".join(sentences)}
-            for q in questions for i, (title, sentences) in enumerate(q["context"])]
+    docs = [
+        {"id": f"{q['id']}-{i}", "title": title, "text": "".join(sentences)}
+        for q in questions
+        for i, (title, sentences) in enumerate(q["context"])
+    ]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
     index = build_index(corpus, tmp_path / "idx")
@@ -142,14 +165,23 @@ def test_pipelines_on_the_embedded_model_and_a_real_index(tmp_path, data_dir, mo
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(data_dir, "gsm8k", 1)))
 
     store = Store.open(f"sqlite:///{tmp_path / 'runs.db'}")
-    cases = [("plait.pipelines.rag:RAG", "hotpot.jsonl", {"index": str(index), "k": 2}, "f1"),
-             ("plait.pipelines.multihop:MultiHop", "hotpot.jsonl", {"index": str(index), "hops": 2, "k": 1}, "f1"),
-             ("plait.pipelines.math:Math", "gsm8k.jsonl", {}, "accuracy"),
-             ("plait.pipelines.agent:Agent", "hotpot.jsonl", {"index": str(index), "max_iters": 2}, "f1")]
+    cases = [
+        ("plait.pipelines.rag:RAG", "hotpot.jsonl", {"index": str(index), "k": 2}, "f1"),
+        ("plait.pipelines.multihop:MultiHop", "hotpot.jsonl", {"index": str(index), "hops": 2, "k": 1}, "f1"),
+        ("plait.pipelines.math:Math", "gsm8k.jsonl", {}, "accuracy"),
+        ("plait.pipelines.agent:Agent", "hotpot.jsonl", {"index": str(index), "max_iters": 2}, "f1"),
+    ]
     try:
         for program, data, init, metric in cases:
-            config = EvalConfig(program=program, devset=str(tmp_path / data), metric=metric, limit=1 if
-                                "agent" in program else None, threads=2, max_tokens=192, program_args=init)
+            config = EvalConfig(
+                program=program,
+                devset=str(tmp_path / data),
+                metric=metric,
+                limit=1 if "agent" in program else None,
+                threads=2,
+                max_tokens=192,
+                program_args=init,
+            )
             report = evaluate_program(config, store).report
             assert report.parse_failures == 0 and report.errors == 0, (program, report.results)
             prediction = report.results[0].prediction

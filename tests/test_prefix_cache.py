@@ -4,20 +4,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from plait.backends.engine import Engine
-from plait.backends.prefix_cache import block_hashes
+from plait.backends.runtime.engine import Engine
+from plait.backends.runtime.prefix_cache import block_hashes
 from tests.nemotron_fixtures import write_checkpoint
 from tests.test_nemotron_engine import _byte_tokenizer
 
-INSTRUCTIONS = ("You are a careful assistant. Read the question, think about what it asks, and answer with "
-                "a short, factual sentence. Examples follow. " * 6)
-QUESTIONS = ["What is the capital of Italy?", "How many legs does a spider have?", "What color is grass?",
-             "Who wrote Hamlet?", "What is frozen water called?", "What is 3 plus 4?"]
+INSTRUCTIONS = (
+    "You are a careful assistant. Read the question, think about what it asks, and answer with "
+    "a short, factual sentence. Examples follow. " * 6
+)
+QUESTIONS = [
+    "What is the capital of Italy?",
+    "How many legs does a spider have?",
+    "What color is grass?",
+    "Who wrote Hamlet?",
+    "What is frozen water called?",
+    "What is 3 plus 4?",
+]
 
 
 def _prompt(engine, question):
-    return engine.tokenizer.encode(engine.chat_prompt([{"role": "system", "content": INSTRUCTIONS},
-                                                       {"role": "user", "content": question}]))
+    return engine.tokenizer.encode(
+        engine.chat_prompt(
+            [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": question}]
+        )
+    )
 
 
 def test_block_hash_chain_identifies_prefixes():
@@ -61,7 +72,9 @@ def test_concurrent_requests_wait_for_the_prefix_in_flight(smollm, reference):
         assert got == expected
         prefix = len(prompts[0]) - 20
         # the shared prefix was computed about once, not once per request
-        assert cached.scheduler.prompt_tokens_computed < prefix + 2 * sum(len(p) - prefix for p in prompts) + 128
+        assert (
+            cached.scheduler.prompt_tokens_computed < prefix + 2 * sum(len(p) - prefix for p in prompts) + 128
+        )
     finally:
         cached.close()
 
@@ -115,7 +128,7 @@ def test_eviction_under_a_tiny_budget_keeps_results_right(hybrid):
 
 
 def test_prompts_of_constrained_requests_are_cached_too(smollm):
-    from plait.backends.constraint import compile_constraint
+    from plait.backends.grammar.constraint import compile_constraint
 
     cached = Engine(smollm.model, smollm.tokenizer, "prefix-constrained", "llama", prefix_cache=True)
     try:

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plait.backends.cache import Batch, StatePool
-from plait.backends.engine import Engine
-from plait.backends.nemotron_h import load_nemotron_h
-from plait.backends.quant import Int4Linear, Int8Linear, quantize
+from plait.backends.loading.nemotron_h import load_nemotron_h
+from plait.backends.loading.quant import Int4Linear, Int8Linear, quantize
+from plait.backends.models.state import Batch
+from plait.backends.runtime.engine import Engine
+from plait.backends.runtime.state_pool import StatePool
 from tests.nemotron_fixtures import write_checkpoint
 
 
@@ -120,7 +121,9 @@ def test_int4_engine_serves_concurrent_requests():
             lens = torch.tensor([len(row) for row in ids])
             nxt = torch.tensor([[row[-1]] for row in ids])
             batched = model(nxt, Batch(pool, 0, lens))[:, -1]
-            alone = torch.cat([model(nxt[i:i + 1], Batch(pool, i, lens[i:i + 1]))[:, -1] for i in range(len(ids))])
+            alone = torch.cat(
+                [model(nxt[i : i + 1], Batch(pool, i, lens[i : i + 1]))[:, -1] for i in range(len(ids))]
+            )
         assert (batched - alone).abs().max() <= 0.02 * alone.abs().max()
     finally:
         engine.close()

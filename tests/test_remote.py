@@ -11,8 +11,7 @@ import httpx
 import pytest
 from dspy.lm15 import Config, Message, Request
 
-from plait.backends.constraint import GrammarSpec
-from plait.backends.remote import (
+from plait.backends.clients.remote import (
     AsyncRemoteEngine,
     RemoteEngine,
     dialect_from_models,
@@ -20,6 +19,7 @@ from plait.backends.remote import (
     remote_lm,
     structured_output_params,
 )
+from plait.backends.grammar.spec import GrammarSpec
 from plait.serve.app import create_app
 from tests.serve_fixtures import API_KEY, MODEL, ServerThread, TopicProgram
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +70,15 @@ def test_exact_top1_on_tiny_corpus(rm, stage):
         hits = rm(query, k=3, stage=stage)
         assert hits[0].id == want, (stage, query, [h.id for h in hits])
         assert [h.rank for h in hits] == [1, 2, 3]
-        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
 
 
 def test_passages_have_dspy_fields(rm):
     p = rm("who wrote the tragedy Hamlet", k=1)[0]
-    assert p.long_text == p.text == "Hamlet Hamlet is a tragedy written by William Shakespeare around 1600. " \
+    assert (
+        p.long_text == p.text == "Hamlet Hamlet is a tragedy written by William Shakespeare around 1600. "
         "The prince of Denmark seeks revenge on his uncle."
+    )
     assert p["pid"] == 0 and p.id == "hamlet" and p.title == "Hamlet" and isinstance(p.score, float)
 
 
@@ -125,8 +128,9 @@ def test_maxsim_matches_brute_force(rm, encoder):
         from plait.retrievers.maxsim import maxsim
 
         s = rm.store
-        np.testing.assert_allclose(maxsim(qv, s.matrix, s.doc_offsets, perm, s.dtype, block_tokens=7), got[perm],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            maxsim(qv, s.matrix, s.doc_offsets, perm, s.dtype, block_tokens=7), got[perm], atol=1e-5
+        )
 
 
 def test_late_stage_equals_exhaustive_maxsim_ranking(rm):
@@ -145,8 +149,14 @@ def test_index_round_trip(index_dir, rm, encoder):
     assert m["format"] == "plait-colbert-serve" and m["format_version"] == 1
     assert m["num_docs"] == len(TINY_CORPUS) and m["dim"] == 384 and m["dtype"] == "float16"
     assert m["encoder"]["name"] == encoder.name
-    assert set(m["files"]) >= {"embeddings.f16", "doc_offsets.npy", "docs.jsonl", "centroids.npy", "codes.npy",
-                               "bm25/vocab.index.json"}
+    assert set(m["files"]) >= {
+        "embeddings.f16",
+        "doc_offsets.npy",
+        "docs.jsonl",
+        "centroids.npy",
+        "codes.npy",
+        "bm25/vocab.index.json",
+    }
     assert all(len(e["sha256"]) == 64 for e in m["files"].values())
     assert not any(p.name.startswith(".") for p in index_dir.parent.iterdir())  # no leftover build dir
     # Ids and texts come back as written (int ids become strings).
@@ -193,8 +203,9 @@ def test_bit_flip_is_caught_by_verify(tmp_path, index_dir, encoder):
         ColBERTServe.open(idx, encoder=encoder, verify=True)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "manifest_json", "manifest_version", "no_manifest",
-                                    "docs_offsets"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "delete", "manifest_json", "manifest_version", "no_manifest", "docs_offsets"]
+)
 def test_damaged_index_raises_a_clear_error(tmp_path, index_dir, encoder, damage):
     idx = _copy_index(index_dir, tmp_path / "idx")
     expected: type[PlaitError] = IndexCorruptError
@@ -234,12 +245,15 @@ def test_missing_index_and_wrong_encoder(tmp_path, index_dir, encoder):
 
 
 # ------------------------------------------------------------------------------- corpus
-@pytest.mark.parametrize("rows,match", [
-    ([{"_id": "a", "text": "x"}, {"_id": "a", "text": "y"}], "duplicate document id 'a'"),
-    ([{"_id": "a"}], "no string 'text'"),
-    ([{"text": "no id"}], "no '_id' or 'id'"),
-    ([], "no documents"),
-])
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"_id": "a", "text": "x"}, {"_id": "a", "text": "y"}], "duplicate document id 'a'"),
+        ([{"_id": "a"}], "no string 'text'"),
+        ([{"text": "no id"}], "no '_id' or 'id'"),
+        ([], "no documents"),
+    ],
+)
 def test_bad_corpus_rows(tmp_path, encoder, rows, match):
     with pytest.raises(CorpusError, match=match):
         build_index(write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "idx", encoder=encoder)
@@ -256,8 +270,12 @@ def test_bad_json_line_and_existing_output(tmp_path, corpus_file, index_dir, enc
 
 
 def test_bad_requests(rm):
-    for kwargs in ({"query": "", "k": 5}, {"query": "x", "k": 0}, {"query": "x", "k": 5000},
-                   {"query": "x", "k": 5, "stage": "dense"}):
+    for kwargs in (
+        {"query": "", "k": 5},
+        {"query": "x", "k": 0},
+        {"query": "x", "k": 5000},
+        {"query": "x", "k": 5, "stage": "dense"},
+    ):
         with pytest.raises(BadQueryError):
             rm(**kwargs)
 
@@ -302,14 +320,36 @@ def test_cli_build_search_run_verify(tmp_path, corpus_file, capsys):
     assert _cli(["index", "search", str(idx), "iron tower in Paris", "-k", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].split()[2] == "eiffel"
-    queries = write_jsonl(tmp_path / "q.jsonl", [{"_id": f"q{i}", "text": q} for i, q in enumerate(EXPECTED_TOP1)])
+    queries = write_jsonl(
+        tmp_path / "q.jsonl", [{"_id": f"q{i}", "text": q} for i, q in enumerate(EXPECTED_TOP1)]
+    )
     qrels = tmp_path / "qrels.tsv"
-    qrels.write_text("query-id\tcorpus-id\tscore\r\n" + "".join(
-        f"q{i}\t{d}\t1\r\n" for i, d in enumerate(EXPECTED_TOP1.values())))
+    qrels.write_text(
+        "query-id\tcorpus-id\tscore\r\n"
+        + "".join(f"q{i}\t{d}\t1\r\n" for i, d in enumerate(EXPECTED_TOP1.values()))
+    )
     run = tmp_path / "run.tsv"
     for stage in ("bm25", "late", "hybrid"):
-        assert _cli(["index", "search", str(idx), "--queries", str(queries), "-k", "3", "--stage", stage,
-                     "--run-out", str(run), "--qrels", str(qrels)]) == 0
+        assert (
+            _cli(
+                [
+                    "index",
+                    "search",
+                    str(idx),
+                    "--queries",
+                    str(queries),
+                    "-k",
+                    "3",
+                    "--stage",
+                    stage,
+                    "--run-out",
+                    str(run),
+                    "--qrels",
+                    str(qrels),
+                ]
+            )
+            == 0
+        )
         assert "nDCG@10 1.0000" in capsys.readouterr().out
         lines = [ln.split() for ln in run.read_text().splitlines()]
         assert len(lines) == 3 * len(EXPECTED_TOP1)
@@ -318,15 +358,18 @@ def test_cli_build_search_run_verify(tmp_path, corpus_file, capsys):
     assert "OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [
-    ["index", "search", "{idx}"],                                   # neither query nor --queries
-    ["index", "search", "{idx}", "x", "-k", "0"],
-    ["index", "search", "{idx}", "x", "--alpha", "2"],
-    ["index", "search", "{idx}", "x", "--run-out", "r.tsv"],
-    ["index", "search", "{missing}", "x"],
-    ["index", "build", "{missing}", "--out", "{missing}"],
-    ["index", "verify", "{missing}"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["index", "search", "{idx}"],  # neither query nor --queries
+        ["index", "search", "{idx}", "x", "-k", "0"],
+        ["index", "search", "{idx}", "x", "--alpha", "2"],
+        ["index", "search", "{idx}", "x", "--run-out", "r.tsv"],
+        ["index", "search", "{missing}", "x"],
+        ["index", "build", "{missing}", "--out", "{missing}"],
+        ["index", "verify", "{missing}"],
+    ],
+)
 def test_cli_bad_input_raises_plait_errors(tmp_path, index_dir, argv):
     argv = [a.format(idx=index_dir, missing=tmp_path / "missing") for a in argv]
     with pytest.raises(PlaitError):

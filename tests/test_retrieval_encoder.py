@@ -14,8 +14,11 @@ from tests.retrieval_fixtures import make_colbert_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TEXTS = ["Hello, world! This is a test.", "white matter development in newborns",
-         "Insulin (a hormone) lowers blood glucose; diabetes."]
+TEXTS = [
+    "Hello, world! This is a test.",
+    "white matter development in newborns",
+    "Insulin (a hormone) lowers blood glucose; diabetes.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,10 @@ def _hf_hidden(model, ids: list[list[int]]) -> list[np.ndarray]:
 
 def test_bert_hidden_states_match_transformers(reference, encoder):
     """Padded batch: our last hidden states equal transformers' on every real token (fp32)."""
-    ids = [[encoder.cls_id] + encoder.tokenizer.encode(t, add_special_tokens=False).ids + [encoder.sep_id]
-           for t in TEXTS]
+    ids = [
+        [encoder.cls_id] + encoder.tokenizer.encode(t, add_special_tokens=False).ids + [encoder.sep_id]
+        for t in TEXTS
+    ]
     expected = _hf_hidden(reference, ids)
     width = max(map(len, ids))
     x = torch.zeros(len(ids), width, dtype=torch.long)
@@ -60,7 +65,9 @@ def test_bert_hidden_states_match_transformers(reference, encoder):
 def test_document_embeddings_are_normalised_hf_tokens_without_punctuation(reference, encoder):
     docs = encoder.encode_documents(TEXTS, batch_size=2)
     for text, got in zip(TEXTS, docs):
-        ids = [encoder.cls_id] + encoder.tokenizer.encode(text, add_special_tokens=False).ids + [encoder.sep_id]
+        ids = (
+            [encoder.cls_id] + encoder.tokenizer.encode(text, add_special_tokens=False).ids + [encoder.sep_id]
+        )
         hidden = _hf_hidden(reference, [ids])[0]
         keep = ~np.isin(ids, encoder.skip_ids)
         assert (keep.sum() < len(ids)) == any(c in text for c in ",.!;()")
@@ -71,7 +78,9 @@ def test_document_embeddings_are_normalised_hf_tokens_without_punctuation(refere
 
 def test_query_markers_and_mask_augmentation(reference, encoder):
     """With ColBERT's settings: [CLS] [unused0] ... [SEP] [MASK]*, masks not attended to."""
-    enc = encoder.with_settings(EncoderSettings(query_maxlen=16, query_marker="[unused0]", augment_queries=True))
+    enc = encoder.with_settings(
+        EncoderSettings(query_maxlen=16, query_marker="[unused0]", augment_queries=True)
+    )
     ids, n_real = enc.query_ids("white matter")
     assert ids[:2] == [enc.cls_id, enc.tokenizer.token_to_id("[unused0]")]
     assert len(ids) == 16 and ids[n_real:] == [enc.mask_id] * (16 - n_real)
@@ -102,14 +111,18 @@ def test_colbert_checkpoint_directory_loads(tmp_path, use_bin):
         state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
     else:
         from safetensors.torch import load_file
+
         state = load_file(str(ckpt / "model.safetensors"))
     ref.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bert.")}, strict=False)
     linear = state["linear.weight"].numpy()
 
     doc = "The Eiffel Tower, in Paris."
     got = enc.encode_documents([doc])[0]
-    ids = [enc.cls_id, enc.tokenizer.token_to_id("[unused1]")] + \
-        enc.tokenizer.encode(doc, add_special_tokens=False).ids + [enc.sep_id]
+    ids = (
+        [enc.cls_id, enc.tokenizer.token_to_id("[unused1]")]
+        + enc.tokenizer.encode(doc, add_special_tokens=False).ids
+        + [enc.sep_id]
+    )
     h = _hf_hidden(ref, [ids])[0] @ linear.T
     keep = ~np.isin(ids, enc.skip_ids)
     np.testing.assert_allclose(got, (h / np.linalg.norm(h, axis=1, keepdims=True))[keep], atol=1e-4)

@@ -58,16 +58,19 @@ def test_stage_parameter_and_healthz(server):
     assert h["status"] == "ok" and h["docs"] == len(TINY_CORPUS)
 
 
-@pytest.mark.parametrize("method,kwargs,status", [
-    ("get", {"params": {"k": 3}}, 400),                              # no query
-    ("get", {"params": {"query": "  ", "k": 3}}, 400),
-    ("get", {"params": {"query": "x", "k": 0}}, 400),
-    ("get", {"params": {"query": "x", "k": "ten"}}, 422),
-    ("get", {"params": {"query": "x", "stage": "dense"}}, 400),
-    ("post", {"json": {"k": 3}}, 400),
-    ("post", {"json": {"query": "x", "k": 100000}}, 400),
-    ("post", {"content": b"not json", "headers": {"content-type": "application/json"}}, 422),
-])
+@pytest.mark.parametrize(
+    "method,kwargs,status",
+    [
+        ("get", {"params": {"k": 3}}, 400),  # no query
+        ("get", {"params": {"query": "  ", "k": 3}}, 400),
+        ("get", {"params": {"query": "x", "k": 0}}, 400),
+        ("get", {"params": {"query": "x", "k": "ten"}}, 422),
+        ("get", {"params": {"query": "x", "stage": "dense"}}, 400),
+        ("post", {"json": {"k": 3}}, 400),
+        ("post", {"json": {"query": "x", "k": 100000}}, 400),
+        ("post", {"content": b"not json", "headers": {"content-type": "application/json"}}, 422),
+    ],
+)
 def test_bad_parameters_are_4xx_json(server, method, kwargs, status):
     r = getattr(httpx, method)(server.url + "/", **kwargs)
     assert r.status_code == status

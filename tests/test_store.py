@@ -48,8 +48,13 @@ def store(request, tmp_path):
 
 
 def _run(store, key="k1"):
-    return store.start_run(kind="compile", key=key, program_path="pkg.mod:Prog", signature_hash="sig",
-                           config={"optimizer": "bootstrap", "limit": 4})
+    return store.start_run(
+        kind="compile",
+        key=key,
+        program_path="pkg.mod:Prog",
+        signature_hash="sig",
+        config={"optimizer": "bootstrap", "limit": 4},
+    )
 
 
 def test_sqlite_default_is_wal_under_plait_home(tmp_path, monkeypatch):
@@ -87,13 +92,18 @@ def test_run_resume_by_key(store):
     assert store.get_run(run.id).score_before == 50.0
     other, resumed = _run(store, key="k2")
     assert not resumed and other.id != run.id
-    fresh, resumed = store.start_run(kind="compile", key="k1", program_path="pkg.mod:Prog",
-                                     signature_hash="sig", config={}, resume=False)
+    fresh, resumed = store.start_run(
+        kind="compile", key="k1", program_path="pkg.mod:Prog", signature_hash="sig", config={}, resume=False
+    )
     assert not resumed and fresh.id not in (run.id, other.id)
     store.finish_run(run.id, score_after=75.0, tokens=1234, seconds=2.5, summary={"forced_share": 0.4})
     done = store.get_run(run.id)
-    assert (done.status, done.score_after, done.tokens, done.summary) == ("finished", 75.0, 1234,
-                                                                          {"forced_share": 0.4})
+    assert (done.status, done.score_after, done.tokens, done.summary) == (
+        "finished",
+        75.0,
+        1234,
+        {"forced_share": 0.4},
+    )
     assert done.finished_at is not None and done.program_path == "pkg.mod:Prog"
     assert [r.id for r in store.runs(kind="compile", key="k1")] == [run.id, fresh.id]
 
@@ -109,10 +119,27 @@ def test_trials_are_replaced_by_number(store):
 
 def test_evaluations_cache_by_state_and_example(store):
     run, _ = _run(store)
-    store.record_evaluation(run.id, phase="baseline", state_hash="s0", example_hash="e1", example_index=0,
-                            score=1.0, prediction={"label": "positive"}, tokens=12, latency_ms=3.5)
-    store.record_evaluation(run.id, phase="baseline", state_hash="s0", example_hash="e2", example_index=1,
-                            score=0.0, parse_failure=True, error="bad")
+    store.record_evaluation(
+        run.id,
+        phase="baseline",
+        state_hash="s0",
+        example_hash="e1",
+        example_index=0,
+        score=1.0,
+        prediction={"label": "positive"},
+        tokens=12,
+        latency_ms=3.5,
+    )
+    store.record_evaluation(
+        run.id,
+        phase="baseline",
+        state_hash="s0",
+        example_hash="e2",
+        example_index=1,
+        score=0.0,
+        parse_failure=True,
+        error="bad",
+    )
     store.record_evaluation(run.id, phase="optimize", state_hash="s0", example_hash="e3", score=1.0)
     store.record_evaluation(run.id, phase="final", state_hash="s1", example_hash="e1", score=0.0)
     cached = store.cached_evaluations(run.id, "s0")
@@ -134,9 +161,16 @@ def test_lm_calls_keep_the_first_response(store):
 
 def test_artifacts(store):
     run, _ = _run(store)
-    aid = store.record_artifact(program_path="pkg.mod:Prog", signature_hash="sig", path="/tmp/a.json",
-                                sha256="ff" * 32, model="smollm2-135m", plait_version="0.1.0", run_id=run.id,
-                                score=80.0)
+    aid = store.record_artifact(
+        program_path="pkg.mod:Prog",
+        signature_hash="sig",
+        path="/tmp/a.json",
+        sha256="ff" * 32,
+        model="smollm2-135m",
+        plait_version="0.1.0",
+        run_id=run.id,
+        score=80.0,
+    )
     (artifact,) = store.artifacts("pkg.mod:Prog")
     assert artifact.id == aid and artifact.run_id == run.id and artifact.score == 80.0
     assert store.artifacts("other:Prog") == []
@@ -145,8 +179,16 @@ def test_artifacts(store):
 def test_traces_from_many_threads(store):
     def serve(worker: int) -> None:
         for i in range(10):
-            store.record_trace("sentiment", {"text": f"{worker}-{i}"}, {"label": "positive"}, 12.5, "ok",
-                               prompt_tokens=30, completion_tokens=2, request_id=f"{worker}-{i}")
+            store.record_trace(
+                "sentiment",
+                {"text": f"{worker}-{i}"},
+                {"label": "positive"},
+                12.5,
+                "ok",
+                prompt_tokens=30,
+                completion_tokens=2,
+                request_id=f"{worker}-{i}",
+            )
 
     threads = [threading.Thread(target=serve, args=(w,)) for w in range(8)]
     for thread in threads:

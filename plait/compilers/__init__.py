@@ -33,9 +33,19 @@ _LAZY = {
 }
 
 __all__ = [
-    "ArtifactCorruptError", "ArtifactError", "ArtifactMismatchError", "ArtifactNotFoundError", "DatasetError",
-    "LoadedArtifact", "MetricError", "OptimizerError", "ProgramLoadError", "load_artifact", "load_program_class",
-    "read_artifact", "save_artifact",
+    "ArtifactCorruptError",
+    "ArtifactError",
+    "ArtifactMismatchError",
+    "ArtifactNotFoundError",
+    "DatasetError",
+    "LoadedArtifact",
+    "MetricError",
+    "OptimizerError",
+    "ProgramLoadError",
+    "load_artifact",
+    "load_program_class",
+    "read_artifact",
+    "save_artifact",
 ]
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from plait.compilers.errors import ArtifactCorruptError, ArtifactMismatchError, ArtifactNotFoundError
 from plait.compilers.hashing import signature_hash, signature_shape
 from plait.compilers.loading import instantiate, load_program_class
+from plait.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,17 @@ class LoadedArtifact:
 def _versions() -> tuple[str, str]:
     import dspy
 
-    import plait
-
-    return plait.__version__, dspy.__version__
+    return __version__, dspy.__version__
 
 
-def artifact_document(program: Any, *, program_path: str, model: str, extra: dict[str, Any] | None = None,
-                      init: dict[str, Any] | None = None) -> dict[str, Any]:
+def artifact_document(
+    program: Any,
+    *,
+    program_path: str,
+    model: str,
+    extra: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The JSON document `save_artifact` writes (exposed for servers that keep it in memory)."""
     plait_version, dspy_version = _versions()
     document = {
@@ -82,12 +87,21 @@ def artifact_document(program: Any, *, program_path: str, model: str, extra: dic
     try:
         json.dumps(document)
     except TypeError as exc:
-        raise ArtifactCorruptError(f"the program state (or extra/init) is not JSON-serialisable: {exc}") from exc
+        raise ArtifactCorruptError(
+            f"the program state (or extra/init) is not JSON-serialisable: {exc}"
+        ) from exc
     return document
 
 
-def save_artifact(program: Any, path: str | os.PathLike[str], *, program_path: str, model: str,
-                  extra: dict[str, Any] | None = None, init: dict[str, Any] | None = None) -> str:
+def save_artifact(
+    program: Any,
+    path: str | os.PathLike[str],
+    *,
+    program_path: str,
+    model: str,
+    extra: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
+) -> str:
     """Write `program`'s compiled state to `path` (atomically: a crash never leaves half a
     file). `init` are the JSON constructor arguments the program needs to be rebuilt.
     Returns the file's sha256."""
@@ -122,15 +136,17 @@ def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactCorruptError(f"{source} is not valid JSON ({exc}); was it truncated?") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ArtifactCorruptError(f"{source} is not a plait artifact (no \"format\": \"{FORMAT}\")")
+        raise ArtifactCorruptError(f'{source} is not a plait artifact (no "format": "{FORMAT}")')
     missing = [key for key in _REQUIRED if key not in document]
     if missing:
         raise ArtifactCorruptError(f"{source} is missing {', '.join(missing)}")
     if document["format_version"] != FORMAT_VERSION:
-        raise ArtifactCorruptError(f"{source} has artifact format {document['format_version']}; this plait "
-                                   f"reads format {FORMAT_VERSION}")
+        raise ArtifactCorruptError(
+            f"{source} has artifact format {document['format_version']}; this plait "
+            f"reads format {FORMAT_VERSION}"
+        )
     if not isinstance(document["state"], dict) or not isinstance(document.get("init", {}), dict):
-        raise ArtifactCorruptError(f"{source}: \"state\" and \"init\" must be JSON objects")
+        raise ArtifactCorruptError(f'{source}: "state" and "init" must be JSON objects')
     document["_sha256"] = hashlib.sha256(raw).hexdigest()
     return document
 
@@ -151,18 +167,32 @@ def load_artifact(path: str | os.PathLike[str], *, init: dict[str, Any] | None =
         raise ArtifactMismatchError(
             f"{source} was compiled for a different version of {document['program']} (signature hash "
             f"{document['signature_hash']}, the program now has {current}): its fields changed; "
-            "recompile it")
+            "recompile it"
+        )
     try:
         program.load_state(document["state"])
     except Exception as exc:  # KeyError/TypeError/ValidationError from DSPy: the state does not fit
-        raise ArtifactCorruptError(f"{source}: the saved state does not load into {document['program']}: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+        raise ArtifactCorruptError(
+            f"{source}: the saved state does not load into {document['program']}: {type(exc).__name__}: {exc}"
+        ) from exc
     plait_version, _ = _versions()
     if document["plait_version"] != plait_version:
-        log.warning("%s was compiled with plait %s; this is plait %s", source, document["plait_version"],
-                    plait_version)
-    return LoadedArtifact(program=program, program_path=document["program"], model=document["model"],
-                          signature_hash=document["signature_hash"], plait_version=document["plait_version"],
-                          meta=dict(document.get("extra") or {}), init=init_args,
-                          dspy_version=document.get("dspy_version"), created_at=document.get("created_at"),
-                          path=source, sha256=document["_sha256"])
+        log.warning(
+            "%s was compiled with plait %s; this is plait %s",
+            source,
+            document["plait_version"],
+            plait_version,
+        )
+    return LoadedArtifact(
+        program=program,
+        program_path=document["program"],
+        model=document["model"],
+        signature_hash=document["signature_hash"],
+        plait_version=document["plait_version"],
+        meta=dict(document.get("extra") or {}),
+        init=init_args,
+        dspy_version=document.get("dspy_version"),
+        created_at=document.get("created_at"),
+        path=source,
+        sha256=document["_sha256"],
+    )

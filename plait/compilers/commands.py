@@ -7,8 +7,11 @@ input (the CLI prints it on one line and exits 2). The work itself is in `runner
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -43,15 +46,28 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("program", help="the program: module:Class or path/to/file.py:Class")
     p.add_argument("--devset", required=True, help="JSONL dev set (scored before and after compiling)")
-    p.add_argument("--metric", default="accuracy",
-                   help="accuracy | exact_match | f1 | contains | module:function (default accuracy)")
-    p.add_argument("--threads", type=_positive, default=4, help="examples in flight (the engine batches them)")
+    p.add_argument(
+        "--metric",
+        default="accuracy",
+        help="accuracy | exact_match | f1 | contains | module:function (default accuracy)",
+    )
+    p.add_argument(
+        "--threads", type=_positive, default=4, help="examples in flight (the engine batches them)"
+    )
     p.add_argument("--model", help="model for every LM call (default smollm2-135m, or the artifact's)")
-    p.add_argument("--adapter", choices=ADAPTER_NAMES, default="auto",
-                   help="auto = plait's grammar-constrained adapter when the model supports it")
+    p.add_argument(
+        "--adapter",
+        choices=ADAPTER_NAMES,
+        default="auto",
+        help="auto = plait's grammar-constrained adapter when the model supports it",
+    )
     p.add_argument("--max-tokens", type=_positive, help="cap on tokens per LM call")
-    p.add_argument("--program-arg", action="append", metavar="KEY=VALUE",
-                   help="constructor argument of the program (repeatable), e.g. index=idx/")
+    p.add_argument(
+        "--program-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="constructor argument of the program (repeatable), e.g. index=idx/",
+    )
     p.add_argument("--db", help="database URL (default: PLAIT_DATABASE_URL, else .plait/plait.db)")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming a matching one")
 
@@ -62,8 +78,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--trainset", required=True, help="JSONL train set (the optimizer's examples)")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="bootstrap")
-    p.add_argument("--optimizer-arg", action="append", metavar="KEY=VALUE",
-                   help="override an optimizer setting (repeatable), e.g. max_bootstrapped_demos=8")
+    p.add_argument(
+        "--optimizer-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override an optimizer setting (repeatable), e.g. max_bootstrapped_demos=8",
+    )
     p.add_argument("--out", required=True, help="where to write the compiled artifact (JSON)")
     p.add_argument("--limit", type=_positive, help="use at most N rows of each of the train and dev sets")
     p.add_argument("--train-limit", type=_positive, help="rows of the train set (overrides --limit)")
@@ -73,7 +93,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("eval", help="score a program (or a compiled artifact) on a dataset")
     _common(p)
-    p.add_argument("--compiled", help="compiled artifact from `plait compile` (default: the program as written)")
+    p.add_argument(
+        "--compiled", help="compiled artifact from `plait compile` (default: the program as written)"
+    )
     p.add_argument("--limit", type=_positive, help="score at most N rows")
     p.add_argument("--offset", type=int, default=0, help="skip the first N rows (e.g. rows compile used)")
     p.add_argument("--json-out", help='write {"score", "n", "parse_failures", "results": [...]} here')
@@ -95,9 +117,16 @@ class RichProgress:
         )
 
         self.console = console
-        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description:<9}"), BarColumn(),
-                             MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                             console=console, transient=False)
+        self.bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
         self.tasks: dict[str, Any] = {}
         self.scores: dict[str, list[float]] = {}
 
@@ -110,7 +139,9 @@ class RichProgress:
 
     def start(self, phase: str, total: int | None) -> None:
         self.scores[phase] = []
-        self.tasks[phase] = self.bars.add_task(phase, total=total, info="metric calls" if total is None else "")
+        self.tasks[phase] = self.bars.add_task(
+            phase, total=total, info="metric calls" if total is None else ""
+        )
 
     def advance(self, phase: str, result: Any = None) -> None:
         info = None
@@ -122,7 +153,35 @@ class RichProgress:
     def finish(self, phase: str, summary: str) -> None:
         task = self.tasks[phase]
         total = self.bars.tasks[task].total
-        self.bars.update(task, info=summary, **({"completed": total} if total else {"total": 1, "completed": 1}))
+        self.bars.update(
+            task, info=summary, **({"completed": total} if total else {"total": 1, "completed": 1})
+        )
+
+
+@contextlib.contextmanager
+def dspy_quiet() -> Iterator[None]:
+    """While a command runs, DSPy draws no progress bars, prints nothing (BootstrapFewShot
+    prints a summary line to stdout) and logs warnings and errors only: plait's own bars and
+    summary report the work, on stderr. (Library users keep DSPy's output: this is the CLI's
+    choice.) DSPy's optimizers open tqdm bars with `disable=False` spelled out, so the bars are
+    switched off where they are made."""
+    import tqdm
+
+    make_bar = tqdm.tqdm.__init__
+
+    def silent_bar(bar: Any, *args: Any, **kwargs: Any) -> None:
+        make_bar(bar, *args, **{**kwargs, "disable": True})
+
+    dspy_log = logging.getLogger("dspy")
+    level = dspy_log.level
+    tqdm.tqdm.__init__ = silent_bar
+    dspy_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tqdm.tqdm.__init__ = make_bar
+        dspy_log.setLevel(level)
 
 
 def _store(url: str | None):
@@ -143,39 +202,60 @@ def run_compile(args: argparse.Namespace) -> int:
     from plait.compilers.optimizers import parse_optimizer_args
     from plait.compilers.runner import DEFAULT_MODEL, CompileConfig, compile_program
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = CompileConfig(
-        program=args.program, trainset=args.trainset, devset=args.devset, out=args.out, metric=args.metric,
-        optimizer=args.optimizer, train_limit=args.train_limit or args.limit, dev_limit=args.dev_limit or args.limit,
-        threads=args.threads, seed=args.seed, model=args.model or DEFAULT_MODEL, adapter=args.adapter,
-        max_tokens=args.max_tokens, optimizer_args=parse_optimizer_args(args.optimizer_arg),
-        program_args=_key_values(args.program_arg, "--program-arg"), fresh=args.fresh)
+        program=args.program,
+        trainset=args.trainset,
+        devset=args.devset,
+        out=args.out,
+        metric=args.metric,
+        optimizer=args.optimizer,
+        train_limit=args.train_limit or args.limit,
+        dev_limit=args.dev_limit or args.limit,
+        threads=args.threads,
+        seed=args.seed,
+        model=args.model or DEFAULT_MODEL,
+        adapter=args.adapter,
+        max_tokens=args.max_tokens,
+        optimizer_args=parse_optimizer_args(args.optimizer_arg),
+        program_args=_key_values(args.program_arg, "--program-arg"),
+        fresh=args.fresh,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = _console()
     store = _store(args.db)
     try:
-        with RichProgress(console) as progress:
+        with dspy_quiet(), RichProgress(console) as progress:
             result = compile_program(config, store, progress)
     finally:
         store.close()
     usage = result.usage
-    table = Table(title=f"compile run {result.run_id}" + (f" (resumed, attempt {result.attempts})"
-                                                          if result.resumed else ""))
+    table = Table(
+        title=f"compile run {result.run_id}"
+        + (f" (resumed, attempt {result.attempts})" if result.resumed else "")
+    )
     for column in ("", "before", "after"):
         table.add_column(column, justify="right")
-    table.add_row(f"score ({args.metric}, {result.after.n} dev)", f"{result.before.score:.1f}",
-                  f"{result.after.score:.1f}")
+    table.add_row(
+        f"score ({args.metric}, {result.after.n} dev)",
+        f"{result.before.score:.1f}",
+        f"{result.after.score:.1f}",
+    )
     table.add_row("parse failures", str(result.before.parse_failures), str(result.after.parse_failures))
     table.add_row("tokens / example", _per_example(result.before), _per_example(result.after))
     console.print(table)
     share = usage.forced_share
-    console.print(f"optimizer {args.optimizer} on {result.n_train} train examples, {result.trials} candidate "
-                  f"evaluations; {result.tokens:,} tokens in {usage.calls:,} LM calls "
-                  f"({usage.replayed:,} replayed from the store), "
-                  f"forced-token share {'n/a' if share is None else f'{100 * share:.0f}%'}, "
-                  f"{result.seconds:.1f} s")
+    console.print(
+        f"optimizer {args.optimizer} on {result.n_train} train examples, {result.trials} candidate "
+        f"evaluations; {result.tokens:,} tokens in {usage.calls:,} LM calls "
+        f"({usage.replayed:,} replayed from the store), "
+        f"forced-token share {'n/a' if share is None else f'{100 * share:.0f}%'}, "
+        f"{result.seconds:.1f} s"
+    )
     if result.uses_devset:
-        console.print("[yellow]note: this optimizer selects on the dev set; score it on held-out rows with "
-                      "`plait eval --compiled ... --offset N`[/yellow]")
+        console.print(
+            "[yellow]note: this optimizer selects on the dev set; score it on held-out rows with "
+            "`plait eval --compiled ... --offset N`[/yellow]"
+        )
     console.print(f"wrote {result.artifact}")
     return 0
 
@@ -189,17 +269,27 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from plait.compilers.runner import EvalConfig, evaluate_program
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.offset < 0:
         raise DatasetError("--offset must be >= 0")
-    config = EvalConfig(program=args.program, devset=args.devset, metric=args.metric, compiled=args.compiled,
-                        limit=args.limit, offset=args.offset, threads=args.threads, model=args.model,
-                        adapter=args.adapter, max_tokens=args.max_tokens,
-                        program_args=_key_values(args.program_arg, "--program-arg"), fresh=args.fresh)
+    config = EvalConfig(
+        program=args.program,
+        devset=args.devset,
+        metric=args.metric,
+        compiled=args.compiled,
+        limit=args.limit,
+        offset=args.offset,
+        threads=args.threads,
+        model=args.model,
+        adapter=args.adapter,
+        max_tokens=args.max_tokens,
+        program_args=_key_values(args.program_arg, "--program-arg"),
+        fresh=args.fresh,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = _console()
     store = _store(args.db)
     try:
-        with RichProgress(console) as progress:
+        with dspy_quiet(), RichProgress(console) as progress:
             outcome = evaluate_program(config, store, progress)
     finally:
         store.close()
@@ -207,49 +297,37 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.show:
         rows = Table("#", "score", "prediction", "error")
         for result in report.results[: args.show]:
-            rows.add_row(str(result.index), f"{result.score:.2f}", json.dumps(result.prediction)[:80],
-                         (result.error or "")[:60])
+            rows.add_row(
+                str(result.index),
+                f"{result.score:.2f}",
+                json.dumps(result.prediction)[:80],
+                (result.error or "")[:60],
+            )
         console.print(rows)
     usage = report.usage
     share = usage.forced_share
-    console.print(f"score {report.score:.1f} ({args.metric}) on {report.n} examples; parse failures "
-                  f"{report.parse_failures}, errors {report.errors}; "
-                  f"{sum(r.tokens for r in report.results):,} tokens, forced-token share "
-                  f"{'n/a' if share is None else f'{100 * share:.0f}%'}; {report.seconds:.1f} s"
-                  + (f" ({report.reused} examples reused from run {outcome.run_id})" if report.reused else ""))
+    console.print(
+        f"score {report.score:.1f} ({args.metric}) on {report.n} examples; parse failures "
+        f"{report.parse_failures}, errors {report.errors}; "
+        f"{sum(r.tokens for r in report.results):,} tokens, forced-token share "
+        f"{'n/a' if share is None else f'{100 * share:.0f}%'}; {report.seconds:.1f} s"
+        + (f" ({report.reused} examples reused from run {outcome.run_id})" if report.reused else "")
+    )
     if args.json_out:
-        document = {"score": report.score, "n": report.n, "parse_failures": report.parse_failures,
-                    "errors": report.errors, "tokens": sum(r.tokens for r in report.results),
-                    "seconds": round(report.seconds, 3), "model": outcome.model, "compiled": outcome.compiled,
-                    "run_id": outcome.run_id, "usage": usage.to_dict(),
-                    "results": [r.to_json() for r in report.results]}
+        document = {
+            "score": report.score,
+            "n": report.n,
+            "parse_failures": report.parse_failures,
+            "errors": report.errors,
+            "tokens": sum(r.tokens for r in report.results),
+            "seconds": round(report.seconds, 3),
+            "model": outcome.model,
+            "compiled": outcome.compiled,
+            "run_id": outcome.run_id,
+            "usage": usage.to_dict(),
+            "results": [r.to_json() for r in report.results],
+        }
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(document, indent=2))
     print(json.dumps({"score": report.score, "n": report.n, "parse_failures": report.parse_failures}))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m plait.compilers.commands compile|eval ...`: the same commands as `plait`,
-    with the same contract (a PlaitError is one line on stderr and exit code 2)."""
-    import sys
-
-    from plait.cli import OneLineParser
-
-    parser = OneLineParser(prog="plait")
-    add_commands(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except (PlaitError, ValueError, OSError) as exc:
-        print(f"plait: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -51,11 +51,14 @@ def read_jsonl(path: str | Path, *, limit: int | None = None, offset: int = 0) -
 def forward_inputs(program_cls: type) -> list[str]:
     """The parameter names of `program_cls.forward`: the program's inputs."""
     parameters = inspect.signature(program_cls.forward).parameters.values()
-    return [p.name for p in parameters if p.name != "self"
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
-def to_examples(program_cls: type, rows: list[dict[str, Any]], *, source: str = "dataset") -> list[dspy.Example]:
+def to_examples(
+    program_cls: type, rows: list[dict[str, Any]], *, source: str = "dataset"
+) -> list[dspy.Example]:
     """Map rows to examples with the program's `from_row`, or by its `forward` parameters."""
     from_row = getattr(program_cls, "from_row", None)
     inputs = forward_inputs(program_cls)
@@ -65,13 +68,17 @@ def to_examples(program_cls: type, rows: list[dict[str, Any]], *, source: str = 
             try:
                 example = from_row(row)
             except (KeyError, ValueError, TypeError, IndexError) as exc:
-                raise DatasetError(f"{source} row {index}: {program_cls.__name__}.from_row cannot read it "
-                                   f"({type(exc).__name__}: {exc}); keys: {sorted(row)}") from exc
+                raise DatasetError(
+                    f"{source} row {index}: {program_cls.__name__}.from_row cannot read it "
+                    f"({type(exc).__name__}: {exc}); keys: {sorted(row)}"
+                ) from exc
         else:
             missing = [name for name in inputs if name not in row]
             if missing:
-                raise DatasetError(f"{source} row {index} lacks the program's inputs {missing} "
-                                   f"(it has {sorted(row)}); add a from_row classmethod to map it")
+                raise DatasetError(
+                    f"{source} row {index} lacks the program's inputs {missing} "
+                    f"(it has {sorted(row)}); add a from_row classmethod to map it"
+                )
             example = dspy.Example(**row).with_inputs(*inputs)
         examples.append(example)
     return examples

@@ -62,9 +62,17 @@ class EvalReport:
     reused: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"score": self.score, "n": self.n, "parse_failures": self.parse_failures, "errors": self.errors,
-                "state_hash": self.state_hash, "seconds": round(self.seconds, 3), "reused": self.reused,
-                "usage": self.usage.to_dict(), "results": [r.to_json() for r in self.results]}
+        return {
+            "score": self.score,
+            "n": self.n,
+            "parse_failures": self.parse_failures,
+            "errors": self.errors,
+            "state_hash": self.state_hash,
+            "seconds": round(self.seconds, 3),
+            "reused": self.reused,
+            "usage": self.usage.to_dict(),
+            "results": [r.to_json() for r in self.results],
+        }
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,9 +104,20 @@ def _score(metric: Callable[..., Any], example: Any, prediction: Any) -> float:
         raise MetricError(f"the metric returned {value!r}, not a number or bool") from exc
 
 
-def evaluate(program: Any, examples: Sequence[Any], metric: Callable[..., Any], *, lm: Any = None,
-             adapter: Any = None, threads: int = 4, meter: UsageMeter | None = None, store: Any = None,
-             run_id: int | None = None, phase: str = "eval", on_result: OnResult | None = None) -> EvalReport:
+def evaluate(
+    program: Any,
+    examples: Sequence[Any],
+    metric: Callable[..., Any],
+    *,
+    lm: Any = None,
+    adapter: Any = None,
+    threads: int = 4,
+    meter: UsageMeter | None = None,
+    store: Any = None,
+    run_id: int | None = None,
+    phase: str = "eval",
+    on_result: OnResult | None = None,
+) -> EvalReport:
     """Run `program` on every example and score it with `metric`.
 
     With `store` and `run_id`, results are written as they finish and already-stored results
@@ -139,13 +158,30 @@ def evaluate(program: Any, examples: Sequence[Any], metric: Callable[..., Any], 
             except Exception as exc:  # a failing example scores 0; the run goes on
                 error = f"{type(exc).__name__}: {exc}"[:2000]
                 log.debug("example %d failed", index, exc_info=True)
-        result = ExampleResult(index, hashes[index], score, prediction, parse_failure, error,
-                               usage.total_tokens, (time.perf_counter() - begin) * 1000)
+        result = ExampleResult(
+            index,
+            hashes[index],
+            score,
+            prediction,
+            parse_failure,
+            error,
+            usage.total_tokens,
+            (time.perf_counter() - begin) * 1000,
+        )
         if store is not None and run_id is not None:
-            store.record_evaluation(run_id, phase=phase, state_hash=current, example_hash=result.example_hash,
-                                    example_index=index, score=score, prediction=prediction,
-                                    parse_failure=parse_failure, error=error, tokens=result.tokens,
-                                    latency_ms=result.latency_ms)
+            store.record_evaluation(
+                run_id,
+                phase=phase,
+                state_hash=current,
+                example_hash=result.example_hash,
+                example_index=index,
+                score=score,
+                prediction=prediction,
+                parse_failure=parse_failure,
+                error=error,
+                tokens=result.tokens,
+                latency_ms=result.latency_ms,
+            )
         finish(result)
 
     todo = []
@@ -154,8 +190,19 @@ def evaluate(program: Any, examples: Sequence[Any], metric: Callable[..., Any], 
         if row is None:
             todo.append(index)
         else:
-            finish(ExampleResult(index, digest_, row.score, row.prediction, row.parse_failure, row.error,
-                                 row.tokens, row.latency_ms, reused=True))
+            finish(
+                ExampleResult(
+                    index,
+                    digest_,
+                    row.score,
+                    row.prediction,
+                    row.parse_failure,
+                    row.error,
+                    row.tokens,
+                    row.latency_ms,
+                    reused=True,
+                )
+            )
     before = meter.snapshot()
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="plait-eval") as pool:
@@ -167,8 +214,13 @@ def evaluate(program: Any, examples: Sequence[Any], metric: Callable[..., Any], 
     final = [r for r in results if r is not None]
     n = len(final)
     return EvalReport(
-        score=round(100.0 * sum(r.score for r in final) / n, 2) if n else 0.0, n=n,
-        parse_failures=sum(r.parse_failure for r in final), errors=sum(r.error is not None and not r.parse_failure
-                                                                      for r in final),
-        results=final, state_hash=current, seconds=time.perf_counter() - start, usage=usage,
-        reused=len(examples) - len(todo))
+        score=round(100.0 * sum(r.score for r in final) / n, 2) if n else 0.0,
+        n=n,
+        parse_failures=sum(r.parse_failure for r in final),
+        errors=sum(r.error is not None and not r.parse_failure for r in final),
+        results=final,
+        state_hash=current,
+        seconds=time.perf_counter() - start,
+        usage=usage,
+        reused=len(examples) - len(todo),
+    )

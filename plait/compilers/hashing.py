@@ -33,11 +33,13 @@ def signature_shape(program: Any) -> list[dict[str, Any]]:
     shape = []
     for name, predictor in program.named_predictors():
         signature = predictor.signature
-        shape.append({
-            "predictor": name,
-            "inputs": [[f, _type_name(info.annotation)] for f, info in signature.input_fields.items()],
-            "outputs": [[f, _type_name(info.annotation)] for f, info in signature.output_fields.items()],
-        })
+        shape.append(
+            {
+                "predictor": name,
+                "inputs": [[f, _type_name(info.annotation)] for f, info in signature.input_fields.items()],
+                "outputs": [[f, _type_name(info.annotation)] for f, info in signature.output_fields.items()],
+            }
+        )
     return shape
 
 

@@ -63,7 +63,9 @@ def _mean(scores: list[float]) -> float:
 
 
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> float:
-    return _mean([float(any(normalize(p) == normalize(g) for g in golds)) for p, golds in _pairs(example, prediction)])
+    return _mean(
+        [float(any(normalize(p) == normalize(g) for g in golds)) for p, golds in _pairs(example, prediction)]
+    )
 
 
 def _f1(predicted: str, gold: str) -> float:
@@ -78,16 +80,27 @@ def _f1(predicted: str, gold: str) -> float:
 
 
 def f1(example: Any, prediction: Any, trace: Any = None) -> float:
-    return _mean([max((_f1(str(p), str(g)) for g in golds), default=0.0) for p, golds in _pairs(example, prediction)])
+    return _mean(
+        [max((_f1(str(p), str(g)) for g in golds), default=0.0) for p, golds in _pairs(example, prediction)]
+    )
 
 
 def contains(example: Any, prediction: Any, trace: Any = None) -> float:
-    return _mean([float(any(normalize(g) and normalize(g) in normalize(p) for g in golds))
-                  for p, golds in _pairs(example, prediction)])
+    return _mean(
+        [
+            float(any(normalize(g) and normalize(g) in normalize(p) for g in golds))
+            for p, golds in _pairs(example, prediction)
+        ]
+    )
 
 
-BUILTIN: dict[str, Metric] = {"accuracy": exact_match, "exact_match": exact_match, "em": exact_match,
-                              "f1": f1, "contains": contains}
+BUILTIN: dict[str, Metric] = {
+    "accuracy": exact_match,
+    "exact_match": exact_match,
+    "em": exact_match,
+    "f1": f1,
+    "contains": contains,
+}
 
 
 def resolve_metric(name: str) -> Metric:
@@ -95,7 +108,9 @@ def resolve_metric(name: str) -> Metric:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise MetricError(f"unknown metric {name!r}: use one of {', '.join(sorted(BUILTIN))} or module:function")
+        raise MetricError(
+            f"unknown metric {name!r}: use one of {', '.join(sorted(BUILTIN))} or module:function"
+        )
     try:
         metric = load_object(name)
     except Exception as exc:

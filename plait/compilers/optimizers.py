@@ -73,41 +73,95 @@ def _construct(cls: type, defaults: dict[str, Any], overrides: dict[str, Any]) -
         raise OptimizerError(f"cannot configure {cls.__name__}: {exc}") from exc
 
 
-def build(name: str, metric: Callable[..., Any], *, trainset: list, devset: list, threads: int, seed: int,
-          lm: Any, overrides: dict[str, Any] | None = None) -> Plan:
+def build(
+    name: str,
+    metric: Callable[..., Any],
+    *,
+    trainset: list,
+    devset: list,
+    threads: int,
+    seed: int,
+    lm: Any,
+    overrides: dict[str, Any] | None = None,
+) -> Plan:
     """The optimizer `name`, ready to `compile(student, **plan.compile_kwargs)`."""
     overrides = dict(overrides or {})
     if name == "labeled":
         optimizer, rest = _construct(dspy.LabeledFewShot, {"k": 8}, overrides)
         return Plan(optimizer, {"trainset": trainset, **rest}, uses_devset=False)
     if name == "bootstrap":
-        optimizer, rest = _construct(dspy.BootstrapFewShot, {"metric": metric, "max_bootstrapped_demos": 4,
-                                                             "max_labeled_demos": 4}, overrides)
+        optimizer, rest = _construct(
+            dspy.BootstrapFewShot,
+            {"metric": metric, "max_bootstrapped_demos": 4, "max_labeled_demos": 4},
+            overrides,
+        )
         return Plan(optimizer, {"trainset": trainset, **rest}, uses_devset=False)
     if name == "random-search":
-        optimizer, rest = _construct(dspy.BootstrapFewShotWithRandomSearch, {
-            "metric": metric, "max_bootstrapped_demos": 4, "max_labeled_demos": 4,
-            "num_candidate_programs": 4, "num_threads": threads}, overrides)
+        optimizer, rest = _construct(
+            dspy.BootstrapFewShotWithRandomSearch,
+            {
+                "metric": metric,
+                "max_bootstrapped_demos": 4,
+                "max_labeled_demos": 4,
+                "num_candidate_programs": 4,
+                "num_threads": threads,
+            },
+            overrides,
+        )
         return Plan(optimizer, {"trainset": trainset, "valset": devset, **rest}, uses_devset=True)
     if name == "mipro":
         if importlib.util.find_spec("optuna") is None:
             raise OptimizerError("--optimizer mipro needs optuna: pip install optuna")
-        optimizer, rest = _construct(dspy.MIPROv2, {
-            "metric": metric, "auto": "light", "num_threads": threads, "seed": seed, "prompt_model": lm,
-            "task_model": lm, "max_bootstrapped_demos": 2, "max_labeled_demos": 2}, overrides)
-        return Plan(optimizer, {"trainset": trainset, "valset": devset, "seed": seed,
-                                "requires_permission_to_run": False,
-                                "minibatch_size": min(35, max(1, len(devset))), **rest}, uses_devset=True)
+        optimizer, rest = _construct(
+            dspy.MIPROv2,
+            {
+                "metric": metric,
+                "auto": "light",
+                "num_threads": threads,
+                "seed": seed,
+                "prompt_model": lm,
+                "task_model": lm,
+                "max_bootstrapped_demos": 2,
+                "max_labeled_demos": 2,
+            },
+            overrides,
+        )
+        return Plan(
+            optimizer,
+            {
+                "trainset": trainset,
+                "valset": devset,
+                "seed": seed,
+                "requires_permission_to_run": False,
+                "minibatch_size": min(35, max(1, len(devset))),
+                **rest,
+            },
+            uses_devset=True,
+        )
     if name == "gepa":
-        defaults = {"metric": _feedback_metric(metric), "reflection_lm": lm, "num_threads": threads,
-                    "seed": seed}
+        defaults = {
+            "metric": _feedback_metric(metric),
+            "reflection_lm": lm,
+            "num_threads": threads,
+            "seed": seed,
+        }
         if not {"auto", "max_full_evals", "max_metric_calls"} & set(overrides):
             defaults["auto"] = "light"
         optimizer, rest = _construct(dspy.GEPA, defaults, overrides)
         return Plan(optimizer, {"trainset": trainset, "valset": devset, **rest}, uses_devset=True)
     if name == "simba":
-        optimizer, rest = _construct(dspy.SIMBA, {
-            "metric": metric, "bsize": min(8, max(1, len(trainset))), "num_candidates": 4, "max_steps": 4,
-            "max_demos": 4, "num_threads": threads, "prompt_model": lm}, overrides)
+        optimizer, rest = _construct(
+            dspy.SIMBA,
+            {
+                "metric": metric,
+                "bsize": min(8, max(1, len(trainset))),
+                "num_candidates": 4,
+                "max_steps": 4,
+                "max_demos": 4,
+                "num_threads": threads,
+                "prompt_model": lm,
+            },
+            overrides,
+        )
         return Plan(optimizer, {"trainset": trainset, "seed": seed, **rest}, uses_devset=False)
     raise OptimizerError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")

@@ -63,8 +63,11 @@ class RecordingEngine:
             handle = submit(request).wait()
             return respond(request, handle), int(getattr(handle.usage, "forced_tokens", 0) or 0)
         response = self.inner.complete(request)
-        plait_data = (response.provider_data or {}).get("plait", {}) if isinstance(
-            response.provider_data, dict) else {}
+        plait_data = (
+            (response.provider_data or {}).get("plait", {})
+            if isinstance(response.provider_data, dict)
+            else {}
+        )
         return response, int(plait_data.get("forced_tokens", 0) or 0)
 
     def stream(self, request: Any):
@@ -97,9 +100,13 @@ class AsyncRecordingEngine:
 
 def _usage(record: dict[str, Any], *, replayed: bool) -> Usage:
     usage = record["response"].get("usage") or {}
-    return Usage(calls=1, replayed=int(replayed), prompt_tokens=int(usage.get("input_tokens") or 0),
-                 completion_tokens=int(usage.get("output_tokens") or 0),
-                 forced_tokens=int(record.get("forced_tokens") or 0))
+    return Usage(
+        calls=1,
+        replayed=int(replayed),
+        prompt_tokens=int(usage.get("input_tokens") or 0),
+        completion_tokens=int(usage.get("output_tokens") or 0),
+        forced_tokens=int(record.get("forced_tokens") or 0),
+    )
 
 
 def recording_lm(lm: Any, store: Any, run_id: int, meter: UsageMeter) -> Any:

@@ -34,6 +34,7 @@ from plait.compilers.recording import recording_lm
 from plait.compilers.runtime import make_lm, select_adapter
 from plait.compilers.trials import RecordingMetric, TrialRecorder
 from plait.compilers.usage import Usage, UsageMeter
+from plait.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ def _rows_digest(examples: list[Any]) -> str:
     return digest([example_hash(example) for example in examples])
 
 
-def compile_program(config: CompileConfig, store: Any, progress: Progress | None = None, *,
-                    lm: Any = None) -> CompileResult:
+def compile_program(
+    config: CompileConfig, store: Any, progress: Progress | None = None, *, lm: Any = None
+) -> CompileResult:
     """Run (or resume) the compile described by `config`; returns scores, cost and artifact.
 
     `lm` replaces the plait LM built from `config.model` (any `dspy.LM` with a custom engine,
@@ -130,8 +132,9 @@ def compile_program(config: CompileConfig, store: Any, progress: Progress | None
     progress = progress or LogProgress()
     started = time.perf_counter()
     if config.optimizer not in optimizers.OPTIMIZERS:
-        raise OptimizerError(f"unknown optimizer {config.optimizer!r}: use one of "
-                             f"{', '.join(optimizers.OPTIMIZERS)}")
+        raise OptimizerError(
+            f"unknown optimizer {config.optimizer!r}: use one of {', '.join(optimizers.OPTIMIZERS)}"
+        )
     cls = load_program_class(config.program)
     program = instantiate(cls, config.program_args)
     signature = signature_hash(program)
@@ -140,79 +143,204 @@ def compile_program(config: CompileConfig, store: Any, progress: Progress | None
     metric = metric_lib.resolve_metric(config.metric)
 
     identity = {
-        "program": config.program, "signature_hash": signature, "init": config.program_args,
-        "trainset": _rows_digest(trainset), "devset": _rows_digest(devset), "metric": config.metric,
-        "optimizer": config.optimizer, "optimizer_args": config.optimizer_args, "seed": config.seed,
-        "model": config.model, "adapter": config.adapter, "max_tokens": config.max_tokens,
+        "program": config.program,
+        "signature_hash": signature,
+        "init": config.program_args,
+        "trainset": _rows_digest(trainset),
+        "devset": _rows_digest(devset),
+        "metric": config.metric,
+        "optimizer": config.optimizer,
+        "optimizer_args": config.optimizer_args,
+        "seed": config.seed,
+        "model": config.model,
+        "adapter": config.adapter,
+        "max_tokens": config.max_tokens,
         "initial_state": state_hash(program),
     }
-    described = {**identity, "trainset_path": config.trainset, "devset_path": config.devset,
-                 "n_train": len(trainset), "n_dev": len(devset), "out": config.out, "threads": config.threads}
-    run, resumed = store.start_run(kind="compile", key=digest(identity), program_path=config.program,
-                                   signature_hash=signature, config=described, resume=not config.fresh)
+    described = {
+        **identity,
+        "trainset_path": config.trainset,
+        "devset_path": config.devset,
+        "n_train": len(trainset),
+        "n_dev": len(devset),
+        "out": config.out,
+        "threads": config.threads,
+    }
+    run, resumed = store.start_run(
+        kind="compile",
+        key=digest(identity),
+        program_path=config.program,
+        signature_hash=signature,
+        config=described,
+        resume=not config.fresh,
+    )
     if resumed:
         log.info("resuming compile run %d (attempt %d)", run.id, run.attempts)
     meter = UsageMeter()
     lm = recording_lm(lm or make_lm(config.model, max_tokens=config.max_tokens), store, run.id, meter)
     adapter = select_adapter(lm, config.adapter)
     try:
-        before = _scored(program, devset, metric, lm, adapter, config.threads, meter, store, run.id,
-                         "baseline", progress)
-        store.record_trial(run.id, 0, score=before.score, state_hash=before.state_hash,
-                           params={"phase": "baseline", "examples": before.n})
+        before = _scored(
+            program, devset, metric, lm, adapter, config.threads, meter, store, run.id, "baseline", progress
+        )
+        store.record_trial(
+            run.id,
+            0,
+            score=before.score,
+            state_hash=before.state_hash,
+            params={"phase": "baseline", "examples": before.n},
+        )
         store.update_run(run.id, score_before=before.score)
 
-        compiled, trials, uses_devset = _optimize(config, program, trainset, devset, metric, lm, adapter, store,
-                                                  run.id, progress)
-        after = _scored(compiled, devset, metric, lm, adapter, config.threads, meter, store, run.id, "final",
-                        progress)
-        store.record_trial(run.id, trials + 1, score=after.score, state_hash=after.state_hash,
-                           params={"phase": "final", "examples": after.n})
+        compiled, trials, uses_devset = _optimize(
+            config, program, trainset, devset, metric, lm, adapter, store, run.id, progress
+        )
+        after = _scored(
+            compiled, devset, metric, lm, adapter, config.threads, meter, store, run.id, "final", progress
+        )
+        store.record_trial(
+            run.id,
+            trials + 1,
+            score=after.score,
+            state_hash=after.state_hash,
+            params={"phase": "final", "examples": after.n},
+        )
 
-        extra = {"run_id": run.id, "metric": config.metric, "optimizer": config.optimizer,
-                 "score_before": before.score, "score_after": after.score, "devset": config.devset,
-                 "n_dev": len(devset), "n_train": len(trainset), "adapter": config.adapter,
-                 "max_tokens": config.max_tokens}
-        sha = save_artifact(compiled, config.out, program_path=config.program, model=config.model, extra=extra,
-                            init=config.program_args)
-        store.record_artifact(program_path=config.program, signature_hash=signature,
-                              path=str(Path(config.out).resolve()), sha256=sha, model=config.model,
-                              plait_version=_plait_version(), run_id=run.id, score=after.score)
+        extra = {
+            "run_id": run.id,
+            "metric": config.metric,
+            "optimizer": config.optimizer,
+            "score_before": before.score,
+            "score_after": after.score,
+            "devset": config.devset,
+            "n_dev": len(devset),
+            "n_train": len(trainset),
+            "adapter": config.adapter,
+            "max_tokens": config.max_tokens,
+        }
+        sha = save_artifact(
+            compiled,
+            config.out,
+            program_path=config.program,
+            model=config.model,
+            extra=extra,
+            init=config.program_args,
+        )
+        store.record_artifact(
+            program_path=config.program,
+            signature_hash=signature,
+            path=str(Path(config.out).resolve()),
+            sha256=sha,
+            model=config.model,
+            plait_version=__version__,
+            run_id=run.id,
+            score=after.score,
+        )
         seconds = time.perf_counter() - started
-        result = CompileResult(run.id, resumed, run.attempts, before, after, config.out, sha, seconds,
-                               meter.snapshot(), trials, uses_devset, len(trainset))
-        store.finish_run(run.id, score_after=after.score, tokens=result.tokens, seconds=seconds,
-                         summary={"usage": result.usage.to_dict(), "trials": trials + 2,
-                                  "reused_examples": before.reused + after.reused, "artifact": config.out,
-                                  "artifact_sha256": sha, "uses_devset": uses_devset})
+        result = CompileResult(
+            run.id,
+            resumed,
+            run.attempts,
+            before,
+            after,
+            config.out,
+            sha,
+            seconds,
+            meter.snapshot(),
+            trials,
+            uses_devset,
+            len(trainset),
+        )
+        store.finish_run(
+            run.id,
+            score_after=after.score,
+            tokens=result.tokens,
+            seconds=seconds,
+            summary={
+                "usage": result.usage.to_dict(),
+                "trials": trials + 2,
+                "reused_examples": before.reused + after.reused,
+                "artifact": config.out,
+                "artifact_sha256": sha,
+                "uses_devset": uses_devset,
+            },
+        )
         return result
     except BaseException as exc:
-        store.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
-                         seconds=time.perf_counter() - started)
+        store.finish_run(
+            run.id,
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}"[:2000],
+            seconds=time.perf_counter() - started,
+        )
         raise
 
 
-def _scored(program: Any, examples: list[Any], metric: Any, lm: Any, adapter: Any, threads: int,
-            meter: UsageMeter, store: Any, run_id: int, phase: str, progress: Progress) -> EvalReport:
+def _scored(
+    program: Any,
+    examples: list[Any],
+    metric: Any,
+    lm: Any,
+    adapter: Any,
+    threads: int,
+    meter: UsageMeter,
+    store: Any,
+    run_id: int,
+    phase: str,
+    progress: Progress,
+) -> EvalReport:
     progress.start(phase, len(examples))
-    report = evaluate(program, examples, metric, lm=lm, adapter=adapter, threads=threads, meter=meter,
-                      store=store, run_id=run_id, phase=phase,
-                      on_result=lambda result, done, total: progress.advance(phase, result))
-    progress.finish(phase, f"{report.score:.1f} on {report.n} examples"
-                           + (f" ({report.reused} reused from the store)" if report.reused else ""))
+    report = evaluate(
+        program,
+        examples,
+        metric,
+        lm=lm,
+        adapter=adapter,
+        threads=threads,
+        meter=meter,
+        store=store,
+        run_id=run_id,
+        phase=phase,
+        on_result=lambda result, done, total: progress.advance(phase, result),
+    )
+    progress.finish(
+        phase,
+        f"{report.score:.1f} on {report.n} examples"
+        + (f" ({report.reused} reused from the store)" if report.reused else ""),
+    )
     return report
 
 
-def _optimize(config: CompileConfig, program: Any, trainset: list[Any], devset: list[Any], metric: Any, lm: Any,
-              adapter: Any, store: Any, run_id: int, progress: Progress) -> tuple[Any, int, bool]:
+def _optimize(
+    config: CompileConfig,
+    program: Any,
+    trainset: list[Any],
+    devset: list[Any],
+    metric: Any,
+    lm: Any,
+    adapter: Any,
+    store: Any,
+    run_id: int,
+    progress: Progress,
+) -> tuple[Any, int, bool]:
     """Run the optimizer with its trials and metric calls recorded; returns (program, trials,
     whether it selected on the dev set)."""
     phase = "optimize"
     progress.start(phase, None)
     recorder = TrialRecorder(store, run_id, first_number=1)
-    recording_metric = RecordingMetric(metric, store, run_id, recorder, on_call=lambda: progress.advance(phase))
-    plan = optimizers.build(config.optimizer, recording_metric, trainset=trainset, devset=devset,
-                            threads=config.threads, seed=config.seed, lm=lm, overrides=config.optimizer_args)
+    recording_metric = RecordingMetric(
+        metric, store, run_id, recorder, on_call=lambda: progress.advance(phase)
+    )
+    plan = optimizers.build(
+        config.optimizer,
+        recording_metric,
+        trainset=trainset,
+        devset=devset,
+        threads=config.threads,
+        seed=config.seed,
+        lm=lm,
+        overrides=config.optimizer_args,
+    )
     # Optimizers draw from `random` (demo shuffles, candidate seeds): a fixed seed makes a
     # resumed run replay the same choices, hence the same recorded LM calls.
     random.seed(config.seed)
@@ -229,8 +357,10 @@ def _optimize(config: CompileConfig, program: Any, trainset: list[Any], devset: 
             raise
         except Exception as exc:  # DSPy's optimizers raise anything; report it in one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise OptimizerError(f"{config.optimizer} failed: {type(exc).__name__}: {first[:300]} "
-                                 f"(everything up to here is stored: re-run to resume)") from exc
+            raise OptimizerError(
+                f"{config.optimizer} failed: {type(exc).__name__}: {first[:300]} "
+                f"(everything up to here is stored: re-run to resume)"
+            ) from exc
     trials = recorder.next_number - 1
     progress.finish(phase, f"{trials} candidate evaluations" if trials else "done")
     return compiled, trials, plan.uses_devset
@@ -245,16 +375,21 @@ class EvalResult:
     compiled: str | None
 
 
-def evaluate_program(config: EvalConfig, store: Any, progress: Progress | None = None, *,
-                     lm: Any = None) -> EvalResult:
+def evaluate_program(
+    config: EvalConfig, store: Any, progress: Progress | None = None, *, lm: Any = None
+) -> EvalResult:
     """Score a program (as written, or from a compiled artifact) on a dataset, recorded in the
     store. `lm` replaces the plait LM for the configured model."""
     progress = progress or LogProgress()
     if config.compiled:
         loaded = load_artifact(config.compiled, init=config.program_args or None)
         if loaded.program_path != config.program:
-            log.warning("%s was compiled from %s, evaluating it as %s", config.compiled, loaded.program_path,
-                        config.program)
+            log.warning(
+                "%s was compiled from %s, evaluating it as %s",
+                config.compiled,
+                loaded.program_path,
+                config.program,
+            )
         program, cls = loaded.program, type(loaded.program)
         model = config.model or loaded.model
         artifact_sha = loaded.sha256
@@ -263,34 +398,57 @@ def evaluate_program(config: EvalConfig, store: Any, progress: Progress | None =
         program = instantiate(cls, config.program_args)
         model = config.model or DEFAULT_MODEL
         artifact_sha = None
-    examples = to_examples(cls, read_jsonl(config.devset, limit=config.limit, offset=config.offset),
-                           source=config.devset)
+    examples = to_examples(
+        cls, read_jsonl(config.devset, limit=config.limit, offset=config.offset), source=config.devset
+    )
     metric = metric_lib.resolve_metric(config.metric)
     signature = signature_hash(program)
-    identity = {"program": config.program, "signature_hash": signature, "state": state_hash(program),
-                "artifact_sha256": artifact_sha, "devset": _rows_digest(examples), "metric": config.metric,
-                "model": model, "adapter": config.adapter, "max_tokens": config.max_tokens}
-    described = {**identity, "devset_path": config.devset, "n": len(examples), "offset": config.offset,
-                 "compiled": config.compiled}
-    run, resumed = store.start_run(kind="eval", key=digest(identity), program_path=config.program,
-                                   signature_hash=signature, config=described, resume=not config.fresh)
+    identity = {
+        "program": config.program,
+        "signature_hash": signature,
+        "state": state_hash(program),
+        "artifact_sha256": artifact_sha,
+        "devset": _rows_digest(examples),
+        "metric": config.metric,
+        "model": model,
+        "adapter": config.adapter,
+        "max_tokens": config.max_tokens,
+    }
+    described = {
+        **identity,
+        "devset_path": config.devset,
+        "n": len(examples),
+        "offset": config.offset,
+        "compiled": config.compiled,
+    }
+    run, resumed = store.start_run(
+        kind="eval",
+        key=digest(identity),
+        program_path=config.program,
+        signature_hash=signature,
+        config=described,
+        resume=not config.fresh,
+    )
     meter = UsageMeter()
     lm = recording_lm(lm or make_lm(model, max_tokens=config.max_tokens), store, run.id, meter)
     adapter = select_adapter(lm, config.adapter)
     try:
-        report = _scored(program, examples, metric, lm, adapter, config.threads, meter, store, run.id, "eval",
-                         progress)
+        report = _scored(
+            program, examples, metric, lm, adapter, config.threads, meter, store, run.id, "eval", progress
+        )
     except BaseException as exc:
         store.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    store.finish_run(run.id, score_after=report.score, tokens=sum(r.tokens for r in report.results),
-                     seconds=report.seconds, summary={"usage": report.usage.to_dict(), "n": report.n,
-                                                      "parse_failures": report.parse_failures,
-                                                      "reused_examples": report.reused})
+    store.finish_run(
+        run.id,
+        score_after=report.score,
+        tokens=sum(r.tokens for r in report.results),
+        seconds=report.seconds,
+        summary={
+            "usage": report.usage.to_dict(),
+            "n": report.n,
+            "parse_failures": report.parse_failures,
+            "reused_examples": report.reused,
+        },
+    )
     return EvalResult(run.id, resumed, report, model, config.compiled)
-
-
-def _plait_version() -> str:
-    import plait
-
-    return plait.__version__

@@ -23,12 +23,12 @@ ADAPTERS = ("auto", "constrained", "chat", "json")
 def make_lm(model: str, *, max_tokens: int | None = None, temperature: float = 0.0) -> dspy.LM:
     """plait's LM for `model` (a registered name, a GGUF/HF path, or what `plait.LM` accepts).
     DSPy's own response cache is off: a run's calls are recorded in the store instead."""
-    import plait
+    from plait.backends.clients.local import LM
 
     options: dict[str, Any] = {"cache": False, "temperature": temperature}
     if max_tokens is not None:
         options["max_tokens"] = max_tokens
-    return plait.LM(model, **options)
+    return LM(model, **options)
 
 
 def select_adapter(lm: Any, name: str = "auto") -> Any:
@@ -53,6 +53,8 @@ def select_adapter(lm: Any, name: str = "auto") -> Any:
         return ConstrainedAdapter()
     if name == "constrained":
         raise PlaitError(f"{getattr(lm, 'model', lm)} cannot decode under a grammar: use --adapter chat")
-    log.warning("%s does not decode under a grammar: using DSPy's ChatAdapter (parse failures possible)",
-                getattr(lm, "model", lm))
+    log.warning(
+        "%s does not decode under a grammar: using DSPy's ChatAdapter (parse failures possible)",
+        getattr(lm, "model", lm),
+    )
     return dspy.ChatAdapter()

@@ -29,8 +29,13 @@ from plait.compilers.hashing import example_hash, state_hash
 class TrialRecorder(BaseCallback):
     """Numbers each `dspy.Evaluate` call of the optimizer and stores it as a trial."""
 
-    def __init__(self, store: Any, run_id: int, first_number: int = 1,
-                 on_trial: Callable[[int, float | None], None] | None = None):
+    def __init__(
+        self,
+        store: Any,
+        run_id: int,
+        first_number: int = 1,
+        on_trial: Callable[[int, float | None], None] | None = None,
+    ):
         self.store = store
         self.run_id = run_id
         self.next_number = first_number
@@ -56,9 +61,17 @@ class TrialRecorder(BaseCallback):
             return
         number, digest, size = opened
         score = getattr(outputs, "score", None) if exception is None else None
-        self.store.record_trial(self.run_id, number, score=score, state_hash=digest,
-                                params={"phase": "optimize", "examples": size,
-                                        **({"error": repr(exception)} if exception else {})})
+        self.store.record_trial(
+            self.run_id,
+            number,
+            score=score,
+            state_hash=digest,
+            params={
+                "phase": "optimize",
+                "examples": size,
+                **({"error": repr(exception)} if exception else {}),
+            },
+        )
         if self.on_trial is not None:
             self.on_trial(number, score)
 
@@ -66,8 +79,14 @@ class TrialRecorder(BaseCallback):
 class RecordingMetric:
     """The optimizer's metric, writing each score to the store as it is computed."""
 
-    def __init__(self, metric: Callable[..., Any], store: Any, run_id: int, recorder: TrialRecorder,
-                 on_call: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        store: Any,
+        run_id: int,
+        recorder: TrialRecorder,
+        on_call: Callable[[], None] | None = None,
+    ):
         self.metric = metric
         self.store = store
         self.run_id = run_id
@@ -76,8 +95,10 @@ class RecordingMetric:
         self.__name__ = getattr(metric, "__name__", "metric")
         self._lock = threading.Lock()
         # Rows a previous attempt already wrote: replaying them must not write them again.
-        self._already = Counter((row.state_hash, row.example_hash, row.score)
-                                for row in store.evaluations(run_id, phase="optimize"))
+        self._already = Counter(
+            (row.state_hash, row.example_hash, row.score)
+            for row in store.evaluations(run_id, phase="optimize")
+        )
 
     def __call__(self, example: Any, prediction: Any, trace: Any = None, *args: Any, **kwargs: Any) -> Any:
         value = self.metric(example, prediction, trace, *args, **kwargs)
@@ -92,8 +113,14 @@ class RecordingMetric:
             if replayed:
                 self._already[key] -= 1
         if not replayed:
-            self.store.record_evaluation(self.run_id, phase="optimize", state_hash=key[0], example_hash=key[1],
-                                         score=score, prediction=prediction_dict(prediction))
+            self.store.record_evaluation(
+                self.run_id,
+                phase="optimize",
+                state_hash=key[0],
+                example_hash=key[1],
+                score=score,
+                prediction=prediction_dict(prediction),
+            )
         if self.on_call is not None:
             self.on_call()
         return value

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 @dataclass
 class Usage:
     calls: int = 0
-    replayed: int = 0            # calls answered from the store (a resumed run)
+    replayed: int = 0  # calls answered from the store (a resumed run)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    forced_tokens: int = 0       # completion tokens the grammar forced (no sampling step)
+    forced_tokens: int = 0  # completion tokens the grammar forced (no sampling step)
 
     @property
     def total_tokens(self) -> int:

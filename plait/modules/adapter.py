@@ -2,14 +2,14 @@
 
 It formats prompts exactly like `dspy.ChatAdapter` and parses with ChatAdapter's parser; the
 one difference is that each LM call carries the grammar of the expected answer
-(`plait.modules.grammar.chat_grammar`), and plait's engine decodes under it. The answer
+(`plait.modules.signature_grammar.chat_grammar`), and plait's engine decodes under it. The answer
 therefore always parses, so the adapter never falls back to a second, JSON-mode call.
 
 How the grammar reaches the engine: DSPy turns an LM call's keyword arguments into a
 `dspy.lm15.Request`, and lm15 refuses unknown top-level keys. `metadata` is forwarded verbatim
 into `request.config.extensions["metadata"]`, so the adapter sends
 `metadata={"plait_grammar": spec.to_json()}` and the engine reads it back with
-`plait.backends.constraint.grammar_spec_from_request(request)`. The grammar is part of DSPy's
+`plait.backends.grammar.spec.grammar_spec_from_request(request)`. The grammar is part of DSPy's
 cache key, as it should be: a different grammar is a different request.
 
 The LM must be a plait LM (its engine declares `accepts_grammar = True`); any other LM would
@@ -27,9 +27,9 @@ from dspy.clients.base_lm import BaseLM
 from dspy.signatures.signature import Signature
 from dspy.utils.callback import BaseCallback
 
-from plait.backends.constraint import EXTENSION_KEY, GrammarError, GrammarSpec
-from plait.backends.dspy_engine import DEFAULT_MAX_TOKENS
-from plait.modules.grammar import GrammarOptions, chat_grammar, json_grammar
+from plait.backends.clients.local import DEFAULT_MAX_TOKENS
+from plait.backends.grammar.spec import EXTENSION_KEY, GrammarError, GrammarSpec
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar
 
 
 def accepts_grammar(lm: BaseLM) -> bool:
@@ -62,15 +62,17 @@ class _GrammarMixin:
     def _grammar(self, signature: type[Signature], options: GrammarOptions) -> GrammarSpec:
         raise NotImplementedError
 
-    def _call_preprocess(self, lm: BaseLM, lm_kwargs: dict[str, Any], signature: type[Signature],
-                         inputs: dict[str, Any]) -> type[Signature]:
+    def _call_preprocess(
+        self, lm: BaseLM, lm_kwargs: dict[str, Any], signature: type[Signature], inputs: dict[str, Any]
+    ) -> type[Signature]:
         processed = super()._call_preprocess(lm, lm_kwargs, signature, inputs)  # type: ignore[misc]
         if not accepts_grammar(lm):
             if self.require_grammar_engine:
                 raise GrammarError(
                     f"{type(self).__name__} needs an LM that decodes under a grammar (plait.LM); "
                     f"{getattr(lm, 'model', lm)!r} does not. Use dspy.ChatAdapter for other LMs, "
-                    "or pass require_grammar_engine=False to send unconstrained calls.")
+                    "or pass require_grammar_engine=False to send unconstrained calls."
+                )
             return processed
         options = dataclasses.replace(self.grammar_options, max_tokens=_max_tokens(lm, lm_kwargs))
         attach_grammar(lm_kwargs, lm, self._grammar(processed, options))
@@ -92,16 +94,29 @@ class ConstrainedAdapter(_GrammarMixin, ChatAdapter):
             than silently sending unconstrained calls.
     """
 
-    def __init__(self, callbacks: list[BaseCallback] | None = None, *, text_tokens: int = 256,
-                 reasoning_tokens: int = 512, grace_tokens: int = 32, number_tokens: int = 24,
-                 value_tokens: int = 192, field_tokens: dict[str, int] | None = None,
-                 require_grammar_engine: bool = True):
-        super().__init__(callbacks=callbacks, use_native_function_calling=False,
-                         use_json_adapter_fallback=False)
+    def __init__(
+        self,
+        callbacks: list[BaseCallback] | None = None,
+        *,
+        text_tokens: int = 256,
+        reasoning_tokens: int = 512,
+        grace_tokens: int = 32,
+        number_tokens: int = 24,
+        value_tokens: int = 192,
+        field_tokens: dict[str, int] | None = None,
+        require_grammar_engine: bool = True,
+    ):
+        super().__init__(
+            callbacks=callbacks, use_native_function_calling=False, use_json_adapter_fallback=False
+        )
         self.grammar_options = GrammarOptions(
-            text_tokens=text_tokens, reasoning_tokens=reasoning_tokens, grace_tokens=grace_tokens,
-            field_tokens=tuple(sorted((field_tokens or {}).items())), number_tokens=number_tokens,
-            value_tokens=value_tokens)
+            text_tokens=text_tokens,
+            reasoning_tokens=reasoning_tokens,
+            grace_tokens=grace_tokens,
+            field_tokens=tuple(sorted((field_tokens or {}).items())),
+            number_tokens=number_tokens,
+            value_tokens=value_tokens,
+        )
         self.require_grammar_engine = require_grammar_engine
 
     def _grammar(self, signature: type[Signature], options: GrammarOptions) -> GrammarSpec:
@@ -112,16 +127,27 @@ class ConstrainedJSONAdapter(_GrammarMixin, JSONAdapter):
     """JSONAdapter whose answers are generated under the outputs' JSON schema (keys in
     signature order, str fields budgeted like `ConstrainedAdapter`'s)."""
 
-    def __init__(self, callbacks: list[BaseCallback] | None = None, *, text_tokens: int = 256,
-                 reasoning_tokens: int = 512, field_tokens: dict[str, int] | None = None,
-                 require_grammar_engine: bool = True):
+    def __init__(
+        self,
+        callbacks: list[BaseCallback] | None = None,
+        *,
+        text_tokens: int = 256,
+        reasoning_tokens: int = 512,
+        field_tokens: dict[str, int] | None = None,
+        require_grammar_engine: bool = True,
+    ):
         super().__init__(callbacks=callbacks, use_native_function_calling=False)
         self.grammar_options = GrammarOptions(
-            text_tokens=text_tokens, reasoning_tokens=reasoning_tokens, grace_tokens=0,
-            field_tokens=tuple(sorted((field_tokens or {}).items())))
+            text_tokens=text_tokens,
+            reasoning_tokens=reasoning_tokens,
+            grace_tokens=0,
+            field_tokens=tuple(sorted((field_tokens or {}).items())),
+        )
         self.require_grammar_engine = require_grammar_engine
 
-    def _prepare_response_format(self, lm: BaseLM, lm_kwargs: dict[str, Any], signature: type[Signature]) -> None:
+    def _prepare_response_format(
+        self, lm: BaseLM, lm_kwargs: dict[str, Any], signature: type[Signature]
+    ) -> None:
         """The grammar replaces `response_format`; with a grammar engine none is sent."""
         if not accepts_grammar(lm):
             super()._prepare_response_format(lm, lm_kwargs, signature)

@@ -26,8 +26,14 @@ class AnswerWithTools(dspy.Signature):
 
 
 class Agent(dspy.Module):
-    def __init__(self, index: str | None = None, k: int = 3, max_iters: int = 4, passage_chars: int = 300,
-                 retriever: Retriever | None = None) -> None:
+    def __init__(
+        self,
+        index: str | None = None,
+        k: int = 3,
+        max_iters: int = 4,
+        passage_chars: int = 300,
+        retriever: Retriever | None = None,
+    ) -> None:
         super().__init__()
         import os
 
@@ -39,7 +45,9 @@ class Agent(dspy.Module):
 
     def search(self, query: str) -> list[str]:
         """Search the knowledge base; returns the most relevant passages."""
-        return search(resolve(self.index, self.retriever, pipeline="Agent"), query, self.k, self.passage_chars)
+        return search(
+            resolve(self.index, self.retriever, pipeline="Agent"), query, self.k, self.passage_chars
+        )
 
     def forward(self, question: str) -> dspy.Prediction:
         return self.react(question=question)

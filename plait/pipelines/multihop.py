@@ -24,8 +24,14 @@ class WriteSearchQuery(dspy.Signature):
 
 
 class MultiHop(dspy.Module):
-    def __init__(self, index: str | None = None, hops: int = 2, k: int = 2, passage_chars: int = 400,
-                 retriever: Retriever | None = None) -> None:
+    def __init__(
+        self,
+        index: str | None = None,
+        hops: int = 2,
+        k: int = 2,
+        passage_chars: int = 400,
+        retriever: Retriever | None = None,
+    ) -> None:
         super().__init__()
         self.index, self.k, self.passage_chars, self.retriever = index, k, passage_chars, retriever
         self.write_query = [dspy.Predict(WriteSearchQuery) for _ in range(hops)]

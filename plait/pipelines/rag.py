@@ -29,16 +29,23 @@ def qa_example(row: dict[str, Any]) -> dspy.Example:
     """`{question, answer}` or `{question, answers: [...]}` -> an example with both fields."""
     answers = row.get("answers")
     if answers:
-        return dspy.Example(question=row["question"], answer=answers[0], answers=list(answers)
-                            ).with_inputs("question")
+        return dspy.Example(question=row["question"], answer=answers[0], answers=list(answers)).with_inputs(
+            "question"
+        )
     return dspy.Example(question=row["question"], answer=str(row["answer"])).with_inputs("question")
 
 
 class RAG(dspy.Module):
     """Retrieve `k` passages, then answer (with `reasoning=True`, think first)."""
 
-    def __init__(self, index: str | None = None, k: int = 3, reasoning: bool = False,
-                 passage_chars: int = 500, retriever: Retriever | None = None) -> None:
+    def __init__(
+        self,
+        index: str | None = None,
+        k: int = 3,
+        reasoning: bool = False,
+        passage_chars: int = 500,
+        retriever: Retriever | None = None,
+    ) -> None:
         super().__init__()
         self.index, self.k, self.passage_chars, self.retriever = index, k, passage_chars, retriever
         self.answer = (dspy.ChainOfThought if reasoning else dspy.Predict)(AnswerFromContext)

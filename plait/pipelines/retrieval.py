@@ -47,7 +47,8 @@ def resolve(index: str | None, retriever: Retriever | None, *, pipeline: str) ->
     if not index:
         raise RetrieverMissingError(
             f"{pipeline} needs a retrieval index: pass --program-arg index=DIR (build one with "
-            f"`plait index build corpus.jsonl --out DIR`) or set {ENV_INDEX}")
+            f"`plait index build corpus.jsonl --out DIR`) or set {ENV_INDEX}"
+        )
     return open_index(index)
 
 
@@ -56,7 +57,11 @@ def passage_text(passage: Any, max_chars: int) -> str:
     if isinstance(passage, str):
         text = passage
     else:
-        get = passage.get if hasattr(passage, "get") else lambda key, default=None: getattr(passage, key, default)
+        get = (
+            passage.get
+            if hasattr(passage, "get")
+            else lambda key, default=None: getattr(passage, key, default)
+        )
         body = get("long_text") or get("text") or ""
         title = get("title")
         text = f"{title} | {body}" if title else str(body)

@@ -81,7 +81,9 @@ def build_index(
         raise CorpusError(f"dtype must be one of {sorted(emb.DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise IndexExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise IndexExistsError(
+            f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
     started = time.perf_counter()
 
     encoder_path: str | None = None
@@ -102,8 +104,22 @@ def build_index(
     tmp.mkdir(parents=True)
     try:
         stats = _write_index(
-            tmp, corpus, encoder, encoder_path, projection, dtype, num_centroids, kmeans_sample,
-            kmeans_iterations, bm25_k1, bm25_b, stem, chunk_size, batch_size, seed, progress,
+            tmp,
+            corpus,
+            encoder,
+            encoder_path,
+            projection,
+            dtype,
+            num_centroids,
+            kmeans_sample,
+            kmeans_iterations,
+            bm25_k1,
+            bm25_b,
+            stem,
+            chunk_size,
+            batch_size,
+            seed,
+            progress,
         )
         stats["build_seconds"] = round(time.perf_counter() - started, 3)
         _finish_manifest(tmp, stats)
@@ -113,8 +129,13 @@ def build_index(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("built index %s: %d docs, %d tokens in %.1fs", out, stats["num_docs"], stats["num_tokens"],
-             stats["build_seconds"])
+    log.info(
+        "built index %s: %d docs, %d tokens in %.1fs",
+        out,
+        stats["num_docs"],
+        stats["num_tokens"],
+        stats["build_seconds"],
+    )
     return out
 
 
@@ -207,8 +228,17 @@ def _write_index(
     bm25_files = build_bm25(terms, tmp, k1, b)
     (tmp / "bm25_terms.tmp").unlink()
 
-    files = [emb_file, "doc_offsets.npy", DOCS_FILE, OFFSETS_FILE, "centroids.npy", "codes.npy",
-             "ivf_docs.npy", "ivf_offsets.npy", *bm25_files]
+    files = [
+        emb_file,
+        "doc_offsets.npy",
+        DOCS_FILE,
+        OFFSETS_FILE,
+        "centroids.npy",
+        "codes.npy",
+        "ivf_docs.npy",
+        "ivf_offsets.npy",
+        *bm25_files,
+    ]
     if projection is not None:
         np.save(tmp / "projection.npy", projection)
         files.append("projection.npy")
@@ -225,7 +255,12 @@ def _write_index(
             "projection": "projection.npy" if projection is not None else None,
             "settings": encoder.settings.to_json(),
         },
-        "bm25": {"k1": k1, "b": b, "stem": stem, "analyzer": "word2+stopwords-en" + ("+s-stem" if stem else "")},
+        "bm25": {
+            "k1": k1,
+            "b": b,
+            "stem": stem,
+            "analyzer": "word2+stopwords-en" + ("+s-stem" if stem else ""),
+        },
         "files": files,
     }
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 
-def build_inverted_file(codes: np.ndarray, doc_offsets: np.ndarray, num_centroids: int, block_docs: int = 4096):
+def build_inverted_file(
+    codes: np.ndarray, doc_offsets: np.ndarray, num_centroids: int, block_docs: int = 4096
+):
     """(ivf_docs int32, ivf_offsets int64): per centroid, the sorted unique document indices."""
     num_docs = len(doc_offsets) - 1
     pairs: list[np.ndarray] = []
@@ -37,8 +39,14 @@ def build_inverted_file(codes: np.ndarray, doc_offsets: np.ndarray, num_centroid
 class CentroidStage:
     """Read-only and thread-safe: every call allocates its own scratch arrays."""
 
-    def __init__(self, centroids: np.ndarray, codes: np.ndarray, ivf_docs: np.ndarray,
-                 ivf_offsets: np.ndarray, doc_offsets: np.ndarray):
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        codes: np.ndarray,
+        ivf_docs: np.ndarray,
+        ivf_offsets: np.ndarray,
+        doc_offsets: np.ndarray,
+    ):
         self.centroids = centroids
         self._centroids_t = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
         self.codes = codes

@@ -19,7 +19,7 @@ import numpy as np
 from plait.retrievers.batcher import MicroBatcher
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
 from plait.retrievers.errors import IndexFormatError
-from plait.retrievers.searcher import STAGES, Hit, SearchParams, Searcher, check_request
+from plait.retrievers.searcher import STAGES, Hit, Searcher, SearchParams, check_request
 from plait.retrievers.store import IndexStore
 
 
@@ -33,7 +33,9 @@ class Passage(dict):
             raise AttributeError(name) from None
 
 
-def load_index_encoder(store: IndexStore, encoder: ColBERTEncoder | str | Path | None = None) -> ColBERTEncoder:
+def load_index_encoder(
+    store: IndexStore, encoder: ColBERTEncoder | str | Path | None = None
+) -> ColBERTEncoder:
     """The encoder an index was built with, configured with the index's settings and projection."""
     info = store.encoder_info
     if not isinstance(encoder, ColBERTEncoder):
@@ -55,8 +57,14 @@ def load_index_encoder(store: IndexStore, encoder: ColBERTEncoder | str | Path |
 class ColBERTServe:
     """A DSPy-compatible retriever over a memory-mapped ColBERT-serve index. Thread-safe."""
 
-    def __init__(self, store: IndexStore, encoder: ColBERTEncoder, params: SearchParams | None = None,
-                 stage: str = "hybrid", batching: bool = True):
+    def __init__(
+        self,
+        store: IndexStore,
+        encoder: ColBERTEncoder,
+        params: SearchParams | None = None,
+        stage: str = "hybrid",
+        batching: bool = True,
+    ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.store = store
@@ -106,8 +114,13 @@ class ColBERTServe:
             return [self._batcher.submit(queries[0])]
         return self.searcher.encoder.encode_queries(queries)
 
-    def search_hits(self, queries: Sequence[str], k: int = 10, stage: str | None = None,
-                    params: SearchParams | None = None) -> list[list[Hit]]:
+    def search_hits(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        stage: str | None = None,
+        params: SearchParams | None = None,
+    ) -> list[list[Hit]]:
         stage = stage or self.stage
         queries = list(queries)
         for q in queries:
@@ -118,17 +131,26 @@ class ColBERTServe:
     def passage(self, hit: Hit, rank: int) -> Passage:
         doc = self.store.docs.get(hit.doc)
         text = doc.full_text
-        return Passage(pid=hit.doc, id=doc.id, title=doc.title, text=text, long_text=text,
-                       score=hit.score, rank=rank)
+        return Passage(
+            pid=hit.doc, id=doc.id, title=doc.title, text=text, long_text=text, score=hit.score, rank=rank
+        )
 
-    def search_batch(self, queries: Sequence[str], k: int = 10, stage: str | None = None,
-                     params: SearchParams | None = None) -> list[list[Passage]]:
+    def search_batch(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        stage: str | None = None,
+        params: SearchParams | None = None,
+    ) -> list[list[Passage]]:
         """Top-k passages for each query; the queries share one encoder forward pass."""
-        return [[self.passage(h, r) for r, h in enumerate(hits, 1)]
-                for hits in self.search_hits(queries, k, stage, params)]
+        return [
+            [self.passage(h, r) for r, h in enumerate(hits, 1)]
+            for hits in self.search_hits(queries, k, stage, params)
+        ]
 
-    def __call__(self, query: str | Sequence[str], k: int = 5, stage: str | None = None,
-                 **kwargs: Any) -> list[Passage] | list[list[Passage]]:
+    def __call__(
+        self, query: str | Sequence[str], k: int = 5, stage: str | None = None, **kwargs: Any
+    ) -> list[Passage] | list[list[Passage]]:
         """`rm(query, k)` -> passages; a list of queries gives a list of passage lists.
 
         Extra keyword arguments DSPy may pass (e.g. `by_prob`) are accepted and ignored.

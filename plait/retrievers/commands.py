@@ -21,12 +21,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     build = sub.add_parser("build", help="index a corpus JSONL ({_id|id, title?, text} rows)")
     build.add_argument("corpus", help="corpus JSONL file")
     build.add_argument("--out", required=True, help="index directory to create")
-    build.add_argument("--encoder", default=None,
-                       help="BERT/ColBERT checkpoint directory (default: the embedded MiniLM-L6)")
-    build.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
-                       help="storage type of token embeddings (default: float16)")
-    build.add_argument("--projection-dim", type=int, default=None,
-                       help="add a seeded random projection to this many dims (saved in the index)")
+    build.add_argument(
+        "--encoder", default=None, help="BERT/ColBERT checkpoint directory (default: the embedded MiniLM-L6)"
+    )
+    build.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default="float16",
+        help="storage type of token embeddings (default: float16)",
+    )
+    build.add_argument(
+        "--projection-dim",
+        type=int,
+        default=None,
+        help="add a seeded random projection to this many dims (saved in the index)",
+    )
     build.add_argument("--centroids", type=int, default=None, help="number of k-means centroids")
     build.add_argument("--chunk-size", type=int, default=256, help="documents per streamed chunk")
     build.add_argument("--batch-size", type=int, default=32, help="documents per encoder forward pass")
@@ -80,20 +89,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     from plait.retrievers.build import build_index
 
     _threads(args.threads)
-    with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
+    with Progress(
+        TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
         task = bar.add_task("docs", total=None)
         out = build_index(
-            args.corpus, args.out, encoder=args.encoder, dtype=args.dtype, projection_dim=args.projection_dim,
-            num_centroids=args.centroids, chunk_size=args.chunk_size, batch_size=args.batch_size,
-            stem=not args.no_stem, overwrite=args.overwrite, progress=lambda n: bar.update(task, completed=n),
+            args.corpus,
+            args.out,
+            encoder=args.encoder,
+            dtype=args.dtype,
+            projection_dim=args.projection_dim,
+            num_centroids=args.centroids,
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            stem=not args.no_stem,
+            overwrite=args.overwrite,
+            progress=lambda n: bar.update(task, completed=n),
         )
     from plait.retrievers.manifest import read_manifest
 
     m = read_manifest(out)
     size = sum(e["bytes"] for e in m["files"].values())
-    print(f"{out}: {m['num_docs']} docs, {m['num_tokens']} tokens, {m['num_centroids']} centroids, "
-          f"{size / 1e6:.1f} MB, built in {m['build_seconds']:.1f}s")
+    print(
+        f"{out}: {m['num_docs']} docs, {m['num_tokens']} tokens, {m['num_centroids']} centroids, "
+        f"{size / 1e6:.1f} MB, built in {m['build_seconds']:.1f}s"
+    )
     return 0
 
 
@@ -139,8 +159,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"wrote {sum(len(v) for v in run.values())} lines for {len(run)} queries to {args.run_out}")
     if args.qrels:
         qrels = load_qrels(args.qrels)
-        print(f"nDCG@10 {ndcg_at_k(run, qrels, 10):.4f}  Recall@100 {recall_at_k(run, qrels, 100):.4f}  "
-              f"({len(qrels)} judged queries)")
+        print(
+            f"nDCG@10 {ndcg_at_k(run, qrels, 10):.4f}  Recall@100 {recall_at_k(run, qrels, 100):.4f}  "
+            f"({len(qrels)} judged queries)"
+        )
     if not args.run_out and not args.qrels:
         for qid, hits in run.items():
             print(qid, " ".join(d for d, _ in hits))
@@ -168,5 +190,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from plait.retrievers.store import IndexStore
 
     store = IndexStore(Path(args.index), verify=True)
-    print(f"{args.index}: OK ({len(store.manifest['files'])} files, {store.disk_bytes() / 1e6:.1f} MB verified)")
+    print(
+        f"{args.index}: OK ({len(store.manifest['files'])} files, {store.disk_bytes() / 1e6:.1f} MB verified)"
+    )
     return 0

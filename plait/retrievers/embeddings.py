@@ -28,7 +28,12 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 rows -> the on-disk element type (bf16 as its raw 16-bit pattern)."""
     if dtype == "float16":
         return np.asarray(x, dtype=np.float16)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+    )
 
 
 class EmbeddingWriter:

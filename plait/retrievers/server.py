@@ -44,8 +44,9 @@ def create_app(rm: ColBERTServe) -> FastAPI:
     def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"error": True, "message": f"{where}: {first.get('msg', 'invalid request')}"},
-                            status_code=422)
+        return JSONResponse(
+            {"error": True, "message": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422
+        )
 
     def search(query: str | None, k: int, stage: str | None) -> dict[str, Any]:
         started = time.perf_counter()

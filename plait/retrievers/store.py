@@ -57,7 +57,9 @@ class IndexStore:
         self.centroids = CentroidStage(centroids, codes, ivf_docs, ivf_offsets, self.doc_offsets)
         self.bm25 = BM25Stage(self.path, stem=bool(bm25_info.get("stem", True)), in_memory=in_memory)
         if self.bm25.num_docs != self.num_docs:
-            raise IndexCorruptError(f"{self.path}: BM25 index has {self.bm25.num_docs} docs, manifest {self.num_docs}")
+            raise IndexCorruptError(
+                f"{self.path}: BM25 index has {self.bm25.num_docs} docs, manifest {self.num_docs}"
+            )
 
     def _check_shapes(self, centroids: np.ndarray, codes: np.ndarray, ivf_offsets: np.ndarray) -> None:
         problems = []

@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import plait
 from plait.serve.auth import BearerAuth
 from plait.serve.errors import ApiError, api_error_for, error_response, read_json
 from plait.serve.limits import BodySizeLimit, RateLimit, RateLimiter
@@ -35,6 +34,7 @@ from plait.serve.programs import CallResult, ServedProgram
 from plait.serve.runtime import ServeRuntime
 from plait.serve.sse import SSE_HEADERS, GuardedStream, sse
 from plait.serve.tracing import Trace
+from plait.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _stream_program(runtime: ServeRuntime, call: _ProgramCall) -> StreamingRespo
 def create_app(runtime: ServeRuntime) -> FastAPI:
     """The ASGI app over a built `ServeRuntime` (programs and models already loaded)."""
     config = runtime.config
-    app = FastAPI(title="plait", version=plait.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="plait", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
 
     @app.exception_handler(ApiError)
@@ -181,7 +181,7 @@ def create_app(runtime: ServeRuntime) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
-            "version": plait.__version__,
+            "version": __version__,
             "programs": sorted(runtime.programs),
             "models": sorted(runtime.models),
             "inflight": runtime.gate.inflight,

@@ -108,8 +108,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
-                   help="weight-only quantised linear layers, bf16 activations (CPU)")
+    p.add_argument(
+        "--quantize",
+        choices=["int4", "int8"],
+        default=None,
+        help="weight-only quantised linear layers, bf16 activations (CPU)",
+    )
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
     p.add_argument(
         "--database",
@@ -191,7 +195,7 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
 def _remote_lm(args: argparse.Namespace, path: Path, config: ServeConfig) -> Any:
     """The LM for an artifact's program when `--remote-url` sends its calls to another server
     (its key, if any, from `PLAIT_REMOTE_API_KEY`)."""
-    from plait.backends.remote import remote_lm
+    from plait.backends.clients.remote import remote_lm
     from plait.compilers.artifact import read_artifact
 
     model = args.remote_model or read_artifact(path)["model"]

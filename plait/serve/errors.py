@@ -55,7 +55,7 @@ def error_response(
 def _grammar_error() -> type[PlaitError] | None:
     """The constrained-decoding error type, when that part of plait is installed."""
     try:
-        from plait.backends.constraint import GrammarError
+        from plait.backends.grammar.spec import GrammarError
     except ImportError:
         return None
     return GrammarError

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from plait.backends.clients.messages import message
 from plait.serve.bridge import iterate_in_thread
 from plait.serve.errors import ApiError, api_error_for, read_json
 from plait.serve.runtime import ServedModel, ServeRuntime
@@ -140,16 +141,6 @@ def _sampling(
     }
 
 
-def _chat_messages(body: ChatBody) -> list[dict[str, str]]:
-    messages = []
-    for message in body.messages:
-        content = message.content
-        text = content if isinstance(content, str) else "".join(p.text for p in content or [])
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": text})
-    return messages
-
-
 def _prompts(body: CompletionBody) -> list[str | list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -194,7 +185,7 @@ class _Call:
     # ---- submitting (on a worker thread: tokenizing a long prompt takes time) ----------------
     def _prompt_texts(self) -> list[str | list[int]]:
         if isinstance(self.body, ChatBody):
-            return [self.model.engine.chat_prompt(_chat_messages(self.body))]
+            return [self.model.engine.chat_prompt([message(m.role, m.content) for m in self.body.messages])]
         return _prompts(self.body)
 
     def submit(self, stream: bool) -> None:
@@ -222,7 +213,7 @@ class _Call:
     def _constraint(self) -> Any:
         if self.spec is None:
             return None
-        from plait.backends.constraint import compile_constraint
+        from plait.backends.grammar.constraint import compile_constraint
 
         engine = self.model.engine  # masks as wide as the logits
         return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size)

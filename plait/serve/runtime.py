@@ -118,13 +118,13 @@ class ServeRuntime:
         `lm` replaces the local engine for the artifact's model: e.g. `remote_lm(...)` keeps
         the programs on this machine and sends their LM calls to a GPU server.
         """
-        import plait
+        from plait.backends.clients.local import LM
         from plait.compilers.artifact import load_artifact
 
         loaded = load_artifact(path)
         model = loaded.model
         if lm is None:
-            lm = plait.LM(loaded.model, cache=self.config.dspy_cache, **(lm_options or {}))
+            lm = LM(loaded.model, cache=self.config.dspy_cache, **(lm_options or {}))
             engine = getattr(getattr(lm, "engine", None), "engine", None)  # the shared local engine
             if engine is not None:
                 self.add_model(loaded.model, engine)
@@ -144,9 +144,9 @@ class ServeRuntime:
 
     def load_model(self, name: str, lm_options: dict[str, Any] | None = None) -> ServedModel:
         """Load (or share) the engine of `name` for the OpenAI endpoints only."""
-        import plait
+        from plait.backends.clients.local import LM
 
-        lm = plait.LM(name, cache=False, **(lm_options or {}))
+        lm = LM(name, cache=False, **(lm_options or {}))
         return self.add_model(name, lm.engine.engine)
 
     # ---- lookups -----------------------------------------------------------------------------

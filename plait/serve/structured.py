@@ -50,7 +50,7 @@ def _schema(value: Any, where: str) -> Mapping[str, Any] | bool:
 
 
 def _from_response_format(fmt: Any):
-    from plait.backends.constraint import GrammarSpec
+    from plait.backends.grammar.spec import GrammarSpec
 
     if not isinstance(fmt, Mapping):
         raise _bad("response_format must be an object")
@@ -69,7 +69,7 @@ def _from_response_format(fmt: Any):
 
 
 def _from_choice(choices: Any, where: str):
-    from plait.backends.constraint import GrammarSpec
+    from plait.backends.grammar.spec import GrammarSpec
 
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
         raise _bad(f"{where} must be a non-empty list of non-empty strings")
@@ -83,7 +83,7 @@ def _from_text(value: Any, where: str) -> str:
 
 
 def _from_structured_outputs(options: Any):
-    from plait.backends.constraint import GrammarSpec
+    from plait.backends.grammar.spec import GrammarSpec
 
     if not isinstance(options, Mapping):
         raise _bad("structured_outputs must be an object")
@@ -113,7 +113,7 @@ def grammar_from_request(body: Mapping[str, Any]):
     Raises `ApiError` (400) for malformed or conflicting parameters; whether the grammar
     compiles is checked when the constraint is built.
     """
-    from plait.backends.constraint import GrammarError, GrammarSpec
+    from plait.backends.grammar.spec import GrammarError, GrammarSpec
 
     present = [k for k in STRUCTURED_KEYS if body.get(k) is not None]
     if (

@@ -27,8 +27,16 @@ _LAZY = {
     "TrialRecord": "plait.store.records",
 }
 
-__all__ = ["ArtifactRecord", "EvaluationRecord", "RunRecord", "Store", "StoreError", "TraceRecord",
-           "TrialRecord", "default_url"]
+__all__ = [
+    "ArtifactRecord",
+    "EvaluationRecord",
+    "RunRecord",
+    "Store",
+    "StoreError",
+    "TraceRecord",
+    "TrialRecord",
+    "default_url",
+]
 
 
 def __getattr__(name: str) -> Any:

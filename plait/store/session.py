@@ -33,8 +33,10 @@ def _with_driver(url: str) -> str:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise StoreError(f"not a database URL: {url!r} (expected e.g. sqlite:///path.db or "
-                         "postgresql+psycopg://user:pass@host/db)") from exc
+        raise StoreError(
+            f"not a database URL: {url!r} (expected e.g. sqlite:///path.db or "
+            "postgresql+psycopg://user:pass@host/db)"
+        ) from exc
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None:
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return url
@@ -63,8 +65,10 @@ def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     try:
         return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=16)
     except ModuleNotFoundError as exc:
-        raise StoreError(f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
-                         "for PostgreSQL: pip install 'psycopg[binary]'") from exc
+        raise StoreError(
+            f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
+            "for PostgreSQL: pip install 'psycopg[binary]'"
+        ) from exc
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -46,8 +46,9 @@ class Store:
         self.engine = engine
         self._sessions = make_sessionmaker(engine)
         is_sqlite = engine.dialect.name == "sqlite"
-        self._write_lock: contextlib.AbstractContextManager = threading.RLock() if is_sqlite \
-            else contextlib.nullcontext()
+        self._write_lock: contextlib.AbstractContextManager = (
+            threading.RLock() if is_sqlite else contextlib.nullcontext()
+        )
 
     @classmethod
     def open(cls, url: str | None = None, *, echo: bool = False) -> Store:
@@ -71,12 +72,10 @@ class Store:
             if meta is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
             elif int(meta.value) != SCHEMA_VERSION:
-                raise StoreError(f"the database at {self.url} has schema version {meta.value}; this plait "
-                                 f"uses {SCHEMA_VERSION}. Point PLAIT_DATABASE_URL at a new database.")
-
-    def drop_schema(self) -> None:
-        """Drop every plait table (tests, `plait store reset`)."""
-        Base.metadata.drop_all(self.engine)
+                raise StoreError(
+                    f"the database at {self.url} has schema version {meta.value}; this plait "
+                    f"uses {SCHEMA_VERSION}. Point PLAIT_DATABASE_URL at a new database."
+                )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -101,8 +100,11 @@ class Store:
 
     # ---- programs and artifacts ------------------------------------------------------------
     def _program_id(self, session: Session, import_path: str, signature_hash: str) -> int:
-        found = session.scalar(select(Program.id).where(
-            Program.import_path == import_path, Program.signature_hash == signature_hash))
+        found = session.scalar(
+            select(Program.id).where(
+                Program.import_path == import_path, Program.signature_hash == signature_hash
+            )
+        )
         if found is not None:
             return found
         try:
@@ -111,20 +113,34 @@ class Store:
                 session.add(program)
             return program.id
         except IntegrityError:
-            return session.scalar(select(Program.id).where(
-                Program.import_path == import_path, Program.signature_hash == signature_hash))
+            return session.scalar(
+                select(Program.id).where(
+                    Program.import_path == import_path, Program.signature_hash == signature_hash
+                )
+            )
 
-    def register_program(self, import_path: str, signature_hash: str) -> int:
+    def record_artifact(
+        self,
+        *,
+        program_path: str,
+        signature_hash: str,
+        path: str,
+        sha256: str,
+        model: str,
+        plait_version: str,
+        run_id: int | None = None,
+        score: float | None = None,
+    ) -> int:
         with self._write() as session:
-            return self._program_id(session, import_path, signature_hash)
-
-    def record_artifact(self, *, program_path: str, signature_hash: str, path: str, sha256: str,
-                        model: str, plait_version: str, run_id: int | None = None,
-                        score: float | None = None) -> int:
-        with self._write() as session:
-            artifact = Artifact(program_id=self._program_id(session, program_path, signature_hash),
-                                run_id=run_id, path=path, sha256=sha256, model=model,
-                                plait_version=plait_version, score=score)
+            artifact = Artifact(
+                program_id=self._program_id(session, program_path, signature_hash),
+                run_id=run_id,
+                path=path,
+                sha256=sha256,
+                model=model,
+                plait_version=plait_version,
+                score=score,
+            )
             session.add(artifact)
             session.flush()
             return artifact.id
@@ -134,23 +150,42 @@ class Store:
         if program_path is not None:
             query = query.where(Program.import_path == program_path)
         with self.session() as session:
-            return [ArtifactRecord(a.id, path, a.path, a.sha256, a.model, a.plait_version, a.score,
-                                   a.run_id, a.created_at) for a, path in session.execute(query)]
+            return [
+                ArtifactRecord(
+                    a.id, path, a.path, a.sha256, a.model, a.plait_version, a.score, a.run_id, a.created_at
+                )
+                for a, path in session.execute(query)
+            ]
 
     # ---- runs ------------------------------------------------------------------------------
-    def start_run(self, *, kind: str, key: str, program_path: str, signature_hash: str,
-                  config: dict[str, Any], resume: bool = True) -> tuple[RunRecord, bool]:
+    def start_run(
+        self,
+        *,
+        kind: str,
+        key: str,
+        program_path: str,
+        signature_hash: str,
+        config: dict[str, Any],
+        resume: bool = True,
+    ) -> tuple[RunRecord, bool]:
         """Open the run for `key`: the latest one with that key when `resume` (its attempt count
         goes up and its status back to running), else a new one. Returns (run, resumed)."""
         with self._write() as session:
             run = None
             if resume:
-                run = session.scalar(select(Run).where(Run.kind == kind, Run.key == key)
-                                     .order_by(Run.id.desc()).limit(1))
+                run = session.scalar(
+                    select(Run).where(Run.kind == kind, Run.key == key).order_by(Run.id.desc()).limit(1)
+                )
             resumed = run is not None
             if run is None:
-                run = Run(kind=kind, key=key, config=config, status="running", attempts=1,
-                          program_id=self._program_id(session, program_path, signature_hash))
+                run = Run(
+                    kind=kind,
+                    key=key,
+                    config=config,
+                    status="running",
+                    attempts=1,
+                    program_id=self._program_id(session, program_path, signature_hash),
+                )
                 session.add(run)
             else:
                 run.attempts += 1
@@ -169,16 +204,18 @@ class Store:
         with self._write() as session:
             session.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow(), **values))
 
-    def finish_run(self, run_id: int, *, status: str = "finished", error: str | None = None,
-                   **values: Any) -> None:
+    def finish_run(
+        self, run_id: int, *, status: str = "finished", error: str | None = None, **values: Any
+    ) -> None:
         self.update_run(run_id, status=status, error=error, **values)
         with self._write() as session:
             session.execute(update(Run).where(Run.id == run_id).values(finished_at=utcnow()))
 
     def get_run(self, run_id: int) -> RunRecord | None:
         with self.session() as session:
-            row = session.execute(select(Run, Program.import_path).join(Program)
-                                  .where(Run.id == run_id)).first()
+            row = session.execute(
+                select(Run, Program.import_path).join(Program).where(Run.id == run_id)
+            ).first()
             return None if row is None else self._run_record(*row)
 
     def runs(self, *, kind: str | None = None, key: str | None = None) -> list[RunRecord]:
@@ -192,13 +229,33 @@ class Store:
 
     @staticmethod
     def _run_record(run: Run, program_path: str) -> RunRecord:
-        return RunRecord(run.id, run.kind, run.key, program_path, dict(run.config or {}), run.status,
-                         run.attempts, run.score_before, run.score_after, run.tokens, run.seconds,
-                         dict(run.summary or {}), run.started_at, run.finished_at)
+        return RunRecord(
+            run.id,
+            run.kind,
+            run.key,
+            program_path,
+            dict(run.config or {}),
+            run.status,
+            run.attempts,
+            run.score_before,
+            run.score_after,
+            run.tokens,
+            run.seconds,
+            dict(run.summary or {}),
+            run.started_at,
+            run.finished_at,
+        )
 
     # ---- trials ----------------------------------------------------------------------------
-    def record_trial(self, run_id: int, number: int, *, score: float | None, state_hash: str = "",
-                     params: dict[str, Any] | None = None) -> int:
+    def record_trial(
+        self,
+        run_id: int,
+        number: int,
+        *,
+        score: float | None,
+        state_hash: str = "",
+        params: dict[str, Any] | None = None,
+    ) -> int:
         """Write trial `number` of a run; writing the same number again replaces it (a resumed
         run re-reports trials it replays)."""
         with self._write() as session:
@@ -213,18 +270,43 @@ class Store:
     def trials(self, run_id: int) -> list[TrialRecord]:
         with self.session() as session:
             rows = session.scalars(select(Trial).where(Trial.run_id == run_id).order_by(Trial.number))
-            return [TrialRecord(t.id, t.run_id, t.number, t.state_hash, t.score, dict(t.params or {}),
-                                t.created_at) for t in rows]
+            return [
+                TrialRecord(
+                    t.id, t.run_id, t.number, t.state_hash, t.score, dict(t.params or {}), t.created_at
+                )
+                for t in rows
+            ]
 
     # ---- per-example evaluations -----------------------------------------------------------
-    def record_evaluation(self, run_id: int, *, phase: str, state_hash: str, example_hash: str,
-                          score: float, example_index: int | None = None,
-                          prediction: dict[str, Any] | None = None, parse_failure: bool = False,
-                          error: str | None = None, tokens: int = 0, latency_ms: float = 0.0) -> int:
+    def record_evaluation(
+        self,
+        run_id: int,
+        *,
+        phase: str,
+        state_hash: str,
+        example_hash: str,
+        score: float,
+        example_index: int | None = None,
+        prediction: dict[str, Any] | None = None,
+        parse_failure: bool = False,
+        error: str | None = None,
+        tokens: int = 0,
+        latency_ms: float = 0.0,
+    ) -> int:
         with self._write() as session:
-            row = Evaluation(run_id=run_id, phase=phase, state_hash=state_hash, example_hash=example_hash,
-                             example_index=example_index, score=float(score), prediction=prediction or {},
-                             parse_failure=parse_failure, error=error, tokens=tokens, latency_ms=latency_ms)
+            row = Evaluation(
+                run_id=run_id,
+                phase=phase,
+                state_hash=state_hash,
+                example_hash=example_hash,
+                example_index=example_index,
+                score=float(score),
+                prediction=prediction or {},
+                parse_failure=parse_failure,
+                error=error,
+                tokens=tokens,
+                latency_ms=latency_ms,
+            )
             session.add(row)
             session.flush()
             return row.id
@@ -234,9 +316,15 @@ class Store:
         lookup). Rows from the optimizer's own metric calls are not results of a whole
         program state and are not returned."""
         with self.session() as session:
-            rows = session.scalars(select(Evaluation).where(
-                Evaluation.run_id == run_id, Evaluation.state_hash == state_hash,
-                Evaluation.phase != "optimize").order_by(Evaluation.id))
+            rows = session.scalars(
+                select(Evaluation)
+                .where(
+                    Evaluation.run_id == run_id,
+                    Evaluation.state_hash == state_hash,
+                    Evaluation.phase != "optimize",
+                )
+                .order_by(Evaluation.id)
+            )
             return {row.example_hash: self._evaluation_record(row) for row in rows}
 
     def evaluations(self, run_id: int, *, phase: str | None = None) -> list[EvaluationRecord]:
@@ -248,9 +336,21 @@ class Store:
 
     @staticmethod
     def _evaluation_record(e: Evaluation) -> EvaluationRecord:
-        return EvaluationRecord(e.id, e.run_id, e.phase, e.state_hash, e.example_hash, e.example_index,
-                                e.score, dict(e.prediction or {}), e.parse_failure, e.error, e.tokens,
-                                e.latency_ms, e.created_at)
+        return EvaluationRecord(
+            e.id,
+            e.run_id,
+            e.phase,
+            e.state_hash,
+            e.example_hash,
+            e.example_index,
+            e.score,
+            dict(e.prediction or {}),
+            e.parse_failure,
+            e.error,
+            e.tokens,
+            e.latency_ms,
+            e.created_at,
+        )
 
     # ---- LM calls (replayed on resume) -----------------------------------------------------
     def cached_lm_call(self, run_id: int, key: str) -> dict[str, Any] | None:
@@ -267,26 +367,47 @@ class Store:
 
     def lm_call_count(self, run_id: int) -> int:
         with self.session() as session:
-            return session.scalar(select(func.count()).select_from(LMCall).where(LMCall.run_id == run_id)) or 0
+            return (
+                session.scalar(select(func.count()).select_from(LMCall).where(LMCall.run_id == run_id)) or 0
+            )
 
     # ---- request traces (plait serve) ------------------------------------------------------
-    def record_trace(self, program: str, inputs: dict[str, Any], outputs: dict[str, Any] | None,
-                     latency_ms: float, status: str, tokens: int = 0, *, error: str | None = None,
-                     prompt_tokens: int = 0, completion_tokens: int = 0,
-                     request_id: str | None = None) -> int:
+    def record_trace(
+        self,
+        program: str,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any] | None,
+        latency_ms: float,
+        status: str,
+        tokens: int = 0,
+        *,
+        error: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        request_id: str | None = None,
+    ) -> int:
         """Record one served request. `status` is a short word ("ok", "error", "rejected") or an
         HTTP status; `tokens` the total the request used (prompt + completion)."""
         with self._write() as session:
-            row = Trace(program=program, inputs=inputs, outputs=outputs, latency_ms=float(latency_ms),
-                        status=str(status), tokens=int(tokens or prompt_tokens + completion_tokens),
-                        error=error, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        request_id=request_id)
+            row = Trace(
+                program=program,
+                inputs=inputs,
+                outputs=outputs,
+                latency_ms=float(latency_ms),
+                status=str(status),
+                tokens=int(tokens or prompt_tokens + completion_tokens),
+                error=error,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                request_id=request_id,
+            )
             session.add(row)
             session.flush()
             return row.id
 
-    def traces(self, program: str | None = None, *, limit: int = 100,
-               since: datetime | None = None) -> list[TraceRecord]:
+    def traces(
+        self, program: str | None = None, *, limit: int = 100, since: datetime | None = None
+    ) -> list[TraceRecord]:
         """The most recent traces first."""
         query = select(Trace).order_by(Trace.id.desc()).limit(limit)
         if program is not None:
@@ -294,6 +415,20 @@ class Store:
         if since is not None:
             query = query.where(Trace.created_at >= since)
         with self.session() as session:
-            return [TraceRecord(t.id, t.program, t.request_id, dict(t.inputs or {}), t.outputs, t.status,
-                                t.error, t.latency_ms, t.prompt_tokens, t.completion_tokens, t.tokens,
-                                t.created_at) for t in session.scalars(query)]
+            return [
+                TraceRecord(
+                    t.id,
+                    t.program,
+                    t.request_id,
+                    dict(t.inputs or {}),
+                    t.outputs,
+                    t.status,
+                    t.error,
+                    t.latency_ms,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.tokens,
+                    t.created_at,
+                )
+                for t in session.scalars(query)
+            ]

@@ -1,0 +1,365 @@
+"""Grammar-constrained decoding: one `TokenConstraint` per request, built on llguidance.
+
+The scheduler drives a constraint through four calls (see `TokenConstraint`):
+
+    forced = c.forced()          # before the first sample: fold into the prompt's prefill
+    c.advance(forced)
+    while not c.is_finished():
+        logits[~c.mask()] = -inf # or apply_masks(logits, constraints) for a whole batch
+        t = sample(logits); c.advance([t])
+        forced = c.forced()      # what the grammar now allows only one way
+        c.advance(forced)        # appended in ONE multi-token forward pass
+
+
+A grammar is described by a `GrammarSpec` (`plait.backends.grammar.spec`). Compiling is cached
+per (spec, tokenizer): the first request builds llguidance's lexer and parser tables, later ones
+take a cheap copy (~1 µs). Field budgets are enforced here: see `FieldBudget`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance as llg
+import numpy as np
+import torch
+
+from plait.backends.grammar.spec import (
+    JSON_OPTIONS,
+    FieldBudget,
+    GrammarError,
+    GrammarSpec,
+    as_spec,
+    lark_string,
+)
+from plait.backends.grammar.vocab import TextTokenizer, Vocabulary, text_encoder, vocabulary_for
+from plait.errors import PlaitError
+
+
+class GrammarViolationError(PlaitError):
+    """A token the grammar does not allow was fed to a constraint (an engine bug, or a
+    sampler that ignored the mask)."""
+
+
+def llguidance_grammar(spec: GrammarSpec) -> str:
+    """The grammar in llguidance's serialized form (checked when compiled)."""
+    if spec.kind == "lark":
+        return llg.LLMatcher.grammar_from_lark(spec.source)
+    if spec.kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(spec.source)
+    if spec.kind == "choices":
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(lark_string(o) for o in spec.source))
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(spec.source, defaults=JSON_OPTIONS)
+    except ValueError as exc:
+        raise GrammarError(f"invalid JSON schema: {exc}") from exc
+
+
+# ---- per-tokenizer state ----------------------------------------------------------------------
+
+
+class _TokenizerBridge:
+    """What llguidance needs from a tokenizer: the byte vocabulary and a text encoder.
+
+    Passed to `llguidance.TokenizerWrapper`. The encoder tokenizes forced text (markers, JSON
+    keys) canonically; it refuses bytes so llguidance hands it `str`.
+    """
+
+    def __init__(self, vocab: Vocabulary, tokenizer: TextTokenizer, size: int):
+        self.eos_token_id = vocab.eos_ids[0] if vocab.eos_ids else size - 1
+        self.bos_token_id = vocab.bos_id
+        self.tokens = list(vocab.token_bytes) + [b""] * (size - vocab.size)
+        self.special_token_ids = sorted(vocab.special_ids)
+        self._encoder = text_encoder(tokenizer)
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("the text encoder takes str")
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+
+@dataclass
+class _Compiled:
+    """One tokenizer as llguidance sees it, plus its cache of compiled grammars."""
+
+    vocab: Vocabulary
+    ll_tokenizer: llg.LLTokenizer
+    bridge: _TokenizerBridge
+    size: int
+    matchers: OrderedDict[str, llg.LLMatcher] = field(default_factory=OrderedDict)
+
+
+_MAX_CACHED_GRAMMARS = 256
+_bridges: weakref.WeakKeyDictionary[TextTokenizer, dict[int, _Compiled]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _compiled_for(tokenizer: TextTokenizer, size: int | None) -> _Compiled:
+    vocab = vocabulary_for(tokenizer)
+    size = max(size or vocab.size, vocab.size)
+    with _lock:
+        per_size = _bridges.setdefault(tokenizer, {})
+        compiled = per_size.get(size)
+        if compiled is None:
+            bridge = _TokenizerBridge(vocab, tokenizer, size)
+            eos = list(vocab.eos_ids) or None
+            ll_tok = llg.LLTokenizer(llg.TokenizerWrapper(bridge), n_vocab=size, eos_token=eos)
+            compiled = per_size[size] = _Compiled(vocab, ll_tok, bridge, size)
+        return compiled
+
+
+def llguidance_tokenizer(tokenizer: TextTokenizer, vocab_size: int | None = None) -> llg.LLTokenizer:
+    """The (cached) llguidance view of a tokenizer, with `vocab_size` ids (the logits' width)."""
+    return _compiled_for(tokenizer, vocab_size).ll_tokenizer
+
+
+def _template_matcher(compiled: _Compiled, spec: GrammarSpec) -> llg.LLMatcher:
+    """A fresh matcher for `spec`: a copy of the cached, compiled one."""
+    with _lock:
+        template = compiled.matchers.get(spec.key)
+        if template is not None:
+            compiled.matchers.move_to_end(spec.key)
+            return template.deep_copy()
+    grammar = llguidance_grammar(spec)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, compiled.ll_tokenizer)
+    if is_error:
+        raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {messages[0].strip()}")
+    template = llg.LLMatcher(compiled.ll_tokenizer, grammar, log_level=0)
+    if template.is_error():
+        raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {template.get_error()}")
+    with _lock:
+        compiled.matchers[spec.key] = template
+        while len(compiled.matchers) > _MAX_CACHED_GRAMMARS:
+            compiled.matchers.popitem(last=False)
+    return template.deep_copy()
+
+
+def compile_constraint(
+    spec: GrammarSpec | Mapping[str, Any] | Sequence[str] | str,
+    tokenizer: TextTokenizer,
+    vocab_size: int | None = None,
+) -> TokenConstraint:
+    """A new constraint for one request. `vocab_size` is the logits' width (defaults to the
+    tokenizer's); ids past the tokenizer's vocabulary are never allowed.
+
+    Raises `GrammarError` for a grammar, regex, schema or choice list that does not compile.
+    """
+    spec = as_spec(spec)
+    compiled = _compiled_for(tokenizer, vocab_size)
+    return TokenConstraint(_template_matcher(compiled, spec), compiled, spec)
+
+
+# ---- the constraint ---------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenSpan:
+    budget: FieldBudget
+    start: int  # offset in the output where the span's content begins
+    spent: int = 0  # tokens consumed inside the span
+    overtime: int = 0  # tokens consumed after the budget ran out
+    at_boundary: bool = False
+
+
+class TokenConstraint:
+    """The grammar state of one request. Not thread-safe: the scheduler thread owns it."""
+
+    def __init__(self, matcher: llg.LLMatcher, compiled: _Compiled, spec: GrammarSpec):
+        self._matcher = matcher
+        self._compiled = compiled
+        self.spec = spec
+        self.vocab_size = compiled.size
+        self._words = np.zeros((compiled.size + 31) // 32, dtype=np.int32)
+        self._output = bytearray()
+        self._scan_from = 0
+        self._span: _OpenSpan | None = None
+        self._closes: dict[str, list[int]] = {}
+        self._longest_marker = max(
+            (len(m.encode()) for b in spec.budgets for m in (b.open, b.close)), default=0
+        )
+        at_start = [b for b in spec.budgets if not b.open]
+        if at_start:
+            self._span = _OpenSpan(at_start[0], 0)
+        self.budget_closes = 0  # spans that ended after their budget ran out
+        self.proposed_budget_close = False  # whether the last forced() span is a budget's close
+
+    # ---- the engine's four calls ------------------------------------------------------------
+    def mask(self) -> torch.Tensor:
+        """bool [vocab_size]: the tokens allowed next. Stop ids only where the grammar may end."""
+        self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        self._check()
+        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.vocab_size]
+        return torch.from_numpy(bits.view(np.bool_))
+
+    def forced(self) -> list[int]:
+        """Tokens the grammar now allows only one way (jump-forward), or []; side-effect free.
+
+        When a budgeted span has run out, this is the span's close text plus what follows it.
+        """
+        self.proposed_budget_close = False
+        if self._matcher.is_stopped():
+            return []
+        taken = self._budget_close()
+        self.proposed_budget_close = bool(taken)
+        if not taken:
+            return self._matcher.compute_ff_tokens()
+        after = self._matcher.compute_ff_tokens()
+        self._matcher.rollback(len(taken))
+        return taken + after
+
+    def advance(self, token_ids: Sequence[int]) -> None:
+        """Consume sampled or forced tokens. Raises `GrammarViolationError` on a rejected one."""
+        for token in token_ids:
+            if not self._matcher.consume_token(int(token)):
+                shown = self._compiled.ll_tokenizer.dbg_tokens([int(token)])
+                raise GrammarViolationError(
+                    f"token {token} {shown} is not allowed by the grammar after "
+                    f"{bytes(self._output[-40:])!r}: {self._matcher.get_error()}"
+                )
+            self._track(int(token))
+
+    def is_finished(self) -> bool:
+        """The grammar is complete (or a stop token was consumed): end the request."""
+        return self._matcher.is_stopped()
+
+    # ---- extras ---------------------------------------------------------------------------------
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (a stop token would be allowed now)."""
+        return self._matcher.is_accepting()
+
+    @property
+    def output(self) -> bytes:
+        """The bytes consumed so far (special tokens excluded)."""
+        return bytes(self._output)
+
+    def fill_bitmask_into(self, words: np.ndarray) -> None:
+        """Write the next-token bitmask (int32 words, bit i of word i//32) into `words`."""
+        self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        self._check()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            raise GrammarViolationError(f"the grammar reached an error state: {self._matcher.get_error()}")
+
+    # ---- budgets --------------------------------------------------------------------------------
+    def _track(self, token: int) -> None:
+        """Account one consumed token for the budgeted spans."""
+        if not self.spec.budgets:
+            return
+        vocab = self._compiled.vocab
+        piece = b"" if token in vocab.special_ids or token >= vocab.size else vocab.token_bytes[token]
+        self._output += piece
+        # Only the new bytes (plus an overlap for a marker split across tokens) need scanning.
+        recent = len(self._output) - len(piece) - self._longest_marker
+        span = self._span
+        if span is not None:
+            span.spent += 1
+            if span.spent > span.budget.max_tokens:
+                span.overtime += 1
+            span.at_boundary = span.budget.boundary.encode() in piece
+            at = self._output.find(span.budget.close.encode(), max(span.start, recent))
+            if at == -1:
+                return
+            self.budget_closes += span.spent > span.budget.max_tokens
+            self._span, self._scan_from = None, at
+        best: tuple[int, FieldBudget] | None = None
+        for budget in self.spec.budgets:
+            if not budget.open:
+                continue
+            at = self._output.find(budget.open.encode(), max(self._scan_from, recent))
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, budget)
+        if best is not None:
+            start = best[0] + len(best[1].open.encode())
+            self._span = _OpenSpan(best[1], start)
+            self._scan_from = start
+
+    def _budget_close(self) -> list[int]:
+        """When the open span's budget is spent: its close (after unwinding what must end
+        first), consumed into the matcher; the caller rolls it back. [] when not due."""
+        span = self._span
+        if span is None or span.spent < span.budget.max_tokens:
+            return []
+        if not span.at_boundary and span.overtime < span.budget.grace and span.spent > 0:
+            return []
+        budget = span.budget
+        taken: list[int] = []
+        # The grammar may refuse everything here (mid UTF-8 character, mid number exponent):
+        # then sample on and try again after the next token.
+        for _ in range(_MAX_UNWIND):
+            step = next(
+                (
+                    t
+                    for t in (self._text_tokens(x) for x in (budget.close, *budget.unwind))
+                    if self._matcher.validate_tokens(t) == len(t)
+                ),
+                None,
+            )
+            if step is None:
+                break
+            self._matcher.consume_tokens(step)
+            taken += step
+            if step == self._text_tokens(budget.close):
+                break
+        return taken
+
+    def _text_tokens(self, text: str) -> list[int]:
+        tokens = self._closes.get(text)
+        if tokens is None:
+            tokens = self._closes[text] = self._compiled.bridge(text)
+        return tokens
+
+
+_MAX_UNWIND = 32
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+_executor: llg.LLExecutor | None = None
+
+
+def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> None:
+    """In place: `logits[i, t] = -inf` wherever `constraints[i]` disallows token t.
+
+    One call for a whole decode batch: the masks are computed in parallel by llguidance
+    (outside the GIL) into one bitmask, expanded on the logits' device. Rows whose constraint
+    is None are left alone; columns past a constraint's vocabulary are disallowed. Any other
+    object with the engine's four calls (a wrapper, a test double) is masked through `mask()`.
+    """
+    global _executor
+    vocab = logits.shape[-1]
+    rows = [(i, c) for i, c in enumerate(constraints) if isinstance(c, TokenConstraint)]
+    for i, c in enumerate(constraints):
+        if c is not None and not isinstance(c, TokenConstraint):
+            mask = c.mask().to(logits.device)[:vocab]
+            logits[i, : mask.shape[0]] = logits[i, : mask.shape[0]].masked_fill(~mask, float("-inf"))
+            logits[i, mask.shape[0] :] = float("-inf")
+    if not rows:
+        return
+    width = max(c.vocab_size for _, c in rows)
+    words = np.zeros((len(rows), (width + 31) // 32), dtype=np.int32)
+    if len(rows) == 1:
+        rows[0][1].fill_bitmask_into(words[0])
+    else:
+        if _executor is None:
+            _executor = llg.LLExecutor(num_threads=2)
+        _executor.unsafe_compute_mask_ptr(
+            [(c._matcher, k) for k, (_, c) in enumerate(rows)],
+            words.ctypes.data,
+            words.shape[1] * 4,
+            words.shape[0],
+        )
+        for _, c in rows:
+            c._check()
+    packed = torch.from_numpy(words).to(logits.device)
+    bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(rows), -1)
+    if bits.shape[1] < vocab:
+        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
+    index = torch.tensor([i for i, _ in rows], device=logits.device)
+    logits[index] = logits[index].masked_fill(~bits[:, :vocab], float("-inf"))

@@ -1,0 +1,316 @@
+"""The engine's public face: load a checkpoint, then score or generate through the scheduler."""
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from plait.backends.grammar.constraint import TokenConstraint
+from plait.backends.loading import registry
+from plait.backends.models.base import ModelInfo
+from plait.backends.models.state import Batch
+from plait.backends.runtime.openmp_teams import run_in_fresh_thread
+from plait.backends.runtime.prefix_cache import PrefixCache
+from plait.backends.runtime.sampling import SamplingParams
+from plait.backends.runtime.scheduler import Request, Scheduler, Usage
+from plait.backends.runtime.state_pool import StatePool
+from plait.errors import ContextLengthError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass
+class EngineStats:
+    """What an engine has done so far (read-only counters; `engine.stats()` takes a snapshot and
+    `later.since(earlier)` gives the work in between).
+
+    `requests` went to the model; `shared` were answered by an identical request (one in flight,
+    or the previous candidate of the same greedy call) at no cost. Of the computed requests'
+    `prompt_tokens`, `prompt_tokens_computed` ran through the model; the rest came from the
+    prefix cache. Every model pass is counted: a decode pass advances `rows` sequences by one
+    token each (`decode_batches[rows]` passes of that size), a multi-token pass runs prompt
+    chunks or forced spans of one sequence or of several, each padded on the right to the
+    longest: `multi_token_tokens` counts their real tokens, `multi_token_padding` the padding
+    computed alongside (thrown away); `rows_in_flight` sums, over passes, how many sequences
+    the scheduler held at that moment; `forward_seconds` is the time spent inside those passes.
+    """
+
+    requests: int = 0
+    shared: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    decode_passes: int = 0
+    decode_tokens: int = 0
+    multi_token_passes: int = 0
+    multi_token_tokens: int = 0
+    multi_token_padding: int = 0
+    rows_in_flight: int = 0
+    forward_seconds: float = 0.0
+    decode_batches: Counter = field(default_factory=Counter)
+
+    @property
+    def passes(self) -> int:
+        return self.decode_passes + self.multi_token_passes
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_tokens / self.decode_passes if self.decode_passes else 0.0
+
+    @property
+    def max_decode_batch(self) -> int:
+        return max((size for size, count in self.decode_batches.items() if count > 0), default=0)
+
+    @property
+    def mean_rows_in_flight(self) -> float:
+        return self.rows_in_flight / self.passes if self.passes else 0.0
+
+    @property
+    def prompt_cache_share(self) -> float:
+        """Fraction of prompt tokens restored from the prefix cache instead of computed."""
+        return 1 - self.prompt_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def since(self, earlier: "EngineStats") -> "EngineStats":
+        delta = {f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)}
+        return EngineStats(**delta)
+
+
+class _CountedModel:
+    """The model as the scheduler sees it: each pass is timed and counted in the engine's stats
+    (nothing is registered on the model itself, which other engines may share). On CUDA, decode
+    steps replayed from a captured graph do not pass through here and are not counted."""
+
+    def __init__(self, model: torch.nn.Module, engine: "Engine"):
+        self._model, self._engine = model, engine
+
+    def __call__(self, ids: torch.Tensor, batch: Batch | None = None, **kwargs: Any) -> torch.Tensor:
+        started = time.perf_counter()
+        out = self._model(ids, batch, **kwargs)
+        new_tokens = batch.new_tokens if batch is not None else None
+        self._engine._count_pass(ids.shape, new_tokens, time.perf_counter() - started)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class Engine:
+    """A loaded model plus the scheduler thread that owns it.
+
+    Thread-safe: any number of threads may call `generate` at once; their decode steps are
+    batched together.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_id: str,
+        family: str,
+        *,
+        max_batch_size: int = 32,
+        memory_budget_mb: int | None = None,
+        max_length: int | None = None,
+        prefill_chunk: int = 512,
+        max_queue: int = 1024,
+        prefix_cache: bool = True,
+        prefix_cache_mb: int = 512,
+        prefix_block_size: int | None = None,
+    ):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.info: ModelInfo = model.info(family)
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.max_length = min(max_length or model.context_length, model.context_length)
+        budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+        self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget)
+        self._inflight: dict[Any, Request] = {}
+        self._inflight_lock = threading.Lock()
+        self.prefix_cache = None
+        if prefix_cache:
+            # attention-only models restore any block-aligned prefix: small blocks leave fewer of
+            # a prompt's shared tokens to recompute (a DSPy prompt's own part starts mid-block);
+            # Mamba state is checkpointed once per block pass, so hybrids keep bigger blocks
+            block = prefix_block_size or (64 if model.state_chunk > 1 else 16)
+            block = -(-block // model.state_chunk) * model.state_chunk  # a multiple of the SSD chunk
+            self.prefix_cache = PrefixCache(self.pool.layer_specs, block, prefix_cache_mb * 2**20)
+        self._stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self.scheduler = Scheduler(
+            _CountedModel(model, self),
+            tokenizer,
+            self.pool,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            prefix_cache=self.prefix_cache,
+        )
+
+    @classmethod
+    def load(
+        cls, name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = None, **options: Any
+    ) -> "Engine":
+        """Load a registered model name, a `.gguf` file or an HF checkpoint directory.
+
+        Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue,
+        prefix_cache (on by default), prefix_cache_mb, prefix_block_size (default 16 tokens for
+        attention-only models, 64 rounded up to the SSD chunk for hybrids). `quantize="int4"` or
+        `"int8"` runs weight-only quantised linear layers with bf16 activations (CPU; `dtype` is
+        then bf16); the model id gets the scheme as a suffix, since outputs differ.
+        """
+        if isinstance(dtype, str):
+            dtype = _DTYPES[dtype]
+        quantize = options.pop("quantize", None)
+        model_id, path = registry.resolve(name_or_path)
+        model_id = registry.variant_id(model_id, quantize)
+
+        def build() -> "Engine":
+            model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
+            return cls(model, tokenizer, model_id, family, **options)
+
+        return run_in_fresh_thread(build)  # see plait.backends.runtime.openmp_teams
+
+    # ---- what it did -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters (see `EngineStats`)."""
+        with self._stats_lock:
+            return replace(
+                self._stats,
+                decode_batches=Counter(self._stats.decode_batches),
+                prompt_tokens_computed=self.scheduler.prompt_tokens_computed,
+            )
+
+    def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
+        """Count one pass of ids `shape` [rows, tokens]; `new_tokens` are the real tokens per row
+        of a padded multi-row pass (None: the pass is all real tokens)."""
+        rows, tokens = shape
+        with self._stats_lock:
+            stats = self._stats
+            stats.rows_in_flight += len(self.scheduler.rows)
+            stats.forward_seconds += seconds
+            if tokens == 1:
+                stats.decode_passes += 1
+                stats.decode_tokens += rows
+                stats.decode_batches[rows] += 1
+            else:
+                real = rows * tokens if new_tokens is None else int(new_tokens.sum())
+                stats.multi_token_passes += 1
+                stats.multi_token_tokens += real
+                stats.multi_token_padding += rows * tokens - real
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt block (a cold start without reloading the weights).
+        Call it while no request is running: the scheduler thread reads the cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len(ids), vocab] of one full forward pass, no cache (the reference path)."""
+        self._check_length(len(ids), 0)
+        return run_in_fresh_thread(self._full_forward, ids)  # see plait.backends.runtime.openmp_teams
+
+    @torch.inference_mode()
+    def _full_forward(self, ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([ids], device=self.device))[0]
+
+    # ---- generation ------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return (
+            list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt, add_special=True)
+        )
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        *,
+        constraint: TokenConstraint | None = None,
+        stream: bool = False,
+        share_key: Any = None,
+        **sampling: Any,
+    ) -> Request:
+        """Queue a request and return at once; `request.wait()` or `request.deltas()` for results.
+
+        `share_key`: callers that know two requests must give the same result (greedy or seeded,
+        same prompt and grammar) pass a key; a request with the key of one still in flight gets
+        that request back instead of computing it twice — DSPy's straggler re-submissions and
+        identical `n>1` candidates cost one generation.
+        """
+        if share_key is not None and not stream:
+            with self._inflight_lock:
+                running = self._inflight.get(share_key)
+                if running is not None and not running._done.is_set():
+                    self.note_shared()
+                    return running
+                request = self.submit(prompt, constraint=constraint, **sampling)
+                if len(self._inflight) > 1024:
+                    self._inflight = {k: r for k, r in self._inflight.items() if not r._done.is_set()}
+                self._inflight[share_key] = request
+                return request
+        if isinstance(sampling.get("stop"), (list, str)):
+            stop = sampling["stop"]
+            sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        params = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        ids = self.prompt_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self._check_length(len(ids), 1)
+        request = self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
+        with self._stats_lock:
+            self._stats.requests += 1
+            self._stats.prompt_tokens += len(ids)
+        return request
+
+    def note_shared(self) -> None:
+        """Count a request answered by another one's result (nothing computed for it)."""
+        with self._stats_lock:
+            self._stats.shared += 1
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult:
+        """Generate from raw text or token ids (no chat template: see `chat`)."""
+        request = self.submit(prompt, **kwargs).wait()
+        return GenerationResult(request.text, request.token_ids, request.finish_reason, request.usage)
+
+    def chat(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
+        return self.generate(self.chat_prompt(messages), **kwargs)
+
+    def stream(self, prompt: str | list[int], **kwargs: Any) -> Iterator[str]:
+        request = self.submit(prompt, stream=True, **kwargs)
+        try:
+            yield from request.deltas()
+        finally:
+            request.cancel()
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def _check_length(self, prompt_tokens: int, extra: int) -> None:
+        if prompt_tokens + extra > self.max_length:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens; the context window of {self.model_id} is "
+                f"{self.max_length} tokens"
+            )
