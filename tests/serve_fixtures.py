@@ -98,6 +98,22 @@ class Sleeper(dspy.Module):
         return dspy.Prediction(slept=seconds)
 
 
+class ListStore:
+    """Stands in for `plait.store.Store`: keeps traces in a list; a request id starting with
+    `db-down` fails to be written, as with a full database."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def record_trace(self, program, inputs, outputs, latency_ms, status, tokens=0, **fields) -> int:
+        if (fields.get("request_id") or "").startswith("db-down"):
+            raise OSError("the database is full")
+        self.rows.append(
+            {"program": program, "inputs": inputs, "outputs": outputs, "status": status, **fields}
+        )
+        return len(self.rows)
+
+
 API_KEY = "test-key"
 MODEL = "smollm2-135m"
 

@@ -22,23 +22,10 @@ from plait.serve.errors import api_error_for
 from plait.serve.limits import RateLimiter
 from plait.serve.programs import ServedProgram
 from plait.serve.runtime import ServeRuntime, program_name
-from tests.serve_fixtures import ServerThread, Sleeper
+from tests.serve_fixtures import ListStore, ServerThread, Sleeper
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-class ListStore:
-    """Stands in for `plait.store.Store`: keeps traces in a list."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def record_trace(self, program, inputs, outputs, latency_ms, status, tokens=0, **fields) -> int:
-        self.rows.append(
-            {"program": program, "inputs": inputs, "outputs": outputs, "status": status, **fields}
-        )
-        return len(self.rows)
 
 
 def serve(**settings) -> ServerThread:

@@ -3,7 +3,9 @@
 A request handler builds a `Trace` and hands it to `TraceWriter.submit`, which only enqueues
 it; one background thread writes traces to the store (`Store.record_trace`). A slow or broken
 database therefore never slows an answer or fails a request: when the queue is full, or a
-write fails, the trace is counted as dropped and logged, and serving goes on.
+trace cannot be prepared or written, it is counted as dropped and logged, and the writer goes
+on to the next one. A trace holds what clients sent, so nothing about it may stop the writer:
+values are copied with bounded depth and length (`jsonable`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ log = logging.getLogger(__name__)
 
 #: Longest text kept per traced value; a trace records a call, not a copy of every payload.
 MAX_TRACED_CHARS = 20_000
+
+#: Deepest nesting of lists and objects kept in a traced value; deeper parts become a marker.
+MAX_TRACED_DEPTH = 32
 
 
 class TraceStore(Protocol):
@@ -55,19 +60,23 @@ class Trace:
     error: str | None = None
 
 
-def jsonable(value: Any, limit: int = MAX_TRACED_CHARS) -> Any:
-    """`value` as plain JSON for a trace column: long strings cut, unknown objects as text."""
+def jsonable(value: Any, limit: int = MAX_TRACED_CHARS, depth: int = MAX_TRACED_DEPTH) -> Any:
+    """`value` as plain JSON for a trace column: long strings cut, unknown objects as text,
+    lists and objects more than `depth` levels deep replaced by a short marker (a client's
+    body can nest thousands of levels: copying it recursively would overflow the stack)."""
     if isinstance(value, str):
         return value if len(value) <= limit else value[:limit] + f"... [{len(value) - limit} more chars]"
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, (dict, list, tuple)) and depth <= 0:
+        return f"[nested deeper than {MAX_TRACED_DEPTH} levels]"
     if isinstance(value, dict):
-        return {str(k): jsonable(v, limit) for k, v in value.items()}
+        return {str(k): jsonable(v, limit, depth - 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v, limit) for v in value]
+        return [jsonable(v, limit, depth - 1) for v in value]
     dump = getattr(value, "model_dump", None)  # pydantic models (DSPy typed outputs)
     if callable(dump):
-        return jsonable(dump(mode="json"), limit)
+        return jsonable(dump(mode="json"), limit, depth)
     try:
         json.dumps(value)
         return value
@@ -83,6 +92,7 @@ class TraceWriter:
         self.record_io = record_io
         self.written = 0
         self.dropped = 0
+        self._dropped_lock = threading.Lock()  # counted by request threads and the writer
         self._queue: queue.Queue[Trace | None] = queue.Queue(maxsize=capacity)
         self._thread: threading.Thread | None = None
         if store is not None:
@@ -96,7 +106,7 @@ class TraceWriter:
         try:
             self._queue.put_nowait(trace)
         except queue.Full:
-            self.dropped += 1
+            self._count_drop()
             log.warning("trace queue full: dropped the trace of request %s", trace.request_id)
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -126,8 +136,15 @@ class TraceWriter:
                 if trace is None:
                     return
                 self._write(trace)
+            except Exception:  # the database is down or full, or the trace is unusable: keep going
+                self._count_drop()
+                log.exception("could not write the trace of request %s", getattr(trace, "request_id", "?"))
             finally:
                 self._queue.task_done()
+
+    def _count_drop(self) -> None:
+        with self._dropped_lock:
+            self.dropped += 1
 
     def _write(self, trace: Trace) -> None:
         assert self.store is not None
@@ -135,20 +152,16 @@ class TraceWriter:
         outputs = None
         if trace.outputs is not None:
             outputs = jsonable(trace.outputs) if self.record_io else {"fields": sorted(trace.outputs)}
-        try:
-            self.store.record_trace(
-                trace.target,
-                inputs,
-                outputs,
-                trace.latency_ms,
-                trace.status,
-                trace.prompt_tokens + trace.completion_tokens,
-                error=trace.error,
-                prompt_tokens=trace.prompt_tokens,
-                completion_tokens=trace.completion_tokens,
-                request_id=trace.request_id,
-            )
-            self.written += 1
-        except Exception:  # the database is down or full: keep serving
-            self.dropped += 1
-            log.exception("could not write the trace of request %s", trace.request_id)
+        self.store.record_trace(
+            trace.target,
+            inputs,
+            outputs,
+            trace.latency_ms,
+            trace.status,
+            trace.prompt_tokens + trace.completion_tokens,
+            error=trace.error,
+            prompt_tokens=trace.prompt_tokens,
+            completion_tokens=trace.completion_tokens,
+            request_id=trace.request_id,
+        )
+        self.written += 1
