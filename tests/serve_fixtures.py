@@ -55,17 +55,22 @@ def save_program(
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1 on a port the OS picked, in a daemon thread."""
+    """uvicorn serving `app` (from `create_app`) on 127.0.0.1 on a port the OS picked, in a
+    daemon thread, configured as `plait serve` configures it."""
 
     def __init__(self, app, host: str = "127.0.0.1"):
         import uvicorn
+
+        from plait.serve.server import uvicorn_config
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, 0))
         self.port = self.socket.getsockname()[1]
         self.host = host
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        config = uvicorn_config(
+            app, app.state.runtime.config, log_level="warning", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

@@ -76,6 +76,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a call gets 504")
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers before it is disconnected (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's body before it is disconnected (default 30)",
+    )
+    p.add_argument(
         "--max-tokens-limit",
         type=int,
         default=4096,
@@ -152,6 +164,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_inflight=args.max_inflight,
         workers=args.workers or args.max_inflight,
         request_timeout=args.request_timeout,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
         max_tokens_limit=args.max_tokens_limit,
         trace_io=not args.no_trace_io,
         dspy_cache=args.dspy_cache,
@@ -219,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from plait.serve.app import create_app
+    from plait.serve.server import uvicorn_config
 
     runtime = build_runtime(args, config)
     app = create_app(runtime)
@@ -230,14 +245,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        uvicorn.run(
+        server_config = uvicorn_config(
             app,
+            config,
             host=config.host,
             port=config.port,
             log_level=args.log_level,
             timeout_graceful_shutdown=10,
             access_log=args.log_level == "debug",
         )
+        uvicorn.Server(server_config).run()
     finally:
         runtime.close()
     return 0

@@ -40,6 +40,9 @@ class ServeConfig:
             at once rather than queueing without bound.
         workers: threads running program calls; the engine batches whatever they submit.
         request_timeout: seconds a generation call may take before it is answered 504.
+        header_timeout: seconds a client has to send a request's headers (from connecting, or
+            from the previous response); a client that is slower is disconnected.
+        body_timeout: seconds a client has to send a request's body once its headers are in.
         max_tokens_limit: the largest `max_tokens` an OpenAI-style request may ask for.
         trace_io: store request inputs and outputs in traces (off: only sizes and timings).
         dspy_cache: let DSPy answer repeated program calls from its cache.
@@ -54,6 +57,8 @@ class ServeConfig:
     max_inflight: int = 64
     workers: int = 32
     request_timeout: float = 300.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
     max_tokens_limit: int = 4096
     trace_io: bool = True
     dspy_cache: bool = False
@@ -74,6 +79,7 @@ class ServeConfig:
                 raise ServeConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.rate_limit < 0:
             raise ServeConfigError("--rate-limit must be >= 0 (0 turns it off)")
-        if self.request_timeout <= 0:
-            raise ServeConfigError("--request-timeout must be positive")
+        for name in ("request_timeout", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise ServeConfigError(f"--{name.replace('_', '-')} must be positive")
         return self

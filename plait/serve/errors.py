@@ -12,6 +12,7 @@ The mapping is the contract with clients: 4xx means "change the request", 429/50
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,10 +99,64 @@ def api_error_for(exc: BaseException) -> ApiError:
     return ApiError(400, message, "invalid_request_error", type(error).__name__)
 
 
+#: Deepest nesting of arrays and objects a request body may have. Real requests nest a few
+#: levels (a JSON schema in `response_format`, a few dozen); a body thousands of levels deep
+#: would overflow the stack of whatever walks it next (validation, grammars, traces).
+MAX_JSON_DEPTH = 64
+
+#: Where a lone UTF-16 surrogate may hide in a body: a `\uD800`-`\uDFFF` escape, or the
+#: UTF-8-style bytes of one (which Python's JSON decoder lets through).
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
 async def read_json(request: Request) -> Any:
-    """The request body as JSON, or 400 (malformed JSON is the client's error, not a 500)."""
+    """The request body as JSON, or 400: malformed JSON, nesting deeper than `MAX_JSON_DEPTH`
+    and lone surrogates (`"\\ud800"`: valid JSON, but not text, so no tokenizer or UTF-8
+    encoder takes it) are the client's error, not a 500 from deep inside the server."""
     raw = await request.body()
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="malformed_json") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise _too_deep()
+    if _MAYBE_SURROGATE.search(raw) and _has_lone_surrogate(value):
+        raise ApiError(
+            400,
+            'the body contains a lone UTF-16 surrogate (such as "\\ud800"), which is not text',
+            code="invalid_unicode",
+        )
+    return value
+
+
+def _too_deep() -> ApiError:
+    return ApiError(
+        400, f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+    )
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and dicts more than `limit` levels (level by level, no
+    recursion: the value may be as deep as the parser allowed)."""
+    level = [value]
+    for _ in range(limit):
+        children: list[Any] = []
+        for item in level:
+            members = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            children.extend(m for m in members if isinstance(m, (dict, list)))
+        if not children:
+            return False
+        level = children
+    return True
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in `value` (keys included) holds an unpaired surrogate (escaped
+    pairs were already joined by the decoder: what is left cannot be encoded as UTF-8)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
