@@ -103,11 +103,12 @@ def shared_weights(home: Path) -> None:
         target.symlink_to(source, target_is_directory=True)
 
 
-def run(argv: list[str], home: Path, **kwargs: Any) -> subprocess.CompletedProcess:
+def run(argv: list[str], home: Path, *, cwd: Path = REPO, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`plait argv` in a subprocess with its own PLAIT_HOME, run in `cwd`."""
     return subprocess.run(
         [*plait_command(), *argv],
         env=subprocess_env(home),
-        cwd=REPO,
+        cwd=cwd,
         text=True,
         capture_output=True,
         check=False,

@@ -67,9 +67,10 @@ def test_program_from_a_file_and_init_arguments(tmp_path):
     program.answer.demos = [dspy.Example(question="1+1?", answer="2")]
     artifact = tmp_path / "echo.json"
     save_artifact(program, artifact, program_path="myprog.py:Echo", model="m", init={"style": "terse"})
-    loaded = load_artifact(artifact)  # relative file path: found beside the artifact
+    loaded = load_artifact(artifact, program=f"{source}:Echo")  # a file: only when the user names it
     assert loaded.program.style == "terse" and loaded.init == {"style": "terse"}
-    assert load_artifact(artifact, init={"style": "loud"}).program.style == "loud"
+    assert loaded.program_path == "myprog.py:Echo"
+    assert load_artifact(artifact, init={"style": "loud"}, program=f"{source}:Echo").program.style == "loud"
 
 
 def test_signature_mismatch_is_a_clear_error(tmp_path):

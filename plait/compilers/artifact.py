@@ -4,13 +4,37 @@
                   model="smollm2-135m")
     loaded = load_artifact("sentiment.json")
     loaded.program(text="a triumph")
+    loaded = load_artifact("echo.json", program="path/to/echo.py:Echo")   # a program you name
 
 The file holds `program.dump_state()` (instructions, demos) plus what is needed to rebuild
 the program around it: its import path, constructor arguments (`init`), the model it was
 compiled for, its signature hash and the plait/DSPy versions. Loading imports the class,
 constructs it, checks that its signatures still have the compiled shape, and applies the
-state with `load_state` — nothing is ever unpickled, so loading an artifact runs only code
-you already have installed.
+state with `load_state`.
+
+Trust model. An artifact is data that may come from anyone (a colleague, a download, a CI
+job), so loading one runs no code the user did not choose:
+
+- Nothing in it is executed or unpickled. The file is parsed as JSON (nesting deeper than
+  `MAX_DEPTH` levels is refused), and the state is applied as data by DSPy's `load_state`.
+- The program it names is imported only if it is `package.module:Class` where the module is
+  not a `__main__` script, not in Python's standard library, and either already imported in
+  this process (importing it again runs nothing) or in a top-level package that an installed
+  distribution provides (`importlib.metadata.packages_distributions()`). This is checked
+  before anything is imported. The attribute must then be a `dspy.Module` subclass; it is
+  constructed with the artifact's JSON `init` values and must have the signature hash the
+  artifact was compiled with. So an artifact naming a file (`evil.py:Evil`, relative or
+  absolute), a module that is importable only because its directory is on `sys.path` (the
+  working directory under `python -m`), or a standard module (`os:system`, `this:Foo`) is
+  refused with a `ProgramLoadError`, and the named code never runs.
+- A program that is not installed runs only when the user names it: `plait eval
+  path/to/file.py:Class --compiled a.json` (eval's program argument), `load_artifact(path,
+  program="path/to/file.py:Class")` in Python. The artifact's own program path is then not
+  imported at all; the named class must have the artifact's class name and signature hash.
+- Trusted, and outside what a loader can check: installed distributions (installing a package
+  is choosing to run it; importing one of its modules runs that module's top-level code and
+  the class's constructor), and `sys.path` itself (a directory placed before site-packages can
+  shadow an installed package for every import, not only for plait's).
 """
 
 from __future__ import annotations
@@ -25,9 +49,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from plait.compilers.errors import ArtifactCorruptError, ArtifactMismatchError, ArtifactNotFoundError
+from plait.compilers.errors import (
+    ArtifactCorruptError,
+    ArtifactMismatchError,
+    ArtifactNotFoundError,
+    ProgramLoadError,
+)
 from plait.compilers.hashing import signature_hash, signature_shape
-from plait.compilers.loading import instantiate, load_program_class
+from plait.compilers.loading import artifact_program_class, instantiate, load_program_class, split_target
 from plait.version import __version__
 
 log = logging.getLogger(__name__)
@@ -35,6 +64,11 @@ log = logging.getLogger(__name__)
 FORMAT = "plait-artifact"
 FORMAT_VERSION = 1
 _REQUIRED = ("format", "format_version", "program", "model", "signature_hash", "plait_version", "state")
+_STRINGS = ("program", "model", "signature_hash", "plait_version")
+#: Deepest JSON nesting an artifact may have. DSPy state is a few levels deep (predictor ->
+#: demos -> fields -> values); anything near Python's recursion limit would overflow the first
+#: walk of the state (hashing, copying) after loading.
+MAX_DEPTH = 100
 
 
 @dataclass
@@ -122,6 +156,21 @@ def save_artifact(
     return hashlib.sha256(data).hexdigest()
 
 
+def _depth_exceeds(document: Any, limit: int) -> bool:
+    """Whether JSON `document` nests deeper than `limit` (walked without recursion)."""
+    level = [document]
+    for _ in range(limit):
+        level = [
+            child
+            for value in level
+            if isinstance(value, (dict, list))
+            for child in (value.values() if isinstance(value, dict) else value)
+        ]
+        if not level:
+            return False
+    return any(isinstance(value, (dict, list)) for value in level)
+
+
 def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The artifact's JSON document, checked for shape but not applied to any program."""
     source = Path(path)
@@ -131,10 +180,15 @@ def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactNotFoundError(f"artifact not found: {source}") from None
     except IsADirectoryError:
         raise ArtifactNotFoundError(f"artifact path is a directory: {source}") from None
+    too_deep = f"{source} is JSON nested more than {MAX_DEPTH} levels deep: not a plait artifact"
     try:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactCorruptError(f"{source} is not valid JSON ({exc}); was it truncated?") from exc
+    except RecursionError:  # the parser's own limit, far above MAX_DEPTH
+        raise ArtifactCorruptError(too_deep) from None
+    if _depth_exceeds(document, MAX_DEPTH):
+        raise ArtifactCorruptError(too_deep)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ArtifactCorruptError(f'{source} is not a plait artifact (no "format": "{FORMAT}")')
     missing = [key for key in _REQUIRED if key not in document]
@@ -147,30 +201,57 @@ def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if not isinstance(document["state"], dict) or not isinstance(document.get("init", {}), dict):
         raise ArtifactCorruptError(f'{source}: "state" and "init" must be JSON objects')
+    wrong = [key for key in _STRINGS if not isinstance(document[key], str)]
+    if wrong:
+        raise ArtifactCorruptError(f"{source}: {', '.join(wrong)} must be strings")
     document["_sha256"] = hashlib.sha256(raw).hexdigest()
     return document
 
 
-def load_artifact(path: str | os.PathLike[str], *, init: dict[str, Any] | None = None) -> LoadedArtifact:
+def _program_class(source: Path, saved: str, chosen: str | None) -> type:
+    """The class of the artifact's program: the one the caller chose (same class name as the
+    saved one), else the saved one if the trust rule allows importing it."""
+    try:
+        saved_name = split_target(saved)[1]
+    except ProgramLoadError as exc:
+        raise ArtifactCorruptError(f"{source}: {exc}") from None
+    if chosen is None:
+        try:
+            return artifact_program_class(saved)
+        except ProgramLoadError as exc:
+            raise ProgramLoadError(f"{source}: {exc}") from None
+    if split_target(chosen)[1] != saved_name:
+        raise ArtifactMismatchError(
+            f"{source} was compiled for {saved_name} ({saved}), not {split_target(chosen)[1]} ({chosen})"
+        )
+    return load_program_class(chosen)
+
+
+def load_artifact(
+    path: str | os.PathLike[str], *, init: dict[str, Any] | None = None, program: str | None = None
+) -> LoadedArtifact:
     """Rebuild the compiled program saved at `path`.
 
     `init` overrides the saved constructor arguments (e.g. a different index directory on the
-    serving machine); the signature check still applies.
+    serving machine); the signature check still applies. `program` is a program the caller
+    chose (`module:Class` or `file.py:Class`) to use instead of the one the artifact names,
+    which may only be an installed one (see the trust model above); it must have the
+    artifact's class name.
     """
     source = Path(path)
     document = read_artifact(source)
-    cls = load_program_class(document["program"], base_dir=source.resolve().parent)
+    cls = _program_class(source, document["program"], program)
     init_args = {**document.get("init", {}), **(init or {})}
-    program = instantiate(cls, init_args)
-    current = signature_hash(program)
+    rebuilt = instantiate(cls, init_args)
+    current = signature_hash(rebuilt)
     if current != document["signature_hash"]:
         raise ArtifactMismatchError(
-            f"{source} was compiled for a different version of {document['program']} (signature hash "
-            f"{document['signature_hash']}, the program now has {current}): its fields changed; "
-            "recompile it"
+            f"{source} was compiled for a different version of {program or document['program']} "
+            f"(signature hash {document['signature_hash']}, the program now has {current}): "
+            "its fields changed; recompile it"
         )
     try:
-        program.load_state(document["state"])
+        rebuilt.load_state(document["state"])
     except Exception as exc:  # KeyError/TypeError/ValidationError from DSPy: the state does not fit
         raise ArtifactCorruptError(
             f"{source}: the saved state does not load into {document['program']}: {type(exc).__name__}: {exc}"
@@ -184,7 +265,7 @@ def load_artifact(path: str | os.PathLike[str], *, init: dict[str, Any] | None =
             plait_version,
         )
     return LoadedArtifact(
-        program=program,
+        program=rebuilt,
         program_path=document["program"],
         model=document["model"],
         signature_hash=document["signature_hash"],

@@ -4,13 +4,19 @@ The same spelling is used on the command line, in artifacts and in the server, s
 is named one way everywhere. Files are imported under a module name derived from their
 resolved path, so importing the same file twice gives the same class (and the same
 signature hash).
+
+What the user types is imported as given (`load_program_class`). What an artifact names is
+not the user's choice, so it goes through `artifact_program_class`, which refuses, before
+anything is imported, every program outside the rule in `plait.compilers.artifact`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,18 +51,15 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def load_object(target: str, *, base_dir: Path | None = None) -> Any:
-    """The object named by `module:Name` or `file.py:Name`. A relative file path is looked up
-    in the working directory, then in `base_dir` (an artifact's directory)."""
+def load_object(target: str) -> Any:
+    """The object named by `module:Name` or `file.py:Name` (a relative file path is relative to
+    the working directory)."""
     location, name = split_target(target)
     if location.endswith(".py"):
-        candidates = [Path(location)]
-        if base_dir is not None and not Path(location).is_absolute():
-            candidates.append(base_dir / location)
-        path = next((p.resolve() for p in candidates if p.is_file()), None)
-        if path is None:
+        path = Path(location)
+        if not path.is_file():
             raise ProgramLoadError(f"program file not found: {location}")
-        module = _import_file(path)
+        module = _import_file(path.resolve())
     else:
         try:
             module = importlib.import_module(location)
@@ -70,14 +73,45 @@ def load_object(target: str, *, base_dir: Path | None = None) -> Any:
         raise ProgramLoadError(f"{location!r} has no attribute {name!r}") from None
 
 
-def load_program_class(target: str, *, base_dir: Path | None = None) -> type:
+def load_program_class(target: str) -> type:
     """The `dspy.Module` subclass named by `module:Class` or `file.py:Class`."""
     import dspy
 
-    obj = load_object(target, base_dir=base_dir)
+    obj = load_object(target)
     if not (isinstance(obj, type) and issubclass(obj, dspy.Module)):
         raise ProgramLoadError(f"{target} is not a dspy.Module subclass")
     return obj
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def artifact_program_class(target: str) -> type:
+    """The program class an artifact names, imported only if that runs no code the user did not
+    choose: `package.module:Class` where the module is no script (`__main__`), not in the
+    standard library, and either imported already (importing it again runs nothing) or part of
+    an installed distribution. Everything else is refused before it is imported."""
+    location, name = split_target(target)
+    if location.endswith(".py") or not _MODULE_NAME.fullmatch(location):
+        raise ProgramLoadError(
+            f"the artifact names the program {target!r}, a file: an artifact may only name a module "
+            f"of an installed package; to run that file, name it yourself: --program {target} "
+            "(plait eval: its program argument)"
+        )
+    top, leaf = location.partition(".")[0], location.rpartition(".")[2]
+    if leaf == "__main__":
+        raise ProgramLoadError(f"the artifact names {location!r}, a script, not a module of programs")
+    if top in sys.stdlib_module_names:
+        raise ProgramLoadError(
+            f"the artifact names {location!r}, part of Python's standard library, not a program"
+        )
+    if location not in sys.modules and top not in importlib.metadata.packages_distributions():
+        raise ProgramLoadError(
+            f"the artifact names the module {location!r}, which is not part of an installed package: "
+            f"install it, or name its file yourself: --program path/to/{leaf}.py:{name} "
+            "(plait eval: its program argument)"
+        )
+    return load_program_class(target)
 
 
 def instantiate(cls: type, init: dict[str, Any] | None = None) -> Any:

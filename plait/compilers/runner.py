@@ -381,15 +381,8 @@ def evaluate_program(
     """Score a program (as written, or from a compiled artifact) on a dataset, recorded in the
     store. `lm` replaces the plait LM for the configured model."""
     progress = progress or LogProgress()
-    if config.compiled:
-        loaded = load_artifact(config.compiled, init=config.program_args or None)
-        if loaded.program_path != config.program:
-            log.warning(
-                "%s was compiled from %s, evaluating it as %s",
-                config.compiled,
-                loaded.program_path,
-                config.program,
-            )
+    if config.compiled:  # the program the user named, checked against the artifact's
+        loaded = load_artifact(config.compiled, init=config.program_args or None, program=config.program)
         program, cls = loaded.program, type(loaded.program)
         model = config.model or loaded.model
         artifact_sha = loaded.sha256
