@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 from pathlib import Path
 
 import numpy as np
 
 from plait.retrievers.corpus import Document
+from plait.retrievers.integrity import check_offsets, corrupt
 
 DOCS_FILE = "docs.jsonl"
 OFFSETS_FILE = "docs.offsets.npy"
@@ -42,15 +44,22 @@ class DocStoreWriter:
 
 
 class DocStore:
-    """Read-only, thread-safe access to the documents of an opened index."""
+    """Read-only, thread-safe access to the documents of an opened index.
+
+    The offsets are checked at open (they index the text file); the rows themselves are not -
+    docs.jsonl can be most of an index - so a damaged row is reported when it is read.
+    """
 
     def __init__(self, directory: Path, in_memory: bool = False):
+        self.path = directory / DOCS_FILE
         self.offsets = np.load(directory / OFFSETS_FILE, mmap_mode=None if in_memory else "r")
-        with open(directory / DOCS_FILE, "rb") as f:
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            check_offsets(directory / OFFSETS_FILE, self.offsets, None, size)
             if in_memory:
                 self._data: bytes | mmap.mmap = f.read()
-            elif self.offsets[-1] == 0:
-                self._data = b""
+            elif size == 0:
+                self._data = b""  # mmap cannot map an empty file
             else:
                 self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._ids: list[str] | None = None
@@ -60,8 +69,11 @@ class DocStore:
 
     def get(self, index: int) -> Document:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        row = json.loads(self._data[start:end])
-        return Document(row["id"], row["title"], row["text"])
+        try:
+            row = json.loads(self._data[start:end])
+            return Document(row["id"], row["title"], row["text"])
+        except (ValueError, KeyError, TypeError) as exc:  # bad JSON or UTF-8, missing fields
+            raise corrupt(self.path, f"document {index} is not a valid row ({type(exc).__name__})") from None
 
     def ids(self) -> list[str]:
         """All document ids in index order (read once, then cached; ids are small)."""

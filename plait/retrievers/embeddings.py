@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 DTYPES = {"float16": "embeddings.f16", "bfloat16": "embeddings.bf16"}
+ITEM_BYTES = 2  # bytes per stored element, the same for both dtypes
 
 
 def file_name(dtype: str) -> str:

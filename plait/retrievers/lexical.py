@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from plait.retrievers.errors import IndexCorruptError
+from plait.retrievers.integrity import check_array, check_offsets, check_positions, corrupt
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,27 @@ class BM25Stage:
             self.num_docs = int(params["num_docs"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexCorruptError(f"cannot load the BM25 index in {root}: {exc}") from exc
-        if len(self.indptr) != len(self.vocab) + 1 or len(self.data) != len(self.indices):
-            raise IndexCorruptError(f"BM25 index in {root} is inconsistent with its vocabulary")
+        self._check_structure(root)
         if use_numba is None:
             use_numba = self.num_docs >= NUMBA_MIN_DOCS
         self._jit = _jit_scorer() if use_numba else None
         self._lock = threading.Lock()
         self._jit_ready = False
+
+    def _check_structure(self, root: Path) -> None:
+        """The CSC postings and the vocabulary agree (see `integrity`): numba's scorer reads them
+        without bounds checks, so an out-of-range id must never reach it."""
+        vocab_file = root / "vocab.index.json"
+        if not isinstance(self.vocab, dict) or not all(
+            type(i) is int and 0 <= i < len(self.vocab) for i in self.vocab.values()
+        ):
+            raise corrupt(vocab_file, f"it must map each term to an id in 0..{len(self.vocab) - 1}")
+        check_array(root / "data.csc.index.npy", self.data, "float")
+        check_offsets(root / "indptr.csc.index.npy", self.indptr, len(self.vocab), len(self.data))
+        indices_file = root / "indices.csc.index.npy"
+        if len(self.indices) != len(self.data):
+            raise corrupt(indices_file, f"it has {len(self.indices)} entries, data has {len(self.data)}")
+        check_positions(indices_file, self.indices, self.num_docs)
 
     def warmup(self) -> None:
         """Compile the numba scorer (if used) now rather than inside the first real query."""

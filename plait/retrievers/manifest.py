@@ -60,6 +60,14 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
     """Raise if a file is missing, has the wrong size, or (with `verify`) the wrong sha256."""
     for name, entry in manifest["files"].items():
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise IndexCorruptError(f"{directory / MANIFEST} names a file outside the index: {name}")
+        if (
+            not isinstance(entry, dict)
+            or type(entry.get("bytes")) is not int
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise IndexCorruptError(f"{directory / MANIFEST}: the entry of {name} lacks its size or sha256")
         if not path.is_file():
             raise IndexNotFoundError(f"index {directory} is incomplete: {name} is missing")
         size = path.stat().st_size

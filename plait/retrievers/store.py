@@ -14,8 +14,9 @@ import numpy as np
 
 from plait.retrievers import embeddings as emb
 from plait.retrievers.centroids import CentroidStage
-from plait.retrievers.docstore import DocStore
+from plait.retrievers.docstore import OFFSETS_FILE, DocStore
 from plait.retrievers.errors import IndexCorruptError
+from plait.retrievers.integrity import check_array, check_offsets, check_positions, corrupt
 from plait.retrievers.lexical import BM25Stage
 from plait.retrievers.manifest import check_files, read_manifest
 
@@ -31,29 +32,40 @@ class IndexStore:
             self.num_tokens = int(m["num_tokens"])
             self.dim = int(m["dim"])
             self.dtype = str(m["dtype"])
-            self.encoder_info: dict[str, Any] = m["encoder"]
-            bm25_info = m["bm25"]
+            self.encoder_info: dict[str, Any] = dict(m["encoder"])
+            bm25_info = dict(m["bm25"])
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptError(f"{self.path}/manifest.json lacks a required field: {exc}") from exc
         if self.dtype not in emb.DTYPES:
             raise IndexCorruptError(f"{self.path}: unknown embedding dtype {self.dtype!r}")
+        if self.num_docs < 1 or self.num_tokens < 0 or self.dim < 1:
+            raise IndexCorruptError(f"{self.path}/manifest.json has impossible document/token/dim counts")
         self.in_memory = in_memory
         mode = None if in_memory else "r"
+        matrix_file = self.path / emb.file_name(self.dtype)
+        projection_file = self.encoder_info.get("projection")
+        if projection_file is not None and (
+            not isinstance(projection_file, str) or projection_file not in m["files"]
+        ):
+            raise IndexCorruptError(f"{self.path}/manifest.json names a projection file it does not list")
         try:
-            self.doc_offsets = np.load(self.path / "doc_offsets.npy", mmap_mode=mode)
-            self.matrix = emb.open_matrix(
-                self.path / emb.file_name(self.dtype), self.num_tokens, self.dim, self.dtype, in_memory
+            matrix_bytes, expected_bytes = (
+                matrix_file.stat().st_size,
+                self.num_tokens * self.dim * emb.ITEM_BYTES,
             )
+            if matrix_bytes != expected_bytes:
+                raise corrupt(matrix_file, f"it has {matrix_bytes} bytes, expected {expected_bytes}")
+            self.doc_offsets = np.load(self.path / "doc_offsets.npy", mmap_mode=mode)
+            self.matrix = emb.open_matrix(matrix_file, self.num_tokens, self.dim, self.dtype, in_memory)
             self.docs = DocStore(self.path, in_memory=in_memory)
             centroids = np.load(self.path / "centroids.npy")
             codes = np.load(self.path / "codes.npy", mmap_mode=mode)
             ivf_docs = np.load(self.path / "ivf_docs.npy", mmap_mode=mode)
             ivf_offsets = np.load(self.path / "ivf_offsets.npy")
-            projection_file = self.encoder_info.get("projection")
             self.projection = np.load(self.path / projection_file) if projection_file else None
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read index {self.path}: {exc}") from exc
-        self._check_shapes(centroids, codes, ivf_offsets)
+        self._check_structure(centroids, codes, ivf_docs, ivf_offsets)
         self.centroids = CentroidStage(centroids, codes, ivf_docs, ivf_offsets, self.doc_offsets)
         self.bm25 = BM25Stage(self.path, stem=bool(bm25_info.get("stem", True)), in_memory=in_memory)
         if self.bm25.num_docs != self.num_docs:
@@ -61,20 +73,30 @@ class IndexStore:
                 f"{self.path}: BM25 index has {self.bm25.num_docs} docs, manifest {self.num_docs}"
             )
 
-    def _check_shapes(self, centroids: np.ndarray, codes: np.ndarray, ivf_offsets: np.ndarray) -> None:
-        problems = []
-        if self.doc_offsets.shape != (self.num_docs + 1,) or int(self.doc_offsets[-1]) != self.num_tokens:
-            problems.append("doc_offsets.npy does not match the document/token counts")
+    def _check_structure(
+        self, centroids: np.ndarray, codes: np.ndarray, ivf_docs: np.ndarray, ivf_offsets: np.ndarray
+    ) -> None:
+        """Every array search indexes with agrees with what it indexes (see `integrity`)."""
+        path = self.path
+        check_offsets(path / "doc_offsets.npy", self.doc_offsets, self.num_docs, self.num_tokens)
         if len(self.docs) != self.num_docs:
-            problems.append("docs.offsets.npy does not match the document count")
-        if centroids.ndim != 2 or centroids.shape[1] != self.dim:
-            problems.append("centroids.npy has the wrong dimension")
-        if codes.shape != (self.num_tokens,):
-            problems.append("codes.npy does not match the token count")
-        if ivf_offsets.shape != (len(centroids) + 1,):
-            problems.append("ivf_offsets.npy does not match the centroid count")
-        if problems:
-            raise IndexCorruptError(f"index {self.path} is inconsistent: " + "; ".join(problems))
+            raise corrupt(path / OFFSETS_FILE, f"it lists {len(self.docs)} documents, not {self.num_docs}")
+        check_array(path / "centroids.npy", centroids, "float", ndim=2)
+        if len(centroids) == 0 or centroids.shape[1] != self.dim:
+            raise corrupt(
+                path / "centroids.npy", f"it has shape {centroids.shape}, expected (>0, {self.dim})"
+            )
+        check_positions(path / "codes.npy", codes, len(centroids))
+        if len(codes) != self.num_tokens:
+            raise corrupt(path / "codes.npy", f"it has {len(codes)} codes for {self.num_tokens} tokens")
+        check_offsets(path / "ivf_offsets.npy", ivf_offsets, len(centroids), len(ivf_docs))
+        check_positions(path / "ivf_docs.npy", ivf_docs, self.num_docs)
+        if self.projection is not None:
+            file = path / str(self.encoder_info["projection"])
+            check_array(file, self.projection, "float", ndim=2)
+            expected = (self.dim, int(self.encoder_info.get("hidden_size", -1)))
+            if self.projection.shape != expected:
+                raise corrupt(file, f"it has shape {self.projection.shape}, expected {expected}")
 
     def doc_tokens(self, index: int) -> np.ndarray:
         """Document `index`'s token embeddings as float32 (for inspection and tests)."""
