@@ -78,9 +78,32 @@ def test_database_url_from_environment(tmp_path, monkeypatch):
         store.close()
 
 
-def test_bad_url_is_a_store_error():
-    with pytest.raises(StoreError):
-        Store.open("not a url")
+@pytest.mark.parametrize("url", ["not a url", "garbage://x", "postgresql+nodriver://host/db"])
+def test_bad_url_is_a_store_error(url):
+    with pytest.raises(StoreError, match="database URL"):
+        Store.open(url)
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes, not a SQLite database " * 4)
+    with pytest.raises(StoreError, match="not a database"):
+        Store.open(f"sqlite:///{path}")
+
+
+def test_a_missing_sqlite_directory_is_refused_not_created(tmp_path, monkeypatch):
+    """Only plait's own home is created; a directory the user names must exist."""
+    target = tmp_path / "no" / "such" / "plait.db"
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(f"sqlite:///{target}")
+    monkeypatch.setenv("PLAIT_DATABASE_URL", f"sqlite:///{target}")
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open()
+    assert not (tmp_path / "no").exists()
+    monkeypatch.delenv("PLAIT_DATABASE_URL")
+    monkeypatch.setenv("PLAIT_HOME", str(tmp_path / "new" / "home"))
+    Store.open().close()  # the default location is plait's own: made when missing
+    assert (tmp_path / "new" / "home" / "plait.db").is_file()
 
 
 def test_run_resume_by_key(store):

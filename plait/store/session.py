@@ -2,9 +2,13 @@
 
 The default is SQLite at `<plait home>/plait.db` in WAL mode, so a compile (one writer) and
 readers (a dashboard, `plait eval`) never block each other, and a crashed writer loses at most
-the row it was writing. `PLAIT_DATABASE_URL` selects any SQLAlchemy URL instead, for example
-`postgresql+psycopg://user:pass@host/db`; a bare `postgresql://` URL is given the psycopg
-(v3) driver when psycopg2 is not installed, since psycopg is what plait documents.
+the row it was writing. `PLAIT_DATABASE_URL` (or `--db`) selects any SQLAlchemy URL instead,
+for example `postgresql+psycopg://user:pass@host/db`; a bare `postgresql://` URL is given the
+psycopg (v3) driver when psycopg2 is not installed, since psycopg is what plait documents.
+
+plait creates only its own home directory for the default database. The directory of a SQLite
+file the user names must exist: a typo in `--db` should be an error, not a new directory tree
+somewhere outside the project.
 """
 
 from __future__ import annotations
@@ -51,23 +55,41 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _check_sqlite_directory(database: str | None) -> None:
+    """A SQLite file's directory must exist (SQLite creates the file, never its directory)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    directory = Path(database).parent
+    if not directory.is_dir():
+        raise StoreError(
+            f"the directory of the database {database} does not exist ({directory}): create it, "
+            f"or leave --db out to use {plait_home() / 'plait.db'}"
+        )
+
+
 def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     """A SQLAlchemy engine for `url` (default: `default_url()`), ready for many threads."""
+    if not (url or os.environ.get(ENV_URL)):
+        plait_home().mkdir(parents=True, exist_ok=True)  # the default location is plait's own
     url = _with_driver(url or default_url())
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
+    shown = parsed.render_as_string(hide_password=True)
     try:
+        if parsed.get_backend_name() == "sqlite":
+            _check_sqlite_directory(parsed.database)
+            engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
         return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=16)
     except ModuleNotFoundError as exc:
         raise StoreError(
             f"the database driver for {parsed.drivername!r} is not installed ({exc.name}); "
             "for PostgreSQL: pip install 'psycopg[binary]'"
+        ) from exc
+    except ArgumentError as exc:  # NoSuchModuleError: no dialect of that name
+        raise StoreError(
+            f"cannot use the database URL {shown!r}: {exc} (expected e.g. sqlite:///path.db or "
+            "postgresql+psycopg://user:pass@host/db)"
         ) from exc
 
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from plait.store.errors import StoreError
@@ -65,7 +65,7 @@ class Store:
     def create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
+        except DBAPIError as exc:  # unreachable server, unwritable file, a file that is no database
             raise StoreError(f"cannot open the database at {self.url}: {exc.orig}") from exc
         with self._write() as session:
             meta = session.get(Meta, "schema_version")
