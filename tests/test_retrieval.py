@@ -362,8 +362,6 @@ def test_cli_build_search_run_verify(tmp_path, corpus_file, capsys):
     "argv",
     [
         ["index", "search", "{idx}"],  # neither query nor --queries
-        ["index", "search", "{idx}", "x", "-k", "0"],
-        ["index", "search", "{idx}", "x", "--alpha", "2"],
         ["index", "search", "{idx}", "x", "--run-out", "r.tsv"],
         ["index", "search", "{missing}", "x"],
         ["index", "build", "{missing}", "--out", "{missing}"],

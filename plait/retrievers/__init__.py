@@ -20,6 +20,7 @@ from plait.retrievers.errors import (
     IndexExistsError,
     IndexFormatError,
     IndexNotFoundError,
+    SettingsError,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ __all__ = [
     "IndexNotFoundError",
     "Passage",
     "SearchParams",
+    "SettingsError",
     "build_index",
 ]
 

@@ -33,7 +33,7 @@ from plait.retrievers.centroids import build_inverted_file
 from plait.retrievers.corpus import Document, iter_corpus
 from plait.retrievers.docstore import DOCS_FILE, OFFSETS_FILE, DocStoreWriter
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
-from plait.retrievers.errors import CorpusError, IndexExistsError
+from plait.retrievers.errors import CorpusError, IndexExistsError, SettingsError
 from plait.retrievers.kmeans import assign, default_num_centroids, spherical_kmeans
 from plait.retrievers.lexical import TermWriter, build_bm25
 from plait.retrievers.manifest import FORMAT, FORMAT_VERSION, file_entries, write_manifest
@@ -79,6 +79,10 @@ def build_index(
     """
     if dtype not in emb.DTYPES:
         raise CorpusError(f"dtype must be one of {sorted(emb.DTYPES)}, got {dtype!r}")
+    counts = {"chunk_size": chunk_size, "batch_size": batch_size, "num_centroids": num_centroids}
+    for name, value in counts.items():
+        if value is not None and value < 1:  # 0 would loop forever, fail deep inside, or mean "default"
+            raise SettingsError(f"{name} must be at least 1, got {value}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise IndexExistsError(
@@ -96,6 +100,11 @@ def build_index(
     if projection_dim is not None:
         if encoder.linear is not None:
             raise CorpusError("the encoder already has a linear projection; projection_dim must be None")
+        if not 1 <= projection_dim <= encoder.hidden_size:  # orthonormal rows: at most hidden of them
+            raise SettingsError(
+                f"projection_dim must be in 1..{encoder.hidden_size} (the encoder width), "
+                f"got {projection_dim}"
+            )
         projection = random_projection(projection_dim, encoder.hidden_size, seed)
         encoder = ColBERTEncoder(encoder.model, encoder.tokenizer, encoder.settings, encoder.name, projection)
 

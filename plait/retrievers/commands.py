@@ -9,9 +9,39 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from plait.retrievers.errors import BadQueryError
+from plait.retrievers.limits import MAX_K
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high]: a bad number is refused while parsing
+    (one line, exit 2), before an index is opened or a corpus encoded."""
+    bounds = f"at least {low}" if high is None else f"in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type for a number in [0, 1] (NaN and infinities are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,15 +62,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     build.add_argument(
         "--projection-dim",
-        type=int,
+        type=integer(1),
         default=None,
         help="add a seeded random projection to this many dims (saved in the index)",
     )
-    build.add_argument("--centroids", type=int, default=None, help="number of k-means centroids")
-    build.add_argument("--chunk-size", type=int, default=256, help="documents per streamed chunk")
-    build.add_argument("--batch-size", type=int, default=32, help="documents per encoder forward pass")
+    build.add_argument("--centroids", type=integer(1), default=None, help="number of k-means centroids")
+    build.add_argument("--chunk-size", type=integer(1), default=256, help="documents per streamed chunk")
+    build.add_argument("--batch-size", type=integer(1), default=32, help="documents per encoder forward pass")
     build.add_argument("--no-stem", action="store_true", help="BM25 without plural stemming")
-    build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    build.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
     build.set_defaults(func=cmd_build)
 
@@ -48,24 +78,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     search.add_argument("index", help="index directory")
     search.add_argument("query", nargs="?", help="a query (or use --queries)")
     search.add_argument("--queries", help="queries file: JSONL {_id|id, text} or TSV qid<TAB>text")
-    search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument("-k", type=integer(1, MAX_K), default=10, help="results per query (default 10)")
     search.add_argument("--stage", choices=["bm25", "late", "hybrid"], default="hybrid")
-    search.add_argument("--alpha", type=float, default=None, help="hybrid weight of BM25 in [0, 1]")
+    search.add_argument("--alpha", type=fraction, default=None, help="hybrid weight of BM25 in [0, 1]")
     search.add_argument("--run-out", help="write a TREC run (qid Q0 docid rank score tag) here")
     search.add_argument("--tag", default=None, help="run tag in the TREC file (default plait-<stage>)")
     search.add_argument("--qrels", help="qrels TSV: print nDCG@10 and Recall@100 of the run")
-    search.add_argument("--batch", type=int, default=16, help="queries per batch with --queries")
+    search.add_argument("--batch", type=integer(1), default=16, help="queries per batch with --queries")
     search.add_argument("--verify", action="store_true", help="check every file's sha256 first")
-    search.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    search.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     search.set_defaults(func=cmd_search)
 
     serve = sub.add_parser("serve", help="serve an index over HTTP (dspy.ColBERTv2 protocol)")
     serve.add_argument("index", help="index directory")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8893, help="port (default 8893)")
+    serve.add_argument("--port", type=integer(1, 65535), default=8893, help="port (default 8893)")
     serve.add_argument("--stage", choices=["bm25", "late", "hybrid"], default="hybrid")
     serve.add_argument("--verify", action="store_true", help="check every file's sha256 first")
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     serve.set_defaults(func=cmd_serve)
 
     verify = sub.add_parser("verify", help="check every index file against the manifest's sha256")
@@ -76,8 +106,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 def _threads(n: int | None) -> None:
     if n is not None:
-        if n < 1:
-            raise BadQueryError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(n)
@@ -120,11 +148,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _params(args: argparse.Namespace):
     from plait.retrievers.searcher import SearchParams
 
-    if args.alpha is None:
-        return None
-    if not 0.0 <= args.alpha <= 1.0:
-        raise BadQueryError(f"--alpha must be in [0, 1], got {args.alpha}")
-    return SearchParams(alpha=args.alpha)
+    return None if args.alpha is None else SearchParams(alpha=args.alpha)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -137,8 +161,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise BadQueryError("--run-out needs --queries")
     if args.qrels and not args.queries:
         raise BadQueryError("--qrels needs --queries")
-    if args.batch < 1:
-        raise BadQueryError("--batch must be at least 1")
     _threads(args.threads)
     params = _params(args)
     rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage, batching=False)
@@ -173,8 +195,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from plait.retrievers.colbert_serve import ColBERTServe
     from plait.retrievers.server import serve
 
-    if not 0 < args.port < 65536:
-        raise BadQueryError(f"--port must be in 1..65535, got {args.port}")
     _threads(args.threads)
     from plait.retrievers.memory import return_large_buffers_to_os
 

@@ -33,3 +33,7 @@ class EncoderLoadError(CheckpointError):
 
 class BadQueryError(PlaitError):
     """A search request is invalid: empty query, k out of range, unknown stage."""
+
+
+class SettingsError(PlaitError):
+    """A build or server setting cannot work: a count below 1, a public address without a key."""

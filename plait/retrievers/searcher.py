@@ -20,11 +20,11 @@ import numpy as np
 from plait.retrievers.encoder import ColBERTEncoder
 from plait.retrievers.errors import BadQueryError
 from plait.retrievers.fusion import DEFAULT_ALPHA, fuse
+from plait.retrievers.limits import MAX_K
 from plait.retrievers.maxsim import maxsim
 from plait.retrievers.store import IndexStore
 
 STAGES = ("bm25", "late", "hybrid")
-MAX_K = 1000
 
 
 @dataclass(frozen=True)
