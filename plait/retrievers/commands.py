@@ -8,12 +8,19 @@ prints one line and exits 2). Heavy imports happen inside handlers, so `plait --
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from plait.retrievers.errors import BadQueryError
-from plait.retrievers.limits import MAX_K
+from plait.retrievers.limits import API_KEY_ENV, MAX_K, ServerSettings
+
+VERIFY_HELP = (
+    "check every file's sha256 against the manifest first (reads the whole index once). Opening "
+    "always checks file sizes and the structure of the small arrays; only this catches flipped "
+    "bytes that keep the structure valid, e.g. in the embeddings"
+)
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -85,16 +92,42 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     search.add_argument("--tag", default=None, help="run tag in the TREC file (default plait-<stage>)")
     search.add_argument("--qrels", help="qrels TSV: print nDCG@10 and Recall@100 of the run")
     search.add_argument("--batch", type=integer(1), default=16, help="queries per batch with --queries")
-    search.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    search.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     search.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     search.set_defaults(func=cmd_search)
 
-    serve = sub.add_parser("serve", help="serve an index over HTTP (dspy.ColBERTv2 protocol)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve an index over HTTP (dspy.ColBERTv2 protocol)",
+        description="Answer dspy.ColBERTv2's protocol (GET/POST /, public GET /healthz). A key is "
+        "required off loopback; with a key every request but /healthz needs 'Authorization: Bearer "
+        "KEY', which dspy.ColBERTv2 itself does not send: give such clients a loopback server "
+        "without a key, or a proxy that adds the header.",
+    )
     serve.add_argument("index", help="index directory")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=integer(1, 65535), default=8893, help="port (default 8893)")
     serve.add_argument("--stage", choices=["bm25", "late", "hybrid"], default="hybrid")
-    serve.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"accepted bearer token (repeatable; default ${API_KEY_ENV}); required off loopback",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=integer(1),
+        default=ServerSettings.max_body_bytes,
+        help=f"largest request body; larger gets 413 (default {ServerSettings.max_body_bytes})",
+    )
+    serve.add_argument(
+        "--max-query-chars",
+        type=integer(1),
+        default=ServerSettings.max_query_chars,
+        help=f"longest query; longer gets 400 (default {ServerSettings.max_query_chars})",
+    )
+    serve.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     serve.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     serve.set_defaults(func=cmd_serve)
 
@@ -191,7 +224,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings, checked before the index is opened (a public address without a
+    key is refused at once)."""
+    keys = list(args.api_key) or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys),
+        max_body_bytes=args.max_body_bytes,
+        max_query_chars=args.max_query_chars,
+    ).check()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
     from plait.retrievers.colbert_serve import ColBERTServe
     from plait.retrievers.server import serve
 
@@ -200,9 +247,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return_large_buffers_to_os()  # a long-lived server: keep RssAnon at what it really uses
     rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage)
-    rm.warmup()
-    print(f"serving {args.index} ({rm.num_docs} docs) on http://{args.host}:{args.port}", file=sys.stderr)
-    serve(rm, host=args.host, port=args.port)
+    try:
+        rm.warmup()
+        print(
+            f"serving {args.index} ({rm.num_docs} docs) on http://{settings.host}:{settings.port}"
+            f"{'' if settings.api_keys else ' (no authentication: loopback only)'}",
+            file=sys.stderr,
+        )
+        serve(rm, settings)
+    finally:
+        rm.close()
     return 0
 
 

@@ -56,13 +56,20 @@ def _top_k(docs: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
     return [Hit(int(docs[i]), float(scores[i])) for i in order]
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters: error messages travel back to HTTP clients and
+    must not echo a megabyte they were sent."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_request(query: object, k: object, stage: object) -> None:
     if not isinstance(query, str) or not query.strip():
         raise BadQueryError("query must be a non-empty string")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise BadQueryError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+        raise BadQueryError(f"k must be an integer between 1 and {MAX_K}, got {_shown(k)}")
     if stage not in STAGES:
-        raise BadQueryError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise BadQueryError(f"stage must be one of {', '.join(STAGES)}, got {_shown(stage)}")
 
 
 class Searcher:

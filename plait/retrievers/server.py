@@ -2,11 +2,18 @@
 
     GET  /?query=...&k=10[&stage=hybrid]      -> {"topk": [{"text", "long_text", "pid", "score", ...}]}
     POST /   {"query": ..., "k": 10}           -> the same
-    GET  /healthz                              -> {"status": "ok", "docs": N, ...}
+    GET  /healthz                              -> {"status": "ok", "docs": N, "stage": ...}
 
-Bad parameters answer 4xx with `{"error": true, "message": ...}`. Handlers are plain `def`s,
-so FastAPI runs them on its worker threads; they all share the one `ColBERTServe` (whose
-query encoder batches concurrent requests), opened once when the app is created.
+Every error answers `{"error": true, "message": ...}`: 4xx for a bad request (messages never
+echo more than a short prefix of what was sent), 401 without the bearer token when keys are
+set, 413 for a body over the limit, 500 (details in the server's log only) when the index
+turns out damaged. Handlers are plain `def`s, so FastAPI runs them on its worker threads; they
+all share the one `ColBERTServe` (whose query encoder batches concurrent requests).
+
+Guard rails (`ServerSettings`), as for `plait serve`: a body-size limit checked before the body
+is read, a query-length limit (a query is encoded to at most `query_maxlen` tokens anyway, but
+analysing megabytes of text for BM25 takes seconds), bearer-token auth, and a refusal to bind a
+non-loopback address without a key, because anyone who can reach the port can read the corpus.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from plait.errors import PlaitError
 from plait.retrievers.colbert_serve import ColBERTServe
+from plait.retrievers.errors import BadQueryError, IndexCorruptError
+from plait.retrievers.guard import BearerAuth, BodySizeLimit
+from plait.retrievers.limits import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +43,45 @@ class SearchRequest(BaseModel):
     stage: str | None = None
 
 
-def create_app(rm: ColBERTServe) -> FastAPI:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The protocol's error body (what `dspy.ColBERTv2` and curl users see)."""
+    return JSONResponse({"error": True, "message": message}, status_code=status, headers=headers)
+
+
+def create_app(rm: ColBERTServe, settings: ServerSettings | None = None) -> FastAPI:
+    settings = (settings or ServerSettings()).check()
     app = FastAPI(title="plait index server", docs_url=None, redoc_url=None)
     app.state.rm = rm
+    # The last middleware added runs first: authenticate, then read the (bounded) body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, error=error_response)
+    app.add_middleware(BearerAuth, keys=settings.api_keys, error=error_response)
 
     @app.exception_handler(PlaitError)
     def _plait_error(_: Request, exc: PlaitError) -> JSONResponse:
-        return JSONResponse({"error": True, "message": str(exc)}, status_code=400)
+        if isinstance(exc, IndexCorruptError):  # the server's problem: the path stays in its log
+            log.error("search failed on a damaged index: %s", exc)
+            return error_response(500, "the index is damaged: see the server's log")
+        return error_response(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
     def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(
-            {"error": True, "message": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422
-        )
+        return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(HTTPException)
+    def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return error_response(500, f"internal error ({type(exc).__name__}): see the server's log")
 
     def search(query: str | None, k: int, stage: str | None) -> dict[str, Any]:
+        if query is not None and len(query) > settings.max_query_chars:
+            raise BadQueryError(
+                f"the query has {len(query)} characters; the limit is {settings.max_query_chars}"
+            )
         started = time.perf_counter()
         passages = rm(query if query is not None else "", k=k, stage=stage)
         return {
@@ -67,13 +100,13 @@ def create_app(rm: ColBERTServe) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "docs": rm.num_docs, "index": str(rm.store.path), "stage": rm.stage}
+        return {"status": "ok", "docs": rm.num_docs, "stage": rm.stage}
 
     return app
 
 
-def serve(rm: ColBERTServe, host: str = "127.0.0.1", port: int = 8893) -> None:
+def serve(rm: ColBERTServe, settings: ServerSettings) -> None:
     """Run the server in this process until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(rm), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(rm, settings), host=settings.host, port=settings.port, log_level="info")
