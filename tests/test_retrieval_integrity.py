@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,8 @@ from plait.retrievers import ColBERTServe, IndexCorruptError, build_index
 from plait.retrievers.encoder import ColBERTEncoder
 from plait.retrievers.manifest import file_entries
 from plait.retrievers.searcher import SearchParams
-from tests.retrieval_fixtures import TINY_CORPUS, free_port, write_jsonl
+from plait.retrievers.server import create_app
+from tests.retrieval_fixtures import TINY_CORPUS, ServerThread, free_port, write_jsonl
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -145,6 +147,18 @@ def test_garbled_document_text_is_a_typed_error_at_read(tmp_path, index_dir, enc
     rm = ColBERTServe.open(idx, encoder=encoder, batching=False)
     with pytest.raises(IndexCorruptError, match=r"docs\.jsonl"):
         rm("iron tower in Paris", k=1, stage="bm25")
+
+
+def test_server_answers_a_damaged_row_with_a_json_500_without_paths(tmp_path, index_dir, encoder):
+    idx = tamper(index_dir, tmp_path / "idx", "docs.jsonl", lambda b: b"x" * len(b))
+    rm = ColBERTServe.open(idx, encoder=encoder)
+    try:
+        with ServerThread(create_app(rm)) as srv:
+            r = httpx.get(srv.url + "/", params={"query": "iron tower in Paris", "stage": "bm25"})
+    finally:
+        rm.close()
+    assert r.status_code == 500 and r.json()["error"] is True
+    assert str(tmp_path) not in r.text and "Traceback" not in r.text
 
 
 def test_projection_of_the_wrong_shape_is_refused(tmp_path, encoder):
