@@ -114,3 +114,26 @@ def run(argv: list[str], home: Path, *, cwd: Path = REPO, **kwargs: Any) -> subp
         check=False,
         **kwargs,
     )
+
+
+#: Whether `buggy_metric` has its bug (tests flip it to "fix" the metric between runs).
+METRIC_BUG = {"on": True}
+
+
+def buggy_metric(example: Any, prediction: Any, trace: Any = None) -> float:
+    """exact_match, except that while `METRIC_BUG["on"]` it raises on every example, as a metric
+    reading a field the rows do not have would."""
+    from plait.compilers.metrics import exact_match
+
+    if METRIC_BUG["on"]:
+        raise KeyError("gold_label")
+    return exact_match(example, prediction, trace)
+
+
+def picky_metric(example: Any, prediction: Any, trace: Any = None) -> float:
+    """exact_match, but raises on examples whose text starts with "x" (a metric with a gap)."""
+    from plait.compilers.metrics import exact_match
+
+    if example.text.startswith("x"):
+        raise ValueError("cannot score this one")
+    return exact_match(example, prediction, trace)

@@ -16,7 +16,14 @@ from plait.compilers.optimizers import parse_optimizer_args
 from plait.compilers.runner import CompileConfig, EvalConfig, compile_program, evaluate_program
 from plait.pipelines.sentiment import Sentiment
 from plait.store import Store
-from tests.lifecycle_fixtures import Crash, KeywordEngine, keyword_lm, sst2_rows, write_jsonl
+from tests.lifecycle_fixtures import (
+    METRIC_BUG,
+    Crash,
+    KeywordEngine,
+    keyword_lm,
+    sst2_rows,
+    write_jsonl,
+)
 
 PROGRAM = "plait.pipelines.sentiment:Sentiment"
 
@@ -207,6 +214,54 @@ def test_eval_reuses_its_stored_results(store, sst2, tmp_path):
     assert second.report.results[0].prediction["label"] == expected
 
 
+def test_a_metric_that_always_raises_stops_the_run_with_its_error(store, sst2, tmp_path, monkeypatch):
+    """It used to score every example 0 and exit 0: a broken scorer looked like a bad program."""
+    monkeypatch.setitem(METRIC_BUG, "on", True)
+    _, dev = sst2
+    config = EvalConfig(
+        program=PROGRAM,
+        devset=str(dev),
+        metric="tests.lifecycle_fixtures:buggy_metric",
+        adapter="chat",
+        threads=2,
+    )
+    engine = KeywordEngine()
+    with pytest.raises(
+        MetricError, match="buggy_metric raised on 5 examples in a row.*KeyError: 'gold_label'"
+    ):
+        evaluate_program(config, store, lm=keyword_lm(engine))
+    (run,) = store.runs()
+    assert run.status == "failed"
+    assert engine.calls <= 5 + config.threads < 10  # stopped, not run to the end
+    assert store.evaluations(run.id) == []  # unscored examples are not kept as zeros
+    with pytest.raises(MetricError, match="on 2 examples in a row"):
+        compile_program(
+            _config(sst2, tmp_path, metric=config.metric, max_metric_errors=2), store, lm=keyword_lm()
+        )
+
+    monkeypatch.setitem(METRIC_BUG, "on", False)  # the metric fixed, the same command again
+    replay = KeywordEngine()
+    fixed = evaluate_program(config, store, lm=keyword_lm(replay))
+    assert fixed.run_id == run.id and fixed.resumed and store.get_run(run.id).status == "finished"
+    assert fixed.report.n == 10 and fixed.report.reused == 0 and fixed.report.errors == 0
+    assert fixed.report.score > 0 and replay.calls == 10 - engine.calls  # recorded calls replayed
+
+
+def test_a_metric_that_raises_now_and_then_scores_those_examples_0(store, tmp_path):
+    rows = [{"text": f"{'x' if i % 3 == 0 else 'a'} good film {i}", "label": 1} for i in range(9)]
+    config = EvalConfig(
+        program=PROGRAM,
+        devset=str(write_jsonl(tmp_path / "dev.jsonl", rows)),
+        metric="tests.lifecycle_fixtures:picky_metric",
+        adapter="chat",
+        threads=1,
+        max_metric_errors=2,
+    )
+    report = evaluate_program(config, store, lm=keyword_lm()).report
+    assert report.n == 9 and report.errors == 3 and report.score == pytest.approx(100 * 6 / 9, abs=0.01)
+    assert all(r.error.startswith("metric failed: ValueError") for r in report.results if r.index % 3 == 0)
+
+
 def test_evaluate_counts_parse_failures():
     class Garbage(KeywordEngine):
         def complete(self, request):
@@ -253,10 +308,26 @@ def test_every_optimizer_runs_and_replays_from_the_store(store, sst2, tmp_path, 
 
 
 def test_an_optimizer_failure_is_one_plait_error(store, sst2, tmp_path):
-    with pytest.raises(OptimizerError, match="resume"):
+    with pytest.raises(OptimizerError, match="resume"):  # an int, but one DSPy cannot sample with
         compile_program(
-            _config(sst2, tmp_path, optimizer="bootstrap", optimizer_args={"max_rounds": "x"}),
-            store,
-            lm=keyword_lm(),
+            _config(sst2, tmp_path, optimizer="labeled", optimizer_args={"k": -1}), store, lm=keyword_lm()
         )
     assert store.runs()[0].status == "failed"
+
+
+@pytest.mark.parametrize(
+    "optimizer, args, match",
+    [
+        ("bootstrap", {"max_rounds": "x"}, "expects int"),
+        ("bootstrap", {"max_bootstraped_demos": 2}, "no such setting; it takes max_bootstrapped_demos"),
+        ("gepa", {"auto": "huge"}, "expects Optional"),
+        ("simba", {"trainset": []}, "plait sets trainset"),
+    ],
+)
+def test_bad_optimizer_args_fail_before_any_work(store, sst2, tmp_path, optimizer, args, match):
+    engine = KeywordEngine()
+    with pytest.raises(OptimizerError, match=match):
+        compile_program(
+            _config(sst2, tmp_path, optimizer=optimizer, optimizer_args=args), store, lm=keyword_lm(engine)
+        )
+    assert engine.calls == 0 and store.runs() == []

@@ -17,6 +17,7 @@ from plait.compilers.errors import (
     DatasetError,
     MetricError,
     OptimizerError,
+    OutputPathError,
     ProgramLoadError,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "LoadedArtifact",
     "MetricError",
     "OptimizerError",
+    "OutputPathError",
     "ProgramLoadError",
     "load_artifact",
     "load_program_class",

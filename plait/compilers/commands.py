@@ -11,22 +11,39 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
-from plait.compilers.errors import DatasetError
+from plait.compilers.metrics import MAX_METRIC_ERRORS
 from plait.errors import PlaitError
 
 OPTIMIZER_NAMES = ("labeled", "bootstrap", "random-search", "mipro", "gepa", "simba")
 ADAPTER_NAMES = ("auto", "constrained", "chat", "json")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_in(lowest: int, highest: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in `lowest..highest`, else a usage error while parsing, before
+    any work (a bad number found after a baseline evaluation wastes minutes)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        if highest is not None and value > highest:
+            raise argparse.ArgumentTypeError(f"must be at most {highest}, got {value}")
+        return value
+
+    return parse
+
+
+#: Counts (threads, rows, tokens), offsets, and seeds (NumPy's range).
+positive_int = _int_in(1)
+non_negative_int = _int_in(0)
+seed_int = _int_in(0, 2**32 - 1)
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -44,7 +61,11 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("program", help="the program: module:Class or path/to/file.py:Class")
+    p.add_argument(
+        "program",
+        help="the program: module:Class or path/to/file.py:Class (with --compiled, the program "
+        "loaded instead of the one the artifact names; class name and signature must match)",
+    )
     p.add_argument("--devset", required=True, help="JSONL dev set (scored before and after compiling)")
     p.add_argument(
         "--metric",
@@ -52,7 +73,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="accuracy | exact_match | f1 | contains | module:function (default accuracy)",
     )
     p.add_argument(
-        "--threads", type=_positive, default=4, help="examples in flight (the engine batches them)"
+        "--threads", type=positive_int, default=4, help="examples in flight (the engine batches them)"
     )
     p.add_argument("--model", help="model for every LM call (default smollm2-135m, or the artifact's)")
     p.add_argument(
@@ -61,7 +82,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto = plait's grammar-constrained adapter when the model supports it",
     )
-    p.add_argument("--max-tokens", type=_positive, help="cap on tokens per LM call")
+    p.add_argument("--max-tokens", type=positive_int, help="cap on tokens per LM call")
     p.add_argument(
         "--program-arg",
         action="append",
@@ -70,6 +91,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--db", help="database URL (default: PLAIT_DATABASE_URL, else .plait/plait.db)")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming a matching one")
+    p.add_argument(
+        "--max-metric-errors",
+        type=positive_int,
+        default=MAX_METRIC_ERRORS,
+        metavar="N",
+        help=f"stop when the metric raises on N examples in a row (default {MAX_METRIC_ERRORS})",
+    )
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -85,10 +113,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="override an optimizer setting (repeatable), e.g. max_bootstrapped_demos=8",
     )
     p.add_argument("--out", required=True, help="where to write the compiled artifact (JSON)")
-    p.add_argument("--limit", type=_positive, help="use at most N rows of each of the train and dev sets")
-    p.add_argument("--train-limit", type=_positive, help="rows of the train set (overrides --limit)")
-    p.add_argument("--dev-limit", type=_positive, help="rows of the dev set (overrides --limit)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, help="use at most N rows of each of the train and dev sets")
+    p.add_argument("--train-limit", type=positive_int, help="rows of the train set (overrides --limit)")
+    p.add_argument("--dev-limit", type=positive_int, help="rows of the dev set (overrides --limit)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run_compile)
 
     p = subparsers.add_parser("eval", help="score a program (or a compiled artifact) on a dataset")
@@ -96,10 +124,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compiled", help="compiled artifact from `plait compile` (default: the program as written)"
     )
-    p.add_argument("--limit", type=_positive, help="score at most N rows")
-    p.add_argument("--offset", type=int, default=0, help="skip the first N rows (e.g. rows compile used)")
+    p.add_argument("--limit", type=positive_int, help="score at most N rows")
+    p.add_argument(
+        "--offset", type=non_negative_int, default=0, help="skip the first N rows (e.g. rows compile used)"
+    )
     p.add_argument("--json-out", help='write {"score", "n", "parse_failures", "results": [...]} here')
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N per-example results")
+    p.add_argument(
+        "--show", type=non_negative_int, default=0, metavar="N", help="print the first N per-example results"
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -219,6 +251,7 @@ def run_compile(args: argparse.Namespace) -> int:
         optimizer_args=parse_optimizer_args(args.optimizer_arg),
         program_args=_key_values(args.program_arg, "--program-arg"),
         fresh=args.fresh,
+        max_metric_errors=args.max_metric_errors,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = _console()
@@ -267,10 +300,11 @@ def _per_example(report: Any) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from plait.compilers.outputs import check_output_file
     from plait.compilers.runner import EvalConfig, evaluate_program
 
-    if args.offset < 0:
-        raise DatasetError("--offset must be >= 0")
+    if args.json_out:
+        check_output_file(args.json_out, "--json-out")
     config = EvalConfig(
         program=args.program,
         devset=args.devset,
@@ -284,6 +318,7 @@ def run_eval(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         program_args=_key_values(args.program_arg, "--program-arg"),
         fresh=args.fresh,
+        max_metric_errors=args.max_metric_errors,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = _console()
@@ -327,7 +362,6 @@ def run_eval(args: argparse.Namespace) -> int:
             "usage": usage.to_dict(),
             "results": [r.to_json() for r in report.results],
         }
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(document, indent=2))
     print(json.dumps({"score": report.score, "n": report.n, "parse_failures": report.parse_failures}))
     return 0

@@ -34,4 +34,9 @@ class MetricError(PlaitError):
 
 
 class OptimizerError(PlaitError):
-    """Unknown optimizer, or one that cannot run with the given data."""
+    """Unknown optimizer or setting, or one that cannot run with the given data."""
+
+
+class OutputPathError(PlaitError):
+    """An output file (`--out`, `--json-out`) cannot be written: its directory is missing or
+    read-only, or the path is a directory."""

@@ -5,6 +5,11 @@ example's result (score, prediction, parse failure, tokens, latency) is written 
 moment it is known, keyed by (run, program state hash, example hash); when the same run
 evaluates the same program state again (a resumed run), those examples are read back instead
 of being run. Examples run on `threads` threads so plait's engine can batch their LM calls.
+
+A program that fails on an example scores 0 there and the run goes on. A metric that raises is
+different: that is the scorer failing, not the program. Its examples score 0 but are not
+stored (a resumed run, after the metric is fixed, scores them again; their LM calls replay from
+the store), and `max_metric_errors` failures in a row stop the run with the metric's error.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from plait.compilers.errors import MetricError
 from plait.compilers.hashing import example_hash, state_hash
+from plait.compilers.metrics import MAX_METRIC_ERRORS
 from plait.compilers.usage import Usage, UsageMeter
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,33 @@ def _score(metric: Callable[..., Any], example: Any, prediction: Any) -> float:
         raise MetricError(f"the metric returned {value!r}, not a number or bool") from exc
 
 
+class MetricFailures:
+    """Counts the metric's exceptions in a row (in the order examples finish); at `limit` the
+    metric is taken to be broken and the run stops with a `MetricError` that quotes it."""
+
+    def __init__(self, metric: Callable[..., Any], limit: int):
+        self.name = getattr(metric, "__name__", "the metric")
+        self.limit = limit
+        self.in_a_row = 0
+        self.broken = False  # at the limit, or on a MetricError: examples not yet started are skipped
+        self._lock = threading.Lock()
+
+    def scored(self) -> None:
+        with self._lock:
+            self.in_a_row = 0
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            self.in_a_row += 1
+            if self.in_a_row < self.limit:
+                return
+            self.broken = True
+        raise MetricError(
+            f"the metric {self.name} raised on {self.limit} examples in a row, last: "
+            f"{type(error).__name__}: {error}; fix it and run again (scored examples are kept)"
+        ) from error
+
+
 def evaluate(
     program: Any,
     examples: Sequence[Any],
@@ -117,11 +150,13 @@ def evaluate(
     run_id: int | None = None,
     phase: str = "eval",
     on_result: OnResult | None = None,
+    max_metric_errors: int = MAX_METRIC_ERRORS,
 ) -> EvalReport:
     """Run `program` on every example and score it with `metric`.
 
     With `store` and `run_id`, results are written as they finish and already-stored results
     for this program state are reused. `lm`/`adapter` default to DSPy's configured ones.
+    `max_metric_errors` metric exceptions in a row raise `MetricError`.
     """
     meter = meter or UsageMeter()
     current = state_hash(program)
@@ -131,6 +166,7 @@ def evaluate(
     done = 0
     lock = threading.Lock()
     context = {key: value for key, value in (("lm", lm), ("adapter", adapter)) if value is not None}
+    metric_failures = MetricFailures(metric, max_metric_errors)
     start = time.perf_counter()
 
     def finish(result: ExampleResult) -> None:
@@ -143,21 +179,33 @@ def evaluate(
             on_result(result, count, len(examples))
 
     def run_one(index: int) -> None:
+        if metric_failures.broken:
+            return
         example = examples[index]
         begin = time.perf_counter()
         parse_failure, error, prediction, score = False, None, {}, 0.0
+        metric_error: Exception | None = None
         with dspy.context(**context), meter.measure() as usage:
             try:
                 output = program(**example.inputs())
                 prediction = prediction_dict(output)
-                score = _score(metric, example, output)
             except AdapterParseError as exc:
                 parse_failure, error = True, f"parse failure: {exc}"[:2000]
-            except MetricError:
-                raise
             except Exception as exc:  # a failing example scores 0; the run goes on
                 error = f"{type(exc).__name__}: {exc}"[:2000]
                 log.debug("example %d failed", index, exc_info=True)
+            else:
+                try:
+                    score = _score(metric, example, output)
+                except MetricError:
+                    metric_failures.broken = True  # the rest of the run cannot be scored
+                    raise
+                except Exception as exc:
+                    metric_error, error = exc, f"metric failed: {type(exc).__name__}: {exc}"[:2000]
+        if metric_error is not None:
+            metric_failures.failed(metric_error)
+        elif error is None:
+            metric_failures.scored()
         result = ExampleResult(
             index,
             hashes[index],
@@ -168,7 +216,7 @@ def evaluate(
             usage.total_tokens,
             (time.perf_counter() - begin) * 1000,
         )
-        if store is not None and run_id is not None:
+        if store is not None and run_id is not None and metric_error is None:
             store.record_evaluation(
                 run_id,
                 phase=phase,

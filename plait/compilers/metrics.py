@@ -21,6 +21,10 @@ from plait.compilers.loading import load_object
 
 Metric = Callable[..., float]
 
+#: A metric that raises on this many examples in a row is broken, not strict: the run stops with
+#: its error (`plait eval/compile --max-metric-errors`) instead of scoring every example 0.
+MAX_METRIC_ERRORS = 5
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 

@@ -10,7 +10,10 @@
 | simba           | SIMBA                              | demos + rules from hard examples               |
 
 Every default can be overridden from the command line with `--optimizer-arg key=value`
-(JSON values: `--optimizer-arg max_bootstrapped_demos=8`).
+(JSON values: `--optimizer-arg max_bootstrapped_demos=8`). `check_overrides` checks them
+against the optimizer's own constructor and `compile` signatures before any work starts: a
+misspelt name or a value of the wrong type would otherwise surface only when the optimizer
+runs, after the baseline evaluation.
 """
 
 from __future__ import annotations
@@ -23,10 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
+import pydantic
 
 from plait.compilers.errors import OptimizerError
 
-OPTIMIZERS = ("labeled", "bootstrap", "random-search", "mipro", "gepa", "simba")
+CLASSES: dict[str, type] = {
+    "labeled": dspy.LabeledFewShot,
+    "bootstrap": dspy.BootstrapFewShot,
+    "random-search": dspy.BootstrapFewShotWithRandomSearch,
+    "mipro": dspy.MIPROv2,
+    "gepa": dspy.GEPA,
+    "simba": dspy.SIMBA,
+}
+OPTIMIZERS = tuple(CLASSES)
+#: What plait passes the optimizer itself (objects, not JSON): not settable by --optimizer-arg.
+PLAIT_SETS = frozenset(
+    {"metric", "student", "teacher", "trainset", "valset", "prompt_model", "task_model", "reflection_lm"}
+)
 
 
 @dataclass
@@ -50,6 +66,70 @@ def parse_optimizer_args(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             parsed[key] = value
     return parsed
+
+
+def _parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named parameters of `cls()` and `cls().compile()`, annotations resolved where they can
+    be (DSPy writes some as strings)."""
+    found: dict[str, inspect.Parameter] = {}
+    for function in (cls.__init__, cls.compile):
+        try:
+            signature = inspect.signature(function, eval_str=True)
+        except Exception:  # an annotation that does not resolve here: keep the strings
+            signature = inspect.signature(function)
+        for parameter in signature.parameters.values():
+            if parameter.name != "self" and parameter.kind in (
+                parameter.POSITIONAL_OR_KEYWORD,
+                parameter.KEYWORD_ONLY,
+            ):
+                found.setdefault(parameter.name, parameter)
+    return found
+
+
+def _expected_type(parameter: inspect.Parameter) -> Any:
+    """The type a JSON value for `parameter` must have: its annotation, else the type of its
+    plain default (`max_rounds=1` takes an int); None when neither says (anything goes)."""
+    annotation = parameter.annotation
+    if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
+        return annotation
+    default = parameter.default
+    return type(default) if type(default) in (bool, int, float, str) else None
+
+
+def _type_name(expected: Any) -> str:
+    return expected.__name__ if isinstance(expected, type) else repr(expected).replace("typing.", "")
+
+
+def check_overrides(name: str, overrides: dict[str, Any]) -> None:
+    """Raise `OptimizerError` unless optimizer `name` takes every override, each value of the
+    type its parameter declares (strictly: `true` is not an int, `"3"` is not a number)."""
+    if name not in CLASSES:
+        raise OptimizerError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    cls = CLASSES[name]
+    parameters = _parameters(cls)
+    settable = sorted(set(parameters) - PLAIT_SETS)
+    for key, value in overrides.items():
+        if key in PLAIT_SETS:
+            raise OptimizerError(f"--optimizer-arg {key}: plait sets {key} itself")
+        if key not in parameters:
+            raise OptimizerError(
+                f"--optimizer-arg {key}: {name} ({cls.__name__}) has no such setting; it takes "
+                f"{', '.join(settable)}"
+            )
+        expected = _expected_type(parameters[key])
+        if expected is None:
+            continue
+        try:
+            adapter = pydantic.TypeAdapter(expected)
+        except pydantic.PydanticSchemaGenerationError:  # an object type (an LM, a callable)
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except pydantic.ValidationError:
+            raise OptimizerError(
+                f"--optimizer-arg {key}={json.dumps(value)}: {name} ({cls.__name__}) expects "
+                f"{_type_name(expected)}"
+            ) from None
 
 
 def _feedback_metric(metric: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,18 +167,18 @@ def build(
     """The optimizer `name`, ready to `compile(student, **plan.compile_kwargs)`."""
     overrides = dict(overrides or {})
     if name == "labeled":
-        optimizer, rest = _construct(dspy.LabeledFewShot, {"k": 8}, overrides)
+        optimizer, rest = _construct(CLASSES["labeled"], {"k": 8}, overrides)
         return Plan(optimizer, {"trainset": trainset, **rest}, uses_devset=False)
     if name == "bootstrap":
         optimizer, rest = _construct(
-            dspy.BootstrapFewShot,
+            CLASSES["bootstrap"],
             {"metric": metric, "max_bootstrapped_demos": 4, "max_labeled_demos": 4},
             overrides,
         )
         return Plan(optimizer, {"trainset": trainset, **rest}, uses_devset=False)
     if name == "random-search":
         optimizer, rest = _construct(
-            dspy.BootstrapFewShotWithRandomSearch,
+            CLASSES["random-search"],
             {
                 "metric": metric,
                 "max_bootstrapped_demos": 4,
@@ -113,7 +193,7 @@ def build(
         if importlib.util.find_spec("optuna") is None:
             raise OptimizerError("--optimizer mipro needs optuna: pip install optuna")
         optimizer, rest = _construct(
-            dspy.MIPROv2,
+            CLASSES["mipro"],
             {
                 "metric": metric,
                 "auto": "light",
@@ -147,11 +227,11 @@ def build(
         }
         if not {"auto", "max_full_evals", "max_metric_calls"} & set(overrides):
             defaults["auto"] = "light"
-        optimizer, rest = _construct(dspy.GEPA, defaults, overrides)
+        optimizer, rest = _construct(CLASSES["gepa"], defaults, overrides)
         return Plan(optimizer, {"trainset": trainset, "valset": devset, **rest}, uses_devset=True)
     if name == "simba":
         optimizer, rest = _construct(
-            dspy.SIMBA,
+            CLASSES["simba"],
             {
                 "metric": metric,
                 "bsize": min(8, max(1, len(trainset))),

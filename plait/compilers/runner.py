@@ -30,6 +30,8 @@ from plait.compilers.errors import OptimizerError
 from plait.compilers.evaluation import EvalReport, ExampleResult, evaluate
 from plait.compilers.hashing import digest, example_hash, signature_hash, state_hash
 from plait.compilers.loading import instantiate, load_program_class
+from plait.compilers.metrics import MAX_METRIC_ERRORS
+from plait.compilers.outputs import check_output_file
 from plait.compilers.recording import recording_lm
 from plait.compilers.runtime import make_lm, select_adapter
 from plait.compilers.trials import RecordingMetric, TrialRecorder
@@ -78,6 +80,7 @@ class CompileConfig:
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     program_args: dict[str, Any] = field(default_factory=dict)
     fresh: bool = False  # start a new run even if one with the same key exists
+    max_metric_errors: int = MAX_METRIC_ERRORS  # metric exceptions in a row that stop the run
 
 
 @dataclass
@@ -116,6 +119,7 @@ class EvalConfig:
     max_tokens: int | None = None
     program_args: dict[str, Any] = field(default_factory=dict)
     fresh: bool = False
+    max_metric_errors: int = MAX_METRIC_ERRORS
 
 
 def _rows_digest(examples: list[Any]) -> str:
@@ -131,10 +135,10 @@ def compile_program(
     e.g. a remote one); its calls are recorded like the default's."""
     progress = progress or LogProgress()
     started = time.perf_counter()
-    if config.optimizer not in optimizers.OPTIMIZERS:
-        raise OptimizerError(
-            f"unknown optimizer {config.optimizer!r}: use one of {', '.join(optimizers.OPTIMIZERS)}"
-        )
+    # What can be checked without the program, data or model is checked first: a typo in a
+    # setting must not cost a baseline evaluation.
+    optimizers.check_overrides(config.optimizer, config.optimizer_args)
+    check_output_file(config.out, "--out")
     cls = load_program_class(config.program)
     program = instantiate(cls, config.program_args)
     signature = signature_hash(program)
@@ -181,7 +185,18 @@ def compile_program(
     adapter = select_adapter(lm, config.adapter)
     try:
         before = _scored(
-            program, devset, metric, lm, adapter, config.threads, meter, store, run.id, "baseline", progress
+            program,
+            devset,
+            metric,
+            lm,
+            adapter,
+            config.threads,
+            meter,
+            store,
+            run.id,
+            "baseline",
+            progress,
+            config.max_metric_errors,
         )
         store.record_trial(
             run.id,
@@ -196,7 +211,18 @@ def compile_program(
             config, program, trainset, devset, metric, lm, adapter, store, run.id, progress
         )
         after = _scored(
-            compiled, devset, metric, lm, adapter, config.threads, meter, store, run.id, "final", progress
+            compiled,
+            devset,
+            metric,
+            lm,
+            adapter,
+            config.threads,
+            meter,
+            store,
+            run.id,
+            "final",
+            progress,
+            config.max_metric_errors,
         )
         store.record_trial(
             run.id,
@@ -288,6 +314,7 @@ def _scored(
     run_id: int,
     phase: str,
     progress: Progress,
+    max_metric_errors: int,
 ) -> EvalReport:
     progress.start(phase, len(examples))
     report = evaluate(
@@ -302,6 +329,7 @@ def _scored(
         run_id=run_id,
         phase=phase,
         on_result=lambda result, done, total: progress.advance(phase, result),
+        max_metric_errors=max_metric_errors,
     )
     progress.finish(
         phase,
@@ -427,7 +455,18 @@ def evaluate_program(
     adapter = select_adapter(lm, config.adapter)
     try:
         report = _scored(
-            program, examples, metric, lm, adapter, config.threads, meter, store, run.id, "eval", progress
+            program,
+            examples,
+            metric,
+            lm,
+            adapter,
+            config.threads,
+            meter,
+            store,
+            run.id,
+            "eval",
+            progress,
+            config.max_metric_errors,
         )
     except BaseException as exc:
         store.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
