@@ -112,3 +112,42 @@ def test_constrained_generation_flags(tmp_path):
 def test_bad_constraints_are_one_line_errors(args):
     out = run("generate", "x", *args)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---- plait serve: settings checked before anything loads (issue #12, item 10) --------------------
+@pytest.fixture
+def artifact(tmp_path):
+    from plait.compilers import save_artifact
+    from plait.pipelines.sentiment import Sentiment
+
+    path = tmp_path / "a.json"
+    save_artifact(Sentiment(), path, program_path="plait.pipelines.sentiment:Sentiment", model="smollm2-135m")
+    return path
+
+
+def _one_line(out, *needles):
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert all(needle in lines[0] for needle in needles), lines[0]
+
+
+def test_serve_two_artifacts_with_one_name_says_how_to_name_them(artifact, tmp_path):
+    (tmp_path / "v2").mkdir()
+    other = tmp_path / "v2" / "a.json"
+    other.write_bytes(artifact.read_bytes())
+    _one_line(run("serve", str(artifact), str(artifact), "--no-traces"), "'a'", "NAME=")
+    _one_line(run("serve", str(artifact), str(other), "--no-traces"), "'a'", f"a2={other}")
+
+
+@pytest.mark.parametrize(
+    "url, needle", [("garbage://x", "database URL"), ("sqlite:///{tmp}/no/such/dir/t.db", "does not exist")]
+)
+def test_serve_bad_database_is_one_line(artifact, tmp_path, url, needle):
+    _one_line(run("serve", str(artifact), "--db", url.format(tmp=tmp_path)), needle)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens", "--max-batch-size", "--workers"])
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_serve_zero_or_negative_counts_are_usage_errors(artifact, flag, value):
+    _one_line(run("serve", str(artifact), "--no-traces", flag, value), flag)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plait.compilers.commands import positive_int
 from plait.serve.config import ServeConfig, ServeConfigError
 from plait.serve.programs import ADAPTERS
 
@@ -72,7 +73,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="generation calls admitted at once; more get 503 (default 64)",
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="threads running calls (default: --max-inflight)"
+        "--workers", type=positive_int, default=None, help="threads running calls (default: --max-inflight)"
     )
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a call gets 504")
     p.add_argument(
@@ -93,7 +94,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         default=4096,
         help="largest max_tokens an OpenAI-style request may ask for (default 4096)",
     )
-    p.add_argument("--max-tokens", type=int, default=None, help="max_tokens of each program LM call")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="max_tokens of each program LM call")
     p.add_argument(
         "--adapter",
         choices=ADAPTERS,
@@ -118,7 +119,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         choices=["auto", "plait", "vllm", "vllm-legacy", "sglang", "openai"],
         help="how the remote server takes grammars (default: ask it)",
     )
-    p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default 32)")
+    p.add_argument("--max-batch-size", type=positive_int, default=32, help="engine batch size (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--quantize",
@@ -129,6 +130,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
     p.add_argument(
         "--database",
+        "--db",
         default=None,
         help="SQLAlchemy URL for traces (default: PLAIT_DATABASE_URL, else .plait/plait.db)",
     )
@@ -180,6 +182,7 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
     missing = [str(path) for _, path in specs if not path.is_file()]
     if missing:
         raise ServeConfigError(f"artifact not found: {', '.join(missing)}")
+    _check_unique_names(specs)
     store = None
     if not args.no_traces:
         from plait.store import Store
@@ -204,6 +207,22 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
         runtime.close()
         raise
     return runtime
+
+
+def _check_unique_names(specs: list[tuple[str | None, Path]]) -> None:
+    """Two artifacts served under one name (`a.json other/a.json`) are a usage error, found
+    before anything loads; the message shows how to name them apart."""
+    from plait.serve.runtime import program_name
+
+    seen: dict[str, Path] = {}
+    for name, path in specs:
+        served = name or program_name(path)
+        if served in seen:
+            raise ServeConfigError(
+                f"two artifacts would both be served as {served!r} ({seen[served]}, {path}): name them "
+                f"with NAME=path.json, e.g. {served}={seen[served]} {served}2={path}"
+            )
+        seen[served] = path
 
 
 def _remote_lm(args: argparse.Namespace, path: Path, config: ServeConfig) -> Any:
