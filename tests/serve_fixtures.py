@@ -61,16 +61,15 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1"):
         import uvicorn
 
-        from plait.serve.server import uvicorn_config
+        from plait.serve.server import uvicorn_options
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, 0))
         self.port = self.socket.getsockname()[1]
         self.host = host
-        config = uvicorn_config(
-            app, app.state.runtime.config, log_level="warning", timeout_graceful_shutdown=5
-        )
+        options = uvicorn_options(app.state.runtime.config)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

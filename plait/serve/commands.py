@@ -252,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from plait.serve.app import create_app
-    from plait.serve.server import uvicorn_config
+    from plait.serve.server import uvicorn_options
 
     runtime = build_runtime(args, config)
     app = create_app(runtime)
@@ -264,16 +264,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        server_config = uvicorn_config(
+        uvicorn.run(
             app,
-            config,
             host=config.host,
             port=config.port,
             log_level=args.log_level,
             timeout_graceful_shutdown=10,
             access_log=args.log_level == "debug",
+            **uvicorn_options(config),
         )
-        uvicorn.Server(server_config).run()
     finally:
         runtime.close()
     return 0

@@ -15,7 +15,6 @@ import functools
 from typing import Any
 
 import h11
-import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from plait.serve.config import ServeConfig
@@ -74,9 +73,10 @@ class ReadDeadlines(H11Protocol):
             self.transport.close()  # an app reading the body sees the client disconnect
 
 
-def uvicorn_config(app: Any, config: ServeConfig, **options: Any) -> uvicorn.Config:
-    """uvicorn's settings for serving `app` under `config` (the CLI and the tests share them)."""
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """uvicorn's settings (for `uvicorn.run` or `uvicorn.Config`) that `config` decides; the CLI
+    and the tests share them."""
     protocol = functools.partial(
         ReadDeadlines, header_timeout=config.header_timeout, body_timeout=config.body_timeout
     )
-    return uvicorn.Config(app, http=protocol, **options)  # type: ignore[arg-type]
+    return {"http": protocol}
