@@ -331,9 +331,13 @@ def test_plait_serve_command_serves_an_artifact_and_stops_cleanly(tmp_path):
     import sys
     from pathlib import Path
 
+    from plait.pipelines.sentiment import Sentiment
     from plait.store import Store
 
-    artifact = save_program(tmp_path / "topic.json", TopicProgram(), "tests.serve_fixtures:TopicProgram")
+    # a program of an installed package: an artifact may not name a test module (not installed)
+    artifact = save_program(
+        tmp_path / "reviews.json", Sentiment(), "plait.pipelines.sentiment:Sentiment", demos=False
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -344,7 +348,7 @@ def test_plait_serve_command_serves_an_artifact_and_stops_cleanly(tmp_path):
         "-m",
         "plait.cli",
         "serve",
-        f"headlines={artifact}",
+        f"reviews={artifact}",
         "--port",
         str(port),
         "--max-tokens",
@@ -373,13 +377,13 @@ def test_plait_serve_command_serves_an_artifact_and_stops_cleanly(tmp_path):
             assert time.monotonic() < deadline, "plait serve did not come up"
             time.sleep(0.5)
         answer = httpx.post(
-            f"{url}/v1/programs/headlines",
-            json={"headline": "Team wins the cup final"},
+            f"{url}/v1/programs/reviews",
+            json={"text": "a gorgeous, witty film"},
             headers={"Authorization": f"Bearer {API_KEY}"},
             timeout=120,
         )
-        assert answer.status_code == 200 and answer.json()["outputs"]["topic"] in TOPICS
-        assert httpx.post(f"{url}/v1/programs/headlines", json={"headline": "x"}).status_code == 401
+        assert answer.status_code == 200 and answer.json()["outputs"]["label"] in ("negative", "positive")
+        assert httpx.post(f"{url}/v1/programs/reviews", json={"text": "x"}).status_code == 401
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -389,7 +393,7 @@ def test_plait_serve_command_serves_an_artifact_and_stops_cleanly(tmp_path):
             raise
     stderr = server.stderr.read()
     assert code == 0, stderr
-    assert "serving 1 program(s) ['headlines']" in stderr
+    assert "serving 1 program(s) ['reviews']" in stderr
     store = Store.open(database)
-    assert [t.status for t in store.traces(program="headlines")] == ["ok"]  # written before exit
+    assert [t.status for t in store.traces(program="reviews")] == ["ok"]  # written before exit
     store.close()
