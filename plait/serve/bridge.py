@@ -6,24 +6,31 @@ loop awaits its future.
 
 Two rules keep accounting honest when a client gives up or a call times out:
 - a call, once queued, always runs to its end (the future is shielded from cancellation), so
-  whatever it holds (an admission slot) is released by the call itself, exactly once;
-- a timeout answers the client (504) but cannot stop a thread; engine requests are cancelled
-  through their handles where the caller has one.
+  whatever it holds (an admission slot) is released by the call itself, exactly once, when its
+  work is over;
+- a thread cannot be stopped, but its engine requests can: a client that leaves
+  (`unless_client_leaves`) or a timeout cancels them through their handles, and the call ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from starlette.requests import Request
 
 from plait.serve.errors import ApiError
 
 T = TypeVar("T")
 
 _DONE = object()
+
+#: The error code of a call whose client went away before its answer (status 499).
+CLIENT_CLOSED = "client_closed_request"
 
 
 class WorkerPool:
@@ -44,6 +51,40 @@ class WorkerPool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=False)
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T], on_leave: Callable[[], None]) -> T:
+    """`await work`, unless the client disconnects first: then `on_leave()` (stop the work),
+    wait for the work to end, and answer 499 (nobody reads it; the metrics count it).
+
+    For handlers whose body is already read: what arrives next from the client is its
+    disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    on_leave()
+    with contextlib.suppress(Exception):  # the work ends as it may: nobody gets its answer
+        await task
+    raise client_closed()
+
+
+def client_closed() -> ApiError:
+    """The answer to a call whose client went away (nobody reads it; metrics and traces do)."""
+    return ApiError(499, "the client closed the request", "invalid_request_error", CLIENT_CLOSED)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def iterate_in_thread(

@@ -13,14 +13,18 @@ plait server as its backend. What is supported:
 
 Not supported, and refused with 400 rather than ignored: tools, logprobs, `echo`, `suffix`,
 non-text message parts. Every call is admitted through the gate, run off the event loop,
-counted in `/metrics` and traced to the store.
+counted in `/metrics` and traced to the store. A client that goes away (streamed or not)
+cancels every generation of its call, and the call's admission slot comes back only once the
+engine has stopped them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from plait.backends.clients.messages import message
-from plait.serve.bridge import iterate_in_thread
+from plait.serve.bridge import iterate_in_thread, unless_client_leaves
 from plait.serve.errors import ApiError, api_error_for, read_json
 from plait.serve.runtime import ServedModel, ServeRuntime
 from plait.serve.sse import SSE_HEADERS, GuardedStream, sse
@@ -180,7 +184,8 @@ class _Call:
         self.model = runtime.model(body.model)
         self.spec = grammar_from_request(body.model_dump(exclude_unset=True))
         self.choices: list[_Choice] = []
-        self.abandoned = False  # the client was answered (timeout) before the submit ran
+        self.cancelled = False  # nobody waits for the answer: what is (or gets) submitted stops
+        self._submitted = threading.Event()  # `submit` has returned: no handle is added after
 
     # ---- submitting (on a worker thread: tokenizing a long prompt takes time) ----------------
     def _prompt_texts(self) -> list[str | list[int]]:
@@ -201,14 +206,16 @@ class _Call:
                     constraint = self._constraint()
                     handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
                     self.choices.append(_Choice(len(self.choices), handle))
-            if self.abandoned:
-                self.cancel()
+                    if self.cancelled:  # cancelled while submitting: `cancel` may not have seen it
+                        handle.cancel()
         except ValueError as exc:  # SamplingParams / an empty prompt
             self.cancel()
             raise ApiError(400, str(exc), code="invalid_request") from None
         except BaseException:
             self.cancel()
             raise
+        finally:
+            self._submitted.set()
 
     def _constraint(self) -> Any:
         if self.spec is None:
@@ -219,8 +226,30 @@ class _Call:
         return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size)
 
     def cancel(self) -> None:
-        for choice in self.choices:
+        """Stop every generation of the call, submitted or still to be (from any thread)."""
+        self.cancelled = True
+        for choice in list(self.choices):
             choice.handle.cancel()
+
+    def wait_stopped(self) -> None:
+        """Block until `submit` has returned and every generation has finished (a cancelled
+        one finishes at the scheduler's next step): only then is the call's work over."""
+        self._submitted.wait()
+        for choice in self.choices:
+            with contextlib.suppress(Exception):  # failed is stopped too: its error went elsewhere
+                choice.handle.wait()
+
+    def after_stopped(self, then: Callable[[], None]) -> None:
+        """Run `then` once the call's work is over, without blocking the caller (the event loop)."""
+        if self._submitted.is_set() and all(c.handle.finish_reason is not None for c in self.choices):
+            then()
+            return
+
+        def wait_then() -> None:
+            self.wait_stopped()
+            then()
+
+        threading.Thread(target=wait_then, name="plait-call-release", daemon=True).start()
 
     def wait(self) -> None:
         deadline = time.monotonic() + self.runtime.config.request_timeout
@@ -228,7 +257,7 @@ class _Call:
             for choice in self.choices:
                 choice.handle.wait(max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            self.cancel()
+            self.cancel()  # the caller waits for the cancelled generations to stop
             raise ApiError(
                 504,
                 f"generation did not finish within {self.runtime.config.request_timeout:g} s",
@@ -338,22 +367,25 @@ class _Call:
         )
 
 
-async def _answer(runtime: ServeRuntime, call: _Call) -> JSONResponse:
+async def _answer(runtime: ServeRuntime, call: _Call, request: Request) -> JSONResponse:
     def work() -> dict[str, Any]:
         try:
             call.submit(stream=False)
             call.wait()
-            call.record("ok")
+            call.record("cancelled" if call.cancelled else "ok")
             return call.response()
         except BaseException as exc:
             call.record("error", str(exc))
             raise
-        finally:
+        finally:  # the slot is held until the engine has stopped every generation of the call
+            call.cancel()
+            call.wait_stopped()
             runtime.gate.leave()
 
     call.admit()
+    answer = runtime.pool.run(work, runtime.config.request_timeout + _GRACE)
     try:
-        return JSONResponse(await runtime.pool.run(work, runtime.config.request_timeout + _GRACE))
+        return JSONResponse(await unless_client_leaves(request, answer, on_leave=call.cancel))
     except Exception as exc:  # answered here: an unhandled error would also be logged as a crash
         raise api_error_for(exc) from None
 
@@ -362,19 +394,23 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
     if call.body.n != 1 or len(call._prompt_texts()) != 1:
         raise ApiError(400, "streaming answers one prompt with n=1", code="unsupported_parameter")
     include_usage = bool((call.body.stream_options or {}).get("include_usage"))
+    outcome = {"status": "cancelled", "error": None}
+
+    def release() -> None:
+        """Stop the generation; the slot and the trace wait until the engine has."""
+        call.cancel()
+        call.after_stopped(lambda: (runtime.gate.leave(), call.record(outcome["status"], outcome["error"])))
+
     call.admit()
     try:
         await runtime.pool.run(lambda: call.submit(stream=True), runtime.config.request_timeout)
     except BaseException as exc:
-        call.abandoned = True
-        call.cancel()
-        runtime.gate.leave()
-        call.record("error", str(exc))
+        outcome.update(status="error", error=str(exc))
+        release()
         if isinstance(exc, Exception):
             raise api_error_for(exc) from None
         raise  # cancellation
     handle = call.choices[0].handle
-    outcome = {"status": "cancelled", "error": None}
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -394,11 +430,6 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
             yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}})
             yield sse("[DONE]")
 
-    def release() -> None:
-        handle.cancel()
-        runtime.gate.leave()
-        call.record(outcome["status"], outcome["error"])
-
     return StreamingResponse(
         GuardedStream(events(), release), media_type="text/event-stream", headers=SSE_HEADERS
     )
@@ -411,7 +442,7 @@ def make_router(runtime: ServeRuntime) -> APIRouter:
         body = _parse(schema, await read_json(request))
         _refuse_unsupported(body)
         call = _Call(runtime, kind, body)
-        return await (_stream(runtime, call) if body.stream else _answer(runtime, call))
+        return await (_stream(runtime, call) if body.stream else _answer(runtime, call, request))
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
