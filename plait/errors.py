@@ -31,3 +31,7 @@ class EngineOverloadedError(PlaitError):
 
 class EngineClosedError(PlaitError):
     """The engine was shut down; no further requests are accepted."""
+
+
+class RequestCancelledError(PlaitError):
+    """The request was cancelled (its client went away) before it finished."""

@@ -29,7 +29,8 @@ from plait.backends.grammar.constraint import compile_constraint
 from plait.backends.grammar.spec import GrammarSpec, grammar_spec_from_request
 from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
 from plait.backends.runtime.engine import Engine
-from plait.backends.runtime.scheduler import Request as EngineRequest
+from plait.backends.runtime.request import Request as EngineRequest
+from plait.errors import RequestCancelledError
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -147,6 +148,8 @@ class PlaitEngine:
         return cls(state["model"], state.get("engine_options"))
 
     def _response(self, request: Request, handle: EngineRequest) -> Response:
+        if handle.finish_reason == "cancelled":  # its CancelScope ended it: the program stops here
+            raise RequestCancelledError("the LM call was cancelled (its client went away)")
         finish = _finish(handle)
         call = parse_tool_call(handle.text) if request.tools and finish == "stop" else None
         if call is not None:
@@ -233,7 +236,7 @@ def LM(
     *,
     device: str = "cpu",
     dtype: str | None = None,
-    max_batch_size: int = 32,
+    max_batch_size: int | None = None,
     quantize: str | None = None,
     **defaults: Any,
 ) -> dspy.LM:
@@ -255,7 +258,9 @@ def LM(
     from plait.backends.loading.registry import resolve, variant_id
 
     model_id, _ = resolve(name_or_path)
-    options = {"device": device, "max_batch_size": max_batch_size}
+    options: dict[str, Any] = {"device": device}
+    if max_batch_size is not None:
+        options["max_batch_size"] = max_batch_size
     if dtype is not None:
         options["dtype"] = dtype
     if quantize is not None:

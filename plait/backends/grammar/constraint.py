@@ -324,42 +324,56 @@ _SHIFTS = torch.arange(32, dtype=torch.int32)
 _executor: llg.LLExecutor | None = None
 
 
-def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> None:
+def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> dict[int, PlaitError]:
     """In place: `logits[i, t] = -inf` wherever `constraints[i]` disallows token t.
 
     One call for a whole decode batch: the masks are computed in parallel by llguidance
     (outside the GIL) into one bitmask, expanded on the logits' device. Rows whose constraint
     is None are left alone; columns past a constraint's vocabulary are disallowed. Any other
     object with the engine's four calls (a wrapper, a test double) is masked through `mask()`.
+
+    A constraint that fails (its grammar reached an error state) fails its own row only: the
+    row allows nothing, and its error is returned by row index for the caller to report.
     """
     global _executor
+    failed: dict[int, PlaitError] = {}
     vocab = logits.shape[-1]
     rows = [(i, c) for i, c in enumerate(constraints) if isinstance(c, TokenConstraint)]
     for i, c in enumerate(constraints):
         if c is not None and not isinstance(c, TokenConstraint):
-            mask = c.mask().to(logits.device)[:vocab]
+            try:
+                mask = c.mask().to(logits.device)[:vocab]
+            except PlaitError as exc:
+                failed[i] = exc
+                continue
             logits[i, : mask.shape[0]] = logits[i, : mask.shape[0]].masked_fill(~mask, float("-inf"))
             logits[i, mask.shape[0] :] = float("-inf")
-    if not rows:
-        return
-    width = max(c.vocab_size for _, c in rows)
-    words = np.zeros((len(rows), (width + 31) // 32), dtype=np.int32)
-    if len(rows) == 1:
-        rows[0][1].fill_bitmask_into(words[0])
-    else:
-        if _executor is None:
-            _executor = llg.LLExecutor(num_threads=2)
-        _executor.unsafe_compute_mask_ptr(
-            [(c._matcher, k) for k, (_, c) in enumerate(rows)],
-            words.ctypes.data,
-            words.shape[1] * 4,
-            words.shape[0],
-        )
-        for _, c in rows:
-            c._check()
-    packed = torch.from_numpy(words).to(logits.device)
-    bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(rows), -1)
-    if bits.shape[1] < vocab:
-        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
-    index = torch.tensor([i for i, _ in rows], device=logits.device)
-    logits[index] = logits[index].masked_fill(~bits[:, :vocab], float("-inf"))
+    if rows:
+        width = max(c.vocab_size for _, c in rows)
+        words = np.zeros((len(rows), (width + 31) // 32), dtype=np.int32)
+        if len(rows) > 1:
+            if _executor is None:
+                _executor = llg.LLExecutor(num_threads=2)
+            _executor.unsafe_compute_mask_ptr(
+                [(c._matcher, k) for k, (_, c) in enumerate(rows)],
+                words.ctypes.data,
+                words.shape[1] * 4,
+                words.shape[0],
+            )
+        for k, (i, c) in enumerate(rows):
+            try:
+                if len(rows) == 1:
+                    c.fill_bitmask_into(words[k])
+                else:
+                    c._check()
+            except PlaitError as exc:
+                failed[i] = exc
+        packed = torch.from_numpy(words).to(logits.device)
+        bits = ((packed.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().reshape(len(rows), -1)
+        if bits.shape[1] < vocab:
+            bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
+        index = torch.tensor([i for i, _ in rows], device=logits.device)
+        logits[index] = logits[index].masked_fill(~bits[:, :vocab], float("-inf"))
+    for i in failed:
+        logits[i] = float("-inf")
+    return failed

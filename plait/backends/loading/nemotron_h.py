@@ -106,7 +106,7 @@ def load_nemotron_h(
     for path in _checkpoint_files(directory):
         try:
             with _open(path) as f:
-                for key in f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     name = _plait_name(key)
                     if name is None:
                         continue

@@ -13,24 +13,19 @@ import torch
 from plait.backends.grammar.constraint import TokenConstraint
 from plait.backends.loading import registry
 from plait.backends.models.base import ModelInfo
+from plait.backends.models.dtypes import parse_dtype
 from plait.backends.models.state import Batch
+from plait.backends.runtime.cancellation import current_scope
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
+from plait.backends.runtime.options import EngineOptions, machine_memory_budget_mb
 from plait.backends.runtime.prefix_cache import PrefixCache
+from plait.backends.runtime.request import Request, Usage
 from plait.backends.runtime.sampling import SamplingParams
-from plait.backends.runtime.scheduler import Request, Scheduler, Usage
+from plait.backends.runtime.scheduler import Scheduler
 from plait.backends.runtime.state_pool import StatePool
 from plait.errors import ContextLengthError
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclass
@@ -54,7 +49,9 @@ class EngineStats:
     chunks or forced spans of one sequence or of several, each padded on the right to the
     longest: `multi_token_tokens` counts their real tokens, `multi_token_padding` the padding
     computed alongside (thrown away); `rows_in_flight` sums, over passes, how many sequences
-    the scheduler held at that moment; `forward_seconds` is the time spent inside those passes.
+    the scheduler held at that moment; `preemptions` counts sequences whose state was given up
+    to stay in the memory budget (recomputed later); `forward_seconds` is the time spent inside
+    those passes.
     """
 
     requests: int = 0
@@ -67,6 +64,7 @@ class EngineStats:
     multi_token_tokens: int = 0
     multi_token_padding: int = 0
     rows_in_flight: int = 0
+    preemptions: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
 
@@ -122,48 +120,38 @@ class Engine:
     batched together.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        model_id: str,
-        family: str,
-        *,
-        max_batch_size: int = 32,
-        memory_budget_mb: int | None = None,
-        max_length: int | None = None,
-        prefill_chunk: int = 512,
-        max_queue: int = 1024,
-        prefix_cache: bool = True,
-        prefix_cache_mb: int = 512,
-        prefix_block_size: int | None = None,
-    ):
+    def __init__(self, model, tokenizer, model_id: str, family: str, **options: Any):
+        """`options`: the fields of `EngineOptions` (max_batch_size, memory_budget_mb, ...)."""
+        self.options = EngineOptions.from_kwargs(options)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.info: ModelInfo = model.info(family)
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.max_length = min(max_length or model.context_length, model.context_length)
-        budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
-        self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget)
+        self.max_length = min(self.options.max_length or model.context_length, model.context_length)
+        budget_mb = self.options.memory_budget_mb or machine_memory_budget_mb(self.device)
+        self.pool = StatePool(model.state_specs(dtype), self.device, self.max_length, budget_mb * 2**20)
         self._inflight: dict[Any, Request] = {}
         self._inflight_lock = threading.Lock()
         self.prefix_cache = None
-        if prefix_cache:
+        if self.options.prefix_cache:
             # attention-only models restore any block-aligned prefix: small blocks leave fewer of
             # a prompt's shared tokens to recompute (a DSPy prompt's own part starts mid-block);
             # Mamba state is checkpointed once per block pass, so hybrids keep bigger blocks
-            block = prefix_block_size or (64 if model.state_chunk > 1 else 16)
+            block = self.options.prefix_block_size or (64 if model.state_chunk > 1 else 16)
             block = -(-block // model.state_chunk) * model.state_chunk  # a multiple of the SSD chunk
-            self.prefix_cache = PrefixCache(self.pool.layer_specs, block, prefix_cache_mb * 2**20)
+            self.prefix_cache = PrefixCache(
+                self.pool.layer_specs, block, self.options.prefix_cache_mb * 2**20
+            )
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
         self.scheduler = Scheduler(
             _CountedModel(model, self),
             tokenizer,
             self.pool,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            prefill_chunk=prefill_chunk,
+            max_batch_size=self.options.max_batch_size,
+            max_queue=self.options.max_queue,
+            prefill_chunk=self.options.prefill_chunk,
+            step_tokens=self.options.step_token_budget(self.device),
             prefix_cache=self.prefix_cache,
         )
 
@@ -173,15 +161,13 @@ class Engine:
     ) -> "Engine":
         """Load a registered model name, a `.gguf` file or an HF checkpoint directory.
 
-        Options: max_batch_size, memory_budget_mb, max_length, prefill_chunk, max_queue,
-        prefix_cache (on by default), prefix_cache_mb, prefix_block_size (default 16 tokens for
-        attention-only models, 64 rounded up to the SSD chunk for hybrids). `quantize="int4"` or
+        `options` are `EngineOptions` fields (checked before the weights are read). `quantize="int4"` or
         `"int8"` runs weight-only quantised linear layers with bf16 activations (CPU; `dtype` is
         then bf16); the model id gets the scheme as a suffix, since outputs differ.
         """
-        if isinstance(dtype, str):
-            dtype = _DTYPES[dtype]
+        dtype = parse_dtype(dtype) if dtype is not None else None
         quantize = options.pop("quantize", None)
+        EngineOptions.from_kwargs(options)  # bad options fail here, not after loading
         model_id, path = registry.resolve(name_or_path)
         model_id = registry.variant_id(model_id, quantize)
 
@@ -199,6 +185,7 @@ class Engine:
                 self._stats,
                 decode_batches=Counter(self._stats.decode_batches),
                 prompt_tokens_computed=self.scheduler.prompt_tokens_computed,
+                preemptions=self.scheduler.preemptions,
             )
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
@@ -259,18 +246,36 @@ class Engine:
         same prompt and grammar) pass a key; a request with the key of one still in flight gets
         that request back instead of computing it twice — DSPy's straggler re-submissions and
         identical `n>1` candidates cost one generation.
+
+        Inside a `CancelScope` (plait.backends.runtime.cancellation) the request is registered
+        with the scope, and a cancelled scope refuses new requests.
         """
+        scope = current_scope()
+        if scope is not None:
+            scope.check()
         if share_key is not None and not stream:
             with self._inflight_lock:
                 running = self._inflight.get(share_key)
-                if running is not None and not running._done.is_set():
+                if running is not None and not running.done:
                     self.note_shared()
                     return running
-                request = self.submit(prompt, constraint=constraint, **sampling)
+                request = self._submit(prompt, constraint, False, sampling)
                 if len(self._inflight) > 1024:
-                    self._inflight = {k: r for k, r in self._inflight.items() if not r._done.is_set()}
+                    self._inflight = {k: r for k, r in self._inflight.items() if not r.done}
                 self._inflight[share_key] = request
-                return request
+        else:
+            request = self._submit(prompt, constraint, stream, sampling)
+        if scope is not None:
+            scope.register(request)
+        return request
+
+    def _submit(
+        self,
+        prompt: str | list[int],
+        constraint: TokenConstraint | None,
+        stream: bool,
+        sampling: dict[str, Any],
+    ) -> Request:
         if isinstance(sampling.get("stop"), (list, str)):
             stop = sampling["stop"]
             sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -278,6 +283,10 @@ class Engine:
         ids = self.prompt_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        vocab = self.info.vocab_size
+        bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is out of range: {self.model_id} has ids 0..{vocab - 1}")
         self._check_length(len(ids), 1)
         request = self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
         with self._stats_lock:

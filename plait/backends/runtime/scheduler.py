@@ -1,98 +1,69 @@
-"""One thread owns the model; callers submit requests and wait on them.
+"""One thread owns the model; callers submit requests and wait on them. The scheduler plans the
+passes of each step and runs them.
 
 Every running sequence sits in a slot of the `StatePool` (slots 0..N-1, kept compact) and has
-`pending` tokens not yet in its cache: the prompt at first, then the token it just sampled,
-plus any tokens a grammar forces after it. Each iteration of the loop:
+`pending` tokens not yet in its cache (see `Sequence`). Each step:
 
 * rows with one pending token are decoded together, one forward pass per contiguous run of
   slots (normally a single pass for the whole batch: continuous batching);
-* rows with several pending tokens (a prompt, or a forced span) get a multi-token pass of up
-  to `prefill_chunk` tokens — chunked prefill, interleaved with the other rows' decoding;
-* a row whose pending tokens are all in the cache samples its next token from the last logits.
+* rows with several pending tokens (a prompt, or a forced span) get multi-token passes, chunked:
+  a step runs at most `step_tokens` tokens, decode rows first and prompt chunks sharing the
+  rest, so a burst of long prompts cannot stall the rows that are decoding;
+* a row whose pending tokens are all in the cache samples its next token from the last logits
+  (all rows of a pass at once: `sample_rows`).
 
-New requests join at the next iteration; finished ones leave their slot, and the last row
-moves into the hole. A full queue raises `EngineOverloadedError` (back-pressure); a request
-that can never fit the memory budget fails with `MemoryBudgetError` without touching others.
+New requests join at the next step; finished ones leave their slot, and the last row moves into
+the hole. Memory: the pool is sized to the step's need (slots x longest row) under the memory
+budget; when a step would not fit, the newest rows are preempted — their state is dropped and
+they are recomputed when admitted again, with their grammar, sampler and text intact. A full
+queue raises `EngineOverloadedError` (back-pressure); a request that can never fit the budget
+fails with `MemoryBudgetError`. A failure is kept to the rows it belongs to: a pass that raises
+fails its own rows, a row whose sampling or grammar fails fails alone, and the rest run on.
 """
 
 import atexit
+import itertools
 import logging
-import queue
 import random
 import threading
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from plait.backends.grammar.constraint import TokenConstraint, apply_masks
+from plait.backends.grammar.constraint import apply_masks
 from plait.backends.loading.tokenizer import Tokenizer
 from plait.backends.models.base import CausalLM
-from plait.backends.models.state import Batch
+from plait.backends.models.state import Batch, has_fixed_state
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
+from plait.backends.runtime.detokenizer import IncrementalDetokenizer
 from plait.backends.runtime.prefix_cache import PrefixCache, block_hashes
-from plait.backends.runtime.sampling import SamplingParams, sample
+from plait.backends.runtime.request import Request
+from plait.backends.runtime.sampling import sample_rows
+from plait.backends.runtime.sequence import Sequence
 from plait.backends.runtime.state_pool import StatePool
-from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError, PlaitError
+from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    sampled_tokens: int = 0
-    forced_tokens: int = 0
-    forward_passes: int = 0
-    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+MIN_PREFILL_SHARE = 4
+"""Prompt chunks get at least 1/4 of a step's tokens, however many rows are decoding."""
 
 
 @dataclass
-class Request:
-    """A generation request and, once done, its result. Callers read it after `wait()`."""
+class StepPlan:
+    """The passes of one step, over the current slots."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
-    constraint: TokenConstraint | None = None
-    stream: bool = False
-    # ---- results ----
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    usage: Usage = field(default_factory=Usage)
-    # ---- scheduler-private ----
-    pending: list[int] = field(default_factory=list, repr=False)
-    block_hashes: list[int] = field(default_factory=list, repr=False)
-    cached: int = 0
-    emitted: int = 0
-    cancelled: bool = False
-    _done: threading.Event = field(default_factory=threading.Event, repr=False)
-    _deltas: "queue.SimpleQueue[str | None]" = field(default_factory=queue.SimpleQueue, repr=False)
-    _generator: torch.Generator | None = field(default=None, repr=False)
+    groups: list[tuple[list[int], list[list[int]]]]  # multi-token passes: slots, chunk of each
+    decode_runs: list[list[int]]  # one-token passes: contiguous slots
+    fresh: list[int]  # one-token prompts with nothing cached yet (their own pass each)
+    length: int  # the longest row after this step: what the pool must hold
 
-    def wait(self, timeout: float | None = None) -> "Request":
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self.error is not None:
-            raise self.error
-        return self
 
-    def deltas(self):
-        """Text pieces as they are generated (for `stream=True` requests)."""
-        while (piece := self._deltas.get()) is not None:
-            yield piece
-        if self.error is not None:
-            raise self.error
-
-    def cancel(self) -> None:
-        self.cancelled = True
+class _ForwardFailed(Exception):
+    """The model raised inside a pass (the original error is the `__cause__`): no row of the
+    pass has consumed its tokens yet, so each can be rerun."""
 
 
 _live: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
@@ -112,20 +83,26 @@ class Scheduler:
         model: CausalLM,
         tokenizer: Tokenizer,
         pool: StatePool,
-        max_batch_size: int = 32,
-        max_queue: int = 1024,
-        prefill_chunk: int = 512,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        prefill_chunk: int,
+        step_tokens: int,
         prefix_cache: PrefixCache | None = None,
     ):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         self.prefix_cache = prefix_cache
         self.prompt_tokens_computed = 0
-        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.preemptions = 0
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
         self.device = next(model.parameters()).device
+        self._fixed_state = has_fixed_state(pool.layer_specs)
         self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
         self.padded_passes = True  # see _multi_token_groups; False: one row per pass (for comparison)
-        self.rows: list[Request] = []  # rows[i] lives in slot i
-        self.waiting: deque[Request] = deque()
+        self.rows: list[Sequence] = []  # rows[i] lives in slot i
+        self.waiting: deque[Sequence] = deque()
+        self._admissions = itertools.count()
         self.cond = threading.Condition()
         self.closed = False
         self.steps = 0
@@ -135,28 +112,34 @@ class Scheduler:
 
     # ---- callers' side -----------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
-        if request.params.seed is not None:
-            request._generator = torch.Generator().manual_seed(request.params.seed)
-        elif not request.params.greedy:
-            request._generator = torch.Generator().manual_seed(random.getrandbits(63))
-        request.pending = list(request.prompt_ids)
+        params = request.params
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        elif not params.greedy:
+            generator = torch.Generator().manual_seed(random.getrandbits(63))
+        sequence = Sequence(
+            request,
+            IncrementalDetokenizer(self.tokenizer.decode, params.stop),
+            generator,
+            pending=list(request.prompt_ids),
+        )
         if request.constraint is not None:
             # what the grammar forces before anything is sampled joins the prompt's prefill
             forced = request.constraint.forced()
             if forced:
                 request.constraint.advance(forced)
-                request.pending += forced
-                request.token_ids = list(forced)
+                sequence.pending += forced
                 request.usage.forced_tokens = len(forced)
+                sequence.append_output(forced)
         if self.prefix_cache is not None:
-            request.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
-        request.usage.prompt_tokens = len(request.prompt_ids)
+            sequence.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
         with self.cond:
             if self.closed:
                 raise EngineClosedError("the engine is closed")
             if len(self.waiting) >= self.max_queue:
                 raise EngineOverloadedError(f"{len(self.waiting)} requests are waiting: retry later")
-            self.waiting.append(request)
+            self.waiting.append(sequence)
             self.cond.notify()
         return request
 
@@ -170,6 +153,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cond:
+                if not self.rows and not self.waiting:
+                    self.pool.fit(0, 1, shrink=True)  # idle: give the decoding state's memory back
                 while not self.closed and not self.rows and not self.waiting:
                     self.cond.wait()
                 if self.closed:
@@ -177,7 +162,7 @@ class Scheduler:
                 self._admit()
             try:
                 self._step()
-            except Exception as exc:  # a bug or an OOM: fail the running requests, keep serving
+            except Exception as exc:  # a bug outside any one pass: fail the running rows, keep serving
                 log.exception("engine step failed")
                 for row in list(self.rows):
                     self._finish(row, "error", exc)
@@ -185,117 +170,191 @@ class Scheduler:
             self._finish(row, "error", EngineClosedError("the engine was closed"), release=False)
 
     def _admit(self) -> None:
-        deferred: list[Request] = []
+        deferred: list[Sequence] = []
         while self.waiting and len(self.rows) < self.max_batch_size:
-            request = self.waiting.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled", release=False)
-                continue
-            restorable = 0
-            if self.prefix_cache is not None:
-                restorable = self.prefix_cache.match(request.prompt_ids, request.block_hashes)
-                if self._prefix_in_flight(request) > restorable:
-                    deferred.append(request)  # a running prefill is computing this prefix: reuse it
-                    continue
-            length = len(request.prompt_ids) + request.params.max_tokens
+            row = self.waiting.popleft()
             try:
-                self.pool.reserve(len(self.rows) + 1, min(length, self.pool.max_length))
-            except MemoryBudgetError as exc:
-                if self.rows:  # others will finish and free room: wait (back-pressure)
-                    self.waiting.appendleft(request)
-                    break
-                self._finish(request, "error", exc, release=False)
+                admitted = self._admit_one(row)
+            except Exception as exc:  # this request cannot start (a bug, or a failed restore)
+                log.exception("admitting a request failed")
+                if row in self.rows:
+                    self._release(row)
+                self._finish(row, "error", exc, release=False)
                 continue
-            slot = len(self.rows)
-            self.pool.clear(slot)
-            if restorable:
-                self.prefix_cache.restore(request.block_hashes, restorable, self.pool, slot)
-                request.cached, request.usage.cached_tokens = restorable, restorable
-                del request.pending[:restorable]
-            self.rows.append(request)
+            if admitted is None:  # no room yet: others will finish and free it (back-pressure)
+                self.waiting.appendleft(row)
+                break
+            if not admitted:
+                deferred.append(row)  # a running prefill is computing its prefix: reuse it
         self.waiting.extendleft(reversed(deferred))
 
-    def _prefix_in_flight(self, request: Request) -> int:
-        """Tokens of `request`'s prompt that a row still in its prefill shares, block-aligned."""
+    def _admit_one(self, row: Sequence) -> bool | None:
+        """Give `row` a slot: True when admitted (or finished at once), False to try again after
+        this step (its prefix is being computed), None when memory has no room for it now."""
+        if row.request.cancelled or row.detokenizer.stopped:
+            self._finish(row, "cancelled" if row.request.cancelled else "stop", release=False)
+            return True
+        restorable = 0
+        if self.prefix_cache is not None and row.cached == 0:
+            restorable = self.prefix_cache.match(row.prompt_ids, row.block_hashes)
+            if self._prefix_in_flight(row) > restorable:
+                return False
+        need = min(max([r.cached + 1 for r in self.rows] + [len(row.prompt_ids) + 1]), self.pool.max_length)
+        if not self.pool.fits(len(self.rows) + 1, need):
+            if self.rows:
+                return None
+            self._finish(row, "error", self._never_fits(len(row.prompt_ids) + 1), release=False)
+            return True
+        slot = len(self.rows)
+        self.pool.fit(slot + 1, need)
+        self.pool.clear(slot)
+        if restorable:
+            self.prefix_cache.restore(row.block_hashes, restorable, self.pool, slot)
+            row.cached, row.request.usage.cached_tokens = restorable, restorable
+            del row.pending[:restorable]
+        if row.order < 0:
+            row.order = next(self._admissions)
+        self.rows.append(row)
+        return True
+
+    def _never_fits(self, length: int) -> MemoryBudgetError:
+        needed = self.pool.bytes_for(1, length)
+        return MemoryBudgetError(
+            f"a sequence of {length} tokens needs {needed / 2**20:.0f} MiB of decoding state, over the "
+            f"engine's budget of {self.pool.budget_bytes / 2**20:.0f} MiB: shorten the prompt or raise "
+            "memory_budget_mb"
+        )
+
+    def _prefix_in_flight(self, row: Sequence) -> int:
+        """Tokens of `row`'s prompt that a row still in its prefill shares, block-aligned."""
         best = 0
-        for row in self.rows:
-            if row.cached >= len(row.prompt_ids):
+        for other in self.rows:
+            if other.cached >= len(other.prompt_ids):
                 continue
             shared = 0
-            for mine, theirs in zip(request.block_hashes, row.block_hashes):
+            for mine, theirs in zip(row.block_hashes, other.block_hashes):
                 if mine != theirs:
                     break
                 shared += 1
             best = max(best, shared * self.prefix_cache.block_size)
-        return min(best, len(request.prompt_ids) - 1)
+        return min(best, len(row.prompt_ids) - 1)
 
+    # ---- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def _step(self) -> None:
         self.steps += 1
-        for row in [r for r in self.rows if r.cancelled]:
+        for row in [r for r in self.rows if r.request.cancelled]:
             self._finish(row, "cancelled")
-        # multi-token passes: prompts (chunked) and forced spans
-        for slots, chunks in self._multi_token_groups():
-            self._multi_token_pass(slots, chunks)
-        # decode: every row with exactly one pending token, per contiguous run of slots
-        run: list[int] = []
-        for slot, row in enumerate(self.rows + [None]):
-            if row is not None and len(row.pending) == 1 and row.cached > 0:
-                run.append(slot)
-                continue
-            if run:
-                self._decode_run(run)
-                run = []
-        # single-token prompts (no cache yet) and anything else with one token left
-        for slot, row in enumerate(self.rows):
-            if len(row.pending) == 1 and row.cached == 0:
-                logits = self._forward(slot, [row], torch.tensor([row.pending], device=self.device))
-                self._consumed(row, 1)
-                self._next_token(row, logits[0, -1])
-        for row in [r for r in self.rows if r.finish_reason is not None]:
+        plan = self._fit_memory()
+        for slots, chunks in plan.groups:
+            self._guarded(slots, chunks)
+        for run in plan.decode_runs:
+            self._guarded(run)
+        for slot in plan.fresh:
+            self._guarded([slot])
+        for row in [r for r in self.rows if r.finished]:
             self._release(row)
 
-    def _multi_token_groups(self) -> list[tuple[list[int], list[list[int]]]]:
-        """The rows with more than one pending token, with this step's chunk of each, grouped
-        into passes. Prompts that arrive together are prefilled in one pass, each row padded on
-        the right to the longest (a matmul over many rows uses the cores better than many small
-        ones). Padding never reaches a row's state: attention writes its keys past the row's end
-        where nothing reads them, and Mamba layers give it dt = 0 and end the conv history at
-        the row's last real token (`Batch.new_tokens`), so hybrids batch prompts too. A group
-        is contiguous slots and stops before padding would exceed a quarter of the pass or the
-        keys would run past the pool's capacity."""
+    def _guarded(self, slots: list[int], chunks: list[list[int]] | None = None) -> None:
+        """Run one pass; if it raises, its rows fail and the other passes still run. When the
+        model itself failed on a pass of several rows and its state is attention only (written
+        past each row's cached length, so untouched as far as the rows know), each row is
+        rerun alone: only the row that fails alone fails. (Mamba state is updated in place
+        layer by layer: a failed hybrid pass fails all its rows.)"""
+        try:
+            self._run_pass(slots, chunks)
+        except _ForwardFailed as failed:
+            if len(slots) > 1 and not self._fixed_state:
+                for i, slot in enumerate(slots):
+                    self._guarded([slot], None if chunks is None else [chunks[i]])
+                return
+            self._fail(slots, failed.__cause__)
+        except Exception as exc:
+            self._fail(slots, exc)
+
+    def _fail(self, slots: list[int], error: BaseException) -> None:
+        log.error("a forward pass of %d row(s) failed", len(slots), exc_info=error)
+        for slot in slots:
+            self._finish(self.rows[slot], "error", error, release=False)
+
+    def _run_pass(self, slots: list[int], chunks: list[list[int]] | None) -> None:
+        if chunks is not None:
+            self._multi_token_pass(slots, chunks)
+        elif self.rows[slots[0]].cached == 0:
+            self._fresh_pass(slots[0])
+        else:
+            self._decode_run(slots)
+
+    def _plan(self) -> StepPlan:
+        decode_runs: list[list[int]] = []
+        run: list[int] = []
+        decoding = 0
+        for slot, row in enumerate([*self.rows, None]):
+            if row is not None and len(row.pending) == 1 and row.cached > 0:
+                run.append(slot)
+                decoding += 1
+                continue
+            if run:
+                decode_runs.append(run)
+                run = []
+        fresh = [s for s, r in enumerate(self.rows) if len(r.pending) == 1 and r.cached == 0]
+        budget = max(self.step_tokens - decoding - len(fresh), self.step_tokens // MIN_PREFILL_SHARE)
+        groups = self._multi_token_groups(budget)
+        length = max([r.cached + min(len(r.pending), 1) for r in self.rows], default=1)
+        for slots, chunks in groups:
+            width = max(len(c) for c in chunks)
+            length = max(length, max(self.rows[s].cached for s in slots) + width)
+        return StepPlan(groups, decode_runs, fresh, length)
+
+    def _fit_memory(self) -> StepPlan:
+        """The step's plan, once the pool holds it: the newest rows are preempted while it would
+        not fit the budget; a lone row that cannot fit fails."""
+        plan = self._plan()
+        while not self.pool.fits(len(self.rows), plan.length):
+            if len(self.rows) == 1:
+                self._finish(self.rows[0], "error", self._never_fits(plan.length))
+                return self._plan()
+            self._preempt(max(self.rows, key=lambda r: r.order))
+            plan = self._plan()
+        self.pool.fit(len(self.rows), plan.length)
+        return plan
+
+    def _preempt(self, row: Sequence) -> None:
+        """Give up a row's state to make room; it waits first in line and is recomputed."""
+        self._release(row)
+        row.restart()
+        self.waiting.appendleft(row)
+        self.preemptions += 1
+
+    def _multi_token_groups(self, budget: int) -> list[tuple[list[int], list[list[int]]]]:
+        """The rows with more than one pending token, with this step's chunk of each (in slot
+        order, while the step's `budget` of tokens lasts), grouped into passes. Prompts that
+        arrive together are prefilled in one pass, each row padded on the right to the longest
+        (a matmul over many rows uses the cores better than many small ones). Padding never
+        reaches a row's state: attention writes its keys past the row's end where nothing
+        reads them, and Mamba layers give it dt = 0 and end the conv history at the row's last
+        real token (`Batch.new_tokens`), so hybrids batch prompts too. A group is contiguous
+        slots and stops before padding would exceed a quarter of the pass."""
         groups: list[tuple[list[int], list[list[int]]]] = []
         for slot, row in enumerate(self.rows):
             if len(row.pending) <= 1:
                 continue
-            chunk = row.pending[: self._pass_length(row)]
+            if budget <= 0:
+                break
+            chunk = row.pending[: min(self._pass_length(row), budget)]
+            budget -= len(chunk)
             if groups and self.padded_passes and groups[-1][0][-1] == slot - 1:
                 slots, chunks = groups[-1]
                 width = max(len(chunk), *(len(c) for c in chunks))
                 real = len(chunk) + sum(len(c) for c in chunks)
-                deepest = max(row.cached, *(self.rows[s].cached for s in slots))
-                if width * (len(slots) + 1) <= 1.25 * real and deepest + width <= self.pool.capacity:
+                if width * (len(slots) + 1) <= 1.25 * real:
                     slots.append(slot)
                     chunks.append(chunk)
                     continue
             groups.append(([slot], [chunk]))
         return groups
 
-    def _multi_token_pass(self, slots: list[int], chunks: list[list[int]]) -> None:
-        rows = [self.rows[s] for s in slots]
-        width = max(len(c) for c in chunks)
-        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.device)
-        new_tokens = torch.tensor([len(c) for c in chunks], device=self.device) if len(rows) > 1 else None
-        logits = self._forward(slots[0], rows, ids, new_tokens)
-        for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
-            self._consumed(row, len(chunk))
-            computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
-            if self.prefix_cache is not None and computed_prompt:
-                self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
-            if not row.pending:
-                self._next_token(row, logits[i, -1])
-
-    def _pass_length(self, row: Request) -> int:
+    def _pass_length(self, row: Sequence) -> int:
         """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
         block boundaries (one block per pass when Mamba state must be checkpointed there)."""
         length = min(self.prefill_chunk, len(row.pending))
@@ -308,112 +367,113 @@ class Scheduler:
         end = (row.cached + length) // size * size
         return end - row.cached if row.cached + length < len(row.prompt_ids) and end > row.cached else length
 
+    # ---- passes ------------------------------------------------------------------------------
+    def _multi_token_pass(self, slots: list[int], chunks: list[list[int]]) -> None:
+        rows = [self.rows[s] for s in slots]
+        width = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.device)
+        new_tokens = torch.tensor([len(c) for c in chunks], device=self.device) if len(rows) > 1 else None
+        logits = self._forward(slots[0], rows, ids, new_tokens)[:, -1]
+        done = []
+        for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
+            self._consumed(row, len(chunk))
+            computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
+            if self.prefix_cache is not None and computed_prompt:
+                self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
+            if not row.pending:
+                done.append(i)
+        if done:
+            self._sample([rows[i] for i in done], logits[done])
+
     def _decode_run(self, slots: list[int]) -> None:
         rows = [self.rows[s] for s in slots]
         ids = torch.tensor([[r.pending[0]] for r in rows], device=self.device)
         logits = self._forward(slots[0], rows, ids)[:, -1]
-        constraints = [r.constraint for r in rows]
-        if any(c is not None for c in constraints):  # all masks of the batch in one call
-            try:
-                apply_masks(logits, constraints)
-            except PlaitError as exc:
-                for row in rows:
-                    if row.constraint is not None:
-                        self._finish(row, "error", exc, release=False)
-        for i, row in enumerate(rows):
+        for row in rows:
             self._consumed(row, 1)
-            self._next_token(row, logits[i], masked=True)
+        self._sample(rows, logits)
+
+    def _fresh_pass(self, slot: int) -> None:
+        row = self.rows[slot]
+        logits = self._forward(slot, [row], torch.tensor([row.pending], device=self.device))[:, -1]
+        self._consumed(row, 1)
+        self._sample([row], logits)
 
     def _forward(
-        self, first_slot: int, rows: list[Request], ids: torch.Tensor, new_tokens: torch.Tensor | None = None
+        self, first_slot: int, rows: list[Sequence], ids: torch.Tensor, new_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
-            r.usage.forward_passes += 1
-        if self.decode_graphs is not None and ids.shape[1] == 1:
-            logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
-            if logits is not None:
-                return logits
-        return self.model(ids, Batch(self.pool, first_slot, lens, new_tokens), last_only=True)
+            r.request.usage.forward_passes += 1
+        try:
+            if self.decode_graphs is not None and ids.shape[1] == 1:
+                logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
+                if logits is not None:
+                    return logits
+            return self.model(ids, Batch(self.pool, first_slot, lens, new_tokens), last_only=True)
+        except Exception as exc:
+            raise _ForwardFailed from exc
 
-    def _consumed(self, row: Request, count: int) -> None:
+    def _consumed(self, row: Sequence, count: int) -> None:
         self.prompt_tokens_computed += max(0, min(count, len(row.prompt_ids) - row.cached))
         row.cached += count
         del row.pending[:count]
 
-    def _next_token(self, row: Request, logits: torch.Tensor, masked: bool = False) -> None:
-        """Sample a row's next token from its last logits (already grammar-masked if `masked`)."""
-        if row.finish_reason is not None:
+    # ---- sampling and output -----------------------------------------------------------------
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """The next token of each row from its last logits [len(rows), V]: grammar masks for the
+        whole batch in one call, then one sample per row with one host sync."""
+        failed = apply_masks(logits, [r.constraint for r in rows])
+        tokens = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if i in failed:
+                self._finish(row, "error", failed[i], release=False)
+            elif token is None:
+                error = RuntimeError("no token can follow: the logits are NaN or the grammar allows none")
+                self._finish(row, "error", error, release=False)
+            else:
+                try:
+                    self._next_token(row, token)
+                except Exception as exc:  # a grammar or tokenizer failure: this row only
+                    log.exception("a row failed after sampling")
+                    self._finish(row, "error", exc, release=False)
+
+    def _next_token(self, row: Sequence, token: int) -> None:
+        if row.finished:
             return
         constraint = row.constraint
-        try:
-            if constraint is not None and not masked:
-                mask = constraint.mask().to(logits.device)
-                logits = logits[: mask.shape[0]].masked_fill(~mask, float("-inf"))
-            token = sample(logits, row.params, row._generator)
-            row.usage.sampled_tokens += 1
-            forced: list[int] = []
-            if constraint is not None:
-                constraint.advance([token])
-                if not constraint.is_finished():
-                    forced = constraint.forced()
-                    if forced:
-                        constraint.advance(forced)
-        except PlaitError as exc:
-            self._finish(row, "error", exc, release=False)
-            return
-        row.usage.forced_tokens += len(forced)
+        row.request.usage.sampled_tokens += 1
+        forced: list[int] = []
+        if constraint is not None:
+            constraint.advance([token])
+            if not constraint.is_finished():
+                forced = constraint.forced()
+                if forced:
+                    constraint.advance(forced)
+        row.request.usage.forced_tokens += len(forced)
         new = [token, *forced]
         stop_ids = self.tokenizer.stop_token_ids
         if constraint is None and token in stop_ids:
             self._finish(row, "stop", release=False)
             return
-        row.token_ids.extend(t for t in new if t not in stop_ids)
-        row.usage.completion_tokens = len(row.token_ids)
-        if self._check_text(row):
-            return
-        if constraint is not None and constraint.is_finished():
+        stopped = row.append_output([t for t in new if t not in stop_ids])
+        if stopped or (constraint is not None and constraint.is_finished()):
             self._finish(row, "stop", release=False)
-        elif len(row.token_ids) >= row.params.max_tokens or row.cached + len(new) >= self.pool.max_length:
+        elif len(row.request.token_ids) >= row.params.max_tokens:
+            self._finish(row, "length", release=False)
+        elif row.cached + len(new) >= self.pool.max_length:
             self._finish(row, "length", release=False)
         else:
             row.pending = new
 
-    def _check_text(self, row: Request) -> bool:
-        """Decode, apply stop strings, stream what can no longer be part of a stop string."""
-        text = self.tokenizer.decode(row.token_ids)
-        for stop in row.params.stop:
-            at = text.find(stop)
-            if at != -1:
-                row.text = text[:at]
-                self._finish(row, "stop", release=False)
-                return True
-        row.text = text
-        if row.stream:
-            hold = max((len(s) - 1 for s in row.params.stop), default=0)
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                safe = min(safe, len(text) - 1)
-            if safe > row.emitted:
-                row._deltas.put(text[row.emitted : safe])
-                row.emitted = safe
-        return False
-
     def _finish(
-        self, row: Request, reason: str, error: BaseException | None = None, release: bool = True
+        self, row: Sequence, reason: str, error: BaseException | None = None, release: bool = True
     ) -> None:
-        if row.finish_reason is None:
-            row.finish_reason, row.error = reason, error
-            if row.stream:
-                if error is None and len(row.text) > row.emitted:
-                    row._deltas.put(row.text[row.emitted :])
-                    row.emitted = len(row.text)
-                row._deltas.put(None)
-            row._done.set()
+        row.finish(reason, error)
         if release:
             self._release(row)
 
-    def _release(self, row: Request) -> None:
+    def _release(self, row: Sequence) -> None:
         """Free the row's slot; the last row moves into the hole so slots stay compact."""
         if row not in self.rows:
             return

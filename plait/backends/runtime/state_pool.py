@@ -1,7 +1,7 @@
-"""Decoding state for every running sequence, kept in preallocated slots.
+"""Decoding state for every running sequence, kept in slots.
 
 The `StatePool` holds one tensor per layer and state name, shaped `[slots, *spec.shape]`
-(the `StateSpec`s the model declares), where the sequence axis grows by doubling. The scheduler
+(the `StateSpec`s the model declares), where the sequence axis is `capacity` long. The scheduler
 keeps the decoding sequences in slots `0..B-1` (it moves a sequence down when one before it
 finishes), so a batched decode step reads the pool through plain slicing views.
 """
@@ -11,9 +11,27 @@ import torch
 from plait.backends.models.state import StateSpec
 from plait.errors import ContextLengthError, MemoryBudgetError
 
+SLOT_BLOCK = 4
+"""Slots are allocated in blocks of this many sequences."""
+
+TOKEN_BLOCK = 128
+"""The sequence axis is allocated in blocks of this many tokens."""
+
+GROWTH = 1.25
+"""Growing allocates this much more than needed, so a decoding batch does not reallocate (and
+copy the whole pool) every block; shrinking waits until less than half is in use."""
+
+
+def _round_up(value: int, block: int) -> int:
+    return -(-value // block) * block
+
 
 class StatePool:
-    """Slots of per-layer state; grows on demand up to a memory budget and a context limit."""
+    """Slots of per-layer state, sized to what the running sequences need under a byte budget.
+
+    Memory is slots x the longest sequence's length; both axes grow and shrink in blocks
+    (`fit`), so a burst of long requests does not leave the process large for good.
+    """
 
     def __init__(
         self,
@@ -22,7 +40,7 @@ class StatePool:
         max_length: int = 8192,
         budget_bytes: int | None = None,
         slots: int = 1,
-        capacity: int = 256,
+        capacity: int = TOKEN_BLOCK,
     ):
         self.layer_specs = layer_specs
         self.device = torch.device(device)
@@ -46,38 +64,71 @@ class StatePool:
     def nbytes(self) -> int:
         return self.bytes_for(self.slots, self.capacity)
 
+    def fits(self, slots: int, length: int) -> bool:
+        """Whether `slots` sequences of up to `length` tokens fit the budget."""
+        return (
+            self.budget_bytes is None
+            or self.bytes_for(slots, min(length, self.max_length)) <= self.budget_bytes
+        )
+
     def reserve(self, slots: int, length: int) -> None:
-        """Make room for `slots` sequences of up to `length` tokens (doubling, never shrinking)."""
+        """Make room for at least `slots` sequences of up to `length` tokens (grows only)."""
+        self._check_length(length)
+        if slots <= self.slots and length <= self.capacity:
+            return
+        self._resize(*self._grown(max(slots, self.slots), max(length, self.capacity)))
+
+    def fit(self, slots: int, length: int, *, shrink: bool = False) -> None:
+        """Hold what a step needs, in blocks: grow to `slots` x `length`, and shrink an axis
+        that is more than twice its need (hysteresis: no reallocation back and forth), or any
+        axis larger than its need with `shrink` (the engine is idle)."""
+        self._check_length(length)
+        slots, length = max(slots, 1), max(length, 1)
+        slack = 1 if shrink else 2
+        target_slots, target_length = self.slots, self.capacity
+        if slots > self.slots or slack * _round_up(slots, SLOT_BLOCK) < self.slots:
+            target_slots = slots
+        if length > self.capacity or slack * _round_up(length, TOKEN_BLOCK) < self.capacity:
+            target_length = length
+        if not self.fits(target_slots, target_length):  # the slack kept would break the budget
+            target_slots, target_length = slots, length
+        if (target_slots, target_length) != (self.slots, self.capacity):
+            self._resize(*self._grown(target_slots, target_length))
+
+    def _check_length(self, length: int) -> None:
         if length > self.max_length:
             raise ContextLengthError(
                 f"sequence of {length} tokens exceeds the context window of {self.max_length} tokens"
             )
-        new_slots, new_capacity = max(self.slots, 1), max(self.capacity, 1)
-        while new_slots < slots:
-            new_slots *= 2
-        while new_capacity < length:
-            new_capacity *= 2
-        new_capacity = min(new_capacity, self.max_length)
-        if (new_slots, new_capacity) == (self.slots, self.capacity):
-            return
-        needed = self.bytes_for(new_slots, new_capacity)
+
+    def _grown(self, slots: int, length: int) -> tuple[int, int]:
+        """The allocation for a need: in blocks, with room to grow, without leaving the budget
+        when the need itself fits (then the need exactly)."""
+        roomy_slots = _round_up(slots if slots <= self.slots else int(slots * GROWTH), SLOT_BLOCK)
+        roomy_length = _round_up(length if length <= self.capacity else int(length * GROWTH), TOKEN_BLOCK)
+        roomy = (max(roomy_slots, slots), min(max(roomy_length, length), self.max_length))
+        return roomy if self.fits(*roomy) else (slots, length)
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        needed = self.bytes_for(slots, capacity)
         if self.budget_bytes is not None and needed > self.budget_bytes:
             raise MemoryBudgetError(
-                f"decoding state for {slots} sequences of {length} tokens needs {needed / 2**20:.0f} MiB, "
+                f"decoding state for {slots} sequences of {capacity} tokens needs {needed / 2**20:.0f} MiB, "
                 f"over the engine's budget of {self.budget_bytes / 2**20:.0f} MiB: lower the concurrency or "
                 "max_tokens, or raise memory_budget_mb"
             )
         for specs, tensors in zip(self.layer_specs, self.layers):
             for name, spec in specs.items():
-                grown = torch.zeros(
-                    (new_slots, *spec.concrete_shape(new_capacity)), dtype=spec.dtype, device=self.device
+                resized = torch.zeros(
+                    (slots, *spec.concrete_shape(capacity)), dtype=spec.dtype, device=self.device
                 )
-                old = tensors.get(name)
+                old = tensors.pop(name, None)
                 if old is not None:
-                    region = [slice(0, self.slots)] + [slice(0, d) for d in old.shape[1:]]
-                    grown[tuple(region)] = old
-                tensors[name] = grown
-        self.slots, self.capacity = new_slots, new_capacity
+                    kept = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, resized.shape))
+                    resized[kept] = old[kept]
+                    del old
+                tensors[name] = resized
+        self.slots, self.capacity = slots, capacity
 
     def clear(self, slot: int) -> None:
         """Zero the fixed-size states of a slot so a new sequence starts from nothing."""

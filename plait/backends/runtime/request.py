@@ -1,0 +1,93 @@
+"""A generation request as its caller holds it: what was asked and, as it runs, the results.
+
+`Engine.submit` returns a `Request` at once; the caller waits on it (`wait()`), reads its
+stream (`deltas()`) or gives up on it (`cancel()`). Only the scheduler thread writes the
+results, through `publish` and `finish`; what the scheduler keeps for itself while the request
+runs (tokens not yet in the cache, the detokenizer, the random generator) lives in its
+`Sequence` (plait.backends.runtime.sequence), not here.
+"""
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from plait.backends.grammar.constraint import TokenConstraint
+from plait.backends.runtime.sampling import SamplingParams
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    sampled_tokens: int = 0
+    forced_tokens: int = 0
+    forward_passes: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Request:
+    """A generation request and, once done, its result. Read the results after `wait()`."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        constraint: TokenConstraint | None = None,
+        stream: bool = False,
+    ):
+        self.prompt_ids, self.params, self.constraint, self.stream = prompt_ids, params, constraint, stream
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.usage = Usage(prompt_tokens=len(prompt_ids))
+        self._cancelled = False
+        self._done = threading.Event()
+        self._deltas: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    # ---- the caller's side ------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def wait(self, timeout: float | None = None) -> "Request":
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def deltas(self) -> Iterator[str]:
+        """Text pieces as they are generated (for `stream=True` requests)."""
+        while (piece := self._deltas.get()) is not None:
+            yield piece
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop generating: the scheduler frees the request's slot at its next step."""
+        self._cancelled = True
+
+    # ---- the scheduler's side -----------------------------------------------------------------
+    def publish(self, piece: str) -> None:
+        """Text that can no longer change, for a streaming caller."""
+        if self.stream and piece:
+            self._deltas.put(piece)
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        """The request is over (once: later calls are ignored); waiting callers wake up."""
+        if self._done.is_set():
+            return
+        self.finish_reason, self.error = reason, error
+        if self.stream:
+            self._deltas.put(None)
+        self._done.set()

@@ -1,0 +1,70 @@
+"""A request while the scheduler runs it: what the scheduler keeps for itself, apart from the
+caller's `Request`.
+
+A running sequence sits in a slot of the state pool with `cached` tokens in it and `pending`
+tokens not yet computed (the prompt at first, then the token it just sampled and any tokens a
+grammar forces after it). Its output flows through an incremental detokenizer into the
+request's results and stream.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from plait.backends.grammar.constraint import TokenConstraint
+from plait.backends.runtime.detokenizer import IncrementalDetokenizer
+from plait.backends.runtime.request import Request
+from plait.backends.runtime.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    pending: list[int]
+    block_hashes: list[int] = field(default_factory=list)
+    cached: int = 0
+    order: int = -1
+    """When it was first admitted (-1: not yet). The newest running sequence is the first to be
+    preempted; a preempted one keeps its place, ahead of everything admitted after it."""
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def constraint(self) -> TokenConstraint | None:
+        return self.request.constraint
+
+    @property
+    def finished(self) -> bool:
+        return self.request.done
+
+    def restart(self) -> None:
+        """Forget the cached state (the sequence was preempted to free memory): every token fed
+        so far is pending again and is recomputed when the sequence is admitted again. The
+        grammar, the random generator and the text so far carry on as they were."""
+        self.pending = self.request.prompt_ids + self.request.token_ids
+        self.cached = 0
+
+    def append_output(self, tokens: list[int]) -> bool:
+        """New output tokens (stop ids excluded) into the results and the stream; True when a
+        stop string has ended the text."""
+        request = self.request
+        request.token_ids.extend(tokens)
+        request.usage.completion_tokens = len(request.token_ids)
+        request.publish(self.detokenizer.add(tokens))
+        return self.detokenizer.stopped
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.request.done:
+            return
+        if error is None:
+            self.request.publish(self.detokenizer.finish())
+        self.request.text = self.detokenizer.text
+        self.request.finish(reason, error)
