@@ -37,6 +37,24 @@ class Summary(dspy.Signature):
     answer: str = dspy.OutputField()
 
 
+class Story(dspy.Signature):
+    """Write a long, detailed story."""
+
+    topic: str = dspy.InputField()
+    story: str = dspy.OutputField()
+
+
+class Storyteller(dspy.Module):
+    """One free-text prediction that keeps the engine busy for hundreds of tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tell = dspy.Predict(Story)
+
+    def forward(self, topic: str) -> dspy.Prediction:
+        return self.tell(topic=topic)
+
+
 def save_program(
     path: Path, program: dspy.Module, program_path: str, *, demos: bool = True, extra: dict | None = None
 ) -> Path:

@@ -1,8 +1,8 @@
 """Abandoned work stops, and bad text is refused, on the embedded model (issue #12, items 2, 6, 7).
 
 A client that goes away must not leave its generation running: for the OpenAI endpoints
-(streamed or not, `n>1` too), the engine's rows empty within a few scheduler steps of the
-disconnect, and the admission slot comes back only once they have.
+(streamed or not, `n>1` too) and for program calls, the engine's rows empty within a few
+scheduler steps of the disconnect, and the admission slot comes back only once they have.
 Each test leaves the engine idle for the next (`idle`).
 """
 
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from plait.serve.app import create_app
-from tests.serve_fixtures import API_KEY, MODEL, ServerThread, TopicProgram, save_program
+from tests.serve_fixtures import API_KEY, MODEL, ServerThread, Storyteller, TopicProgram, save_program
 
 STORY = "Tell me a long story about a dragon who learns to sing."
 LONG = 256  # max tokens of the long generations: far more steps than a cancel may take
@@ -37,8 +37,13 @@ def runtime(tmp_path_factory, store):
     from tests.serve_fixtures import model_runtime
 
     artifacts = tmp_path_factory.mktemp("artifacts")
+    story = save_program(
+        artifacts / "story.json", Storyteller(), "tests.serve_fixtures:Storyteller", demos=False
+    )  # no demo to copy: the story runs for hundreds of tokens
     topic = save_program(artifacts / "topic.json", TopicProgram(), "tests.serve_fixtures:TopicProgram")
-    runtime = model_runtime(artifacts={"topic": topic}, store=store, max_tokens=LONG, max_tokens_limit=LONG)
+    runtime = model_runtime(
+        artifacts={"story": story, "topic": topic}, store=store, max_tokens=LONG, max_tokens_limit=LONG
+    )
     yield runtime
     runtime.close()
 
@@ -163,3 +168,13 @@ def test_bodies_too_deep_for_the_trace_writer_are_refused_and_tracing_goes_on(cl
     assert runtime.traces.flush()
     assert store.traces(program="openai:chat.completions", limit=1)[0].inputs["user"] == "after"
     assert runtime.traces.dropped == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
+def test_a_client_that_leaves_stops_its_program(server, runtime, scheduler, store, stream):
+    path = "/v1/programs/story" + ("?stream=true" if stream else "")
+    post_then_leave(server, path, {"topic": STORY}, until=lambda: scheduler.rows)
+    to_stop, then_freed = steps_to_stop(runtime, scheduler)
+    assert to_stop < 16 and then_freed >= 0  # stopped long before LONG tokens, then the slot came back
+    assert runtime.traces.flush()
+    assert store.traces(program="story", limit=1)[0].status == "cancelled"

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from plait.errors import ContextLengthError, EngineOverloadedError
+from plait.errors import ContextLengthError, EngineOverloadedError, RequestCancelledError
 from plait.serve.app import create_app
+from plait.serve.bridge import ScopedRun
 from plait.serve.commands import add_commands, build_runtime, config_from_args, parse_artifact
 from plait.serve.config import ServeConfig, ServeConfigError, is_loopback
 from plait.serve.errors import api_error_for
@@ -233,3 +234,17 @@ def test_artifact_names_on_the_command_line():
     assert parse_artifact("qa=rag.json") == ("qa", Path("rag.json"))
     assert parse_artifact("runs/a=b.json") == (None, Path("runs/a=b.json"))
     assert program_name("out/Sentiment v2.json") == "Sentiment-v2"
+
+
+def test_a_run_cancelled_before_it_starts_never_starts_and_releases_once():
+    released: list[int] = []
+    run = ScopedRun(release=lambda: released.append(1))
+    run.cancel()
+    with pytest.raises(RequestCancelledError):
+        run(lambda: released.append(99))
+    run.cancel()
+    assert released == [1]
+    finished = ScopedRun(release=lambda: released.append(2))
+    assert finished(lambda x: x + 1, 1) == 2
+    finished.cancel()  # over already: nothing more to release
+    assert released == [1, 2]

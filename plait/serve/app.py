@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plait.serve.auth import BearerAuth
+from plait.serve.bridge import CLIENT_CLOSED, ScopedRun, client_closed, unless_client_leaves
 from plait.serve.errors import ApiError, api_error_for, error_response, read_json
 from plait.serve.limits import BodySizeLimit, RateLimit, RateLimiter
 from plait.serve.metrics import MetricsMiddleware
@@ -89,14 +90,15 @@ class _ProgramCall:
         if error.status >= 500 and error.code == "internal_error":
             log.error("program %s failed: %s: %s", self.program.name, type(exc).__name__, exc)
             error = ApiError(500, f"the program failed: {error.message}", "server_error", "program_error")
-        self.runtime.metrics.program_calls.inc(program=self.program.name, outcome=str(error.status))
+        status = "cancelled" if error.code == CLIENT_CLOSED else str(error.status)
+        self.runtime.metrics.program_calls.inc(program=self.program.name, outcome=status)
         self.runtime.traces.submit(
             Trace(
                 self.program.name,
                 self.id,
                 self.inputs,
                 None,
-                str(error.status),
+                status,
                 (time.perf_counter() - self.started) * 1000,
                 error=error.message,
             )
@@ -104,46 +106,54 @@ class _ProgramCall:
         return error
 
 
-async def _call_program(runtime: ServeRuntime, call: _ProgramCall) -> JSONResponse:
-    def work() -> CallResult:
-        try:
-            return call.program.call(call.inputs)
-        finally:
-            runtime.gate.leave()
-
-    _admit(runtime, call)
+async def _call_program(runtime: ServeRuntime, call: _ProgramCall, request: Request) -> JSONResponse:
+    run = _admit(runtime, call)
+    answer = runtime.pool.run(lambda: run(call.program.call, call.inputs), runtime.config.request_timeout)
     try:
-        result = await runtime.pool.run(work, runtime.config.request_timeout)
+        result = await unless_client_leaves(request, answer, on_leave=run.cancel)
     except Exception as exc:
+        run.cancel()  # after a timeout (504) too: its LM calls are cancelled, and the program ends
         raise call.failed(exc) from None
     return JSONResponse(call.succeeded(result))
 
 
-def _admit(runtime: ServeRuntime, call: _ProgramCall) -> None:
-    """Take an admission slot; a refused call (503) is traced too: overload should be visible."""
+def _admit(runtime: ServeRuntime, call: _ProgramCall) -> ScopedRun:
+    """Take an admission slot, held by the call's run until its work is over; a refused call
+    (503) is traced too: overload should be visible."""
     try:
         runtime.gate.enter()
     except ApiError as exc:
         raise call.failed(exc) from None
+    return ScopedRun(release=runtime.gate.leave)
 
 
 def _stream_program(runtime: ServeRuntime, call: _ProgramCall) -> StreamingResponse:
-    _admit(runtime, call)
+    run = _admit(runtime, call)
+    answered = False  # a prediction or an error was sent: the call is accounted for
 
     async def events() -> AsyncIterator[str]:
+        nonlocal answered
         try:
-            async for event, data in call.program.stream(call.inputs):
+            async for event, data in call.program.stream(call.inputs, run):
                 if event == "prediction":
+                    answered = True
                     yield sse(call.succeeded(data), "prediction")
                 else:
                     yield sse(data, event)
         except Exception as exc:  # headers are sent: the error is the stream's last event
+            answered = True
             error = call.failed(exc)
             yield sse({"error": {"message": error.message, "type": error.type, "code": error.code}}, "error")
         yield sse("[DONE]", "done")
 
+    def release() -> None:
+        """The stream is over or dropped: stop the program (its run frees the slot once it has)."""
+        run.cancel()
+        if not answered:
+            call.failed(client_closed())
+
     return StreamingResponse(
-        GuardedStream(events(), runtime.gate.leave), media_type="text/event-stream", headers=SSE_HEADERS
+        GuardedStream(events(), release), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
@@ -206,7 +216,7 @@ def create_app(runtime: ServeRuntime) -> FastAPI:
         call = _ProgramCall(runtime, program, inputs)
         if stream:
             return _stream_program(runtime, call)
-        return await _call_program(runtime, call)
+        return await _call_program(runtime, call, request)
 
     app.include_router(make_router(runtime))
 

@@ -9,7 +9,8 @@ Two rules keep accounting honest when a client gives up or a call times out:
   whatever it holds (an admission slot) is released by the call itself, exactly once, when its
   work is over;
 - a thread cannot be stopped, but its engine requests can: a client that leaves
-  (`unless_client_leaves`) or a timeout cancels them through their handles, and the call ends.
+  (`unless_client_leaves`) or a timeout cancels them, through their handles (OpenAI calls) or
+  through the `CancelScope` the call runs in (`ScopedRun`, program calls), and the call ends.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from plait.backends.runtime.cancellation import CancelScope
+from plait.errors import RequestCancelledError
 from plait.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -85,6 +88,45 @@ def client_closed() -> ApiError:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ScopedRun:
+    """A program call's work, run in a worker thread inside a `CancelScope`, that the server
+    stops from any thread with `cancel()`: every engine request the program made is cancelled,
+    and any it makes later raises `RequestCancelledError`, so the program ends.
+
+    `release` (the admission slot) runs exactly once, when the work can do nothing more: after
+    it returns or raises, or at `cancel()` if it had not started (it then never starts).
+    """
+
+    def __init__(self, release: Callable[[], None]):
+        self.scope = CancelScope()
+        self._release = release
+        self._lock = threading.Lock()
+        self._state = "pending"  # -> "running" -> "over"; or "pending" -> "over" by cancel()
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the scope (on the worker thread that is to run it)."""
+        with self._lock:
+            if self._state != "pending":
+                raise RequestCancelledError("the call was cancelled before it started")
+            self._state = "running"
+        try:
+            with self.scope:
+                return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._state = "over"
+            self._release()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+        with self._lock:
+            never_ran = self._state == "pending"
+            if never_ran:
+                self._state = "over"
+        if never_ran:
+            self._release()
 
 
 async def iterate_in_thread(

@@ -11,7 +11,8 @@
   programs (and many calls of one program) run side by side on the server's worker threads,
   each with its own settings, while the one shared engine batches their LM calls.
 - **streaming** it with `dspy.streamify`, its output fields split as they are generated
-  (`plait.serve.fields`).
+  (`plait.serve.fields`), the program itself run by the caller's `run` (the server's
+  `ScopedRun`, which can stop it) on the thread DSPy gives it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,20 @@ class _FieldListener(StreamListener):
             return super().finalize()
 
 
+class _RunBy:
+    """The program as `dspy.streamify` sees it: called through `run` on DSPy's worker thread,
+    with the program's predictors for the stream listeners."""
+
+    def __init__(self, program: Any, run: Callable[..., Any]):
+        self.program, self.run = program, run
+
+    def named_predictors(self) -> list[tuple[str, Any]]:
+        return self.program.named_predictors()
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.run(self.program, **inputs)
+
+
 class ServedProgram:
     """One compiled program behind `POST /v1/programs/{name}`."""
 
@@ -308,9 +323,10 @@ class ServedProgram:
         prompt, completion = usage_tokens(prediction)
         return CallResult(outputs, prompt, completion, seconds, prediction)
 
-    async def stream(self, inputs: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+    async def stream(self, inputs: dict[str, Any], run: Callable[..., Any]) -> AsyncIterator[tuple[str, Any]]:
         """(event, data) pairs: `field` chunks as output fields are generated, `status`
-        messages, and finally one `prediction` with a `CallResult`.
+        messages, and finally one `prediction` with a `CallResult`. DSPy runs the program on
+        a worker thread of its own, as `run(program, **inputs)`.
 
         ChatAdapter-format answers (plait's `ConstrainedAdapter` included) are split by
         `FieldSplitter`, which does not depend on how the text is chunked; JSON-format answers
@@ -327,7 +343,9 @@ class ServedProgram:
                 for field_name in predictor.signature.output_fields
             ]
         streamer = dspy.streamify(
-            self.program, stream_listeners=listeners, include_final_prediction_in_output_stream=True
+            _RunBy(self.program, run),
+            stream_listeners=listeners,
+            include_final_prediction_in_output_stream=True,
         )
         splitters: dict[int, FieldSplitter] = {}
         started = time.perf_counter()
