@@ -2,6 +2,8 @@
 weights are cached there across runs) and DSPy's cache is disabled per LM where it matters."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,21 @@ def smollm_gguf_path() -> Path:
     from plait.backends.loading.registry import resolve
 
     return resolve("smollm2-135m")[1]
+
+
+@pytest.fixture(autouse=True)
+def no_background_work_left():
+    """Work a test starts in background threads ends with the test: DSPy's ParallelExecutor
+    returns before the copies it resubmitted for stragglers finish (it shuts its pool down
+    without waiting), and a copy still running would log into the next test's output. Threads
+    of thread pools started during the test are joined here; one still running after a minute
+    fails the test that left it."""
+    before = set(threading.enumerate())
+    yield
+    pools = [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    started = [t for t in pools if t not in before]
+    deadline = time.monotonic() + 60
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in started if t.is_alive()]
+    assert not left, f"the test left pool threads running: {left}"

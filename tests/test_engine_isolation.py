@@ -158,3 +158,21 @@ def test_a_cancel_scope_stops_its_requests_and_refuses_more(fresh):
     assert outcome["first"].finish_reason == "cancelled" and len(outcome["first"].token_ids) < 400
     assert "refused" in outcome
     _wait_idle(engine)
+
+
+def test_a_shared_request_runs_on_while_one_of_its_callers_remains(fresh):
+    """Two callers share one deterministic request (same share key); the first one's scope is
+    cancelled: the request runs on for the second, and stops when both have gone."""
+    engine = fresh()
+    prompt = _ids(engine, "Write a very long poem about mountains.")
+    first, second = CancelScope(), CancelScope()
+    with first:
+        a = engine.submit(prompt, max_tokens=300, share_key="poem")
+    with second:
+        b = engine.submit(prompt, max_tokens=300, share_key="poem")
+    assert a is b
+    first.cancel()
+    time.sleep(0.5)
+    assert not a.done and not a.cancelled  # still generating for the second caller
+    second.cancel()
+    assert a.wait(60).finish_reason == "cancelled"

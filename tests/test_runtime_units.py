@@ -156,7 +156,7 @@ def test_a_cancel_scope_cancels_what_was_submitted_in_it_and_refuses_more():
         def __init__(self):
             self.cancelled, self.done = False, False
 
-        def cancel(self):
+        def release(self):
             self.cancelled = True
 
     first, second = Handle(), Handle()

@@ -143,15 +143,75 @@ def compile_constraint(
     spec: GrammarSpec | Mapping[str, Any] | Sequence[str] | str,
     tokenizer: TextTokenizer,
     vocab_size: int | None = None,
+    max_tokens: int | None = None,
 ) -> TokenConstraint:
     """A new constraint for one request. `vocab_size` is the logits' width (defaults to the
-    tokenizer's); ids past the tokenizer's vocabulary are never allowed.
+    tokenizer's); ids past the tokenizer's vocabulary are never allowed. With `max_tokens`
+    (the request's limit), a JSON-schema answer gets a `JsonBudget`: it always closes within
+    that many tokens.
 
     Raises `GrammarError` for a grammar, regex, schema or choice list that does not compile.
     """
     spec = as_spec(spec)
     compiled = _compiled_for(tokenizer, vocab_size)
-    return TokenConstraint(_template_matcher(compiled, spec), compiled, spec)
+    budget = JsonBudget(max_tokens) if max_tokens is not None and spec.kind == "json_schema" else None
+    return TokenConstraint(_template_matcher(compiled, spec), compiled, spec, budget)
+
+
+@dataclass(frozen=True)
+class JsonBudget:
+    """Token budgets of a JSON-mode answer, so that it always parses within `max_tokens`.
+
+    A number that runs past `number_tokens` tokens (a model can write `1111…` forever) is ended
+    and a string past `string_tokens` is closed, as soon as the grammar allows; and once the
+    shortest way to finish the document would no longer fit in what is left of `max_tokens`,
+    the constraint forces that way: closing strings, arrays and objects, and writing the
+    smallest value the schema accepts for each property it still requires.
+    """
+
+    max_tokens: int
+    number_tokens: int = 24
+    string_tokens: int = 256
+
+
+class _JsonScanner:
+    """Where a JSON output is, read byte by byte: inside a string or a number, and for how many
+    tokens the current one has run."""
+
+    def __init__(self) -> None:
+        self.in_string = self.in_number = self._escape = False
+        self.value_tokens = 0
+
+    def feed(self, piece: bytes) -> None:
+        started = False
+        for byte in piece:
+            if self.in_string:
+                if self._escape:
+                    self._escape = False
+                elif byte == 0x5C:  # backslash
+                    self._escape = True
+                elif byte == 0x22:  # the closing quote
+                    self.in_string = False
+            elif byte == 0x22:
+                self.in_string, started = True, True
+            elif self.in_number:
+                self.in_number = byte in b"0123456789.eE+-"
+            elif byte in b"-0123456789":
+                self.in_number, started = True, True
+        in_value = self.in_string or self.in_number
+        self.value_tokens = (1 if started else self.value_tokens + 1) if in_value else 0
+
+
+#: Texts that end what is open or fill a required value, the shortest first; each also with the
+#: separator's space before it (forced spans stop short of a space the next token may carry).
+_JSON_CLOSERS = tuple(
+    text
+    for closer in ('"', "}", "]", ",", "0", "null", "false", '""', "[]", "{}", "1", "true", "{", "[")
+    for text in (closer, " " + closer)
+)
+
+#: The finishing path is looked for only this close to the token limit.
+_JSON_HORIZON = 96
 
 
 # ---- the constraint ---------------------------------------------------------------------------
@@ -169,7 +229,13 @@ class _OpenSpan:
 class TokenConstraint:
     """The grammar state of one request. Not thread-safe: the scheduler thread owns it."""
 
-    def __init__(self, matcher: llg.LLMatcher, compiled: _Compiled, spec: GrammarSpec):
+    def __init__(
+        self,
+        matcher: llg.LLMatcher,
+        compiled: _Compiled,
+        spec: GrammarSpec,
+        json_budget: JsonBudget | None = None,
+    ):
         self._matcher = matcher
         self._compiled = compiled
         self.spec = spec
@@ -187,6 +253,9 @@ class TokenConstraint:
             self._span = _OpenSpan(at_start[0], 0)
         self.budget_closes = 0  # spans that ended after their budget ran out
         self.proposed_budget_close = False  # whether the last forced() span is a budget's close
+        self.json_budget = json_budget
+        self._json = _JsonScanner() if json_budget is not None else None
+        self._consumed = 0  # tokens consumed so far
 
     # ---- the engine's four calls ------------------------------------------------------------
     def mask(self) -> torch.Tensor:
@@ -204,7 +273,7 @@ class TokenConstraint:
         self.proposed_budget_close = False
         if self._matcher.is_stopped():
             return []
-        taken = self._budget_close()
+        taken = self._budget_close() or self._json_close()
         self.proposed_budget_close = bool(taken)
         if not taken:
             return self._matcher.compute_ff_tokens()
@@ -249,10 +318,15 @@ class TokenConstraint:
     # ---- budgets --------------------------------------------------------------------------------
     def _track(self, token: int) -> None:
         """Account one consumed token for the budgeted spans."""
-        if not self.spec.budgets:
+        self._consumed += 1
+        if not self.spec.budgets and self._json is None:
             return
         vocab = self._compiled.vocab
         piece = b"" if token in vocab.special_ids or token >= vocab.size else vocab.token_bytes[token]
+        if self._json is not None:
+            self._json.feed(piece)
+            if not self.spec.budgets:
+                return
         self._output += piece
         # Only the new bytes (plus an overlap for a marker split across tokens) need scanning.
         recent = len(self._output) - len(piece) - self._longest_marker
@@ -308,6 +382,52 @@ class TokenConstraint:
                 break
         return taken
 
+    def _json_close(self) -> list[int]:
+        """Under a `JsonBudget`: the tokens that end an overlong value, or finish the whole
+        document when its shortest ending would otherwise not fit; consumed into the matcher
+        (the caller rolls them back). [] when nothing is due."""
+        budget, scanner = self.json_budget, self._json
+        if budget is None:
+            return []
+        left = budget.max_tokens - self._consumed
+        if left <= _JSON_HORIZON:
+            ending = self._shortest_ending()
+            complete = self._matcher.is_accepting() or self._matcher.is_stopped()
+            if complete and len(ending) + 1 >= left:
+                return ending
+            self._matcher.rollback(len(ending))  # still room, or no way to finish found
+        ends: tuple[str, ...] = ()
+        if scanner.in_string and scanner.value_tokens >= budget.string_tokens:
+            ends = ('"',)
+        elif scanner.in_number and scanner.value_tokens >= budget.number_tokens:
+            ends = ("}", "]", ",")
+        tokens = self._first_accepted(ends)
+        if tokens:
+            self._matcher.consume_tokens(tokens)
+        return tokens
+
+    def _shortest_ending(self) -> list[int]:
+        """Consume, greedily, what the grammar forces and the shortest closer it accepts, until
+        the document is complete (or nothing fits: then the model samples on)."""
+        taken: list[int] = []
+        for _ in range(_MAX_ENDING):
+            if self._matcher.is_accepting() or self._matcher.is_stopped():
+                break
+            step = self._matcher.compute_ff_tokens() or self._first_accepted(_JSON_CLOSERS)
+            if not step:
+                break
+            self._matcher.consume_tokens(step)
+            taken += step
+        return taken
+
+    def _first_accepted(self, texts: Sequence[str]) -> list[int]:
+        """The tokens of the first of `texts` the grammar accepts here ([] when none)."""
+        for text in texts:
+            tokens = self._text_tokens(text)
+            if self._matcher.validate_tokens(tokens) == len(tokens):
+                return tokens
+        return []
+
     def _text_tokens(self, text: str) -> list[int]:
         tokens = self._closes.get(text)
         if tokens is None:
@@ -316,6 +436,7 @@ class TokenConstraint:
 
 
 _MAX_UNWIND = 32
+_MAX_ENDING = 256
 
 
 # ---- batches ----------------------------------------------------------------------------------

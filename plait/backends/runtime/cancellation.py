@@ -21,11 +21,14 @@ from typing import Protocol
 from plait.errors import RequestCancelledError
 
 
-class Cancellable(Protocol):
+class Releasable(Protocol):
+    """An engine request as a scope sees it: given up with `release()` (cancelled once every
+    caller sharing it has given it up)."""
+
     @property
     def done(self) -> bool: ...
 
-    def cancel(self) -> None: ...
+    def release(self) -> None: ...
 
 
 _current: contextvars.ContextVar["CancelScope | None"] = contextvars.ContextVar(
@@ -40,7 +43,7 @@ def current_scope() -> "CancelScope | None":
 class CancelScope:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: list[Cancellable] = []
+        self._running: list[Releasable] = []
         self._cancelled = False
         self._token: contextvars.Token | None = None
 
@@ -62,18 +65,18 @@ class CancelScope:
         if self._cancelled:
             raise RequestCancelledError("the request was cancelled (its client went away)")
 
-    def register(self, request: Cancellable) -> None:
-        """Track a submitted request; cancel it at once if the scope already is."""
+    def register(self, request: Releasable) -> None:
+        """Track a submitted request; give it up at once if the scope is already cancelled."""
         with self._lock:
             self._running = [r for r in self._running if not r.done]
             self._running.append(request)
             cancelled = self._cancelled
         if cancelled:
-            request.cancel()
+            request.release()
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
             running, self._running = self._running, []
         for request in running:
-            request.cancel()
+            request.release()

@@ -257,7 +257,10 @@ class Engine:
             with self._inflight_lock:
                 running = self._inflight.get(share_key)
                 if running is not None and not running.done:
+                    running.hold()
                     self.note_shared()
+                    if scope is not None:
+                        scope.register(running)
                     return running
                 request = self._submit(prompt, constraint, False, sampling)
                 if len(self._inflight) > 1024:

@@ -47,6 +47,8 @@ class Request:
         self.error: BaseException | None = None
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self._cancelled = False
+        self._holders = 1
+        self._holders_lock = threading.Lock()
         self._done = threading.Event()
         self._deltas: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
@@ -76,6 +78,20 @@ class Request:
     def cancel(self) -> None:
         """Stop generating: the scheduler frees the request's slot at its next step."""
         self._cancelled = True
+
+    def hold(self) -> None:
+        """One more caller shares this request (an identical one joined it in flight)."""
+        with self._holders_lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """One caller gives the request up (its client went away); it is cancelled when no
+        caller is left, so a shared request keeps running for the others."""
+        with self._holders_lock:
+            self._holders -= 1
+            last = self._holders <= 0
+        if last:
+            self.cancel()
 
     # ---- the scheduler's side -----------------------------------------------------------------
     def publish(self, piece: str) -> None:

@@ -150,6 +150,7 @@ class Scheduler:
         self.thread.join(timeout=30)
 
     # ---- the loop ------------------------------------------------------------------------------
+    @torch.inference_mode()  # the pool's tensors are made and written here only: inference tensors
     def _loop(self) -> None:
         while True:
             with self.cond:
@@ -240,7 +241,6 @@ class Scheduler:
         return min(best, len(row.prompt_ids) - 1)
 
     # ---- one step --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def _step(self) -> None:
         self.steps += 1
         for row in [r for r in self.rows if r.request.cancelled]:
