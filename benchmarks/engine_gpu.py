@@ -38,8 +38,9 @@ import torch
 from plait.backends.models.nemotron_h import NemotronHForCausalLM
 from plait.backends.models.nemotron_h_config import NemotronHConfig
 from plait.backends.models.nemotron_h_presets import PUBLISHED, preset
-from plait.backends.models.state import Batch, StatePool
+from plait.backends.models.state import Batch
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
+from plait.backends.runtime.state_pool import StatePool
 
 
 def sync(device: torch.device) -> None:

@@ -48,7 +48,9 @@ def _generate(args: argparse.Namespace) -> None:
     if spec is not None:
         from plait.backends.grammar.constraint import compile_constraint
 
-        options["constraint"] = compile_constraint(spec, engine.tokenizer, engine.info.vocab_size)
+        options["constraint"] = compile_constraint(
+            spec, engine.tokenizer, engine.info.vocab_size, max_tokens=args.max_tokens
+        )
     try:
         if args.stream:
             for piece in engine.stream(prompt, **options):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.compilers.commands import positive_int
+from plait.compilers.loading import split_target
 from plait.serve.config import ServeConfig, ServeConfigError
 from plait.serve.programs import ADAPTERS
 
@@ -70,7 +71,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         "--max-inflight",
         type=int,
         default=64,
-        help="generation calls admitted at once; more get 503 (default 64)",
+        help="generations admitted at once (a program call is one, an OpenAI call its prompts x n); "
+        "more get 503 (default 64)",
     )
     p.add_argument(
         "--workers", type=positive_int, default=None, help="threads running calls (default: --max-inflight)"
@@ -120,6 +122,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="how the remote server takes grammars (default: ask it)",
     )
     p.add_argument("--max-batch-size", type=positive_int, default=32, help="engine batch size (default 32)")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=positive_int,
+        default=None,
+        help="the engine's decoding state (KV cache, Mamba state) at most, in MiB; sequences that "
+        "outgrow it are paused and recomputed (default: 512 on CPU or a tenth of the RAM, 80%% of "
+        "free GPU memory on CUDA)",
+    )
+    p.add_argument(
+        "--step-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens per engine step: prompts are prefilled in chunks beside decoding rows "
+        "(default 256 on CPU, 2048 on CUDA)",
+    )
+    p.add_argument(
+        "--program",
+        action="append",
+        default=[],
+        metavar="FILE.py:Class",
+        help="the program of an artifact compiled from a file you name (repeatable; matched to "
+        "artifacts by class name): an artifact never imports a file by itself",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--quantize",
@@ -190,6 +215,12 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
         store = Store.open(args.database)
     runtime = ServeRuntime(config, store=store)
     lm_options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
+    for option in ("memory_budget_mb", "step_tokens"):
+        if getattr(args, option) is not None:
+            lm_options[option] = getattr(args, option)
+    programs = _named_programs(args.program)
+    from plait.compilers.artifact import read_artifact
+
     if args.dtype:
         lm_options["dtype"] = args.dtype
     if args.quantize:
@@ -200,13 +231,27 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
     try:
         for name, path in specs:
             lm = _remote_lm(args, path, config) if args.remote_url else None
-            runtime.load_artifact(path, name, adapter=args.adapter, lm_options=program_options, lm=lm)
+            program = programs.get(split_target(read_artifact(path)["program"])[1])
+            runtime.load_artifact(
+                path, name, adapter=args.adapter, lm_options=program_options, lm=lm, program=program
+            )
         for model in args.model:
             runtime.load_model(model, lm_options)
     except BaseException:
         runtime.close()
         raise
     return runtime
+
+
+def _named_programs(targets: list[str]) -> dict[str, str]:
+    """`--program FILE.py:Class` targets by class name (the key an artifact is matched by)."""
+    by_class: dict[str, str] = {}
+    for target in targets:
+        _, cls = split_target(target)
+        if cls in by_class:
+            raise ServeConfigError(f"two --program targets define {cls}: {by_class[cls]} and {target}")
+        by_class[cls] = target
+    return by_class
 
 
 def _check_unique_names(specs: list[tuple[str | None, Path]]) -> None:

@@ -157,7 +157,9 @@ class RateLimit:
 
 
 class AdmissionGate:
-    """Counts generation calls in flight; refuses the one over `capacity` with 503.
+    """Counts the engine sequences of the calls in flight (a program call is one; an OpenAI
+    call is its prompts times `n`); refuses a call that would go over `capacity` with 503, and
+    one that alone asks for more than `capacity` with 400.
 
     Used from the event loop and from worker threads alike, so it takes a lock.
     """
@@ -168,9 +170,17 @@ class AdmissionGate:
         self.rejected = 0
         self._lock = threading.Lock()
 
-    def enter(self) -> None:
+    def enter(self, sequences: int = 1) -> None:
+        if sequences > self.capacity:
+            raise ApiError(
+                400,
+                f"the call asks for {sequences} generations (prompts x n); this server runs at most "
+                f"{self.capacity} at once",
+                "invalid_request_error",
+                "too_many_generations",
+            )
         with self._lock:
-            if self.inflight >= self.capacity:
+            if self.inflight + sequences > self.capacity:
                 self.rejected += 1
                 raise ApiError(
                     503,
@@ -179,11 +189,11 @@ class AdmissionGate:
                     "server_overloaded",
                     {"Retry-After": "1"},
                 )
-            self.inflight += 1
+            self.inflight += sequences
 
-    def leave(self) -> None:
+    def leave(self, sequences: int = 1) -> None:
         with self._lock:
-            self.inflight -= 1
+            self.inflight -= sequences
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:

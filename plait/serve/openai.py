@@ -203,7 +203,7 @@ class _Call:
                     options = dict(sampling)
                     if options["seed"] is not None:
                         options["seed"] += i  # n samples, not n copies
-                    constraint = self._constraint()
+                    constraint = self._constraint(options["max_tokens"])
                     handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
                     self.choices.append(_Choice(len(self.choices), handle))
                     if self.cancelled:  # cancelled while submitting: `cancel` may not have seen it
@@ -217,13 +217,21 @@ class _Call:
         finally:
             self._submitted.set()
 
-    def _constraint(self) -> Any:
+    def _constraint(self, max_tokens: int) -> Any:
+        """The call's grammar for one generation; a JSON answer gets budgets that make it close
+        within `max_tokens`."""
         if self.spec is None:
             return None
         from plait.backends.grammar.constraint import compile_constraint
 
         engine = self.model.engine  # masks as wide as the logits
-        return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size)
+        return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size, max_tokens=max_tokens)
+
+    @property
+    def sequences(self) -> int:
+        """Engine sequences the call runs: each prompt, `n` times."""
+        prompts = 1 if isinstance(self.body, ChatBody) else len(_prompts(self.body))
+        return prompts * self.body.n
 
     def cancel(self) -> None:
         """Stop every generation of the call, submitted or still to be (from any thread)."""
@@ -333,7 +341,7 @@ class _Call:
     def admit(self) -> None:
         """Take an admission slot; a refused call (503) is traced too: overload should be visible."""
         try:
-            self.runtime.gate.enter()
+            self.runtime.gate.enter(self.sequences)
         except ApiError as exc:
             self.record("rejected", exc.message)
             raise
@@ -380,7 +388,7 @@ async def _answer(runtime: ServeRuntime, call: _Call, request: Request) -> JSONR
         finally:  # the slot is held until the engine has stopped every generation of the call
             call.cancel()
             call.wait_stopped()
-            runtime.gate.leave()
+            runtime.gate.leave(call.sequences)
 
     call.admit()
     answer = runtime.pool.run(work, runtime.config.request_timeout + _GRACE)
@@ -399,7 +407,9 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
     def release() -> None:
         """Stop the generation; the slot and the trace wait until the engine has."""
         call.cancel()
-        call.after_stopped(lambda: (runtime.gate.leave(), call.record(outcome["status"], outcome["error"])))
+        call.after_stopped(
+            lambda: (runtime.gate.leave(call.sequences), call.record(outcome["status"], outcome["error"]))
+        )
 
     call.admit()
     try:

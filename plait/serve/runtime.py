@@ -75,6 +75,34 @@ class ServeRuntime:
             "Scheduler iterations so far, by model.",
             lambda: self._engine_values(lambda s: s.steps),
         )
+        for name, help_, read in (
+            (
+                "plait_engine_state_bytes",
+                "Decoding state (KV cache, Mamba state) held, by model.",
+                lambda m: m.state_bytes,
+            ),
+            (
+                "plait_engine_state_budget_bytes",
+                "The decoding state's budget, by model.",
+                lambda m: m.state_budget_bytes or 0,
+            ),
+            (
+                "plait_engine_prefix_cache_bytes",
+                "Cached prompt blocks held, by model.",
+                lambda m: m.prefix_cache_bytes,
+            ),
+            (
+                "plait_engine_prefix_cache_budget_bytes",
+                "The prefix cache's budget, by model.",
+                lambda m: m.prefix_cache_budget_bytes,
+            ),
+        ):
+            self.metrics.add_gauge(name, help_, lambda read=read: self._engine_memory(read))
+        self.metrics.add_gauge(
+            "plait_engine_preemptions",
+            "Sequences whose state was given up to stay in the memory budget (recomputed), by model.",
+            lambda: self._engine_values(lambda s: s.preemptions),
+        )
         self.metrics.add_gauge(
             "plait_traces_dropped",
             "Traces that could not be written to the store.",
@@ -87,6 +115,14 @@ class ServeRuntime:
             scheduler = getattr(model.engine, "scheduler", None)
             if scheduler is not None:
                 values.append(((("model", model.id),), float(read(scheduler))))
+        return values
+
+    def _engine_memory(self, read: Any) -> list[tuple[tuple[tuple[str, str], ...], float]]:
+        values = []
+        for model in self.models.values():
+            memory = getattr(model.engine, "memory", None)
+            if memory is not None:
+                values.append(((("model", model.id),), float(read(memory()))))
         return values
 
     # ---- building ----------------------------------------------------------------------------
@@ -112,16 +148,18 @@ class ServeRuntime:
         adapter: str = "auto",
         lm_options: dict[str, Any] | None = None,
         lm: Any = None,
+        program: str | None = None,
     ) -> ServedProgram:
         """Load a compiled artifact, give it an LM on its model, and serve it as `name`.
 
         `lm` replaces the local engine for the artifact's model: e.g. `remote_lm(...)` keeps
-        the programs on this machine and sends their LM calls to a GPU server.
+        the programs on this machine and sends their LM calls to a GPU server. `program`
+        (`FILE.py:Class`) is the program the user names for an artifact compiled from a file.
         """
         from plait.backends.clients.local import LM
         from plait.compilers.artifact import load_artifact
 
-        loaded = load_artifact(path)
+        loaded = load_artifact(path, program=program)
         model = loaded.model
         if lm is None:
             lm = LM(loaded.model, cache=self.config.dspy_cache, **(lm_options or {}))

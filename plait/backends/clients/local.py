@@ -29,6 +29,7 @@ from plait.backends.grammar.constraint import compile_constraint
 from plait.backends.grammar.spec import GrammarSpec, grammar_spec_from_request
 from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
 from plait.backends.runtime.engine import Engine
+from plait.backends.runtime.options import ENGINE_OPTIONS
 from plait.backends.runtime.request import Request as EngineRequest
 from plait.errors import RequestCancelledError
 
@@ -107,7 +108,10 @@ class PlaitEngine:
         spec = _grammar(request)
         constraint = None
         if spec is not None:
-            constraint = compile_constraint(spec, self.engine.tokenizer, self.engine.info.vocab_size)
+            engine = self.engine
+            constraint = compile_constraint(
+                spec, engine.tokenizer, engine.info.vocab_size, max_tokens=sampling["max_tokens"]
+            )
         share_key = None
         if _deterministic(request):
             share_key = (prompt, tuple(sorted(sampling.items())), spec.key if spec is not None else None)
@@ -236,7 +240,6 @@ def LM(
     *,
     device: str = "cpu",
     dtype: str | None = None,
-    max_batch_size: int | None = None,
     quantize: str | None = None,
     **defaults: Any,
 ) -> dspy.LM:
@@ -244,7 +247,9 @@ def LM(
 
     `quantize="int4"` or `"int8"` runs weight-only quantised linear layers (CPU, see
     `Engine.load`); the model string gets the scheme as a suffix, so DSPy's cache keeps the
-    variants apart. `defaults` are DSPy's LM settings (temperature, max_tokens, cache, ...).
+    variants apart. Keywords that name `EngineOptions` fields (max_batch_size,
+    memory_budget_mb, step_tokens, ...) configure the engine; the other `defaults` are DSPy's
+    LM settings (temperature, max_tokens, cache, ...).
     `LM("http://host:port/v1", model="...")` runs on an OpenAI-compatible server instead
     (vLLM, SGLang, NIM or `plait serve`): see `plait.backends.clients.remote.remote_lm`.
     """
@@ -259,8 +264,7 @@ def LM(
 
     model_id, _ = resolve(name_or_path)
     options: dict[str, Any] = {"device": device}
-    if max_batch_size is not None:
-        options["max_batch_size"] = max_batch_size
+    options |= {name: defaults.pop(name) for name in ENGINE_OPTIONS if name in defaults}
     if dtype is not None:
         options["dtype"] = dtype
     if quantize is not None:

@@ -94,6 +94,19 @@ class EngineStats:
         return EngineStats(**delta)
 
 
+@dataclass(frozen=True)
+class EngineMemory:
+    """What an engine holds now, in bytes: decoding state (KV cache, Mamba state) for the
+    running sequences, and cached prompt blocks, each beside its budget."""
+
+    state_bytes: int
+    state_budget_bytes: int | None
+    prefix_cache_bytes: int
+    prefix_cache_budget_bytes: int
+    running: int
+    waiting: int
+
+
 class _CountedModel:
     """The model as the scheduler sees it: each pass is timed and counted in the engine's stats
     (nothing is registered on the model itself, which other engines may share). On CUDA, decode
@@ -205,6 +218,18 @@ class Engine:
                 stats.multi_token_passes += 1
                 stats.multi_token_tokens += real
                 stats.multi_token_padding += rows * tokens - real
+
+    def memory(self) -> EngineMemory:
+        """A snapshot of the engine's memory and occupancy (read from any thread)."""
+        cache = self.prefix_cache
+        return EngineMemory(
+            self.pool.nbytes(),
+            self.pool.budget_bytes,
+            cache.nbytes if cache is not None else 0,
+            cache.budget_bytes if cache is not None else 0,
+            len(self.scheduler.rows),
+            len(self.scheduler.waiting),
+        )
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prompt block (a cold start without reloading the weights).

@@ -57,11 +57,10 @@ class EngineOptions:
 
     @classmethod
     def from_kwargs(cls, options: dict) -> "EngineOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - ENGINE_OPTIONS)
         if unknown:
             raise TypeError(
-                f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}"
             )
         return cls(**options)
 
@@ -69,3 +68,7 @@ class EngineOptions:
         """Tokens per scheduler step: a CPU pass of 256 tokens keeps decode rows moving every few
         hundred milliseconds; a GPU takes far larger passes at the same latency."""
         return self.step_tokens or (2048 if device.type == "cuda" else 256)
+
+
+ENGINE_OPTIONS = frozenset(f.name for f in fields(EngineOptions))
+"""The keyword names that configure an engine (`plait.LM` passes the others to DSPy)."""
