@@ -16,6 +16,7 @@ LAYERS = {
     "plait.errors": 0,
     "plait.paths": 0,
     "plait.version": 0,
+    "plait.http_guard": 0,
     "plait.store": 1,
     "plait.backends": 2,
     "plait.retrievers": 3,

@@ -6,9 +6,9 @@ server's settings are checked before anything heavy is imported or an index is o
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
+from plait.http_guard import is_loopback
 from plait.retrievers.errors import SettingsError
 
 #: Most results one query may ask for.
@@ -50,13 +50,3 @@ class ServerSettings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname may resolve to anything: treated as public

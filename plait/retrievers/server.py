@@ -29,9 +29,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from plait.errors import PlaitError
+from plait.http_guard import BearerAuth, BodySizeLimit
 from plait.retrievers.colbert_serve import ColBERTServe
 from plait.retrievers.errors import BadQueryError, IndexCorruptError
-from plait.retrievers.guard import BearerAuth, BodySizeLimit
 from plait.retrievers.limits import ServerSettings
 
 log = logging.getLogger(__name__)

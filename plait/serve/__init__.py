@@ -8,9 +8,10 @@
 Files, one idea each: `config` (settings and the no-public-bind-without-a-key rule), `app`
 (routes), `programs` (a compiled program's inputs, calls and streams), `fields` (output fields
 split from streamed text), `openai` (chat and text completions over the engine), `structured`
-(structured-output parameters -> grammar), `auth`, `limits` (body size, rate, admission),
-`metrics`, `tracing` (traces to the store), `bridge` (blocking work awaited from the event
-loop), `sse`, `errors`, `runtime` (what a running server holds), `commands` (the CLI).
+(structured-output parameters -> grammar), `limits` (rate, admission; auth and body size are
+`plait.http_guard`, shared with the index server), `metrics`, `tracing` (traces to the store),
+`bridge` (blocking work awaited from the event loop), `server` (uvicorn with header and body
+read deadlines), `sse`, `errors`, `runtime` (what a running server holds), `commands` (the CLI).
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plait.serve.auth import BearerAuth
+from plait.http_guard import BearerAuth, BodySizeLimit
 from plait.serve.bridge import CLIENT_CLOSED, ScopedRun, client_closed, unless_client_leaves
-from plait.serve.errors import ApiError, api_error_for, error_response, read_json
-from plait.serve.limits import BodySizeLimit, RateLimit, RateLimiter
+from plait.serve.errors import ApiError, api_error_for, error_response, guard_error, read_json
+from plait.serve.limits import RateLimit, RateLimiter
 from plait.serve.metrics import MetricsMiddleware
 from plait.serve.openai import make_router
 from plait.serve.programs import CallResult, ServedProgram
@@ -221,9 +221,9 @@ def create_app(runtime: ServeRuntime) -> FastAPI:
     app.include_router(make_router(runtime))
 
     # added innermost first: the last one added sees each request first
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, error=guard_error)
     limiter = RateLimiter(config.rate_limit, config.rate_burst) if config.rate_limit > 0 else None
     app.add_middleware(RateLimit, limiter=limiter)
-    app.add_middleware(BearerAuth, keys=config.api_keys)
+    app.add_middleware(BearerAuth, keys=config.api_keys, error=guard_error)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
     return app

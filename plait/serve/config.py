@@ -7,24 +7,14 @@ the endpoints run arbitrary prompts on the host's CPU/GPU and write to its datab
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from plait.errors import PlaitError
+from plait.http_guard import is_loopback
 
 
 class ServeConfigError(PlaitError):
     """A `plait serve` setting that cannot work (the CLI prints it and exits 2)."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname: it may resolve to anything, so it is treated as public
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,18 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_GUARD_ERRORS = {
+    401: ("authentication_error", "invalid_api_key"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+def guard_error(status: int, message: str, headers: dict[str, str]) -> JSONResponse:
+    """The OpenAI-style error body for what `plait.http_guard`'s middleware refuses."""
+    type_, code = _GUARD_ERRORS.get(status, ("invalid_request_error", None))
+    return error_response(status, message, type_, code, headers or None)
+
+
 def _grammar_error() -> type[PlaitError] | None:
     """The constrained-decoding error type, when that part of plait is installed."""
     try:

@@ -1,10 +1,8 @@
-"""Request-size limit, per-client rate limit and admission control (back-pressure).
+"""Per-client rate limit and admission control (back-pressure); the body-size limit is
+`plait.http_guard.BodySizeLimit`, shared with the index server.
 
 Each answers at once with a JSON error instead of letting work pile up:
 
-- `BodySizeLimit` (ASGI middleware): 413 when `Content-Length` says the body is too large, or
-  when a chunked body grows past the limit while it is read. Bodies are buffered (they are
-  small, bounded by the limit) and replayed to the app.
 - `RateLimiter`: a token bucket per client; 429 with `Retry-After` when a client's bucket is
   empty.
 - `AdmissionGate`: at most `capacity` generation calls in flight; the next one gets 503 with
@@ -21,74 +19,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from plait.serve.auth import PUBLIC_PATHS, bearer_token
+from plait.http_guard import PUBLIC_PATHS, bearer_token
 from plait.serve.errors import ApiError, error_response
-
-
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    def _too_large(self, size: int | None = None) -> ApiError:
-        got = f" ({size} bytes)" if size is not None else ""
-        return ApiError(
-            413,
-            f"request body too large{got}: the limit is {self.max_bytes} bytes",
-            "invalid_request_error",
-            "request_too_large",
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared == -1:
-            await ApiError(400, "invalid Content-Length header").response()(scope, receive, send)
-            return
-        if declared is not None and declared > self.max_bytes:
-            await self._too_large(declared).response()(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nobody to answer
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await self._too_large().response()(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: disconnect notices
-
-        await self.app(scope, replay, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    """The declared body size, None when not declared, -1 when unreadable."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                return -1
-            return length if length >= 0 else -1
-    return None
 
 
 class RateLimiter:

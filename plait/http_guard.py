@@ -1,18 +1,21 @@
-"""Guard rails of an HTTP server, as ASGI middleware so they act before a body is read.
+"""Guard rails of plait's HTTP servers (`plait serve`, `plait index serve`), as ASGI middleware
+so they act before a body is read.
 
 - `BearerAuth`: 401 unless the request carries `Authorization: Bearer <key>` with one of the
-  keys (compared in constant time); the health probe stays public for load balancers.
+  keys (compared in constant time); the health probe stays public for load balancers, and
+  everything else (including `/metrics`, which reveals traffic) is private.
 - `BodySizeLimit`: 413 when `Content-Length` declares too large a body, or when a chunked body
   grows past the limit while it is read; nothing larger than the limit is ever buffered.
+- `is_loopback`: the one rule no server relaxes — off loopback, a key is required.
 
-The index server uses them; they live here because retrievers may not import `plait.serve`
-(imports run retrievers -> serve), and each middleware takes the server's own error-response
-factory, so `plait serve` could use them too while keeping its OpenAI-style error body.
+Each middleware takes its server's error-response factory, so each server keeps its own JSON
+error body. This module sits at the bottom of the package: both servers import it.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Callable, Iterable
 
 from starlette.responses import Response
@@ -120,3 +123,13 @@ def _content_length(scope: Scope) -> int | None:
                 return -1
             return length if length >= 0 else -1
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname may resolve to anything: treated as public
