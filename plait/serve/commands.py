@@ -121,7 +121,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         choices=["auto", "plait", "vllm", "vllm-legacy", "sglang", "openai"],
         help="how the remote server takes grammars (default: ask it)",
     )
-    p.add_argument("--max-batch-size", type=positive_int, default=32, help="engine batch size (default 32)")
+    p.add_argument(
+        "--max-batch-size", type=positive_int, default=None, help="sequences the engine decodes together"
+    )
     p.add_argument(
         "--memory-budget-mb",
         type=positive_int,
@@ -214,8 +216,8 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
 
         store = Store.open(args.database)
     runtime = ServeRuntime(config, store=store)
-    lm_options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
-    for option in ("memory_budget_mb", "step_tokens"):
+    lm_options: dict[str, Any] = {"device": args.device}
+    for option in ("max_batch_size", "memory_budget_mb", "step_tokens"):
         if getattr(args, option) is not None:
             lm_options[option] = getattr(args, option)
     programs = _named_programs(args.program)
