@@ -298,9 +298,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     import uvicorn
 
+    from plait.backends.runtime.host_memory import tune_for_serving
     from plait.serve.app import create_app
     from plait.serve.server import uvicorn_options
 
+    tune_for_serving()  # a long-running process: freed memory goes back to the OS
     runtime = build_runtime(args, config)
     app = create_app(runtime)
     shown = "localhost" if config.host in ("127.0.0.1", "::1") else config.host

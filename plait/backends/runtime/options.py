@@ -41,7 +41,7 @@ class EngineOptions:
     prefill_chunk: int = 512
     max_length: int | None = None
     prefix_cache: bool = True
-    prefix_cache_mb: int = 256
+    prefix_cache_mb: int = 128
     prefix_block_size: int | None = None
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from plait.backends.models.base import CausalLM
 from plait.backends.models.state import Batch, has_fixed_state
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
+from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.prefix_cache import PrefixCache, block_hashes
 from plait.backends.runtime.request import Request
 from plait.backends.runtime.sampling import sample_rows
@@ -46,6 +47,9 @@ from plait.backends.runtime.state_pool import StatePool
 from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY = 8
+"""Every this many steps, free heap pages go back to the OS (see host_memory)."""
 
 MIN_PREFILL_SHARE = 4
 """Prompt chunks get at least 1/4 of a step's tokens, however many rows are decoding."""
@@ -254,6 +258,8 @@ class Scheduler:
             self._guarded([slot])
         for row in [r for r in self.rows if r.finished]:
             self._release(row)
+        if self.steps % TRIM_EVERY == 0:
+            release_free_memory()
 
     def _guarded(self, slots: list[int], chunks: list[list[int]] | None = None) -> None:
         """Run one pass; if it raises, its rows fail and the other passes still run. When the
