@@ -84,6 +84,13 @@ def test_bad_url_is_a_store_error(url):
         Store.open(url)
 
 
+@pytest.mark.parametrize("url", ["postgresql://me:s3cret@db-host:port/plait", "://me:s3cret@db-host/plait"])
+def test_a_broken_url_is_a_store_error_that_hides_its_password(url):
+    with pytest.raises(StoreError, match="database URL") as raised:
+        Store.open(url)
+    assert "s3cret" not in str(raised.value) and "me:***@" in str(raised.value)
+
+
 def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a SQLite database " * 4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -36,9 +37,10 @@ def default_url() -> str:
 def _with_driver(url: str) -> str:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        shown = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)  # a password stays out of logs
         raise StoreError(
-            f"not a database URL: {url!r} (expected e.g. sqlite:///path.db or "
+            f"not a database URL: {shown!r} (expected e.g. sqlite:///path.db or "
             "postgresql+psycopg://user:pass@host/db)"
         ) from exc
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None:
