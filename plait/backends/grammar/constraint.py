@@ -144,17 +144,21 @@ def compile_constraint(
     tokenizer: TextTokenizer,
     vocab_size: int | None = None,
     max_tokens: int | None = None,
+    json_after: str | None = None,
 ) -> TokenConstraint:
     """A new constraint for one request. `vocab_size` is the logits' width (defaults to the
     tokenizer's); ids past the tokenizer's vocabulary are never allowed. With `max_tokens`
     (the request's limit), a JSON-schema answer gets a `JsonBudget`: it always closes within
-    that many tokens.
+    that many tokens. `json_after`: the grammar is a JSON document after that text (a thinking
+    block's close), and the budget applies from there.
 
     Raises `GrammarError` for a grammar, regex, schema or choice list that does not compile.
     """
     spec = as_spec(spec)
     compiled = _compiled_for(tokenizer, vocab_size)
-    budget = JsonBudget(max_tokens) if max_tokens is not None and spec.kind == "json_schema" else None
+    budget = None
+    if max_tokens is not None and (spec.kind == "json_schema" or json_after):
+        budget = JsonBudget(max_tokens, after=json_after or "")
     return TokenConstraint(_template_matcher(compiled, spec), compiled, spec, budget)
 
 
@@ -172,6 +176,8 @@ class JsonBudget:
     max_tokens: int
     number_tokens: int = 24
     string_tokens: int = 256
+    #: the JSON document starts after this text (e.g. a thinking block's `</think>`); "" = at once
+    after: str = ""
 
 
 class _JsonScanner:
@@ -255,6 +261,7 @@ class TokenConstraint:
         self.proposed_budget_close = False  # whether the last forced() span is a budget's close
         self.json_budget = json_budget
         self._json = _JsonScanner() if json_budget is not None else None
+        self._json_from: int | None = 0 if json_budget is not None and not json_budget.after else None
         self._consumed = 0  # tokens consumed so far
 
     # ---- the engine's four calls ------------------------------------------------------------
@@ -323,11 +330,11 @@ class TokenConstraint:
             return
         vocab = self._compiled.vocab
         piece = b"" if token in vocab.special_ids or token >= vocab.size else vocab.token_bytes[token]
+        self._output += piece
         if self._json is not None:
-            self._json.feed(piece)
+            self._feed_json(piece)
             if not self.spec.budgets:
                 return
-        self._output += piece
         # Only the new bytes (plus an overlap for a marker split across tokens) need scanning.
         recent = len(self._output) - len(piece) - self._longest_marker
         span = self._span
@@ -352,6 +359,18 @@ class TokenConstraint:
             start = best[0] + len(best[1].open.encode())
             self._span = _OpenSpan(best[1], start)
             self._scan_from = start
+
+    def _feed_json(self, piece: bytes) -> None:
+        """Feed the JSON scanner; before the document starts (`JsonBudget.after` not yet
+        seen), look for its start instead."""
+        if self._json_from is not None:
+            self._json.feed(piece)
+            return
+        marker = self.json_budget.after.encode()
+        at = self._output.find(marker, max(0, len(self._output) - len(piece) - len(marker)))
+        if at != -1:
+            self._json_from = at + len(marker)
+            self._json.feed(bytes(self._output[self._json_from :]))
 
     def _budget_close(self) -> list[int]:
         """When the open span's budget is spent: its close (after unwinding what must end
@@ -387,7 +406,7 @@ class TokenConstraint:
         document when its shortest ending would otherwise not fit; consumed into the matcher
         (the caller rolls them back). [] when nothing is due."""
         budget, scanner = self.json_budget, self._json
-        if budget is None:
+        if budget is None or self._json_from is None:
             return []
         left = budget.max_tokens - self._consumed
         if left <= _JSON_HORIZON:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from plait.backends.grammar.constraint import TokenConstraint
+from plait.backends.grammar.reasoning import ReasoningFormat, detect_reasoning_format
 from plait.backends.loading import registry
 from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
@@ -137,6 +138,8 @@ class Engine:
         """`options`: the fields of `EngineOptions` (max_batch_size, memory_budget_mb, ...)."""
         self.options = EngineOptions.from_kwargs(options)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        #: how the chat template thinks (None: it has no thinking block); see plait.backends.runtime.turn
+        self.reasoning_format: ReasoningFormat | None = detect_reasoning_format(tokenizer.chat_template)
         self.info: ModelInfo = model.info(family)
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
