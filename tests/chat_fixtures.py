@@ -184,6 +184,7 @@ def write_chat_tokenizer(directory: Path, dialect: str) -> None:
 
 def write_chat_checkpoint(directory: Path, dialect: str, kind: str = "dense", seed: int = 3):
     """A tiny random Nemotron-H (`kind`: dense or moe) that speaks `dialect`; returns the HF model."""
-    model = write_checkpoint(directory, kind, seed=seed, vocab_size=VOCAB_SIZE)
+    # byte-level prompts are long: a DSPy prompt is ~1,000 tokens
+    model = write_checkpoint(directory, kind, seed=seed, vocab_size=VOCAB_SIZE, max_position_embeddings=4096)
     write_chat_tokenizer(directory, dialect)
     return model

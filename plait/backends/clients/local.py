@@ -18,19 +18,27 @@ import contextvars
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import dspy
-from dspy._vendor.lm15.types import StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta
-from dspy.lm15 import Message, Request, Response, TextPart, ToolCallPart, Usage
+from dspy._vendor.lm15.types import (
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    ThinkingDelta,
+)
+from dspy.lm15 import Message, Request, Response, TextPart, ThinkingPart, ToolCallPart, Usage
 
 from plait.backends.clients.messages import request_messages
-from plait.backends.grammar.constraint import compile_constraint
+from plait.backends.grammar.reasoning import ReasoningRequest
 from plait.backends.grammar.spec import GrammarSpec, grammar_spec_from_request
 from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.options import ENGINE_OPTIONS
 from plait.backends.runtime.request import Request as EngineRequest
+from plait.backends.runtime.turn import ChatTurn, plan_turn
 from plait.errors import RequestCancelledError
 
 DEFAULT_MAX_TOKENS = 512
@@ -67,11 +75,31 @@ def _grammar(request: Request) -> GrammarSpec | None:
     return grammar_spec_from_request(request)
 
 
+def request_reasoning(request: Request) -> ReasoningRequest:
+    """What a DSPy request asks of the thinking block: `Config.reasoning` (effort "off",
+    a `thinking_budget`, or an effort word mapped by `EFFORT_BUDGETS`), else the default."""
+    wanted = request.config.reasoning
+    if wanted is None:
+        return ReasoningRequest()
+    if wanted.is_off:
+        return ReasoningRequest("off")
+    if wanted.thinking_budget is not None:
+        return ReasoningRequest("on", wanted.thinking_budget)
+    return ReasoningRequest.parse(wanted.effort)
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """One submitted DSPy request: its planned turn (to read the output back) and handle."""
+
+    turn: ChatTurn
+    handle: EngineRequest
+
+
 class PlaitEngine:
     """Synchronous DSPy engine over a local plait `Engine`."""
 
     supports_function_calling = True  # tools offered in a Request are called under a schema grammar
-    supports_reasoning = False
     supports_response_schema = True  # response_format JSON schemas are decoded under a grammar
     accepts_grammar = True  # ConstrainedAdapter's `plait_grammar` (plait.backends.grammar.constraint)
     supported_params = frozenset(
@@ -79,13 +107,27 @@ class PlaitEngine:
     )
 
     def __init__(
-        self, model: str, engine_options: dict[str, Any] | None = None, *, engine: Engine | None = None
+        self,
+        model: str,
+        engine_options: dict[str, Any] | None = None,
+        *,
+        engine: Engine | None = None,
+        reasoning: Any = None,
     ):
         """`engine`: an already loaded engine to run on (else the process's shared one for
-        `model` and `engine_options`, loaded on first use)."""
+        `model` and `engine_options`, loaded on first use). `reasoning`: the thinking default
+        of every call (None, "on", "off", an effort word or a token budget); a call's own
+        `reasoning_effort` overrides it."""
         self.model = model
         self.engine_options = dict(engine_options or {})
         self._engine: Engine | None = engine
+        self.reasoning = ReasoningRequest.parse(reasoning)
+
+    @property
+    def supports_reasoning(self) -> bool:
+        """Whether the checkpoint's chat template has a thinking block (DSPy then sends
+        `reasoning_effort`, and reads `dspy.Reasoning` fields from the native reasoning)."""
+        return self.engine.reasoning_format is not None
 
     @property
     def engine(self) -> Engine:
@@ -95,8 +137,13 @@ class PlaitEngine:
 
     # ---- protocol ---------------------------------------------------------------------------
     def submit(self, request: Request, stream: bool = False) -> EngineRequest:
+        """The engine request of a DSPy request (see `start`)."""
+        return self.start(request, stream).handle
+
+    def start(self, request: Request, stream: bool = False) -> LocalCall:
+        """Render, plan the thinking block and submit a DSPy request."""
         config = request.config
-        prompt = self.engine.chat_prompt(request_messages(request))
+        engine = self.engine
         sampling = {
             "max_tokens": config.max_tokens or DEFAULT_MAX_TOKENS,
             "temperature": config.temperature if config.temperature is not None else 0.0,
@@ -105,37 +152,44 @@ class PlaitEngine:
             "seed": config.seed,
             "stop": tuple(config.stop) or None,
         }
-        spec = _grammar(request)
-        constraint = None
-        if spec is not None:
-            engine = self.engine
-            constraint = compile_constraint(
-                spec, engine.tokenizer, engine.info.vocab_size, max_tokens=sampling["max_tokens"]
-            )
+        turn = plan_turn(
+            engine,
+            request_messages(request),
+            reasoning=self.reasoning.merged(request_reasoning(request)),
+            spec=_grammar(request),
+            max_tokens=sampling["max_tokens"],
+        )
         share_key = None
         if _deterministic(request):
-            share_key = (prompt, tuple(sorted(sampling.items())), spec.key if spec is not None else None)
-        return self.engine.submit(
-            prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
+            grammar = turn.spec.key if turn.spec is not None else None
+            share_key = (turn.prompt, tuple(sorted(sampling.items())), grammar)
+        constraint = turn.constraint(engine, sampling["max_tokens"])
+        handle = engine.submit(
+            turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
         )
+        return LocalCall(turn, handle)
 
     def complete(self, request: Request) -> Response:
         """One candidate. DSPy asks for `n` candidates by completing the same Request object `n`
         times in a row on the calling thread; when the request is deterministic (greedy or
         seeded) every candidate is the first one, so it is computed once. Sampled requests are
         computed every time: each draws its own sample."""
-        handle = _repeated(getattr(_last_sync, "done", None), self, request, self.engine)
-        if handle is None:
-            handle = self.submit(request).wait()
-        _last_sync.done = (self, request, handle)  # holding the Request keeps its id from being reused
-        return self._response(request, handle)
+        call = _repeated(getattr(_last_sync, "done", None), self, request, self.engine)
+        if call is None:
+            call = self.start(request)
+            call.handle.wait()
+        _last_sync.done = (self, request, call)  # holding the Request keeps its id from being reused
+        return self._response(request, call)
 
     def stream(self, request: Request) -> Iterator:
-        handle = self.submit(request, stream=True)
+        call = self.start(request, stream=True)
+        handle, splitter = call.handle, call.turn.stream_splitter()
         yield StreamStartEvent(id=None, model=request.model)
         try:
             for piece in handle.deltas():
-                yield StreamDeltaEvent(TextDelta(piece))
+                yield from _delta_events(splitter.feed(piece) if splitter else ("", piece))
+            if splitter is not None:
+                yield from _delta_events(splitter.flush())
         finally:
             handle.cancel()
         yield StreamEndEvent(finish_reason=_finish(handle), usage=_usage(handle))
@@ -145,38 +199,53 @@ class PlaitEngine:
 
     # ---- saving (dspy.LM.dump_state / load_state) -------------------------------------------
     def dump_state(self) -> dict[str, Any]:
-        return {"model": self.model, "engine_options": self.engine_options}
+        state = {"model": self.model, "engine_options": self.engine_options}
+        if self.reasoning.mode != "default":
+            state["reasoning"] = self.reasoning.setting()
+        return state
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> "PlaitEngine":
-        return cls(state["model"], state.get("engine_options"))
+        return cls(state["model"], state.get("engine_options"), reasoning=state.get("reasoning"))
 
-    def _response(self, request: Request, handle: EngineRequest) -> Response:
+    def _response(self, request: Request, call: LocalCall) -> Response:
+        handle = call.handle
         if handle.finish_reason == "cancelled":  # its CancelScope ended it: the program stops here
             raise RequestCancelledError("the LM call was cancelled (its client went away)")
         finish = _finish(handle)
-        call = parse_tool_call(handle.text) if request.tools and finish == "stop" else None
-        if call is not None:
-            name, arguments = call
+        reasoning, text = call.turn.split(handle.text)
+        thinking = [ThinkingPart(reasoning)] if reasoning else []
+        tool_call = parse_tool_call(text) if request.tools and finish == "stop" else None
+        if tool_call is not None:
+            name, arguments = tool_call
             part = ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=name, input=arguments)
             return Response(
                 id=None,
                 model=request.model,
-                message=Message.assistant([part]),
+                message=Message.assistant([*thinking, part]),
                 finish_reason="tool_call",
                 usage=_usage(handle),
             )
         return Response(
             id=None,
             model=request.model,
-            message=Message.assistant([TextPart(handle.text)]),
+            message=Message.assistant([*thinking, TextPart(text)]),
             finish_reason=finish,
             usage=_usage(handle),
         )
 
 
-def _repeated(last: tuple | None, owner: Any, request: Request, engine: Engine) -> EngineRequest | None:
-    """The finished handle to answer `request` with again, when `last` (owner, Request, handle)
+def _delta_events(pieces: tuple[str, str]) -> Iterator[StreamDeltaEvent]:
+    """Stream events for one (reasoning, answer) pair of pieces: thinking is part 0."""
+    thought, answer = pieces
+    if thought:
+        yield StreamDeltaEvent(ThinkingDelta(thought))
+    if answer:
+        yield StreamDeltaEvent(TextDelta(answer))
+
+
+def _repeated(last: tuple | None, owner: Any, request: Request, engine: Engine) -> LocalCall | None:
+    """The finished call to answer `request` with again, when `last` (owner, Request, call)
     was this very deterministic request on this owner (DSPy's n>1 fan-out); counted as shared."""
     if last is None or last[0] is not owner or last[1] is not request or not _deterministic(request):
         return None
@@ -208,12 +277,12 @@ class AsyncPlaitEngine:
     async def complete(self, request: Request) -> Response:
         """One candidate; like the sync engine, the `n` candidates of a deterministic request
         (completed one after another in the same task) are computed once."""
-        handle = _repeated(_last_async.get(), self, request, self.sync.engine)
-        if handle is None:
-            handle = await asyncio.to_thread(self.sync.submit, request)
-            await asyncio.to_thread(handle.wait)
-        _last_async.set((self, request, handle))
-        return self.sync._response(request, handle)
+        call = _repeated(_last_async.get(), self, request, self.sync.engine)
+        if call is None:
+            call = await asyncio.to_thread(self.sync.start, request)
+            await asyncio.to_thread(call.handle.wait)
+        _last_async.set((self, request, call))
+        return self.sync._response(request, call)
 
     async def stream(self, request: Request) -> AsyncIterator:
         events = self.sync.stream(request)
@@ -241,9 +310,16 @@ def LM(
     device: str = "cpu",
     dtype: str | None = None,
     quantize: str | None = None,
+    reasoning: Any = None,
     **defaults: Any,
 ) -> dspy.LM:
     """A ready `dspy.LM` running on plait's local engine.
+
+    `reasoning`: the thinking block of a model whose template has one (Nemotron): None (the
+    template's default), "on", "off", an effort word ("low", "medium", ...) or a token budget
+    after which `</think>` is forced (see `plait.backends.grammar.reasoning`); a call's own
+    `reasoning_effort` overrides it. It is part of the model string, so DSPy's cache keeps
+    the settings apart.
 
     `quantize="int4"` or `"int8"` runs weight-only quantised linear layers (CPU, see
     `Engine.load`); the model string gets the scheme as a suffix, so DSPy's cache keeps the
@@ -259,7 +335,7 @@ def LM(
         served = defaults.pop("model", None)
         if served is None:
             raise ValueError("a remote LM needs the served model's name: plait.LM(url, model=...)")
-        return remote_lm(name_or_path, served, **defaults)
+        return remote_lm(name_or_path, served, reasoning=reasoning, **defaults)
     from plait.backends.loading.registry import resolve, variant_id
 
     model_id, _ = resolve(name_or_path)
@@ -269,10 +345,10 @@ def LM(
         options["dtype"] = dtype
     if quantize is not None:
         options["quantize"] = quantize
-    engine = PlaitEngine(name_or_path, options)
+    engine = PlaitEngine(name_or_path, options, reasoning=reasoning)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
     return dspy.LM(
-        f"plait/{variant_id(model_id, quantize)}",
+        f"plait/{variant_id(model_id, quantize)}{engine.reasoning.model_suffix()}",
         engine=engine,
         async_engine=AsyncPlaitEngine(engine),
         **defaults,

@@ -120,6 +120,16 @@ class ReasoningRequest:
         words = ", ".join(["on", "off", *EFFORT_BUDGETS])
         raise ReasoningError(f"reasoning must be one of {words}, or a token budget; got {value!r}")
 
+    def setting(self) -> str | int | None:
+        """What a user writes for this request (`parse` reads it back)."""
+        if self.mode == "default":
+            return None
+        return self.budget if self.budget is not None else self.mode
+
+    def model_suffix(self) -> str:
+        """A suffix for a model string that keeps cached answers of different settings apart."""
+        return "" if self.mode == "default" else f"@reasoning-{self.setting()}"
+
     def merged(self, override: ReasoningRequest) -> ReasoningRequest:
         """`override` (a per-call setting) where it says something, else this (the LM's)."""
         return self if override.mode == "default" else override
@@ -148,22 +158,23 @@ def switch_messages(
 
 
 _START = re.compile(r"^start\s*:", re.MULTILINE)
+_BODY = "after_thinking"  # the rule name of what follows the block
 
 
 def _body_rules(body: GrammarSpec | None) -> list[str]:
-    """`body` (what follows the thinking block) as Lark rules named `answer`."""
+    """`body` (what follows the thinking block) as Lark rules whose start is `_BODY`."""
     if body is None:
-        return ["answer: ANY_TEXT", "ANY_TEXT: /(?s:.*)/"]
+        return [f"{_BODY}: ANY_TEXT", "ANY_TEXT: /(?s:.*)/"]
     if body.kind == "lark":
-        if re.search(r"(?<![\w.])answer(?![\w.])", body.source):
-            raise GrammarError("a grammar after a thinking block must not define a rule named 'answer'")
-        return [_START.sub("answer:", body.source, count=1)]
+        if re.search(rf"(?<![\w.]){_BODY}(?![\w.])", body.source):
+            raise GrammarError(f"a grammar after a thinking block must not use the rule name {_BODY!r}")
+        return [_START.sub(f"{_BODY}:", body.source, count=1)]
     if body.kind == "json_schema":
         schema = body.source if isinstance(body.source, bool) else {**body.source, "x-guidance": JSON_OPTIONS}
-        return ["answer: %json " + json.dumps(schema, ensure_ascii=False)]
+        return [f"{_BODY}: %json " + json.dumps(schema, ensure_ascii=False)]
     if body.kind == "regex":
-        return [f"answer: /{body.source}/"]
-    return ["answer: " + " | ".join(lark_string(o) for o in body.source)]
+        return [f"{_BODY}: /{body.source}/"]
+    return [f"{_BODY}: " + " | ".join(lark_string(o) for o in body.source)]
 
 
 def thinking_grammar(
@@ -178,7 +189,7 @@ def thinking_grammar(
     close = re.escape(fmt.close).replace("/", "\\/")
     head = "" if opened else lark_string(fmt.open) + " "
     lines = [
-        f"start: {head}THOUGHT GAP answer",
+        f"start: {head}THOUGHT GAP {_BODY}",
         # one lexeme up to the first close: a lexer that matched the block's text and the
         # close apart would read `</` as more text and never reach the close
         f"THOUGHT: /(?s:.*){close}/ & ~/(?s:.*){close}(?s:.+)/",
