@@ -35,8 +35,18 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise PlaitError("--max-tokens must be at least 1")
     spec = _grammar_spec(args)
+    if args.raw and args.reasoning is not None:
+        raise PlaitError("--reasoning needs the chat template: it cannot be used with --raw")
     engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
-    prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
+    turn = None
+    if args.raw:
+        prompt = args.prompt
+    else:
+        from plait.backends.runtime.turn import plan_turn
+
+        messages = [{"role": "user", "content": args.prompt}]
+        turn = plan_turn(engine, messages, reasoning=args.reasoning, spec=spec, max_tokens=args.max_tokens)
+        prompt = turn.prompt
     options = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -45,7 +55,9 @@ def _generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=args.stop or None,
     )
-    if spec is not None:
+    if turn is not None:
+        options["constraint"] = turn.constraint(engine, args.max_tokens)
+    elif spec is not None:
         from plait.backends.grammar.constraint import compile_constraint
 
         options["constraint"] = compile_constraint(
@@ -53,14 +65,39 @@ def _generate(args: argparse.Namespace) -> None:
         )
     try:
         if args.stream:
+            splitter = turn.stream_splitter() if turn is not None else None
             for piece in engine.stream(prompt, **options):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                _print_pieces(splitter.feed(piece) if splitter else ("", piece))
+            _print_pieces(splitter.flush() if splitter else ("", ""))
             sys.stdout.write("\n")
         else:
-            print(engine.generate(prompt, **options).text)
+            text = engine.generate(prompt, **options).text
+            thought, answer = turn.split(text) if turn is not None else (None, text)
+            _print_pieces((f"{thought}\n" if thought else "", answer))
+            sys.stdout.write("\n")
     finally:
         engine.close()
+
+
+def _print_pieces(pieces: tuple[str, str]) -> None:
+    """A thinking model's reasoning goes to stderr, its answer to stdout (what a pipe reads)."""
+    thought, answer = pieces
+    if thought:
+        sys.stderr.write(thought)
+        sys.stderr.flush()
+    if answer:
+        sys.stdout.write(answer)
+        sys.stdout.flush()
+
+
+def _reasoning_setting(value: str):
+    """argparse type of --reasoning: on, off, an effort word or a token budget."""
+    from plait.backends.grammar.reasoning import ReasoningError, ReasoningRequest
+
+    try:
+        return ReasoningRequest.parse(value)
+    except ReasoningError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -113,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument(
+        "--reasoning",
+        type=_reasoning_setting,
+        metavar="on|off|EFFORT|N",
+        help="thinking of a model that has it: on, off, low/medium/high, or a token budget "
+        "(the reasoning is printed to stderr)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--quantize",

@@ -34,6 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from plait.backends.clients.messages import message
+from plait.backends.grammar.reasoning import ReasoningError, ReasoningRequest
+from plait.backends.runtime.turn import ChatTurn, plan_turn
 from plait.serve.bridge import iterate_in_thread, unless_client_leaves
 from plait.serve.errors import ApiError, api_error_for, read_json
 from plait.serve.runtime import ServedModel, ServeRuntime
@@ -63,6 +65,12 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = None
     tools: list[Any] | None = None
+    # thinking (chat only): OpenAI's effort word, vLLM/SGLang's template kwargs, NIM's and
+    # vLLM's budget names; see `_reasoning`
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    max_thinking_tokens: int | None = Field(None, ge=0)
+    thinking_token_budget: int | None = Field(None, ge=0)
 
 
 class _TextPart(BaseModel):
@@ -89,10 +97,47 @@ class CompletionBody(_Sampling):
 
 @dataclass
 class _Choice:
-    """One generation of a request: its engine handle, index and prompt length."""
+    """One generation of a request: its engine handle, index, and the turn it answers (a
+    chat's: it splits the thinking block from the answer; None for a raw completion)."""
 
     index: int
     handle: Any
+    turn: ChatTurn | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The chat answer: content, and `reasoning_content` when the turn had a thinking block."""
+        reasoning, content = self.turn.split(self.handle.text) if self.turn else (None, self.handle.text)
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            answer["reasoning_content"] = reasoning
+        return answer
+
+
+#: Template arguments plait sets itself: `chat_template_kwargs` may not replace them.
+_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
+
+
+def _reasoning(params: _Sampling) -> ReasoningRequest:
+    """The thinking a chat call asks for: a budget (`max_thinking_tokens`, NIM's name, or
+    `thinking_token_budget`, vLLM's) wins over `reasoning_effort`; neither: the default."""
+    budget = params.max_thinking_tokens
+    if budget is None:
+        budget = params.thinking_token_budget
+    try:
+        if budget is not None:
+            return ReasoningRequest("on", budget)
+        return ReasoningRequest.parse(params.reasoning_effort)
+    except ReasoningError as exc:
+        raise ApiError(400, str(exc), code="invalid_reasoning") from None
+
+
+def _template_kwargs(params: _Sampling) -> dict[str, Any]:
+    kwargs = dict(params.chat_template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_ARGS & kwargs.keys())
+    if reserved or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        shown = ", ".join(reserved) or "keys that are not identifiers"
+        raise ApiError(400, f"chat_template_kwargs may not set {shown}", code="invalid_chat_template_kwargs")
+    return kwargs
 
 
 def _parse(model: type[BaseModel], body: Any) -> Any:
@@ -116,6 +161,13 @@ def _refuse_unsupported(params: _Sampling) -> None:
         )
     if params.logprobs:
         raise ApiError(400, "logprobs are not supported by this server", code="unsupported_logprobs")
+    thinking = (params.reasoning_effort, params.chat_template_kwargs, params.max_thinking_tokens)
+    if isinstance(params, CompletionBody) and any(
+        v is not None for v in (*thinking, params.thinking_token_budget)
+    ):
+        raise ApiError(
+            400, "reasoning settings apply to chat completions, not raw prompts", code="unsupported_parameter"
+        )
     if isinstance(params, CompletionBody) and (params.echo or params.suffix):
         raise ApiError(400, "echo and suffix are not supported by this server", code="unsupported_parameter")
 
@@ -188,24 +240,35 @@ class _Call:
         self._submitted = threading.Event()  # `submit` has returned: no handle is added after
 
     # ---- submitting (on a worker thread: tokenizing a long prompt takes time) ----------------
-    def _prompt_texts(self) -> list[str | list[int]]:
-        if isinstance(self.body, ChatBody):
-            return [self.model.engine.chat_prompt([message(m.role, m.content) for m in self.body.messages])]
-        return _prompts(self.body)
+    def _turns(self) -> list[tuple[str | list[int], ChatTurn | None]]:
+        """Each prompt to run, with its planned chat turn (None for a raw completion)."""
+        body = self.body
+        if not isinstance(body, ChatBody):
+            return [(prompt, None) for prompt in _prompts(body)]
+        messages = [message(m.role, m.content) for m in body.messages]
+        turn = plan_turn(
+            self.model.engine,
+            messages,
+            reasoning=_reasoning(body),
+            spec=self.spec,
+            max_tokens=body.max_completion_tokens or body.max_tokens or self.runtime.config.max_tokens_limit,
+            template_kwargs=_template_kwargs(body),
+        )
+        return [(turn.prompt, turn)]
 
     def submit(self, stream: bool) -> None:
         engine = self.model.engine
         try:
-            for prompt in self._prompt_texts():
+            for prompt, turn in self._turns():
                 ids = engine.prompt_ids(prompt)
                 sampling = _sampling(self.body, self.runtime, self.model, len(ids))
                 for i in range(self.body.n):
                     options = dict(sampling)
                     if options["seed"] is not None:
                         options["seed"] += i  # n samples, not n copies
-                    constraint = self._constraint(options["max_tokens"])
+                    constraint = self._constraint(turn, options["max_tokens"])
                     handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
-                    self.choices.append(_Choice(len(self.choices), handle))
+                    self.choices.append(_Choice(len(self.choices), handle, turn))
                     if self.cancelled:  # cancelled while submitting: `cancel` may not have seen it
                         handle.cancel()
         except ValueError as exc:  # SamplingParams / an empty prompt
@@ -217,14 +280,16 @@ class _Call:
         finally:
             self._submitted.set()
 
-    def _constraint(self, max_tokens: int) -> Any:
-        """The call's grammar for one generation; a JSON answer gets budgets that make it close
-        within `max_tokens`."""
+    def _constraint(self, turn: ChatTurn | None, max_tokens: int) -> Any:
+        """The grammar of one generation (a chat turn's covers its thinking block too); a JSON
+        answer gets budgets that make it close within `max_tokens`."""
+        engine = self.model.engine  # masks as wide as the logits
+        if turn is not None:
+            return turn.constraint(engine, max_tokens)
         if self.spec is None:
             return None
         from plait.backends.grammar.constraint import compile_constraint
 
-        engine = self.model.engine  # masks as wide as the logits
         return compile_constraint(self.spec, engine.tokenizer, engine.info.vocab_size, max_tokens=max_tokens)
 
     @property
@@ -279,7 +344,7 @@ class _Call:
             choices = [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.handle.text},
+                    "message": c.message(),
                     "finish_reason": _finish(c.handle),
                     "logprobs": None,
                 }
@@ -308,7 +373,13 @@ class _Call:
         }
 
     def chunk(
-        self, delta: str | None = None, finish: str | None = None, *, role: bool = False, usage: bool = False
+        self,
+        delta: str | None = None,
+        finish: str | None = None,
+        *,
+        role: bool = False,
+        usage: bool = False,
+        reasoning: str | None = None,
     ) -> dict[str, Any]:
         if usage:
             return {
@@ -323,6 +394,8 @@ class _Call:
             content: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if delta is not None:
                 content["content"] = delta
+            if reasoning is not None:
+                content["reasoning_content"] = reasoning
             choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -399,7 +472,7 @@ async def _answer(runtime: ServeRuntime, call: _Call, request: Request) -> JSONR
 
 
 async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
-    if call.body.n != 1 or len(call._prompt_texts()) != 1:
+    if call.sequences != 1:
         raise ApiError(400, "streaming answers one prompt with n=1", code="unsupported_parameter")
     include_usage = bool((call.body.stream_options or {}).get("include_usage"))
     outcome = {"status": "cancelled", "error": None}
@@ -420,15 +493,22 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
         if isinstance(exc, Exception):
             raise api_error_for(exc) from None
         raise  # cancellation
-    handle = call.choices[0].handle
+    handle, turn = call.choices[0].handle, call.choices[0].turn
+    splitter = turn.stream_splitter() if turn is not None else None
+
+    def chunks(thought: str, answer: str) -> list[dict[str, Any]]:
+        """The chunks of one (reasoning, answer) pair: reasoning goes in `reasoning_content`."""
+        return ([call.chunk(reasoning=thought)] if thought else []) + ([call.chunk(answer)] if answer else [])
 
     async def events() -> AsyncIterator[str]:
         try:
             if call.kind == "chat":
                 yield sse(call.chunk(role=True))
             async for piece in iterate_in_thread(handle.deltas(), on_close=handle.cancel):
-                if piece:
-                    yield sse(call.chunk(piece))
+                for chunk in chunks(*(splitter.feed(piece) if splitter else ("", piece))) if piece else ():
+                    yield sse(chunk)
+            for chunk in chunks(*splitter.flush()) if splitter else ():
+                yield sse(chunk)
             yield sse(call.chunk(finish=_finish(handle)))
             if include_usage:
                 yield sse(call.chunk(usage=True))

@@ -59,6 +59,7 @@ from dspy.lm15 import (
     StreamEndEvent,
     StreamStartEvent,
     TextDelta,
+    ThinkingDelta,
     TimeoutError,
     TransportError,
     UnsupportedFeatureError,
@@ -67,6 +68,7 @@ from dspy.lm15 import (
 )
 
 from plait.backends.clients.messages import UnsupportedContentError, request_messages
+from plait.backends.grammar.reasoning import ReasoningFormat, ReasoningRequest, switch_messages
 from plait.backends.grammar.spec import EXTENSION_KEY, GrammarSpec, attached_grammar
 from plait.version import __version__
 
@@ -235,9 +237,11 @@ class _StreamState:
             self.started = True
             out.append(StreamStartEvent(id=chunk.get("id") or None, model=chunk.get("model") or self.model))
         for choice in chunk.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                out.append(StreamDeltaEvent(TextDelta(content)))
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                out.append(StreamDeltaEvent(ThinkingDelta(delta["reasoning_content"])))
+            if delta.get("content"):
+                out.append(StreamDeltaEvent(TextDelta(delta["content"])))
             if choice.get("finish_reason"):
                 self.finish = _FINISH.get(choice["finish_reason"], "stop")
         usage = chunk.get("usage")
@@ -256,11 +260,39 @@ class _StreamState:
 # ---- the engines --------------------------------------------------------------------------------
 
 
+#: The request field each server reads a thinking budget from (NIM's name for the others;
+#: `plait serve` reads both).
+_BUDGET_FIELDS = {"vllm": "thinking_token_budget"}
+_DEFAULT_BUDGET_FIELD = "max_thinking_tokens"
+
+
+def reasoning_params(
+    wanted: ReasoningRequest, dialect: str, switch: str, messages: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(extra body fields, messages) that ask a server for `wanted` thinking.
+
+    `plait serve` reads the template's switch itself: it gets `reasoning_effort` on/off and a
+    budget. Other servers get the switch of the served model's template (`switch`): "kwarg"
+    sends `chat_template_kwargs.enable_thinking` (Nemotron 3 on vLLM, SGLang or NIM), "flag"
+    appends `/think` or `/no_think` to the system message (Nano-9B-v2); a budget goes in the
+    server's own field (`_BUDGET_FIELDS`)."""
+    if wanted.mode == "default":
+        return {}, messages
+    budget_field = (
+        "max_thinking_tokens" if dialect == "plait" else _BUDGET_FIELDS.get(dialect, _DEFAULT_BUDGET_FIELD)
+    )
+    extra: dict[str, Any] = {} if wanted.budget is None else {budget_field: wanted.budget}
+    if dialect == "plait":
+        return extra | {"reasoning_effort": wanted.mode}, messages
+    if switch == "flag":
+        return extra, switch_messages(ReasoningFormat("flag"), wanted, messages)[0]
+    return extra | {"chat_template_kwargs": {"enable_thinking": wanted.mode == "on"}}, messages
+
+
 class RemoteEngine:
     """Synchronous DSPy engine over an OpenAI-compatible server's chat completions."""
 
     supports_function_calling = False
-    supports_reasoning = False
     supports_response_schema = True
     supported_params = frozenset(
         {
@@ -287,7 +319,14 @@ class RemoteEngine:
         dialect: str = "auto",
         timeout: float = 300.0,
         max_connections: int = 64,
+        reasoning: Any = None,
+        reasoning_switch: str = "kwarg",
     ):
+        """`reasoning`: the thinking default of every call (see `plait.LM`); `reasoning_switch`:
+        how the served model's template turns thinking on and off ("kwarg" or "flag", see
+        `reasoning_params`)."""
+        if reasoning_switch not in ("kwarg", "flag"):
+            raise ValueError(f"reasoning_switch must be 'kwarg' or 'flag', not {reasoning_switch!r}")
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, not {base_url!r}")
         if dialect not in DIALECTS:
@@ -297,12 +336,19 @@ class RemoteEngine:
         self.base_url = base_url.rstrip("/")
         self.model, self.dialect_setting, self.timeout = model, dialect, float(timeout)
         self.api_key_env, self.max_connections = api_key_env, max_connections
+        self.reasoning, self.reasoning_switch = ReasoningRequest.parse(reasoning), reasoning_switch
         self._api_key = (
             api_key if api_key is not None else (os.environ.get(api_key_env) if api_key_env else None)
         )
         self._dialect: str | None = None if dialect == "auto" else dialect
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
+
+    @property
+    def supports_reasoning(self) -> bool:
+        """Whether DSPy should ask for native reasoning: `plait serve` knows its model's
+        thinking format; another server is taken at its word when a reasoning setting is given."""
+        return self.reasoning.mode != "default" or self.dialect == "plait"
 
     # ---- connection --------------------------------------------------------------------------
     @property
@@ -358,7 +404,11 @@ class RemoteEngine:
     def body(self, request: Request, *, stream: bool = False) -> dict[str, Any]:
         """The chat-completions body for a DSPy request."""
         config = request.config
-        body: dict[str, Any] = {"model": self.model, "messages": chat_messages(request)}
+        wanted = self.reasoning.merged(ReasoningRequest.from_dspy(config.reasoning))
+        thinking, messages = reasoning_params(
+            wanted, self.dialect, self.reasoning_switch, chat_messages(request)
+        )
+        body: dict[str, Any] = {"model": self.model, "messages": messages, **thinking}
         for key in (
             "max_tokens",
             "temperature",
@@ -434,6 +484,8 @@ class RemoteEngine:
             "timeout": self.timeout,
             "api_key_env": self.api_key_env,
             "max_connections": self.max_connections,
+            "reasoning": self.reasoning.setting(),
+            "reasoning_switch": self.reasoning_switch,
         }
 
     @classmethod
@@ -525,6 +577,8 @@ def remote_lm(
     dialect: str = "auto",
     timeout: float = 300.0,
     max_connections: int = 64,
+    reasoning: Any = None,
+    reasoning_switch: str = "kwarg",
     **defaults: Any,
 ) -> dspy.LM:
     """A `dspy.LM` whose calls go to the OpenAI-compatible server at `base_url` (".../v1").
@@ -532,7 +586,8 @@ def remote_lm(
     `model` is the name the server serves. `api_key` (else the `api_key_env` environment
     variable) is sent as a bearer token. `defaults` are DSPy's LM settings (temperature,
     max_tokens, cache, num_retries, ...); transient failures (429, 5xx, connection errors)
-    are retried by DSPy, 3 times unless `num_retries` says otherwise.
+    are retried by DSPy, 3 times unless `num_retries` says otherwise. `reasoning` and
+    `reasoning_switch`: the thinking of the served model (see `RemoteEngine`).
     """
     engine = RemoteEngine(
         base_url,
@@ -542,9 +597,16 @@ def remote_lm(
         dialect=dialect,
         timeout=timeout,
         max_connections=max_connections,
+        reasoning=reasoning,
+        reasoning_switch=reasoning_switch,
     )
     defaults.setdefault("num_retries", 3)
-    return dspy.LM(f"remote/{model}", engine=engine, async_engine=AsyncRemoteEngine(engine), **defaults)
+    return dspy.LM(
+        f"remote/{model}{engine.reasoning.model_suffix()}",
+        engine=engine,
+        async_engine=AsyncRemoteEngine(engine),
+        **defaults,
+    )
 
 
 __all__ = [

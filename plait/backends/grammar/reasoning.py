@@ -23,12 +23,11 @@ Plain strings only: no torch, no llguidance.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from plait.backends.grammar.spec import JSON_OPTIONS, FieldBudget, GrammarError, GrammarSpec, lark_string
+from plait.backends.grammar.spec import FieldBudget, GrammarError, GrammarSpec, lark_rules, lark_string
 
 ReasoningSwitch = Literal["kwarg", "flag", "none"]
 
@@ -120,6 +119,18 @@ class ReasoningRequest:
         words = ", ".join(["on", "off", *EFFORT_BUDGETS])
         raise ReasoningError(f"reasoning must be one of {words}, or a token budget; got {value!r}")
 
+    @classmethod
+    def from_dspy(cls, wanted: Any) -> ReasoningRequest:
+        """From a DSPy request's `config.reasoning` (lm15's `Reasoning`: effort "off", a
+        `thinking_budget`, or an effort word mapped by `EFFORT_BUDGETS`; None: the default)."""
+        if wanted is None:
+            return cls()
+        if wanted.is_off:
+            return cls("off")
+        if wanted.thinking_budget is not None:
+            return cls("on", wanted.thinking_budget)
+        return cls.parse(wanted.effort)
+
     def setting(self) -> str | int | None:
         """What a user writes for this request (`parse` reads it back)."""
         if self.mode == "default":
@@ -157,7 +168,6 @@ def switch_messages(
     return messages, {}
 
 
-_START = re.compile(r"^start\s*:", re.MULTILINE)
 _BODY = "after_thinking"  # the rule name of what follows the block
 
 
@@ -165,16 +175,7 @@ def _body_rules(body: GrammarSpec | None) -> list[str]:
     """`body` (what follows the thinking block) as Lark rules whose start is `_BODY`."""
     if body is None:
         return [f"{_BODY}: ANY_TEXT", "ANY_TEXT: /(?s:.*)/"]
-    if body.kind == "lark":
-        if re.search(rf"(?<![\w.]){_BODY}(?![\w.])", body.source):
-            raise GrammarError(f"a grammar after a thinking block must not use the rule name {_BODY!r}")
-        return [_START.sub(f"{_BODY}:", body.source, count=1)]
-    if body.kind == "json_schema":
-        schema = body.source if isinstance(body.source, bool) else {**body.source, "x-guidance": JSON_OPTIONS}
-        return [f"{_BODY}: %json " + json.dumps(schema, ensure_ascii=False)]
-    if body.kind == "regex":
-        return [f"{_BODY}: /{body.source}/"]
-    return [f"{_BODY}: " + " | ".join(lark_string(o) for o in body.source)]
+    return lark_rules(body, _BODY)
 
 
 def thinking_grammar(

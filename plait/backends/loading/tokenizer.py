@@ -21,6 +21,21 @@ def _raise_template_error(message: str) -> None:
     raise CheckpointError(f"chat template error: {message}")
 
 
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """`tojson` as Hugging Face renders chat templates (what the model was trained on): plain
+    `json.dumps`, keys in their order, no HTML escaping (jinja's own filter sorts keys and
+    writes `<` as `\\u003c`, which would change how tools and tool calls read)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -48,6 +63,7 @@ class Tokenizer:
         if chat_template is not None:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
+            env.filters["tojson"] = _tojson
             self._template = env.from_string(chat_template)
 
     # ---- text <-> ids -------------------------------------------------------------------------
@@ -68,13 +84,16 @@ class Tokenizer:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + (
                 "assistant: " if add_generation_prompt else ""
             )
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **template_kwargs,
-        )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **template_kwargs,
+            )
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:  # e.g. a kwarg of the wrong type
+            raise CheckpointError(f"chat template error: {type(exc).__name__}: {exc}") from None
 
     # ---- builders -------------------------------------------------------------------------------
     @classmethod
