@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from plait.backends.loading import modelopt
 from plait.backends.loading.modelopt import (
     E2M1,
     QuantConfig,
+    dequantize,
     dequantize_fp8,
     dequantize_nvfp4,
     e2m1_byte_table,
@@ -355,3 +357,20 @@ def test_fp8_dequantization():
     weight = torch.tensor([[1.5, -2.0], [448.0, 0.0]]).to(torch.float8_e4m3fn)
     w = dequantize_fp8(weight, torch.tensor(0.5), torch.bfloat16)
     assert w.dtype == torch.bfloat16 and w.float().tolist() == [[0.75, -1.0], [224.0, 0.0]]
+
+
+def test_dequantization_in_row_blocks_equals_the_whole_formula(monkeypatch):
+    monkeypatch.setattr(modelopt, "CHUNK_ELEMENTS", 64)  # 2 rows of 32 at a time, 5 blocks
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (9, 16), dtype=torch.uint8, generator=g)
+    block_scale = torch.rand(9, 2, generator=g).to(torch.float8_e4m3fn)
+    scales = {
+        "weight_scale": block_scale,
+        "weight_scale_2": torch.tensor(0.3),
+        "input_scale": torch.tensor(1.0),
+    }
+    whole = dequantize_nvfp4(packed, block_scale, torch.tensor(0.3), torch.bfloat16)
+    assert torch.equal(dequantize(NVFP4, packed, scales, torch.bfloat16), whole)
+    fp8 = torch.randn(9, 32, generator=g).to(torch.float8_e4m3fn)
+    whole = dequantize_fp8(fp8, torch.tensor(0.7), torch.float32)
+    assert torch.equal(dequantize(FP8, fp8, {"weight_scale": torch.tensor(0.7)}, torch.float32), whole)
