@@ -272,8 +272,8 @@ def dequantize_nvfp4(
 
 CHUNK_ELEMENTS = 1 << 20
 """Dequantize this many weights at a time, so the fp32 intermediates (and NVFP4's int32 byte
-indices) stay a few MB instead of 4-6 bytes per weight of the largest matrix: 2.6-3.5 GB for a
-quantized 131072 x 4480 head. Measured on a 33M-parameter NVFP4 model (2 cores, 1 thread): peak
+indices) stay a few MB instead of several fp32 copies of the largest matrix (gigabytes for a
+quantized 131072 x 4480 head). Measured on a 33M-parameter NVFP4 model (2 cores, 1 thread): peak
 RSS of the load 24 MB lower and the load 1.5x faster; FP8 the same either way."""
 
 
