@@ -46,9 +46,22 @@ def test_dspy_colbertv2_client_against_index_serve(server, rm, no_dspy_cache, po
         got = client(query, k=3)
         local = rm(query, k=3)
         assert [p["pid"] for p in got] == [p.pid for p in local]
-        assert got[0].long_text == local[0].long_text and want in {p["id"] for p in got[:1]}
+        assert got[0]["id"] == want and got[0]["title"] == local[0].title
         assert [p["score"] for p in got] == pytest.approx([p.score for p in local], abs=1e-5)
     assert client("iron tower in Paris", k=2, simplify=True)[0].startswith("The Eiffel Tower")
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_passage_text_is_title_bar_body_as_colbertv2_servers_send_it(server, no_dspy_cache, post):
+    """DSPy's tutorials split a ColBERTv2 passage on " | " to get its title (the wiki17 server
+    sends "Title | Body"); a document without a title is its body alone."""
+    client = dspy.ColBERTv2(url=server.url, post_requests=post)
+    hamlet = client("who wrote the tragedy Hamlet", k=1)[0]
+    body = next(r["text"] for r in TINY_CORPUS if r.get("_id") == "hamlet")
+    assert hamlet["text"] == hamlet["long_text"] == f"Hamlet | {body}"
+    assert hamlet["long_text"].split(" | ", 1) == ["Hamlet", body] and hamlet["title"] == "Hamlet"
+    eiffel = client("iron tower in Paris", k=1)[0]
+    assert eiffel["text"] == eiffel["long_text"] == TINY_CORPUS[3]["text"] and eiffel["title"] == ""
 
 
 def test_stage_parameter_and_healthz(server):

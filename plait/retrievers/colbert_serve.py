@@ -6,6 +6,8 @@
 
 Passages carry the keys the `dspy.ColBERTv2` HTTP protocol uses (`text`, `long_text`, `pid`,
 `score`) plus the corpus `id`, `title` and `rank`, with attribute access like DSPy's dotdict.
+In process a passage's text is what was indexed, "Title Body"; over HTTP (`colbertv2_topk`)
+it is "Title | Body", the convention of the ColBERTv2 servers DSPy's tutorials query.
 """
 
 from __future__ import annotations
@@ -128,9 +130,11 @@ class ColBERTServe:
         vectors = None if stage == "bm25" else self._encode(queries)
         return self.searcher.search_batch(queries, k, stage, params, query_vectors=vectors)
 
-    def passage(self, hit: Hit, rank: int) -> Passage:
+    def passage(self, hit: Hit, rank: int, *, titled: bool = False) -> Passage:
+        """The hit as a passage; its text is what was indexed ("Title Body"), or with `titled`
+        the "Title | Body" of the ColBERTv2 protocol."""
         doc = self.store.docs.get(hit.doc)
-        text = doc.full_text
+        text = doc.titled_text if titled else doc.full_text
         return Passage(
             pid=hit.doc, id=doc.id, title=doc.title, text=text, long_text=text, score=hit.score, rank=rank
         )
@@ -147,6 +151,12 @@ class ColBERTServe:
             [self.passage(h, r) for r, h in enumerate(hits, 1)]
             for hits in self.search_hits(queries, k, stage, params)
         ]
+
+    def colbertv2_topk(self, query: str, k: int = 10, stage: str | None = None) -> list[dict[str, Any]]:
+        """The `topk` list of a `dspy.ColBERTv2` answer: passages whose `text` and `long_text`
+        are "Title | Body", as the ColBERTv2 servers of DSPy's tutorials send them."""
+        hits = self.search_hits([query], k, stage)[0]
+        return [dict(self.passage(h, r, titled=True)) for r, h in enumerate(hits, 1)]
 
     def __call__(
         self, query: str | Sequence[str], k: int = 5, stage: str | None = None, **kwargs: Any

@@ -25,6 +25,12 @@ class Document:
         """What both stages index: the title, then the body (BEIR's convention for dense models)."""
         return f"{self.title} {self.text}" if self.title else self.text
 
+    @property
+    def titled_text(self) -> str:
+        """'Title | Body', the passage text ColBERTv2 servers answer with (DSPy's wiki17 index
+        stores it so): programs written for them split on " | " to get the title back."""
+        return f"{self.title} | {self.text}" if self.title else self.text
+
 
 def parse_row(row: object, where: str) -> Document:
     if not isinstance(row, dict):

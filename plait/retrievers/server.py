@@ -4,6 +4,9 @@
     POST /   {"query": ..., "k": 10}           -> the same
     GET  /healthz                              -> {"status": "ok", "docs": N, "stage": ...}
 
+A passage's `text` and `long_text` are "Title | Body" (just the body without a title), as the
+ColBERTv2 servers of DSPy's tutorials send them; `title` and the corpus `id` come apart too.
+
 Every error answers `{"error": true, "message": ...}`: 4xx for a bad request (messages never
 echo more than a short prefix of what was sent), 401 without the bearer token when keys are
 set, 413 for a body over the limit, 500 (details in the server's log only) when the index
@@ -83,10 +86,10 @@ def create_app(rm: ColBERTServe, settings: ServerSettings | None = None) -> Fast
                 f"the query has {len(query)} characters; the limit is {settings.max_query_chars}"
             )
         started = time.perf_counter()
-        passages = rm(query if query is not None else "", k=k, stage=stage)
+        topk = rm.colbertv2_topk(query if query is not None else "", k=k, stage=stage)
         return {
             "query": query,
-            "topk": [dict(p) for p in passages],
+            "topk": topk,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
 
