@@ -7,10 +7,13 @@ Checkpoints are the tests' tiny Nemotron-H models (tests/modelopt_fixtures.py), 
 `--scales` times (hidden size, MLP/expert widths, Mamba and attention heads), written three ways
 from one set of weights: bf16, FP8 (every linear layer but the head) and NVFP4 (the same layers).
 Each is loaded by `load_nemotron_h` into each of `--dtypes`, in a fresh process (after one
-load of a tiny checkpoint, which pays the one-off imports), which reports:
+load of a tiny checkpoint, which pays the one-off imports) on `--threads` torch threads (default
+1: on a shared 2-core machine, 2-thread load times varied up to 10x between runs), reporting:
   * load time: median of `--repeats` loads (the files are in the page cache: this is parsing,
     dequantizing and copying, not disk reads);
-  * RssAnon after the first load minus before it: the loaded model's private memory;
+  * RssAnon after the first load minus before it: the loaded model's private memory, with the
+    heap pages malloc kept of the load's freed intermediates; then the same after `malloc_trim`
+    (`release_free_memory`, which plait serve calls every few steps): the model alone;
   * peak RSS (VmHWM) minus the RSS before: the transient peak, including the pages of the
     memory-mapped safetensors files.
 Ratios are against the bf16 checkpoint in the same run. plait dequantizes at load, so the loaded
@@ -47,7 +50,7 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def child(directory: str, warmup: str, dtype: str, repeats: int) -> None:
+def child(directory: str, warmup: str, dtype: str, repeats: int, threads: int) -> None:
     """Runs in a fresh process: load `directory` `repeats` times, print one JSON line.
 
     One load of the tiny `warmup` checkpoint first pays the one-off costs (lazy imports, torch's
@@ -58,7 +61,9 @@ def child(directory: str, warmup: str, dtype: str, repeats: int) -> None:
     import torch
 
     from plait.backends.loading.nemotron_h import load_nemotron_h
+    from plait.backends.runtime.host_memory import release_free_memory
 
+    torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
     load_nemotron_h(warmup, torch_dtype, "cpu")
     gc.collect()
@@ -70,9 +75,13 @@ def child(directory: str, warmup: str, dtype: str, repeats: int) -> None:
         seconds.append(time.perf_counter() - start)
         if i == 0:
             loaded_anon, peak = _status_kb("RssAnon") - anon, _status_kb("VmHWM") - rss
+            release_free_memory()
+            trimmed_anon = _status_kb("RssAnon") - anon
         del model
         gc.collect()
-    print(json.dumps({"seconds": seconds, "anon_kb": loaded_anon, "peak_kb": peak}))
+    print(
+        json.dumps({"seconds": seconds, "anon_kb": loaded_anon, "trimmed_kb": trimmed_anon, "peak_kb": peak})
+    )
 
 
 def write_checkpoints(root: Path, kind: str, scale: int) -> dict[str, Path]:
@@ -101,9 +110,9 @@ def write_checkpoints(root: Path, kind: str, scale: int) -> dict[str, Path]:
     return out
 
 
-def measure(directory: Path, warmup: Path, dtype: str, repeats: int) -> dict:
+def measure(directory: Path, warmup: Path, dtype: str, repeats: int, threads: int) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--child", str(directory), str(warmup), dtype, str(repeats)],
+        [sys.executable, __file__, "--child", str(directory), str(warmup), dtype, str(repeats), str(threads)],
         capture_output=True,
         text=True,
         check=True,
@@ -123,18 +132,22 @@ def main() -> None:
     parser.add_argument("--scales", default="1,16", help="width multipliers of the tiny test models")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="run dtypes to load into")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per load (1: steadier on a shared machine)"
+    )
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child[:3], int(args.child[3]))
+        child(*args.child[:3], int(args.child[3]), int(args.child[4]))
         return
 
     print(
-        f"load_nemotron_h on CPU ({os.cpu_count()} cores), median of {args.repeats} loads; x: ratio to bf16"
+        f"load_nemotron_h on CPU ({os.cpu_count()} cores, {args.threads} torch threads), median of "
+        f"{args.repeats} loads; x: ratio to bf16"
     )
     print(
         f"{'checkpoint':<11}{'params':>8}{'into':>10}{'format':>7}{'disk MB':>9}{'x':>6}"
-        f"{'load ms':>9}{'x':>6}{'RssAnon MB':>11}{'x':>6}{'peak MB':>9}{'x':>6}"
+        f"{'load ms':>9}{'x':>6}{'RssAnon MB':>11}{'x':>6}{'trimmed':>8}{'x':>6}{'peak MB':>9}{'x':>6}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         warmup = write_checkpoints(Path(tmp) / "warmup", "dense", 1)["bf16"]
@@ -143,7 +156,9 @@ def main() -> None:
                 dirs = write_checkpoints(Path(tmp), kind, scale)
                 params = disk_bytes(dirs["bf16"]) / 2  # bf16: two bytes a parameter
                 for dtype in args.dtypes.split(","):
-                    rows = {fmt: measure(d, warmup, dtype, args.repeats) for fmt, d in dirs.items()}
+                    rows = {
+                        fmt: measure(d, warmup, dtype, args.repeats, args.threads) for fmt, d in dirs.items()
+                    }
                     base = rows["bf16"]
                     for fmt, r in rows.items():
                         disk, base_disk = disk_bytes(dirs[fmt]), disk_bytes(dirs["bf16"])
@@ -152,6 +167,7 @@ def main() -> None:
                             f"{kind + ' x' + str(scale):<11}{params / 1e6:>7.2f}M{dtype:>10}{fmt:>7}"
                             f"{disk / 1e6:>9.2f}{ratio(disk, base_disk)}{ms:>9.1f}{ratio(ms, base_ms)}"
                             f"{r['anon_kb'] / 1e3:>11.1f}{ratio(r['anon_kb'], base['anon_kb'], 1000)}"
+                            f"{r['trimmed_kb'] / 1e3:>8.1f}{ratio(r['trimmed_kb'], base['trimmed_kb'], 1000)}"
                             f"{r['peak_kb'] / 1e3:>9.1f}{ratio(r['peak_kb'], base['peak_kb'], 1000)}"
                         )
 
