@@ -87,7 +87,8 @@ NANO_V2_TEMPLATE = """\
 <SPECIAL_11>Assistant
 {% if m.content %}{{ m.content }}{% endif -%}
 {%- if m.tool_calls -%}
-<TOOLCALL>[{% for c in m.tool_calls %}{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}{{ ', ' if not loop.last }}{% endfor %}]</TOOLCALL>
+<TOOLCALL>[{% for c in m.tool_calls %}{{ {'name': c.function.name,
+'arguments': c.function.arguments} | tojson }}{{ ', ' if not loop.last }}{% endfor %}]</TOOLCALL>
 {%- endif -%}
 <SPECIAL_12>
 {% elif m.role == 'tool' -%}
@@ -106,7 +107,9 @@ NEMOTRON3_TEMPLATE = """\
 {%- set think = enable_thinking if enable_thinking is defined else true -%}
 {%- set truncate = truncate_history_thinking if truncate_history_thinking is defined else true -%}
 {%- set ns = namespace(last_user=-1) -%}
-{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
 {%- set system = messages[0].content if messages and messages[0].role == 'system' else '' -%}
 {%- if system or tools -%}
 <|im_start|>system
