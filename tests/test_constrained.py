@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 from plait.backends.grammar.constraint import GrammarViolationError, apply_masks, compile_constraint
 from plait.backends.grammar.spec import FieldBudget, GrammarError, GrammarSpec, grammar_spec_from_request
-from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
 from plait.backends.grammar.vocab import vocabulary_for
 from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar
 from tests.constrained_fixtures import drive, smollm2_tokenizer
@@ -368,75 +367,6 @@ def test_compiled_grammars_are_cached_per_spec():
     a, b = compile_constraint(spec, TOKENIZER), compile_constraint(spec, TOKENIZER)
     a.advance(TOKENIZER.encode("a"))  # copies do not share state
     assert b.mask()[TOKENIZER.encode("a")[0]] and not a.mask()[TOKENIZER.encode("a")[0]]
-
-
-# ---- native function calling ---------------------------------------------------------------------------
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "search",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "query": {"type": "string", "maxLength": 30},
-                    "limit": {"type": "integer", "minimum": 1, "maximum": 9},
-                },
-                "required": ["query"],
-                "additionalProperties": False,
-            },
-        },
-    },
-    {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-]
-
-
-SCHEMAS = {"search": TOOLS[0]["function"]["parameters"], "add": TOOLS[1]["parameters"]}
-
-
-def test_required_tool_calls_validate_against_their_schemas():
-    import jsonschema
-
-    spec = tool_call_grammar(TOOLS, required=True)
-    names = set()
-    for seed in range(12):
-        run = drive(compile_constraint(spec, TOKENIZER), TOKENIZER, seed)
-        assert run.finished
-        name, arguments = parse_tool_call(run.text(TOKENIZER))
-        jsonschema.validate(arguments, SCHEMAS[name])
-        names.add(name)
-    assert names == {"search", "add"}
-
-
-def test_auto_tool_choice_allows_text_or_a_valid_call():
-    import jsonschema
-
-    spec = tool_call_grammar(TOOLS)
-    mask = compile_constraint(spec, TOKENIZER).mask()
-    brace, word = TOKENIZER.encode("{")[0], TOKENIZER.encode("Hello")[0]
-    assert mask[brace] and mask[word] and not mask[TOKENIZER.encode(" ")[0]]
-    for seed in range(6):
-        constraint = compile_constraint(spec, TOKENIZER)
-        constraint.advance([brace])  # the model opens a call: it must finish a valid one
-        run = drive(constraint, TOKENIZER, seed)
-        name, arguments = parse_tool_call("{" + run.text(TOKENIZER))
-        jsonschema.validate(arguments, SCHEMAS[name])
-    assert parse_tool_call("Hello there") is None
-
-
-def test_tool_call_grammar_errors():
-    with pytest.raises(GrammarError):
-        tool_call_grammar([])
-    with pytest.raises(GrammarError):
-        tool_call_grammar(TOOLS, allowed=("missing",))
 
 
 def test_batched_masks_accept_wrapped_constraints():

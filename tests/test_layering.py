@@ -119,7 +119,7 @@ def test_grammar_spec_imports_without_torch():
     """Callers that only build or send grammars (adapters, the server, the remote client) do
     not pay for torch or llguidance."""
     code = (
-        "import sys, plait.backends.grammar.spec, plait.backends.grammar.tool_calls; "
+        "import sys, plait.backends.grammar.spec, plait.backends.grammar.tool_formats; "
         "print(sorted(m for m in ('torch', 'llguidance', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -254,9 +254,11 @@ class TokenConstraint:
         self._longest_marker = max(
             (len(m.encode()) for b in spec.budgets for m in (b.open, b.close)), default=0
         )
+        self._ending: FieldBudget | None = None  # the output-scoped budget whose span opened
         at_start = [b for b in spec.budgets if not b.open]
         if at_start:
             self._span = _OpenSpan(at_start[0], 0)
+            self._ending = at_start[0] if at_start[0].scope == "output" else None
         self.budget_closes = 0  # spans that ended after their budget ran out
         self.proposed_budget_close = False  # whether the last forced() span is a budget's close
         self.json_budget = json_budget
@@ -275,18 +277,32 @@ class TokenConstraint:
     def forced(self) -> list[int]:
         """Tokens the grammar now allows only one way (jump-forward), or []; side-effect free.
 
-        When a budgeted span has run out, this is the span's close text plus what follows it.
+        When a budgeted span has run out, this is the span's close text plus what follows it;
+        once an output-scoped budget is spent, the stop token too, as soon as the grammar allows
+        the output to end (so nothing new starts after the budget's close).
         """
         self.proposed_budget_close = False
         if self._matcher.is_stopped():
             return []
         taken = self._budget_close() or self._json_close()
         self.proposed_budget_close = bool(taken)
-        if not taken:
-            return self._matcher.compute_ff_tokens()
-        after = self._matcher.compute_ff_tokens()
-        self._matcher.rollback(len(taken))
-        return taken + after
+        if self._ending is None:
+            after = self._matcher.compute_ff_tokens()
+            self._matcher.rollback(len(taken))
+            return taken + after
+        # an output-scoped budget: after its close and what the grammar forces, a spent budget
+        # also settles the next choice (an optional part, another call) the shortest way
+        out = taken
+        for _ in range(_MAX_UNWIND):
+            after = self._matcher.compute_ff_tokens()
+            self._matcher.consume_tokens(after)
+            more = self._budget_close()
+            out += after + more
+            if not more:
+                break
+        out += self._end_of_output(self._consumed + len(out))
+        self._matcher.rollback(len(out))
+        return out
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Consume sampled or forced tokens. Raises `GrammarViolationError` on a rejected one."""
@@ -340,13 +356,13 @@ class TokenConstraint:
         span = self._span
         if span is not None:
             span.spent += 1
-            if span.spent > span.budget.max_tokens:
+            if self._spent(span) > span.budget.max_tokens:
                 span.overtime += 1
             span.at_boundary = span.budget.boundary.encode() in piece
             at = self._output.find(span.budget.close.encode(), max(span.start, recent))
             if at == -1:
                 return
-            self.budget_closes += span.spent > span.budget.max_tokens
+            self.budget_closes += self._spent(span) > span.budget.max_tokens
             self._span, self._scan_from = None, at
         best: tuple[int, FieldBudget] | None = None
         for budget in self.spec.budgets:
@@ -359,6 +375,8 @@ class TokenConstraint:
             start = best[0] + len(best[1].open.encode())
             self._span = _OpenSpan(best[1], start)
             self._scan_from = start
+            if best[1].scope == "output":
+                self._ending = best[1]
 
     def _feed_json(self, piece: bytes) -> None:
         """Feed the JSON scanner; before the document starts (`JsonBudget.after` not yet
@@ -372,11 +390,16 @@ class TokenConstraint:
             self._json_from = at + len(marker)
             self._json.feed(bytes(self._output[self._json_from :]))
 
+    def _spent(self, span: _OpenSpan) -> int:
+        """Tokens counted against the span's budget: since it opened, or since the output
+        began (`FieldBudget.scope`)."""
+        return self._consumed if span.budget.scope == "output" else span.spent
+
     def _budget_close(self) -> list[int]:
         """When the open span's budget is spent: its close (after unwinding what must end
         first), consumed into the matcher; the caller rolls it back. [] when not due."""
         span = self._span
-        if span is None or span.spent < span.budget.max_tokens:
+        if span is None or self._spent(span) < span.budget.max_tokens:
             return []
         if not span.at_boundary and span.overtime < span.budget.grace and span.spent > 0:
             return []
@@ -388,7 +411,7 @@ class TokenConstraint:
             step = next(
                 (
                     t
-                    for t in (self._text_tokens(x) for x in (budget.close, *budget.unwind))
+                    for t in (self._text_tokens(x) for x in (*budget.unwind, budget.close))
                     if self._matcher.validate_tokens(t) == len(t)
                 ),
                 None,
@@ -400,6 +423,17 @@ class TokenConstraint:
             if step == self._text_tokens(budget.close):
                 break
         return taken
+
+    def _end_of_output(self, consumed: int) -> list[int]:
+        """The stop token, consumed, when the output-scoped budget that opened is spent at
+        `consumed` tokens and the grammar allows the output to end here; else []."""
+        eos = self._compiled.vocab.eos_ids[:1]
+        if consumed < self._ending.max_tokens or not eos or not self._matcher.is_accepting():
+            return []
+        if self._matcher.validate_tokens(eos) != 1:
+            return []
+        self._matcher.consume_tokens(eos)
+        return list(eos)
 
     def _json_close(self) -> list[int]:
         """Under a `JsonBudget`: the tokens that end an overlong value, or finish the whole

@@ -17,6 +17,7 @@ grammar forces after it. The engine just sees a forced span.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,9 +52,14 @@ class FieldBudget:
     `open` opens the span at the start of the output (a thinking budget whose `<think>` is
     already in the prompt, closed by `</think>`).
 
-    Where the grammar does not allow `close` yet (inside a JSON value), the `unwind` texts are
-    tried in order, as many as the grammar accepts (e.g. `"`, `]`, `}` end the open string,
-    array, object), until `close` fits: a runaway number or string still ends.
+    Before `close`, the `unwind` texts are tried in order, as many as the grammar accepts (e.g.
+    `"`, `]`, `}` end the open string, array, object), then `close`: a runaway number or string
+    still ends, and a close that would also be text inside the open value (a JSON string) is
+    written only once the value has ended.
+
+    `scope="output"` counts `max_tokens` from the output's first token instead of from `open`:
+    the span is closed by that point of the output wherever it opened (a tool call that must end
+    within the request's `max_tokens`, after text or a thinking block of any length).
     """
 
     open: str
@@ -62,12 +68,15 @@ class FieldBudget:
     grace: int = 0
     boundary: str = "\n"
     unwind: tuple[str, ...] = ()
+    scope: Literal["span", "output"] = "span"
 
     def __post_init__(self) -> None:
         if not self.close:
             raise GrammarError("a field budget needs a non-empty close text")
         if self.max_tokens < 0 or self.grace < 0:
             raise GrammarError("field budget token counts must be >= 0")
+        if self.scope not in ("span", "output"):
+            raise GrammarError(f"a field budget's scope is 'span' or 'output', not {self.scope!r}")
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -79,6 +88,8 @@ class FieldBudget:
         }
         if self.unwind:
             out["unwind"] = list(self.unwind)
+        if self.scope != "span":
+            out["scope"] = self.scope
         return out
 
     @classmethod
@@ -91,6 +102,7 @@ class FieldBudget:
                 int(data.get("grace", 0)),
                 str(data.get("boundary", "\n")),
                 tuple(str(u) for u in data.get("unwind", ())),
+                data.get("scope", "span"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GrammarError(f"bad field budget {data!r}: {exc}") from exc
@@ -208,6 +220,25 @@ def grammar_spec_from_request(request: Any) -> GrammarSpec | None:
     return None
 
 
-def json_rule(schema: Mapping[str, Any]) -> str:
+def json_rule(schema: Mapping[str, Any] | bool) -> str:
     """A Lark rule body that generates JSON following `schema` (llguidance's `%json`)."""
     return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+_START = re.compile(r"^start\s*:", re.MULTILINE)
+
+
+def lark_rules(spec: GrammarSpec, name: str) -> list[str]:
+    """`spec` as Lark rules whose start rule is called `name`, to embed in a larger grammar
+    (what follows a thinking block, the plain answer beside tool calls). Its budgets are not
+    included: the caller carries `spec.budgets` over."""
+    if spec.kind == "lark":
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", spec.source):
+            raise GrammarError(f"a grammar embedded as {name!r} must not use that rule name itself")
+        return [_START.sub(f"{name}:", spec.source, count=1)]
+    if spec.kind == "json_schema":
+        schema = spec.source if isinstance(spec.source, bool) else {**spec.source, "x-guidance": JSON_OPTIONS}
+        return [f"{name}: {json_rule(schema)}"]
+    if spec.kind == "regex":
+        return [f"{name}: /{spec.source}/"]
+    return [f"{name}: " + " | ".join(lark_string(o) for o in spec.source)]
