@@ -74,6 +74,8 @@ class _GrammarMixin:
                     "or pass require_grammar_engine=False to send unconstrained calls."
                 )
             return processed
+        if not processed.output_fields:  # native tool calls are the whole answer
+            return processed
         options = dataclasses.replace(self.grammar_options, max_tokens=_max_tokens(lm, lm_kwargs))
         attach_grammar(lm_kwargs, lm, self._grammar(processed, options))
         return processed
@@ -92,6 +94,10 @@ class ConstrainedAdapter(_GrammarMixin, ChatAdapter):
         field_tokens: per-field budgets, by output field name.
         require_grammar_engine: refuse LMs that cannot decode under a grammar (default), rather
             than silently sending unconstrained calls.
+        use_native_function_calling: a signature with a `list[dspy.Tool]` input and a
+            `dspy.ToolCalls` output offers the tools to the LM (DSPy's native function calling):
+            plait's engine then decodes either tool calls in the model's own format or the
+            other output fields under their grammar.
     """
 
     def __init__(
@@ -105,9 +111,12 @@ class ConstrainedAdapter(_GrammarMixin, ChatAdapter):
         value_tokens: int = 192,
         field_tokens: dict[str, int] | None = None,
         require_grammar_engine: bool = True,
+        use_native_function_calling: bool = False,
     ):
         super().__init__(
-            callbacks=callbacks, use_native_function_calling=False, use_json_adapter_fallback=False
+            callbacks=callbacks,
+            use_native_function_calling=use_native_function_calling,
+            use_json_adapter_fallback=False,
         )
         self.grammar_options = GrammarOptions(
             text_tokens=text_tokens,

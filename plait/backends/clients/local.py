@@ -15,6 +15,7 @@ cache key, so two checkpoints never share cached answers.
 
 import asyncio
 import contextvars
+import json
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,13 +29,14 @@ from dspy._vendor.lm15.types import (
     StreamStartEvent,
     TextDelta,
     ThinkingDelta,
+    ToolCallDelta,
 )
 from dspy.lm15 import Message, Request, Response, TextPart, ThinkingPart, ToolCallPart, Usage
 
-from plait.backends.clients.messages import request_messages
+from plait.backends.clients.messages import conversation, template_messages
 from plait.backends.grammar.reasoning import ReasoningRequest
 from plait.backends.grammar.spec import GrammarSpec, grammar_spec_from_request
-from plait.backends.grammar.tool_calls import parse_tool_call, tool_call_grammar
+from plait.backends.grammar.tool_formats import ParsedTurn, ToolFormat, tool_specs
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.options import ENGINE_OPTIONS
 from plait.backends.runtime.request import Request as EngineRequest
@@ -63,29 +65,36 @@ def shared_engine(model: str, **options: Any) -> Engine:
         return engine
 
 
-def _grammar(request: Request) -> GrammarSpec | None:
-    """The request's grammar: a tool-call grammar when tools are offered, else what it asks for."""
+def _calls_tools(request: Request) -> bool:
+    """Whether the answer may call the request's tools (it offers some, `tool_choice` not none)."""
     choice = request.config.tool_choice
-    if request.tools and (choice is None or choice.mode != "none"):
-        return tool_call_grammar(
-            request.tools,
-            required=choice is not None and choice.mode == "required",
-            allowed=choice.allowed if choice is not None else (),
-        )
-    return grammar_spec_from_request(request)
+    return bool(request.tools) and (choice is None or choice.mode != "none")
 
 
-def request_reasoning(request: Request) -> ReasoningRequest:
-    """What a DSPy request asks of the thinking block: `Config.reasoning` (effort "off",
-    a `thinking_budget`, or an effort word mapped by `EFFORT_BUDGETS`), else the default."""
-    wanted = request.config.reasoning
-    if wanted is None:
-        return ReasoningRequest()
-    if wanted.is_off:
-        return ReasoningRequest("off")
-    if wanted.thinking_budget is not None:
-        return ReasoningRequest("on", wanted.thinking_budget)
-    return ReasoningRequest.parse(wanted.effort)
+def _grammar(request: Request, fmt: ToolFormat, max_tokens: int) -> GrammarSpec | None:
+    """The request's grammar: when it may call tools, calls in the model's own format `fmt` or
+    (unless a call is required) the answer it asks for otherwise; else what it asks for."""
+    answer = grammar_spec_from_request(request)
+    if not _calls_tools(request):
+        return answer
+    choice = request.config.tool_choice
+    return fmt.grammar(
+        request.tools,
+        required=choice is not None and choice.mode == "required",
+        allowed=choice.allowed if choice is not None else (),
+        parallel=choice is None or choice.parallel is not False,
+        answer=answer,
+        max_tokens=max_tokens,
+    )
+
+
+def _answer_parts(parsed: ParsedTurn) -> list[TextPart | ToolCallPart]:
+    """An answer's leading text (when not blank) and its tool calls, as message parts."""
+    text = [TextPart(parsed.text)] if parsed.text.strip() else []
+    calls = [
+        ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=c.name, input=c.arguments) for c in parsed.calls
+    ]
+    return [*text, *calls]
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,11 @@ class LocalCall:
 
     turn: ChatTurn
     handle: EngineRequest
+    tools: ToolFormat | None = None  # the format of the calls the answer may hold (None: none)
+
+    def parse(self, request: Request, text: str) -> ParsedTurn:
+        """The answer's leading text and the tool calls it holds."""
+        return self.tools.parse(text, request.tools) if self.tools is not None else ParsedTurn(text)
 
 
 class PlaitEngine:
@@ -152,12 +166,15 @@ class PlaitEngine:
             "seed": config.seed,
             "stop": tuple(config.stop) or None,
         }
+        fmt = engine.tool_format
+        messages, template_kwargs = template_messages(conversation(request), tool_specs(request.tools), fmt)
         turn = plan_turn(
             engine,
-            request_messages(request),
-            reasoning=self.reasoning.merged(request_reasoning(request)),
-            spec=_grammar(request),
+            messages,
+            reasoning=self.reasoning.merged(ReasoningRequest.from_dspy(request.config.reasoning)),
+            spec=_grammar(request, fmt, sampling["max_tokens"]),
             max_tokens=sampling["max_tokens"],
+            template_kwargs=template_kwargs,
         )
         share_key = None
         if _deterministic(request):
@@ -167,7 +184,7 @@ class PlaitEngine:
         handle = engine.submit(
             turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
         )
-        return LocalCall(turn, handle)
+        return LocalCall(turn, handle, fmt if _calls_tools(request) else None)
 
     def complete(self, request: Request) -> Response:
         """One candidate. DSPy asks for `n` candidates by completing the same Request object `n`
@@ -182,17 +199,30 @@ class PlaitEngine:
         return self._response(request, call)
 
     def stream(self, request: Request) -> Iterator:
+        """Thinking and answer deltas as they come; an answer that may call tools is held back
+        and sent once read: its text, then each call whole."""
         call = self.start(request, stream=True)
         handle, splitter = call.handle, call.turn.stream_splitter()
+        held = None if call.tools is None else []
         yield StreamStartEvent(id=None, model=request.model)
         try:
             for piece in handle.deltas():
-                yield from _delta_events(splitter.feed(piece) if splitter else ("", piece))
+                yield from _delta_events(splitter.feed(piece) if splitter else ("", piece), held)
             if splitter is not None:
-                yield from _delta_events(splitter.flush())
+                yield from _delta_events(splitter.flush(), held)
         finally:
             handle.cancel()
-        yield StreamEndEvent(finish_reason=_finish(handle), usage=_usage(handle))
+        finish = _finish(handle)
+        if held is not None:
+            parsed = call.parse(request, "".join(held))
+            for i, part in enumerate(_answer_parts(parsed)):
+                if isinstance(part, TextPart):
+                    yield StreamDeltaEvent(TextDelta(part.text))
+                else:
+                    delta = ToolCallDelta(json.dumps(part.input), part_index=i, id=part.id, name=part.name)
+                    yield StreamDeltaEvent(delta)
+            finish = "tool_call" if parsed.calls else finish
+        yield StreamEndEvent(finish_reason=finish, usage=_usage(handle))
 
     def close(self) -> None:
         """The loaded engine is shared by every LM of this model; it lives for the process."""
@@ -215,14 +245,12 @@ class PlaitEngine:
         finish = _finish(handle)
         reasoning, text = call.turn.split(handle.text)
         thinking = [ThinkingPart(reasoning)] if reasoning else []
-        tool_call = parse_tool_call(text) if request.tools and finish == "stop" else None
-        if tool_call is not None:
-            name, arguments = tool_call
-            part = ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=name, input=arguments)
+        parsed = call.parse(request, text)
+        if parsed.calls:
             return Response(
                 id=None,
                 model=request.model,
-                message=Message.assistant([*thinking, part]),
+                message=Message.assistant([*thinking, *_answer_parts(parsed)]),
                 finish_reason="tool_call",
                 usage=_usage(handle),
             )
@@ -235,12 +263,15 @@ class PlaitEngine:
         )
 
 
-def _delta_events(pieces: tuple[str, str]) -> Iterator[StreamDeltaEvent]:
-    """Stream events for one (reasoning, answer) pair of pieces: thinking is part 0."""
+def _delta_events(pieces: tuple[str, str], held: list[str] | None = None) -> Iterator[StreamDeltaEvent]:
+    """Stream events for one (reasoning, answer) pair of pieces: thinking is part 0. The answer
+    goes to `held` instead, when given."""
     thought, answer = pieces
     if thought:
         yield StreamDeltaEvent(ThinkingDelta(thought))
-    if answer:
+    if answer and held is not None:
+        held.append(answer)
+    elif answer:
         yield StreamDeltaEvent(TextDelta(answer))
 
 

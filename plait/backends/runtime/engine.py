@@ -12,6 +12,7 @@ import torch
 
 from plait.backends.grammar.constraint import TokenConstraint
 from plait.backends.grammar.reasoning import ReasoningFormat, detect_reasoning_format
+from plait.backends.grammar.tool_formats import ToolFormat, detect_tool_format
 from plait.backends.loading import registry
 from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
@@ -140,6 +141,8 @@ class Engine:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         #: how the chat template thinks (None: it has no thinking block); see plait.backends.runtime.turn
         self.reasoning_format: ReasoningFormat | None = detect_reasoning_format(tokenizer.chat_template)
+        #: how the chat template writes tool calls (plait's JSON note when it knows no tools)
+        self.tool_format: ToolFormat = detect_tool_format(tokenizer.chat_template)
         self.info: ModelInfo = model.info(family)
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
