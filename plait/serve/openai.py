@@ -9,18 +9,23 @@ plait server as its backend. What is supported:
   chunk when `stream_options.include_usage` is set;
 - structured outputs in every dialect `plait.serve.structured` reads (OpenAI
   `response_format`, vLLM `guided_*` / `structured_outputs`, plait's `plait_grammar`):
-  the answer is decoded under the grammar, so it always parses.
+  the answer is decoded under the grammar, so it always parses;
+- tool calls (`tools`, `tool_choice`, `parallel_tool_calls`; history with assistant
+  `tool_calls` and `tool` messages): decoded in the model's own format under a grammar and
+  answered as OpenAI `tool_calls` (`plait.serve.tools`); a stream sends them in one delta at
+  the end.
 
-Not supported, and refused with 400 rather than ignored: tools, logprobs, `echo`, `suffix`,
-non-text message parts. Every call is admitted through the gate, run off the event loop,
-counted in `/metrics` and traced to the store. A client that goes away (streamed or not)
-cancels every generation of its call, and the call's admission slot comes back only once the
-engine has stopped them.
+Not supported, and refused with 400 rather than ignored: logprobs, `echo`, `suffix`, tools on
+raw completions, non-text message parts. Every call is admitted through the gate, run off the
+event loop, counted in `/metrics` and traced to the store. A client that goes away (streamed or
+not) cancels every generation of its call, and the call's admission slot comes back only once
+the engine has stopped them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import uuid
@@ -33,14 +38,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from plait.backends.clients.messages import message
+from plait.backends.clients.messages import template_messages
 from plait.backends.grammar.reasoning import ReasoningError, ReasoningRequest
+from plait.backends.grammar.tool_formats import ParsedTurn
 from plait.backends.runtime.turn import ChatTurn, plan_turn
 from plait.serve.bridge import iterate_in_thread, unless_client_leaves
 from plait.serve.errors import ApiError, api_error_for, read_json
 from plait.serve.runtime import ServedModel, ServeRuntime
 from plait.serve.sse import SSE_HEADERS, GuardedStream, sse
 from plait.serve.structured import grammar_from_request
+from plait.serve.tools import ToolUse, openai_tool_calls, tool_use
 from plait.serve.tracing import Trace
 
 #: Seconds a worker waits beyond the request timeout before giving up on its thread.
@@ -65,6 +72,8 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # thinking (chat only): OpenAI's effort word, vLLM/SGLang's template kwargs, NIM's and
     # vLLM's budget names; see `_reasoning`
     reasoning_effort: str | None = None
@@ -103,14 +112,27 @@ class _Choice:
     index: int
     handle: Any
     turn: ChatTurn | None = None
+    tools: ToolUse | None = None  # the tools the answer may call
+
+    @functools.cached_property
+    def answer(self) -> tuple[str | None, ParsedTurn]:
+        """(reasoning, the answer's text and tool calls) of the finished generation."""
+        reasoning, content = self.turn.split(self.handle.text) if self.turn else (None, self.handle.text)
+        return reasoning, self.tools.parse(content) if self.tools is not None else ParsedTurn(content)
 
     def message(self) -> dict[str, Any]:
-        """The chat answer: content, and `reasoning_content` when the turn had a thinking block."""
-        reasoning, content = self.turn.split(self.handle.text) if self.turn else (None, self.handle.text)
-        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        """The chat answer: content, `tool_calls` when it calls tools, and `reasoning_content`
+        when the turn had a thinking block."""
+        reasoning, parsed = self.answer
+        answer: dict[str, Any] = {"role": "assistant", "content": parsed.text}
+        if parsed.calls:
+            answer |= {"content": parsed.text or None, "tool_calls": openai_tool_calls(parsed)}
         if reasoning is not None:
             answer["reasoning_content"] = reasoning
         return answer
+
+    def finish(self) -> str:
+        return "tool_calls" if self.turn is not None and self.answer[1].calls else _finish(self.handle)
 
 
 #: Template arguments plait sets itself: `chat_template_kwargs` may not replace them.
@@ -152,11 +174,10 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
 
 
 def _refuse_unsupported(params: _Sampling) -> None:
-    if params.tools:
+    if isinstance(params, CompletionBody) and (params.tools or params.tool_choice is not None):
         raise ApiError(
             400,
-            "tool calling is not supported by this server: describe the tools in the "
-            "prompt, or constrain the answer with response_format",
+            "tools apply to chat completions, not raw prompts: use /v1/chat/completions",
             code="unsupported_tools",
         )
     if params.logprobs:
@@ -235,6 +256,8 @@ class _Call:
         self.target = "openai:chat.completions" if kind == "chat" else "openai:completions"
         self.model = runtime.model(body.model)
         self.spec = grammar_from_request(body.model_dump(exclude_unset=True))
+        fmt = self.model.engine.tool_format
+        self.tools = tool_use(body.model_dump(include={"tools", "tool_choice", "parallel_tool_calls"}), fmt)
         self.choices: list[_Choice] = []
         self.cancelled = False  # nobody waits for the answer: what is (or gets) submitted stops
         self._submitted = threading.Event()  # `submit` has returned: no handle is added after
@@ -245,14 +268,20 @@ class _Call:
         body = self.body
         if not isinstance(body, ChatBody):
             return [(prompt, None) for prompt in _prompts(body)]
-        messages = [message(m.role, m.content) for m in body.messages]
+        engine, tools = self.model.engine, self.tools
+        messages, tool_kwargs = template_messages(
+            [m.model_dump(exclude_none=True) for m in body.messages],
+            tools.specs if tools is not None else (),
+            engine.tool_format,
+        )
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.runtime.config.max_tokens_limit
         turn = plan_turn(
-            self.model.engine,
+            engine,
             messages,
             reasoning=_reasoning(body),
-            spec=self.spec,
-            max_tokens=body.max_completion_tokens or body.max_tokens or self.runtime.config.max_tokens_limit,
-            template_kwargs=_template_kwargs(body),
+            spec=tools.grammar(self.spec, max_tokens) if tools is not None else self.spec,
+            max_tokens=max_tokens,
+            template_kwargs=_template_kwargs(body) | tool_kwargs,
         )
         return [(turn.prompt, turn)]
 
@@ -268,7 +297,7 @@ class _Call:
                         options["seed"] += i  # n samples, not n copies
                     constraint = self._constraint(turn, options["max_tokens"])
                     handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
-                    self.choices.append(_Choice(len(self.choices), handle, turn))
+                    self.choices.append(_Choice(len(self.choices), handle, turn, self.tools))
                     if self.cancelled:  # cancelled while submitting: `cancel` may not have seen it
                         handle.cancel()
         except ValueError as exc:  # SamplingParams / an empty prompt
@@ -345,7 +374,7 @@ class _Call:
                 {
                     "index": c.index,
                     "message": c.message(),
-                    "finish_reason": _finish(c.handle),
+                    "finish_reason": c.finish(),
                     "logprobs": None,
                 }
                 for c in self.choices
@@ -380,6 +409,7 @@ class _Call:
         role: bool = False,
         usage: bool = False,
         reasoning: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if usage:
             return {
@@ -396,6 +426,8 @@ class _Call:
                 content["content"] = delta
             if reasoning is not None:
                 content["reasoning_content"] = reasoning
+            if tool_calls:
+                content["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -431,7 +463,7 @@ class _Call:
         if status == "ok":
             outputs = {
                 "texts": [c.handle.text for c in self.choices],
-                "finish_reasons": [_finish(c.handle) for c in self.choices],
+                "finish_reasons": [c.finish() for c in self.choices],
             }
         runtime.traces.submit(
             Trace(
@@ -496,9 +528,23 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
     handle, turn = call.choices[0].handle, call.choices[0].turn
     splitter = turn.stream_splitter() if turn is not None else None
 
+    held = [] if call.tools is not None and call.tools.calls else None  # an answer read at the end
+
     def chunks(thought: str, answer: str) -> list[dict[str, Any]]:
-        """The chunks of one (reasoning, answer) pair: reasoning goes in `reasoning_content`."""
+        """The chunks of one (reasoning, answer) pair: reasoning goes in `reasoning_content`; an
+        answer that may call tools is held back."""
+        if held is not None:
+            held.append(answer)
+            answer = ""
         return ([call.chunk(reasoning=thought)] if thought else []) + ([call.chunk(answer)] if answer else [])
+
+    def tool_chunks() -> tuple[list[dict[str, Any]], str]:
+        """The held answer as one chunk (its text and its calls, whole) and the finish reason."""
+        parsed = call.tools.parse("".join(held))
+        if not parsed.calls:
+            return ([call.chunk(parsed.text)] if parsed.text else []), _finish(handle)
+        calls = openai_tool_calls(parsed, indexed=True)
+        return [call.chunk(parsed.text or None, tool_calls=calls)], "tool_calls"
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -509,7 +555,12 @@ async def _stream(runtime: ServeRuntime, call: _Call) -> StreamingResponse:
                     yield sse(chunk)
             for chunk in chunks(*splitter.flush()) if splitter else ():
                 yield sse(chunk)
-            yield sse(call.chunk(finish=_finish(handle)))
+            finish = _finish(handle)
+            if held is not None:
+                answer, finish = tool_chunks()
+                for chunk in answer:
+                    yield sse(chunk)
+            yield sse(call.chunk(finish=finish))
             if include_usage:
                 yield sse(call.chunk(usage=True))
             yield sse("[DONE]")

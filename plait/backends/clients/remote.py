@@ -61,15 +61,18 @@ from dspy.lm15 import (
     TextDelta,
     ThinkingDelta,
     TimeoutError,
+    ToolCallDelta,
+    ToolChoice,
     TransportError,
     UnsupportedFeatureError,
     Usage,
     response_from_openai_chat,
 )
 
-from plait.backends.clients.messages import UnsupportedContentError, request_messages
+from plait.backends.clients.messages import UnsupportedContentError, conversation
 from plait.backends.grammar.reasoning import ReasoningFormat, ReasoningRequest, switch_messages
 from plait.backends.grammar.spec import EXTENSION_KEY, GrammarSpec, attached_grammar
+from plait.backends.grammar.tool_formats import tool_specs
 from plait.version import __version__
 
 log = logging.getLogger(__name__)
@@ -136,14 +139,31 @@ def structured_output_params(spec: GrammarSpec, dialect: str) -> dict[str, Any]:
 # ---- the request body ---------------------------------------------------------------------------
 
 
-def chat_messages(request: Request) -> list[dict[str, str]]:
-    """The request's messages as the server's chat template reads them (text only)."""
+def chat_messages(request: Request) -> list[dict[str, Any]]:
+    """The request's messages in OpenAI's chat form (text, tool calls and tool results)."""
     try:
-        return request_messages(request, describe_tools=False)
+        return conversation(request)
     except UnsupportedContentError as exc:
         raise UnsupportedFeatureError(
             f"the remote engine sends text only: {exc}", provider=_PROVIDER
         ) from None
+
+
+def tool_params(tools: Iterable[Any], choice: ToolChoice | None) -> dict[str, Any]:
+    """`tools`, `tool_choice` and `parallel_tool_calls` in OpenAI's form. Tools `choice` does
+    not allow are left out; one required tool is named the way OpenAI names a forced call."""
+    specs = tool_specs(tools)
+    if choice is None:
+        return {"tools": [s.openai() for s in specs]}
+    if choice.allowed:
+        specs = [s for s in specs if s.name in choice.allowed]
+    mode: Any = choice.mode
+    if mode == "required" and len(choice.allowed) == 1:
+        mode = {"type": "function", "function": {"name": choice.allowed[0]}}
+    params = {"tools": [s.openai() for s in specs], "tool_choice": mode}
+    if choice.parallel is not None:
+        params["parallel_tool_calls"] = choice.parallel
+    return params
 
 
 def _openai_response_format(fmt: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +262,18 @@ class _StreamState:
                 out.append(StreamDeltaEvent(ThinkingDelta(delta["reasoning_content"])))
             if delta.get("content"):
                 out.append(StreamDeltaEvent(TextDelta(delta["content"])))
+            for call in delta.get("tool_calls") or ():  # a call's id and name come with its first piece
+                function = call.get("function") or {}
+                out.append(
+                    StreamDeltaEvent(
+                        ToolCallDelta(
+                            function.get("arguments") or "",
+                            part_index=call.get("index", 0),
+                            id=call.get("id"),
+                            name=function.get("name"),
+                        )
+                    )
+                )
             if choice.get("finish_reason"):
                 self.finish = _FINISH.get(choice["finish_reason"], "stop")
         usage = chunk.get("usage")
@@ -292,7 +324,7 @@ def reasoning_params(
 class RemoteEngine:
     """Synchronous DSPy engine over an OpenAI-compatible server's chat completions."""
 
-    supports_function_calling = False
+    supports_function_calling = True  # tools go in OpenAI's form; the server parses the calls
     supports_response_schema = True
     supported_params = frozenset(
         {
@@ -423,6 +455,8 @@ class RemoteEngine:
                 body[key] = value
         if config.stop:
             body["stop"] = list(config.stop)
+        if request.tools:
+            body |= tool_params(request.tools, config.tool_choice)
         for key, value in (config.extensions or {}).items():
             if key not in _PRIVATE_EXTENSIONS:
                 body[key] = value
