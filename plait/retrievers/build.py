@@ -23,14 +23,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sized
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from plait.retrievers import embeddings as emb
 from plait.retrievers.centroids import build_inverted_file
-from plait.retrievers.corpus import Document, iter_corpus
+from plait.retrievers.corpus import Document, count_documents, iter_corpus
 from plait.retrievers.docstore import DOCS_FILE, OFFSETS_FILE, DocStoreWriter
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
 from plait.retrievers.errors import CorpusError, IndexExistsError, SettingsError
@@ -40,7 +41,40 @@ from plait.retrievers.manifest import FORMAT, FORMAT_VERSION, file_entries, writ
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int], None]
+ENCODE, KMEANS, CODES, BM25, MANIFEST = (
+    "encoding documents",
+    "k-means centroids",
+    "centroid codes",
+    "BM25",
+    "writing manifest",
+)
+#: The stages of a build, in order; each takes minutes on a large corpus (encoding most).
+STAGES = (ENCODE, KMEANS, CODES, BM25, MANIFEST)
+
+
+class BuildProgress(Protocol):
+    """What a build reports while it runs, so a long build is never silent: each stage of
+    `STAGES` starts (with its total in `unit`s, None when not known ahead), is updated with
+    the count done so far, and finishes. Called from the building thread."""
+
+    def start(self, stage: str, total: int | None, unit: str) -> None: ...
+
+    def update(self, stage: str, completed: int) -> None: ...
+
+    def finish(self, stage: str) -> None: ...
+
+
+class _Silent:
+    """The progress of a build nobody watches."""
+
+    def start(self, stage: str, total: int | None, unit: str) -> None:
+        pass
+
+    def update(self, stage: str, completed: int) -> None:
+        pass
+
+    def finish(self, stage: str) -> None:
+        pass
 
 
 def random_projection(dim: int, hidden: int, seed: int) -> np.ndarray:
@@ -68,13 +102,13 @@ def build_index(
     batch_size: int = 32,
     seed: int = 0,
     overwrite: bool = False,
-    progress: ProgressFn | None = None,
+    progress: BuildProgress | None = None,
 ) -> Path:
     """Build a ColBERT-serve index from a corpus JSONL file (or an iterable of `Document`s).
 
     `encoder`: None for the embedded MiniLM, a checkpoint directory, or a loaded encoder.
     `dtype`: "float16" or "bfloat16" storage of the token embeddings.
-    `progress(n)` is called with the number of documents encoded so far after each chunk.
+    `progress` hears of each stage (`STAGES`) as it starts, advances and finishes.
     Returns the index directory.
     """
     if dtype not in emb.DTYPES:
@@ -89,6 +123,7 @@ def build_index(
             f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
     started = time.perf_counter()
+    report = progress or _Silent()
 
     encoder_path: str | None = None
     if not isinstance(encoder, ColBERTEncoder):
@@ -128,10 +163,10 @@ def build_index(
             chunk_size,
             batch_size,
             seed,
-            progress,
+            report,
         )
         stats["build_seconds"] = round(time.perf_counter() - started, 3)
-        _finish_manifest(tmp, stats)
+        _finish_manifest(tmp, stats, report)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -184,7 +219,7 @@ def _write_index(
     chunk_size: int,
     batch_size: int,
     seed: int,
-    progress: ProgressFn | None,
+    progress: BuildProgress,
 ) -> dict:
     """Write every index file into `tmp`; returns the manifest fields (with a `files` list)."""
     docs = iter_corpus(corpus) if isinstance(corpus, str | Path) else _unique_ids(corpus)
@@ -193,6 +228,11 @@ def _write_index(
     store = DocStoreWriter(tmp)
     terms = TermWriter(tmp / "bm25_terms.tmp", stem)
     done = 0
+    if isinstance(corpus, str | Path):
+        total: int | None = count_documents(corpus)
+    else:
+        total = len(corpus) if isinstance(corpus, Sized) else None
+    progress.start(ENCODE, total, "docs")
     try:
         for chunk in _chunks(docs, chunk_size):
             texts = [d.full_text for d in chunk]
@@ -201,14 +241,14 @@ def _write_index(
                 store.add(doc)
                 terms.add(doc.full_text)
             done += len(chunk)
-            if progress is not None:
-                progress(done)
+            progress.update(ENCODE, done)
     finally:
         writer.close()
         store.close()
         terms.close()
     if done == 0:
         raise CorpusError("the corpus has no documents")
+    progress.finish(ENCODE)
 
     doc_offsets = np.concatenate([[0], np.cumsum(writer.lengths, dtype=np.int64)])
     np.save(tmp / "doc_offsets.npy", doc_offsets)
@@ -221,21 +261,35 @@ def _write_index(
     rng = np.random.default_rng(seed)
     n_sample = min(num_tokens, max(kmeans_sample, k))
     sample_rows = np.sort(rng.choice(num_tokens, size=n_sample, replace=False))
-    centroids = spherical_kmeans(emb.as_float32(matrix[sample_rows], dtype), k, kmeans_iterations, seed)
+    progress.start(KMEANS, kmeans_iterations, "iterations")
+    centroids = spherical_kmeans(
+        emb.as_float32(matrix[sample_rows], dtype),
+        k,
+        kmeans_iterations,
+        seed,
+        on_iteration=lambda i: progress.update(KMEANS, i),
+    )
     np.save(tmp / "centroids.npy", centroids)
+    progress.finish(KMEANS)
 
+    progress.start(CODES, num_tokens, "tokens")
     codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=np.int32, shape=(num_tokens,))
     block = 65536
     for start in range(0, num_tokens, block):
         codes[start : start + block] = assign(emb.as_float32(matrix[start : start + block], dtype), centroids)
+        progress.update(CODES, min(start + block, num_tokens))
     codes.flush()
     ivf_docs, ivf_offsets = build_inverted_file(codes, doc_offsets, k)
     del codes, matrix
     np.save(tmp / "ivf_docs.npy", ivf_docs)
     np.save(tmp / "ivf_offsets.npy", ivf_offsets)
+    progress.finish(CODES)
 
+    progress.start(BM25, done, "docs")  # bm25s builds its matrix in one call: no steps between
     bm25_files = build_bm25(terms, tmp, k1, b)
     (tmp / "bm25_terms.tmp").unlink()
+    progress.update(BM25, done)
+    progress.finish(BM25)
 
     files = [
         emb_file,
@@ -274,13 +328,16 @@ def _write_index(
     }
 
 
-def _finish_manifest(directory: Path, stats: dict) -> None:
+def _finish_manifest(directory: Path, stats: dict, progress: BuildProgress) -> None:
+    """The manifest, with every file's sha256: reading the whole index once more."""
     names = stats.pop("files")
+    progress.start(MANIFEST, len(names), "files")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **stats,
-        "files": file_entries(directory, names),
+        "files": file_entries(directory, names, on_file=lambda n: progress.update(MANIFEST, n)),
     }
     write_manifest(directory, manifest)
+    progress.finish(MANIFEST)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
 from plait.retrievers.errors import BadQueryError
 from plait.retrievers.limits import API_KEY_ENV, MAX_K, ServerSettings
@@ -79,6 +81,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     build.add_argument("--no-stem", action="store_true", help="BM25 without plural stemming")
     build.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    build.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr (the summary line still prints)"
+    )
     build.set_defaults(func=cmd_build)
 
     search = sub.add_parser("search", help="query an index")
@@ -144,16 +149,91 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+class BuildReporter:
+    """`plait index build`'s progress (a `BuildProgress`) on a console, stderr by default.
+
+    On a terminal, rich bars, one per stage, left in place when done. On a pipe or a log file
+    rich draws nothing until a display stops (a long build would look hung), so there each
+    stage gets plain lines instead: one when it starts, one at most every `interval` seconds
+    while it runs, and one when it is done.
+    """
+
+    def __init__(self, console: Any, interval: float = 10.0):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console
+        self.interval = interval
+        self.bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.stages: dict[str, tuple[int | None, str, float]] = {}  # total, unit, started
+        self.completed: dict[str, int] = {}
+        self.last_line = 0.0
+
+    def __enter__(self) -> Self:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def _line(self, text: str) -> None:
+        if not self.console.is_terminal:  # plain text: never wrapped to the console's width
+            self.console.file.write(text + "\n")
+            self.console.file.flush()
+            self.last_line = time.monotonic()
+
+    def _count(self, stage: str) -> str:
+        total, unit, _ = self.stages[stage]
+        done = self.completed[stage]
+        return f"{done}/{total} {unit}" if total is not None else f"{done} {unit}"
+
+    def start(self, stage: str, total: int | None, unit: str) -> None:
+        self.stages[stage] = (total, unit, time.monotonic())
+        self.completed[stage] = 0
+        self.tasks[stage] = self.bars.add_task(stage, total=total, unit=unit)
+        self._line(f"{stage}: {total if total is not None else '?'} {unit}")
+
+    def update(self, stage: str, completed: int) -> None:
+        self.completed[stage] = completed
+        self.bars.update(self.tasks[stage], completed=completed)
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line(f"{stage}: {self._count(stage)}, {time.monotonic() - self.stages[stage][2]:.0f}s")
+
+    def finish(self, stage: str) -> None:
+        task = self.tasks[stage]
+        if self.bars.tasks[task].total is None:  # a stage of unknown length ends as a full bar
+            done = self.completed[stage] or 1
+            self.bars.update(task, total=done, completed=done)
+        self.bars.stop_task(task)
+        self._line(f"{stage}: done, {self._count(stage)} in {time.monotonic() - self.stages[stage][2]:.1f}s")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from contextlib import nullcontext
+
+    from rich.console import Console
 
     from plait.retrievers.build import build_index
 
     _threads(args.threads)
-    with Progress(
-        TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    ) as bar:
-        task = bar.add_task("docs", total=None)
+    reporter = None if args.quiet else BuildReporter(Console(stderr=True))
+    with reporter or nullcontext():
         out = build_index(
             args.corpus,
             args.out,
@@ -165,7 +245,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             stem=not args.no_stem,
             overwrite=args.overwrite,
-            progress=lambda n: bar.update(task, completed=n),
+            progress=reporter,
         )
     from plait.retrievers.manifest import read_manifest
 

@@ -51,6 +51,16 @@ def parse_row(row: object, where: str) -> Document:
     return Document(str(doc_id), title, text)
 
 
+def count_documents(path: str | Path) -> int | None:
+    """How many documents a corpus file holds (its non-blank lines), counted before a build so
+    its progress has a total; None when the file cannot be read (the build says why)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
 def iter_corpus(path: str | Path) -> Iterator[Document]:
     """Yield documents from a JSONL file; blank lines are skipped, ids must be unique."""
     path = Path(path)

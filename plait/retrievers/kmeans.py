@@ -7,6 +7,8 @@ of token embeddings (never the whole index), in float32 blocks so memory stays s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -20,14 +22,21 @@ def assign(points: np.ndarray, centroids: np.ndarray, block: int = 8192) -> np.n
     return out
 
 
-def spherical_kmeans(sample: np.ndarray, k: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
-    """Return `k` unit-norm centroids (float32, k x dim) fitted to `sample` (n x dim, n >= k)."""
+def spherical_kmeans(
+    sample: np.ndarray,
+    k: int,
+    iterations: int = 10,
+    seed: int = 0,
+    on_iteration: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Return `k` unit-norm centroids (float32, k x dim) fitted to `sample` (n x dim, n >= k).
+    `on_iteration(i)` is told when iteration i (from 1) is done: a build's progress."""
     rng = np.random.default_rng(seed)
     sample = np.asarray(sample, dtype=np.float32)
     if len(sample) < k:
         raise ValueError(f"k-means needs at least k={k} points, got {len(sample)}")
     centroids = sample[rng.choice(len(sample), size=k, replace=False)].copy()
-    for _ in range(iterations):
+    for iteration in range(1, iterations + 1):
         labels = assign(sample, centroids)
         sums = torch.zeros(centroids.shape, dtype=torch.float32)
         sums.index_add_(0, torch.from_numpy(labels).long(), torch.from_numpy(sample))
@@ -39,6 +48,8 @@ def spherical_kmeans(sample: np.ndarray, k: int, iterations: int = 10, seed: int
             sums[empty] = sample[rng.choice(len(sample), size=int(empty.sum()), replace=False)]
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         centroids = sums / np.maximum(norms, 1e-12)
+        if on_iteration is not None:
+            on_iteration(iteration)
     return centroids.astype(np.float32)
 
 

@@ -9,6 +9,7 @@ turns into silently wrong rankings.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,17 @@ FORMAT = "plait-colbert-serve"
 FORMAT_VERSION = 1
 
 
-def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of each named file, relative to `directory`."""
-    return {
-        name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-        for name in sorted(names)
-    }
+def file_entries(
+    directory: Path, names: list[str], on_file: Callable[[int], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each named file, relative to `directory`. `on_file(n)` is told after
+    the n-th file: hashing a large index takes a while."""
+    entries = {}
+    for n, name in enumerate(sorted(names), 1):
+        entries[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+        if on_file is not None:
+            on_file(n)
+    return entries
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
