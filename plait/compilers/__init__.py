@@ -1,6 +1,7 @@
 """Compile and evaluate DSPy programs, with every result recorded in the store.
 
     from plait.compilers import save_artifact, load_artifact, load_program_class
+    from plait.compilers import load_program    # a DSPy `program.save("p.json")`, plait LMs included
 
 Heavy imports (DSPy) happen on first use, so `import plait.compilers` stays cheap.
 """
@@ -15,6 +16,7 @@ from plait.compilers.errors import (
     ArtifactMismatchError,
     ArtifactNotFoundError,
     DatasetError,
+    LMStateError,
     MetricError,
     OptimizerError,
     OutputPathError,
@@ -22,12 +24,19 @@ from plait.compilers.errors import (
 )
 
 if TYPE_CHECKING:
-    from plait.compilers.artifact import LoadedArtifact, load_artifact, read_artifact, save_artifact
+    from plait.compilers.artifact import (
+        LoadedArtifact,
+        load_artifact,
+        load_program,
+        read_artifact,
+        save_artifact,
+    )
     from plait.compilers.loading import load_program_class
 
 _LAZY = {
     "LoadedArtifact": "plait.compilers.artifact",
     "load_artifact": "plait.compilers.artifact",
+    "load_program": "plait.compilers.artifact",
     "read_artifact": "plait.compilers.artifact",
     "save_artifact": "plait.compilers.artifact",
     "load_program_class": "plait.compilers.loading",
@@ -39,12 +48,14 @@ __all__ = [
     "ArtifactMismatchError",
     "ArtifactNotFoundError",
     "DatasetError",
+    "LMStateError",
     "LoadedArtifact",
     "MetricError",
     "OptimizerError",
     "OutputPathError",
     "ProgramLoadError",
     "load_artifact",
+    "load_program",
     "load_program_class",
     "read_artifact",
     "save_artifact",

@@ -5,6 +5,7 @@
     loaded = load_artifact("sentiment.json")
     loaded.program(text="a triumph")
     loaded = load_artifact("echo.json", program="path/to/echo.py:Echo")   # a program you name
+    program = load_program(MyProgram(), "p.json")   # DSPy's `program.save("p.json")`, plait LMs kept
 
 The file holds `program.dump_state()` (instructions, demos) plus what is needed to rebuild
 the program around it: its import path, constructor arguments (`init`), the model it was
@@ -17,6 +18,10 @@ job), so loading one runs no code the user did not choose:
 
 - Nothing in it is executed or unpickled. The file is parsed as JSON (nesting deeper than
   `MAX_DEPTH` levels is refused), and the state is applied as data by DSPy's `load_state`.
+- A predictor's own LM (`predictor.set_lm(plait.LM(...))`) is rebuilt with `plait.LM` from
+  plain values when it is a plait LM on the local engine, and refused otherwise
+  (`plait.compilers.lm_state`): no class or endpoint the file names is used. DSPy's
+  `allow_unsafe_lm_state` is never passed. `load_program` does the same for DSPy's own saves.
 - The program it names is imported only if it is `package.module:Class` where the module is
   not a `__main__` script, not in Python's standard library, and either already imported in
   this process (importing it again runs nothing) or in a top-level package that an installed
@@ -53,9 +58,11 @@ from plait.compilers.errors import (
     ArtifactCorruptError,
     ArtifactMismatchError,
     ArtifactNotFoundError,
+    LMStateError,
     ProgramLoadError,
 )
 from plait.compilers.hashing import signature_hash, signature_shape
+from plait.compilers.lm_state import load_program_state
 from plait.compilers.loading import artifact_program_class, instantiate, load_program_class, split_target
 from plait.version import __version__
 
@@ -171,16 +178,15 @@ def _depth_exceeds(document: Any, limit: int) -> bool:
     return any(isinstance(value, (dict, list)) for value in level)
 
 
-def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The artifact's JSON document, checked for shape but not applied to any program."""
-    source = Path(path)
+def _read_json(source: Path, kind: str) -> tuple[Any, bytes]:
+    """The parsed JSON of a saved program (`kind` names it in errors), and its bytes."""
     try:
         raw = source.read_bytes()
     except FileNotFoundError:
-        raise ArtifactNotFoundError(f"artifact not found: {source}") from None
+        raise ArtifactNotFoundError(f"{kind} not found: {source}") from None
     except IsADirectoryError:
-        raise ArtifactNotFoundError(f"artifact path is a directory: {source}") from None
-    too_deep = f"{source} is JSON nested more than {MAX_DEPTH} levels deep: not a plait artifact"
+        raise ArtifactNotFoundError(f"{kind} path is a directory: {source}") from None
+    too_deep = f"{source} is JSON nested more than {MAX_DEPTH} levels deep: not a {kind}"
     try:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -189,6 +195,26 @@ def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactCorruptError(too_deep) from None
     if _depth_exceeds(document, MAX_DEPTH):
         raise ArtifactCorruptError(too_deep)
+    return document, raw
+
+
+def _apply_state(program: Any, state: dict[str, Any], source: Path, name: str) -> None:
+    """Load `state` into `program` (see `load_program_state`); state that does not fit the
+    program is a corrupt file, an LM that is not plait's is refused as such."""
+    try:
+        load_program_state(program, state, str(source))
+    except LMStateError:
+        raise
+    except Exception as exc:  # KeyError/TypeError/ValidationError from DSPy: the state does not fit
+        raise ArtifactCorruptError(
+            f"{source}: the saved state does not load into {name}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The artifact's JSON document, checked for shape but not applied to any program."""
+    source = Path(path)
+    document, raw = _read_json(source, "plait artifact")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ArtifactCorruptError(f'{source} is not a plait artifact (no "format": "{FORMAT}")')
     missing = [key for key in _REQUIRED if key not in document]
@@ -250,12 +276,7 @@ def load_artifact(
             f"(signature hash {document['signature_hash']}, the program now has {current}): "
             "its fields changed; recompile it"
         )
-    try:
-        rebuilt.load_state(document["state"])
-    except Exception as exc:  # KeyError/TypeError/ValidationError from DSPy: the state does not fit
-        raise ArtifactCorruptError(
-            f"{source}: the saved state does not load into {document['program']}: {type(exc).__name__}: {exc}"
-        ) from exc
+    _apply_state(rebuilt, document["state"], source, document["program"])
     plait_version, _ = _versions()
     if document["plait_version"] != plait_version:
         log.warning(
@@ -277,3 +298,21 @@ def load_artifact(
         path=source,
         sha256=document["_sha256"],
     )
+
+
+def load_program(program: Any, path: str | os.PathLike[str]) -> Any:
+    """`program` with the state DSPy's `program.save(path)` wrote to a JSON file; returns it.
+
+    Like DSPy's `program.load(path)`, but a predictor's own plait LM
+    (`predictor.set_lm(plait.LM(...))`) loads back with it, with no `allow_unsafe_lm_state`:
+    it is rebuilt from plain values, and any other LM state is refused (`LMStateError`).
+    Only JSON is read: a pickle (`.pkl`) is never opened.
+    """
+    source = Path(path)
+    if source.suffix != ".json":
+        raise LMStateError(f"{source}: plait loads a program's state from JSON only (never a pickle)")
+    state, _ = _read_json(source, "saved DSPy program")
+    if not isinstance(state, dict):
+        raise ArtifactCorruptError(f"{source} is not a saved DSPy program (not a JSON object)")
+    _apply_state(program, state, source, type(program).__name__)
+    return program

@@ -25,6 +25,11 @@ class ArtifactMismatchError(ArtifactError):
     now (the program's fields changed since it was compiled)."""
 
 
+class LMStateError(ArtifactError):
+    """A saved predictor's LM is not a plait LM that can be rebuilt from plain values (see
+    `plait.compilers.lm_state`): refused rather than trusted."""
+
+
 class DatasetError(PlaitError):
     """A train/dev set is missing, not JSONL, or has rows the program cannot read."""
 
