@@ -170,3 +170,22 @@ def test_literal_tool_name_branches_pick_the_matching_schema():
     )
     source = chat_grammar(signature).source
     assert source.count("%json") == 2 and '"add"' in source and '"finish"' in source
+
+
+def test_a_text_field_cannot_be_only_its_own_placeholder():
+    """ChatAdapter's system prompt shows `[[ ## answer ## ]]\\n{answer}`; small models copy it."""
+    from plait.backends.grammar.constraint import compile_constraint
+
+    signature = dspy.ChainOfThought("question -> answer").predict.signature
+
+    def accepts(options: GrammarOptions, answer: str) -> bool:
+        constraint = compile_constraint(chat_grammar(signature, options), TOKENIZER)
+        text = f"[[ ## reasoning ## ]]\nsome thought\n\n[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"
+        ids = TOKENIZER.encode(text)
+        return constraint._matcher.validate_tokens(ids) == len(ids)
+
+    assert not accepts(GrammarOptions(), "{answer}")
+    assert not accepts(GrammarOptions(), "{answer}  ")
+    assert accepts(GrammarOptions(), "{answer} is 4")  # the placeholder inside a real value is text
+    assert accepts(GrammarOptions(), "{reasoning}")  # only a field's own placeholder is refused
+    assert accepts(GrammarOptions(forbid_placeholders=False), "{answer}")

@@ -88,6 +88,9 @@ class GrammarOptions:
     max_tokens: int | None = None
     number_tokens: int = 24
     value_tokens: int = 192
+    #: refuse a text field whose whole value is its own placeholder (`{answer}`): ChatAdapter's
+    #: system prompt shows the format with placeholders, and small models copy them
+    forbid_placeholders: bool = True
 
 
 # ---- annotations --------------------------------------------------------------------------------
@@ -180,9 +183,10 @@ class _Field:
 class _LarkBuilder:
     """Accumulates Lark rules; knows whether the previous value already wrote `\\n\\n[[`."""
 
-    def __init__(self) -> None:
+    def __init__(self, forbid_placeholders: bool = True) -> None:
         self.rules: list[str] = []
         self._count = 0
+        self.forbid_placeholders = forbid_placeholders
 
     def rule(self, body: str, prefix: str = "v") -> str:
         name = f"{prefix}{self._count}"
@@ -194,13 +198,15 @@ class _LarkBuilder:
         """A rule (or inline expression) for one field's value."""
         annotation = field.info.annotation
         if field.text:
+            terms = [f"/{_TEXT_REGEX}/"]
             limit = next((m.max_length for m in field.info.metadata if isinstance(m, MaxLen)), None)
             if limit is not None:
                 if limit < 1:
                     raise GrammarError(f"field {field.name!r} has max_length {limit}: nothing can be written")
-                term = self.rule(f"/{_TEXT_REGEX}/ & /(?s:.{{1,{limit}}})\\n\\n\\[\\[/", prefix="TEXT")
-                return term
-            return "TEXT"
+                terms.append(f"/(?s:.{{1,{limit}}})\\n\\n\\[\\[/")
+            if self.forbid_placeholders:
+                terms.append(f"~/\\{{{field.name}\\}}[ \\t]*\\n\\n\\[\\[/")
+            return self.rule(" & ".join(terms), prefix="TEXT") if len(terms) > 1 else "TEXT"
         if annotation is bool:
             return _alternatives(["True", "False"])
         if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -328,7 +334,7 @@ def _chat_grammar(signature: type[Signature], options: GrammarOptions) -> Gramma
     fields = [_Field(n, info, is_text(info.annotation)) for n, info in signature.output_fields.items()]
     if not fields:
         raise GrammarError(f"the signature {signature.__name__} has no output fields")
-    builder = _LarkBuilder()
+    builder = _LarkBuilder(options.forbid_placeholders)
     tools = react_tool_schemas(signature)
     names = [f.name for f in fields]
     if tools:
