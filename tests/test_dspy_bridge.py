@@ -172,3 +172,11 @@ def test_native_tool_calls_validate_against_their_schemas(lm):
     )
     call = lm.engine.complete(only_add).message.parts[0]
     assert call.name == "add" and isinstance(call.input["a"], int) and isinstance(call.input["b"], int)
+
+
+def test_a_prompt_over_the_context_window_is_dspys_context_window_error(lm):
+    """DSPy's ReAct trims its trajectory and retries on ContextWindowExceededError only."""
+    from dspy.utils.exceptions import ContextWindowExceededError
+
+    with pytest.raises(ContextWindowExceededError):
+        lm("word " * 9000)

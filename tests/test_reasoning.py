@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
+from pathlib import Path
 
 import dspy
 import httpx
@@ -309,3 +311,28 @@ def test_plait_generate_prints_reasoning_to_stderr(engine, capsys):
     assert main([*args[:-4], "--reasoning", "lots"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and "--raw" in errors[0] and "reasoning must be one of" in errors[1]
+
+
+def test_an_earlier_answers_reasoning_goes_back_to_the_template_not_into_its_content():
+    from dspy.lm15 import Message, Request, TextPart, ThinkingPart
+
+    from plait.backends.clients.messages import conversation
+    from plait.backends.loading.tokenizer import Tokenizer
+    from tests.chat_fixtures import write_chat_tokenizer
+
+    request = Request(
+        model="plait/x",
+        messages=(
+            Message.user("6 times 7?"),
+            Message.assistant([ThinkingPart("six sevens"), TextPart("42")]),
+            Message.user("and 6 times 8?"),
+        ),
+    )
+    messages = conversation(request)
+    assert messages[1] == {"role": "assistant", "content": "42", "reasoning_content": "six sevens"}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_chat_tokenizer(Path(tmp), "nemotron3")
+        tokenizer = Tokenizer.from_hf_dir(Path(tmp))
+    kept = tokenizer.apply_chat_template(messages, truncate_history_thinking=False)
+    dropped = tokenizer.apply_chat_template(messages)  # the template's default drops old thinking
+    assert "<think>\nsix sevens\n</think>\n42" in kept and "six sevens" not in dropped

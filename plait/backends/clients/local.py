@@ -31,6 +31,7 @@ from dspy._vendor.lm15.types import (
     ThinkingDelta,
     ToolCallDelta,
 )
+from dspy.lm15 import ContextLengthError as LM15ContextLengthError
 from dspy.lm15 import Message, Request, Response, TextPart, ThinkingPart, ToolCallPart, Usage
 
 from plait.backends.clients.messages import conversation, template_messages
@@ -41,7 +42,7 @@ from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.options import ENGINE_OPTIONS
 from plait.backends.runtime.request import Request as EngineRequest
 from plait.backends.runtime.turn import ChatTurn, plan_turn
-from plait.errors import RequestCancelledError
+from plait.errors import ContextLengthError, RequestCancelledError
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -181,9 +182,12 @@ class PlaitEngine:
             grammar = turn.spec.key if turn.spec is not None else None
             share_key = (turn.prompt, tuple(sorted(sampling.items())), grammar)
         constraint = turn.constraint(engine, sampling["max_tokens"])
-        handle = engine.submit(
-            turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
-        )
+        try:
+            handle = engine.submit(
+                turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
+            )
+        except ContextLengthError as exc:  # DSPy's ContextWindowExceededError: ReAct trims and retries
+            raise LM15ContextLengthError(str(exc), provider="plait") from exc
         return LocalCall(turn, handle, fmt if _calls_tools(request) else None)
 
     def complete(self, request: Request) -> Response:

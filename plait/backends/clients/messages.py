@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dspy.lm15 import Request, TextPart, ToolCallPart, ToolResultPart
+from dspy.lm15 import Request, TextPart, ThinkingPart, ToolCallPart, ToolResultPart
 
 from plait.backends.grammar.tool_formats import JSON_NOTE, ToolCall, ToolFormat, ToolSpec, tool_specs
 
@@ -82,9 +82,12 @@ def conversation(request: Request) -> list[dict[str, Any]]:
     for turn in request.messages:
         calls = [p for p in turn.parts if isinstance(p, ToolCallPart)]
         results = [p for p in turn.parts if isinstance(p, ToolResultPart)]
-        rest = [p for p in turn.parts if not isinstance(p, (ToolCallPart, ToolResultPart))]
+        thinking = [p.text for p in turn.parts if isinstance(p, ThinkingPart)]
+        rest = [p for p in turn.parts if not isinstance(p, (ToolCallPart, ToolResultPart, ThinkingPart))]
         if rest or not results:
             entry: dict[str, Any] = message(turn.role, rest)
+            if thinking:  # an earlier answer's own reasoning: the template decides whether to show it
+                entry["reasoning_content"] = "".join(thinking)
             if calls:
                 entry["content"] = entry["content"] or None
                 entry["tool_calls"] = [
@@ -126,6 +129,8 @@ def template_messages(
                     for c in calls
                 ]
             entry |= {k: m[k] for k in ("tool_call_id", "name") if m.get(k) is not None}
+        if isinstance(m.get("reasoning_content"), str):  # Nemotron 3 renders it back in <think>
+            entry["reasoning_content"] = m["reasoning_content"]
         out.append(entry)
     if not tools:
         return out, {}
