@@ -18,6 +18,7 @@ from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
 from plait.backends.models.state import Batch
 from plait.backends.runtime.cancellation import current_scope
+from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
 from plait.backends.runtime.options import EngineOptions, machine_memory_budget_mb
 from plait.backends.runtime.prefix_cache import PrefixCache
@@ -192,6 +193,7 @@ class Engine:
 
         def build() -> "Engine":
             model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
+            release_free_memory()  # dequantizing (GGUF, ModelOpt) leaves freed temporaries in the heap
             return cls(model, tokenizer, model_id, family, **options)
 
         return run_in_fresh_thread(build)  # see plait.backends.runtime.openmp_teams
