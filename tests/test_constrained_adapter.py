@@ -189,3 +189,39 @@ def test_a_text_field_cannot_be_only_its_own_placeholder():
     assert accepts(GrammarOptions(), "{answer} is 4")  # the placeholder inside a real value is text
     assert accepts(GrammarOptions(), "{reasoning}")  # only a field's own placeholder is refused
     assert accepts(GrammarOptions(forbid_placeholders=False), "{answer}")
+
+
+def _weather(city: str, days: int = 1) -> str:
+    """The forecast of a city."""
+    return f"sunny in {city} for {days} days"
+
+
+def _convert(amount: float, currency: str) -> str:
+    """Convert an amount of euros."""
+    return f"{amount} {currency}"
+
+
+@pytest.mark.parametrize("adapter", [ConstrainedAdapter, ConstrainedJSONAdapter])
+def test_a_tool_calls_output_calls_only_the_offered_tools(adapter):
+    """Issue 20: names like 'weather, whose description is ...' came back and execute() failed."""
+    tools = [dspy.Tool(_weather), dspy.Tool(_convert)]
+    schemas = {t.name: t.args for t in tools}
+
+    class Plan(dspy.Signature):
+        """Call the tools that answer the question."""
+
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        calls: dspy.ToolCalls = dspy.OutputField()
+
+    names = set()
+    for seed in range(4):
+        lm, _ = grammar_lm(seed, max_tokens=400)
+        with dspy.context(lm=lm, adapter=adapter(text_tokens=16)):
+            calls = dspy.Predict(Plan)(question="Weather in Oslo?", tools=tools).calls
+        for call in calls.tool_calls:
+            names.add(call.name)
+            assert call.name in schemas
+            jsonschema.validate(call.args, {"type": "object", "properties": schemas[call.name]})
+            assert call.execute(functions=tools)  # runs the real function with those arguments
+    assert names  # at least one call was made across the seeds

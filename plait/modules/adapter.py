@@ -29,7 +29,7 @@ from dspy.utils.callback import BaseCallback
 
 from plait.backends.clients.local import DEFAULT_MAX_TOKENS
 from plait.backends.grammar.spec import EXTENSION_KEY, GrammarError, GrammarSpec
-from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar
+from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar, offered_tools
 
 
 def accepts_grammar(lm: BaseLM) -> bool:
@@ -76,7 +76,11 @@ class _GrammarMixin:
             return processed
         if not processed.output_fields:  # native tool calls are the whole answer
             return processed
-        options = dataclasses.replace(self.grammar_options, max_tokens=_max_tokens(lm, lm_kwargs))
+        options = dataclasses.replace(
+            self.grammar_options,
+            max_tokens=_max_tokens(lm, lm_kwargs),
+            tools=offered_tools(processed, inputs),
+        )
         attach_grammar(lm_kwargs, lm, self._grammar(processed, options))
         return processed
 

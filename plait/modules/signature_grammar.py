@@ -45,6 +45,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import pydantic
 from annotated_types import MaxLen
 from dspy.adapters.types.reasoning import Reasoning
+from dspy.adapters.types.tool import Tool, ToolCalls
 from dspy.adapters.utils import find_enum_member
 from dspy.signatures.signature import Signature
 from pydantic.fields import FieldInfo
@@ -91,6 +92,9 @@ class GrammarOptions:
     #: refuse a text field whose whole value is its own placeholder (`{answer}`): ChatAdapter's
     #: system prompt shows the format with placeholders, and small models copy them
     forbid_placeholders: bool = True
+    #: the tools a `dspy.ToolCalls` output may call, as (name, JSON of its arguments' properties):
+    #: the `dspy.Tool`s the call's inputs offer (`offered_tools`); empty leaves names free
+    tools: tuple[tuple[str, str], ...] = ()
 
 
 # ---- annotations --------------------------------------------------------------------------------
@@ -183,10 +187,11 @@ class _Field:
 class _LarkBuilder:
     """Accumulates Lark rules; knows whether the previous value already wrote `\\n\\n[[`."""
 
-    def __init__(self, forbid_placeholders: bool = True) -> None:
+    def __init__(self, options: GrammarOptions) -> None:
         self.rules: list[str] = []
         self._count = 0
-        self.forbid_placeholders = forbid_placeholders
+        self.forbid_placeholders = options.forbid_placeholders
+        self.tools = options.tools
 
     def rule(self, body: str, prefix: str = "v") -> str:
         name = f"{prefix}{self._count}"
@@ -216,6 +221,8 @@ class _LarkBuilder:
             return _alternatives([_enum_spelling(annotation, m) for m in members])
         if get_origin(annotation) is Literal:
             return _alternatives([_literal_spelling(v) for v in get_args(annotation)])
+        if annotation is ToolCalls and self.tools:
+            return self.rule(json_rule({**tool_calls_schema(self.tools), "x-guidance": dict(JSON_OPTIONS)}))
         return self.rule(json_rule(json_schema_for(annotation, list(field.info.metadata))))
 
 
@@ -269,14 +276,54 @@ def react_tool_schemas(signature: type[Signature]) -> dict[str, dict[str, Any]] 
         except (ValueError, SyntaxError):
             continue
         if isinstance(args, dict):
-            required = [k for k, v in args.items() if not (isinstance(v, dict) and "default" in v)]
-            schemas[name] = {
+            schemas[name] = arguments_schema(args)
+    return schemas
+
+
+def arguments_schema(properties: dict[str, Any]) -> dict[str, Any]:
+    """A tool's arguments object from DSPy's `Tool.args` (properties by name): no invented
+    keys, and every argument without a default required."""
+    required = [k for k, v in properties.items() if not (isinstance(v, dict) and "default" in v)]
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def offered_tools(signature: type[Signature], inputs: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The `dspy.Tool`s a call's inputs offer (values of its `list[dspy.Tool]` / `dspy.Tool`
+    input fields), as `GrammarOptions.tools` entries, when the signature has a `dspy.ToolCalls`
+    output to call them with."""
+    if not any(f.annotation is ToolCalls for f in signature.output_fields.values()):
+        return ()
+    found: dict[str, str] = {}
+    for name in signature.input_fields:
+        value = inputs.get(name)
+        for tool in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(tool, Tool) and tool.name:
+                found.setdefault(tool.name, json.dumps(tool.args or {}, sort_keys=True))
+    return tuple(found.items())
+
+
+def tool_calls_schema(tools: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The JSON schema of a `dspy.ToolCalls` value that calls only `tools`, each with arguments
+    by its schema (no invented keys; those without a default are required)."""
+    calls = []
+    for name, properties_json in tools:
+        calls.append(
+            {
                 "type": "object",
-                "properties": args,
-                "required": required,
+                "properties": {
+                    "name": {"const": name},
+                    "args": arguments_schema(json.loads(properties_json)),
+                },
+                "required": ["name", "args"],
                 "additionalProperties": False,
             }
-    return schemas
+        )
+    return {
+        "type": "object",
+        "properties": {"tool_calls": {"type": "array", "items": {"anyOf": calls}}},
+        "required": ["tool_calls"],
+        "additionalProperties": False,
+    }
 
 
 def _is_finite(annotation: Any) -> bool:
@@ -334,7 +381,7 @@ def _chat_grammar(signature: type[Signature], options: GrammarOptions) -> Gramma
     fields = [_Field(n, info, is_text(info.annotation)) for n, info in signature.output_fields.items()]
     if not fields:
         raise GrammarError(f"the signature {signature.__name__} has no output fields")
-    builder = _LarkBuilder(options.forbid_placeholders)
+    builder = _LarkBuilder(options)
     tools = react_tool_schemas(signature)
     names = [f.name for f in fields]
     if tools:
@@ -397,6 +444,9 @@ def _json_grammar(signature: type[Signature], options: GrammarOptions) -> Gramma
         raise GrammarError(f"no JSON schema for the outputs of {signature.__name__}: {exc}") from exc
     schema["additionalProperties"] = False
     schema["required"] = list(fields)
+    for name, info in fields.items():
+        if info.annotation is ToolCalls and options.tools:
+            schema["properties"][name] = tool_calls_schema(options.tools)
     # A JSON string closes with its quote; there is no newline to wait for inside one.
     all_fields = [_Field(n, info, is_text(info.annotation)) for n, info in fields.items()]
     limits = _field_limits(all_fields, options)
