@@ -57,11 +57,13 @@ class RecordingEngine:
 
     def _call(self, request: Any) -> tuple[Any, int]:
         """Run the call; also return how many completion tokens the grammar forced. plait's
-        engine reports that on its request handle, so use its submit/wait when it has one."""
-        submit, respond = getattr(self.inner, "submit", None), getattr(self.inner, "_response", None)
-        if submit is not None and respond is not None:
-            handle = submit(request).wait()
-            return respond(request, handle), int(getattr(handle.usage, "forced_tokens", 0) or 0)
+        engine reports that on its request handle, so use its start/wait when it has one (its
+        `_response` reads the answer back from the started call)."""
+        start, respond = getattr(self.inner, "start", None), getattr(self.inner, "_response", None)
+        if start is not None and respond is not None:
+            call = start(request)
+            call.handle.wait()
+            return respond(request, call), int(getattr(call.handle.usage, "forced_tokens", 0) or 0)
         response = self.inner.complete(request)
         plait_data = (
             (response.provider_data or {}).get("plait", {})
