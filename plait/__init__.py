@@ -21,6 +21,7 @@ _EXPORTS = {
     "GenerationResult": "plait.backends.runtime.engine",
     "ConstrainedAdapter": "plait.modules.adapter",
     "ConstrainedJSONAdapter": "plait.modules.adapter",
+    "load_program": "plait.compilers.artifact",
 }
 _SUBPACKAGES = ("backends", "modules", "retrievers", "compilers", "pipelines", "serve", "store")
 

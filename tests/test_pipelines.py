@@ -117,6 +117,8 @@ def test_retrieval_pipelines_say_how_to_get_an_index(monkeypatch):
     ):
         RAG()(question="q")
     assert passage_text({"title": "A", "text": "x" * 50}, 20) == "A | " + "x" * 13 + "..."
+    served = {"title": "A", "text": "A | body", "long_text": "A | body"}  # plait index serve's answer
+    assert passage_text(served, 100) == "A | body"
 
 
 @pytest.mark.parametrize(

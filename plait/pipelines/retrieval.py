@@ -64,7 +64,9 @@ def passage_text(passage: Any, max_chars: int) -> str:
         )
         body = get("long_text") or get("text") or ""
         title = get("title")
-        text = f"{title} | {body}" if title else str(body)
+        body = str(body)
+        # an index server already answers "title | body" (the wiki17 ColBERTv2 convention)
+        text = f"{title} | {body}" if title and not body.startswith(f"{title} | ") else body
     return text if len(text) <= max_chars else text[: max_chars - 3].rstrip() + "..."
 
 
