@@ -82,9 +82,9 @@ class GrammarOptions:
     given, budgets shrink so that the whole answer fits in it.
     """
 
-    text_tokens: int = 256
-    reasoning_tokens: int = 512
-    grace_tokens: int = 32
+    text_tokens: int = 128
+    reasoning_tokens: int = 256
+    grace_tokens: int = 16
     field_tokens: tuple[tuple[str, int], ...] = ()
     max_tokens: int | None = None
     number_tokens: int = 24
