@@ -35,17 +35,30 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise PlaitError("--max-tokens must be at least 1")
     spec = _grammar_spec(args)
-    if args.raw and args.reasoning is not None:
-        raise PlaitError("--reasoning needs the chat template: it cannot be used with --raw")
+    tools = _tools(args)
+    if args.raw and (args.reasoning is not None or tools):
+        raise PlaitError("--reasoning and --tools need the chat template: they cannot be used with --raw")
     engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
     turn = None
     if args.raw:
         prompt = args.prompt
     else:
+        from plait.backends.clients.messages import template_messages
         from plait.backends.runtime.turn import plan_turn
 
-        messages = [{"role": "user", "content": args.prompt}]
-        turn = plan_turn(engine, messages, reasoning=args.reasoning, spec=spec, max_tokens=args.max_tokens)
+        fmt = engine.tool_format
+        messages, template_kwargs = template_messages([{"role": "user", "content": args.prompt}], tools, fmt)
+        if tools:  # the model's own call format, or the answer `spec` asks for
+            required = args.tool_choice == "required"
+            spec = fmt.grammar(tools, required=required, answer=spec, max_tokens=args.max_tokens)
+        turn = plan_turn(
+            engine,
+            messages,
+            reasoning=args.reasoning,
+            spec=spec,
+            max_tokens=args.max_tokens,
+            template_kwargs=template_kwargs,
+        )
         prompt = turn.prompt
     options = dict(
         max_tokens=args.max_tokens,
@@ -73,6 +86,9 @@ def _generate(args: argparse.Namespace) -> None:
         else:
             text = engine.generate(prompt, **options).text
             thought, answer = turn.split(text) if turn is not None else (None, text)
+            calls = engine.tool_format.parse(answer, tools).calls if tools else ()
+            if calls:  # printed as JSON, one list, for a pipe to read
+                answer = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
             _print_pieces((f"{thought}\n" if thought else "", answer))
             sys.stdout.write("\n")
     finally:
@@ -88,6 +104,21 @@ def _print_pieces(pieces: tuple[str, str]) -> None:
     if answer:
         sys.stdout.write(answer)
         sys.stdout.flush()
+
+
+def _tools(args: argparse.Namespace) -> list:
+    """The tools of --tools FILE (an OpenAI `tools` list), checked before the model loads."""
+    if not args.tools:
+        return []
+    from plait.backends.grammar.tool_formats import tool_specs
+
+    try:
+        tools = json.loads(Path(args.tools).read_text())
+    except json.JSONDecodeError as exc:
+        raise PlaitError(f"{args.tools} is not valid JSON: {exc}") from exc
+    if not isinstance(tools, list) or not tools:
+        raise PlaitError(f"{args.tools} must hold a non-empty JSON list of tools")
+    return tool_specs(tools)
 
 
 def _reasoning_setting(value: str):
@@ -157,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="thinking of a model that has it: on, off, low/medium/high, or a token budget "
         "(the reasoning is printed to stderr)",
     )
+    p.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="JSON list of tools (OpenAI form) the model may call, in its own format; "
+        "calls are printed as a JSON list",
+    )
+    p.add_argument("--tool-choice", choices=["auto", "required"], default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--quantize",

@@ -87,6 +87,22 @@ def _validate(name: str, arguments: dict) -> None:
     jsonschema.validate(arguments, SCHEMAS[name])
 
 
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_plait_generate_prints_the_calls_as_json(checkpoints, name, tmp_path, capsys):
+    from plait.cli import main
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(OPENAI_TOOLS))
+    args = ["generate", "-m", checkpoints[name], "Add 2 and 3.", "--tools", str(tools), "--reasoning", "off"]
+    assert main([*args, "--tool-choice", "required", "--max-tokens", "160"]) == 0
+    calls = json.loads(capsys.readouterr().out)
+    assert calls and all(c["name"] in SCHEMAS for c in calls)
+    for call in calls:
+        _validate(call["name"], call["arguments"])
+    tools.write_text("{}")
+    assert main(args) == 2 and "non-empty JSON list" in capsys.readouterr().err
+
+
 # ---- plait.LM ---------------------------------------------------------------------------------
 
 
