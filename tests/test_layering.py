@@ -17,6 +17,7 @@ LAYERS = {
     "plait.paths": 0,
     "plait.version": 0,
     "plait.http_guard": 0,
+    "plait.console": 0,
     "plait.store": 1,
     "plait.backends": 2,
     "plait.retrievers": 3,

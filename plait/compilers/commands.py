@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from plait.compilers.metrics import MAX_METRIC_ERRORS
+from plait.console import progress_bars
 from plait.errors import PlaitError
 
 OPTIMIZER_NAMES = ("labeled", "bootstrap", "random-search", "mipro", "gepa", "simba")
@@ -139,26 +140,8 @@ class RichProgress:
     """The runner's progress protocol drawn as rich progress bars (one per phase)."""
 
     def __init__(self, console: Any):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         self.console = console
-        self.bars = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
+        self.bars = progress_bars(console, 9, "info", transient=False)
         self.tasks: dict[str, Any] = {}
         self.scores: dict[str, list[float]] = {}
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from plait.console import progress_bars
 from plait.retrievers.errors import BadQueryError
 from plait.retrievers.limits import API_KEY_ENV, MAX_K, ServerSettings
 
@@ -159,27 +160,9 @@ class BuildReporter:
     """
 
     def __init__(self, console: Any, interval: float = 10.0):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         self.console = console
         self.interval = interval
-        self.bars = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not console.is_terminal,
-        )
+        self.bars = progress_bars(console, 18, "unit", disable=not console.is_terminal)
         self.tasks: dict[str, Any] = {}
         self.stages: dict[str, tuple[int | None, str, float]] = {}  # total, unit, started
         self.completed: dict[str, int] = {}
