@@ -2,11 +2,13 @@
 finished within the request's `max_tokens`, even against a sampler that picks the tokens that
 would keep it open forever (digits for numbers, words for strings)."""
 
+import functools
 import json
 import random
 
 import jsonschema
 import pytest
+import torch
 
 from plait.backends.grammar.constraint import compile_constraint
 from tests.constrained_fixtures import smollm2_tokenizer
@@ -30,6 +32,13 @@ CITY = {
 SCORES = {"type": "array", "items": {"type": "number"}}
 
 
+@functools.cache
+def _preferred(prefer: str) -> torch.Tensor:
+    """bool [vocab]: the tokens whose text (stripped) is all digits or all letters."""
+    texts = (TOKENIZER.decode([t]).strip() for t in range(TOKENIZER.vocab_size))
+    return torch.tensor([getattr(text, prefer)() for text in texts])
+
+
 def _adversarial_run(schema: dict, max_tokens: int | None, prefer: str, seed: int) -> tuple[list[int], bool]:
     """Drive a constraint with a sampler that prefers digit or letter tokens (what keeps a
     number or a string going); returns (tokens, whether the grammar finished)."""
@@ -39,9 +48,11 @@ def _adversarial_run(schema: dict, max_tokens: int | None, prefer: str, seed: in
     forced = constraint.forced()
     constraint.advance(forced)
     out += forced
+    preferred = _preferred(prefer)
     while not constraint.is_finished() and len(out) < (max_tokens or 200):
-        allowed = constraint.mask().nonzero().flatten().tolist()
-        keep_going = [t for t in allowed if getattr(TOKENIZER.decode([t]).strip(), prefer)()]
+        mask = constraint.mask()
+        allowed = mask.nonzero().flatten().tolist()
+        keep_going = (mask[: len(preferred)] & preferred[: len(mask)]).nonzero().flatten().tolist()
         token = rng.choice(keep_going or allowed)
         constraint.advance([token])
         out.append(token)
