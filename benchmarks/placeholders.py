@@ -12,6 +12,7 @@ text fields (reasoning and answer) whose whole value is the placeholder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,9 +32,7 @@ def rows(name: str, count: int) -> list[dict]:
 def run(forbid: bool, count: int) -> tuple[int, int, float]:
     """(placeholder fields, text fields, seconds) over `count` SST-2 and `count` SQuAD rows."""
     adapter = plait.ConstrainedAdapter(text_tokens=48, reasoning_tokens=64)
-    adapter.grammar_options = adapter.grammar_options.__class__(
-        **{**adapter.grammar_options.__dict__, "forbid_placeholders": forbid}
-    )
+    adapter.grammar_options = dataclasses.replace(adapter.grammar_options, forbid_placeholders=forbid)
     sentiment = dspy.ChainOfThought("sentence -> sentiment")
     extract = dspy.ChainOfThought("context, question -> answer")
     copied = fields = 0

@@ -310,15 +310,12 @@ def reasoning_params(
     server's own field (`_BUDGET_FIELDS`)."""
     if wanted.mode == "default":
         return {}, messages
-    budget_field = (
-        "max_thinking_tokens" if dialect == "plait" else _BUDGET_FIELDS.get(dialect, _DEFAULT_BUDGET_FIELD)
-    )
+    budget_field = _BUDGET_FIELDS.get(dialect, _DEFAULT_BUDGET_FIELD)
     extra: dict[str, Any] = {} if wanted.budget is None else {budget_field: wanted.budget}
     if dialect == "plait":
         return extra | {"reasoning_effort": wanted.mode}, messages
-    if switch == "flag":
-        return extra, switch_messages(ReasoningFormat("flag"), wanted, messages)[0]
-    return extra | {"chat_template_kwargs": {"enable_thinking": wanted.mode == "on"}}, messages
+    messages, template_kwargs = switch_messages(ReasoningFormat(switch), wanted, messages)
+    return (extra | {"chat_template_kwargs": template_kwargs} if template_kwargs else extra), messages
 
 
 class RemoteEngine:
