@@ -32,18 +32,21 @@ from plait.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 HF_PREFIXES = ("backbone.", "model.")
-IGNORED_PREFIXES = ("mtp.",)
-"""Multi-token-prediction heads (Nemotron-3) are for speculative decoding; not used here."""
+MULTIMODAL_PREFIX = "language_model."
+"""Multimodal checkpoints keep the language model's weights, MTP head included, under this."""
+MTP_PREFIX = "mtp."
 
 
-def _plait_name(hf_name: str) -> str | None:
-    """HF parameter name -> plait's (None for weights plait deliberately skips)."""
-    if hf_name.startswith(IGNORED_PREFIXES):
-        return None
+def _plait_name(hf_name: str, mtp: bool) -> str | None:
+    """HF parameter name -> plait's. The MTP head's weights keep their `mtp.` name, or are
+    skipped (None) when the config has no MTP layers: a draft head plait was not asked to run."""
+    name = hf_name.removeprefix(MULTIMODAL_PREFIX)
+    if name.startswith(MTP_PREFIX):
+        return name if mtp else None
     for prefix in HF_PREFIXES:
-        if hf_name.startswith(prefix):
-            return hf_name[len(prefix) :]
-    return hf_name
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:
@@ -67,11 +70,11 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 
 
 def _expert_slot(name: str) -> tuple[str, int] | None:
-    """`layers.L.mixer.experts.E.up_proj.weight` (HF stores one matrix per expert) ->
-    (`layers.L.mixer.experts.up_proj`, E): plait stacks them as [E, out, in]."""
+    """`layers.L.mixer.experts.E.up_proj.weight` (HF stores one matrix per expert; likewise
+    under `mtp.`) -> (`layers.L.mixer.experts.up_proj`, E): plait stacks them as [E, out, in]."""
     parts = name.split(".")
-    if len(parts) == 7 and parts[3] == "experts" and parts[4].isdigit() and parts[6] == "weight":
-        return ".".join(parts[:4] + [parts[5]]), int(parts[4])
+    if len(parts) >= 5 and parts[-4] == "experts" and parts[-3].isdigit() and parts[-1] == "weight":
+        return ".".join(parts[:-3] + [parts[-2]]), int(parts[-3])
     return None
 
 
@@ -151,6 +154,9 @@ def load_nemotron_h(
     the config's shape into, with its scales; it is then dequantized to `dtype`. Activation and
     KV-cache scales are accepted and not used: activations and the KV cache stay in `dtype`.
 
+    A multi-token prediction head (`mtp.*`, Nemotron 3 Super) loads into `model.mtp` when the
+    config has MTP layers (`num_nextn_predict_layers`), and is skipped when it has none.
+
     `config`: the directory's config.json when the caller has already read it (the registry
     does, to learn the model type), else it is read here.
 
@@ -170,6 +176,7 @@ def load_nemotron_h(
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embeddings
     params.update(model.named_buffers())
     linear_weights = _linear_weights(model)
+    mtp = model.mtp is not None
 
     # Pass 1: headers only.
     headers = _headers(directory)
@@ -178,7 +185,7 @@ def load_nemotron_h(
     experts_seen: dict[str, set[int]] = {}
     scales_read: set[str] = set()
     for key, header in headers.items():
-        name = _plait_name(key)
+        name = _plait_name(key, mtp)
         if name is None or (quant is not None and is_scale(key)):
             continue  # scales are taken with their weight, or checked below
         if name == "lm_head.weight" and name not in params:
@@ -227,7 +234,7 @@ def load_nemotron_h(
             for key in headers
             if is_scale(key)
             and key not in scales_read
-            and (name := _plait_name(key)) is not None
+            and (name := _plait_name(key, mtp)) is not None
             and not _on_attention(name, params)
         )
         if stray:

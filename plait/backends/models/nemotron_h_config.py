@@ -58,11 +58,44 @@ def _float(value: Any, key: str) -> float:
         raise CheckpointError(f"config.json: {key} should be a number, got {value!r}") from None
 
 
+def _layer_types(d: dict[str, Any], list_key: str, pattern_key: str) -> list[str] | None:
+    """plait's layer type names from a list of names (`list_key`) or a string of pattern symbols
+    (`pattern_key`), the list first; None when the config has neither."""
+    if d.get(list_key) is not None:
+        names = d[list_key]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"config.json: {list_key} should be a list of layer type names")
+        unknown = sorted({n for n in names if n not in BLOCK_TYPE_NAMES})
+        if unknown:
+            raise CheckpointError(
+                f"config.json: unknown layer types {unknown} in {list_key} "
+                f"(known: {', '.join(BLOCK_TYPE_NAMES)})"
+            )
+        return [BLOCK_TYPE_NAMES[n] for n in names]
+    if d.get(pattern_key) is not None:
+        pattern = d[pattern_key]
+        if not isinstance(pattern, str):
+            raise CheckpointError(f"config.json: {pattern_key} should be a string of layer symbols")
+        unknown = sorted({s for s in pattern if s not in PATTERN_SYMBOLS})
+        if unknown:
+            raise CheckpointError(
+                f"config.json: unknown symbols {unknown} in {pattern_key} (known: M, *, -, E)"
+            )
+        return [PATTERN_SYMBOLS[s] for s in pattern]
+    return None
+
+
 @dataclass
 class NemotronHConfig:
     """The fields of a HF Nemotron-H config.json that the model uses, with transformers 5.23's
     defaults; `layer_types` holds plait's names (mamba, attention, mlp, moe) whichever way the
-    file spelled the pattern. `dt_clamp` is plait's option (see `DtClamp`), not a config key."""
+    file spelled the pattern. `dt_clamp` is plait's option (see `DtClamp`), not a config key.
+
+    Multi-token prediction (Nemotron 3 Super): `num_nextn_predict_layers` MTP layers, each made
+    of the sublayers `mtp_layer_types` (`mtp_layers_block_type` names or
+    `mtp_hybrid_override_pattern` symbols; transformers' default attention + MoE when neither is
+    given). Without MTP layers the pattern keys are not read: transformers writes its default
+    list into every config."""
 
     vocab_size: int = 131072
     hidden_size: int = 4096
@@ -104,6 +137,9 @@ class NemotronHConfig:
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # multi-token prediction
+    num_nextn_predict_layers: int = 0
+    mtp_layer_types: list[str] = field(default_factory=list)
     # plait's own choices, not read from config.json
     dt_clamp: str = "transformers"
 
@@ -114,33 +150,19 @@ class NemotronHConfig:
         for old, new in LEGACY_KEYS.items():
             if old in d and new not in d:
                 d[new] = d[old]
-        if d.get("layers_block_type") is not None:
-            names = d["layers_block_type"]
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise CheckpointError("config.json: layers_block_type should be a list of layer type names")
-            unknown = sorted({n for n in names if n not in BLOCK_TYPE_NAMES})
-            if unknown:
-                raise CheckpointError(
-                    f"config.json: unknown layer types {unknown} in layers_block_type "
-                    f"(known: {', '.join(BLOCK_TYPE_NAMES)})"
-                )
-            layer_types = [BLOCK_TYPE_NAMES[n] for n in names]
-        elif d.get("hybrid_override_pattern") is not None:
-            pattern = d["hybrid_override_pattern"]
-            unknown = sorted({s for s in pattern if s not in PATTERN_SYMBOLS})
-            if unknown:
-                raise CheckpointError(
-                    f"config.json: unknown symbols {unknown} in hybrid_override_pattern (known: M, *, -, E)"
-                )
-            layer_types = [PATTERN_SYMBOLS[s] for s in pattern]
-        else:
+        layer_types = _layer_types(d, "layers_block_type", "hybrid_override_pattern")
+        if layer_types is None:
             raise CheckpointError("config.json has neither hybrid_override_pattern nor layers_block_type")
         if not layer_types:
             raise CheckpointError("config.json: the layer pattern is empty")
+        mtp_layer_types: list[str] = []
+        if d.get("num_nextn_predict_layers"):
+            spelled = _layer_types(d, "mtp_layers_block_type", "mtp_hybrid_override_pattern")
+            mtp_layer_types = [ATTENTION, MOE] if spelled is None else spelled
 
-        kwargs: dict[str, Any] = {"layer_types": layer_types}
+        kwargs: dict[str, Any] = {"layer_types": layer_types, "mtp_layer_types": mtp_layer_types}
         for name, f in cls.__dataclass_fields__.items():
-            if name in ("layer_types", "dt_clamp") or d.get(name) is None:
+            if name in kwargs or name == "dt_clamp" or d.get(name) is None:
                 continue
             value = d[name]
             if name == "time_step_limit":
@@ -164,23 +186,29 @@ class NemotronHConfig:
         return cls.from_dict(read_config_json(path), **overrides)
 
     def validate(self) -> None:
-        if self.mlp_hidden_act != "relu2" and (MLP in self.layer_types or MOE in self.layer_types):
+        kinds = set(self.layer_types) | set(self.mtp_layer_types)
+        depth = self.num_nextn_predict_layers
+        if not isinstance(depth, int) or depth < 0:
+            raise CheckpointError(f"config.json: num_nextn_predict_layers should be a count, got {depth!r}")
+        if depth and not self.mtp_layer_types:
+            raise CheckpointError("config.json: the MTP layer pattern is empty")
+        if self.mlp_hidden_act != "relu2" and (MLP in kinds or MOE in kinds):
             raise CheckpointError(
                 f"config.json: mlp_hidden_act {self.mlp_hidden_act!r} is not supported "
                 "(Nemotron-H uses relu2)"
             )
-        if MAMBA in self.layer_types:
+        if MAMBA in kinds:
             if self.mamba_hidden_act != "silu":
                 raise CheckpointError(
                     f"config.json: mamba_hidden_act {self.mamba_hidden_act!r} is not supported (silu)"
                 )
             if self.mamba_num_heads % self.n_groups:
                 raise CheckpointError("config.json: mamba_num_heads must be a multiple of n_groups")
-        if ATTENTION in self.layer_types and self.num_attention_heads % self.num_key_value_heads:
+        if ATTENTION in kinds and self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 "config.json: num_attention_heads must be a multiple of num_key_value_heads"
             )
-        if MOE in self.layer_types and self.n_routed_experts % self.n_group:
+        if MOE in kinds and self.n_routed_experts % self.n_group:
             raise CheckpointError("config.json: n_routed_experts must be a multiple of n_group")
         if self.mamba_ssm_cache_dtype not in DTYPES:
             raise CheckpointError(
