@@ -315,6 +315,11 @@ class TokenConstraint:
                 )
             self._track(int(token))
 
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many of `token_ids` the grammar would accept from here, in order (nothing is
+        consumed): a speculative draft is cut where the grammar forbids it."""
+        return self._matcher.validate_tokens([int(t) for t in token_ids])
+
     def is_finished(self) -> bool:
         """The grammar is complete (or a stop token was consumed): end the request."""
         return self._matcher.is_stopped()

@@ -224,7 +224,8 @@ class Mamba2Mixer(nn.Module):
                 self.D,
             )[:, None]
         else:
-            dt = cfg.dt_clamp.apply(dt, True)
+            # a verify pass stands for one-token steps (speculative decoding): clamp like them
+            dt = cfg.dt_clamp.apply(dt, state is None or not state.batch.step_clamp)
             if lengths is not None:
                 dt = self._mask_padding(dt, lengths)
             scan = ssd_chunk_scan

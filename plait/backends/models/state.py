@@ -60,6 +60,13 @@ class Batch:
     """[B] real tokens per row when several rows share a multi-token pass, each padded on the
     right to the pass's length (None: every row's tokens fill the pass). Padding writes keys and
     values past a row's end, where nothing reads them before real tokens overwrite them."""
+    logit_count: int = 1
+    """How many of each row's last real positions a `last_only` pass returns logits for: one
+    to sample the next token; 1 + k to verify k drafted tokens (speculative decoding)."""
+    step_clamp: bool = False
+    """Treat every position as a one-token decode step where the dt clamp differs between the
+    two (`plait.backends.models.mamba2.DtClamp`): a verify pass computes the tokens that plain
+    decoding would have fed one at a time, so it must round them the same way."""
 
     @property
     def size(self) -> int:
@@ -95,11 +102,15 @@ class Batch:
         return positions
 
     def last_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [B, 1, ...]: each row's last real position."""
+        """[B, T, ...] -> [B, logit_count, ...]: each row's last real positions (a row with
+        fewer real tokens repeats its first position in front)."""
+        count = self.logit_count
         if self.new_tokens is None:
-            return x[:, -1:]
-        rows = torch.arange(x.shape[0], device=x.device)
-        return x[rows, self.new_tokens.to(x.device) - 1][:, None]
+            return x[:, -count:]
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        ends = self.new_tokens.to(x.device)[:, None]
+        positions = (ends - count + torch.arange(count, device=x.device)).clamp(min=0)
+        return x[rows, positions]
 
     def __post_init__(self) -> None:
         self._masks: dict[int, torch.Tensor] = {}

@@ -54,7 +54,8 @@ class EngineStats:
     computed alongside (thrown away); `rows_in_flight` sums, over passes, how many sequences
     the scheduler held at that moment; `preemptions` counts sequences whose state was given up
     to stay in the memory budget (recomputed later); `forward_seconds` is the time spent inside
-    those passes.
+    those passes. With speculative decoding, `drafted_tokens` were guessed and fed for
+    verification and `accepted_tokens` of them were kept (`acceptance` is the share).
     """
 
     requests: int = 0
@@ -68,6 +69,8 @@ class EngineStats:
     multi_token_padding: int = 0
     rows_in_flight: int = 0
     preemptions: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
 
@@ -86,6 +89,11 @@ class EngineStats:
     @property
     def mean_rows_in_flight(self) -> float:
         return self.rows_in_flight / self.passes if self.passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of drafted tokens the model agreed with (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prompt_cache_share(self) -> float:
@@ -173,6 +181,8 @@ class Engine:
             prefill_chunk=self.options.prefill_chunk,
             step_tokens=self.options.step_token_budget(self.device),
             prefix_cache=self.prefix_cache,
+            speculative=self.options.speculative,
+            draft_tokens=self.options.draft_tokens,
         )
 
     @classmethod
@@ -207,6 +217,8 @@ class Engine:
                 decode_batches=Counter(self._stats.decode_batches),
                 prompt_tokens_computed=self.scheduler.prompt_tokens_computed,
                 preemptions=self.scheduler.preemptions,
+                drafted_tokens=self.scheduler.drafted_tokens,
+                accepted_tokens=self.scheduler.accepted_tokens,
             )
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:

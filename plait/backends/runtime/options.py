@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from plait.backends.runtime.drafting import SPECULATIVE_METHODS
+
 DEFAULT_STATE_BUDGET_MB = 512
 """Decoding state (KV cache, Mamba state) on CPU, at most: with the 135M embedded model and
 32 concurrent sequences this keeps `plait serve` under 2 GB, and a sequence that outgrows it
@@ -31,7 +33,9 @@ class EngineOptions:
     the rest, each at most `prefill_chunk`): long prompts cannot stall the others' decoding.
     `max_length` caps a sequence below the model's context. The prefix cache keeps prompt
     blocks (`prefix_block_size` tokens; default 16 for attention-only models, 64 rounded to
-    the SSD chunk for hybrids) under `prefix_cache_mb`.
+    the SSD chunk for hybrids) under `prefix_cache_mb`. `speculative` drafts tokens to verify
+    in one pass ("ngram": prompt lookup; "mtp": the checkpoint's MTP heads; None: off), at most
+    `draft_tokens` a step per sequence; outputs are the same tokens as without it.
     """
 
     max_batch_size: int = 32
@@ -43,9 +47,15 @@ class EngineOptions:
     prefix_cache: bool = True
     prefix_cache_mb: int = 128
     prefix_block_size: int | None = None
+    speculative: str | None = None
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "prefill_chunk"):
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative must be {' or '.join(SPECULATIVE_METHODS)} (or None), not {self.speculative!r}"
+            )
+        for name in ("max_batch_size", "max_queue", "prefill_chunk", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("memory_budget_mb", "step_tokens", "max_length", "prefix_block_size"):

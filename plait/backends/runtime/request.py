@@ -24,6 +24,8 @@ class Usage:
     forced_tokens: int = 0
     forward_passes: int = 0
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
+    drafted_tokens: int = 0  # tokens guessed by speculative decoding and fed for verification
+    accepted_tokens: int = 0  # of those, the ones the model agreed with (kept in the output)
 
     @property
     def total_tokens(self) -> int:

@@ -58,6 +58,12 @@ def sample_rows(
 
 def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """A 1-element tensor: one sample from softmax(logits / temperature) under top-k / top-p."""
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator)[0]
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax(logits / temperature), cut to the
+    top-k tokens and to the smallest top-p mass."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -69,4 +75,30 @@ def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    return probs
+
+
+def verify_draft(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, draft: int | None
+) -> int | None:
+    """The token a row keeps at a position where `draft` was proposed (None: nothing drafted
+    there), from fp32 logits [V] already masked by any grammar; None when they give no
+    distribution.
+
+    Greedy rows keep the argmax, so a draft survives only where it is the argmax. Sampled rows
+    use speculative sampling with a deterministic drafter (q = 1 on the draft): keep the draft
+    with probability p(draft), else draw from p with the draft removed. The kept token is then
+    distributed exactly as p — the drafted run is as likely as plain sampling makes it.
+    """
+    if torch.isnan(logits).any() or torch.isneginf(logits).all():
+        return None
+    if params.greedy:
+        return int(logits.argmax())
+    probs = probabilities(logits, params)
+    if draft is not None:
+        if float(torch.rand((), generator=generator)) < float(probs[draft]):
+            return draft
+        probs[draft] = 0.0
+        if not bool(probs.sum() > 0):
+            return None
+    return int(torch.multinomial(probs, 1, generator=generator)[0])

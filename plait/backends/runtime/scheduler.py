@@ -28,6 +28,7 @@ import random
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,11 @@ from plait.backends.models.base import CausalLM
 from plait.backends.models.state import Batch, has_fixed_state
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
+from plait.backends.runtime.drafting import Drafter, DraftLength, PromptLookup
 from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.prefix_cache import PrefixCache, block_hashes
 from plait.backends.runtime.request import Request
-from plait.backends.runtime.sampling import sample_rows
+from plait.backends.runtime.sampling import sample_rows, verify_draft
 from plait.backends.runtime.sequence import Sequence
 from plait.backends.runtime.state_pool import StatePool
 from plait.errors import EngineClosedError, EngineOverloadedError, MemoryBudgetError
@@ -93,9 +95,15 @@ class Scheduler:
         prefill_chunk: int,
         step_tokens: int,
         prefix_cache: PrefixCache | None = None,
+        speculative: str | None = None,
+        draft_tokens: int = 4,
     ):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         self.prefix_cache = prefix_cache
+        self.speculative, self.draft_tokens = speculative, draft_tokens
+        #: a new request's drafter (speculative decoding); tests put an oracle here
+        self.make_drafter: Callable[[Request], Drafter] = lambda request: PromptLookup(request.prompt_ids)
+        self.drafted_tokens = self.accepted_tokens = 0
         self.prompt_tokens_computed = 0
         self.preemptions = 0
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -136,6 +144,9 @@ class Scheduler:
                 sequence.pending += forced
                 request.usage.forced_tokens = len(forced)
                 sequence.append_output(forced)
+        if self.speculative is not None:
+            sequence.drafter = self.make_drafter(request)
+            sequence.draft_length = DraftLength(self.draft_tokens)
         if self.prefix_cache is not None:
             sequence.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
         with self.cond:
@@ -249,6 +260,7 @@ class Scheduler:
         self.steps += 1
         for row in [r for r in self.rows if r.request.cancelled]:
             self._finish(row, "cancelled")
+        self._draft()
         plan = self._fit_memory()
         for slots, chunks in plan.groups:
             self._guarded(slots, chunks)
@@ -291,12 +303,39 @@ class Scheduler:
         else:
             self._decode_run(slots)
 
+    @staticmethod
+    def _speculative(row: Sequence) -> bool:
+        """Whether the row's pass this step verifies a draft (or replays taken-back tokens)."""
+        return bool(row.draft) or row.replay
+
+    def _draft(self) -> None:
+        """Each decoding row's draft for this step (speculative decoding; see drafting.py),
+        cut where its grammar would refuse it and to what the row still has room for."""
+        if self.speculative is None:
+            return
+        for row in self.rows:
+            row.draft = []
+            if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids):
+                continue
+            room = min(
+                row.draft_length.wanted(),
+                row.params.max_tokens - len(row.request.token_ids) - 1,
+                self.pool.max_length - row.cached - len(row.pending) - 1,
+                self.prefill_chunk - len(row.pending),
+            )
+            if room <= 0:
+                continue
+            draft = row.drafter.propose(row.request.token_ids, room)
+            if draft and row.constraint is not None:
+                draft = draft[: row.constraint.valid_prefix(draft)]
+            row.draft = draft
+
     def _plan(self) -> StepPlan:
         decode_runs: list[list[int]] = []
         run: list[int] = []
         decoding = 0
         for slot, row in enumerate([*self.rows, None]):
-            if row is not None and len(row.pending) == 1 and row.cached > 0:
+            if row is not None and len(row.pending) == 1 and row.cached > 0 and not self._speculative(row):
                 run.append(slot)
                 decoding += 1
                 continue
@@ -304,6 +343,7 @@ class Scheduler:
                 decode_runs.append(run)
                 run = []
         fresh = [s for s, r in enumerate(self.rows) if len(r.pending) == 1 and r.cached == 0]
+        decoding += sum(len(r.pending) + len(r.draft) for r in self.rows if self._speculative(r))
         budget = max(self.step_tokens - decoding - len(fresh), self.step_tokens // MIN_PREFILL_SHARE)
         groups = self._multi_token_groups(budget)
         length = max([r.cached + min(len(r.pending), 1) for r in self.rows], default=1)
@@ -317,6 +357,11 @@ class Scheduler:
         not fit the budget; a lone row that cannot fit fails."""
         plan = self._plan()
         while not self.pool.fits(len(self.rows), plan.length):
+            if any(r.draft for r in self.rows):  # drafts are optional: drop them before any row
+                for row in self.rows:
+                    row.draft = []
+                plan = self._plan()
+                continue
             if len(self.rows) == 1:
                 self._finish(self.rows[0], "error", self._never_fits(plan.length))
                 return self._plan()
@@ -343,13 +388,16 @@ class Scheduler:
         slots and stops before padding would exceed a quarter of the pass."""
         groups: list[tuple[list[int], list[list[int]]]] = []
         for slot, row in enumerate(self.rows):
-            if len(row.pending) <= 1:
+            speculative = self._speculative(row)
+            if speculative:  # verified whole, like a decode row: outside the prompts' budget
+                chunk = row.pending + row.draft
+            elif len(row.pending) <= 1 or budget <= 0:
                 continue
-            if budget <= 0:
-                break
-            chunk = row.pending[: min(self._pass_length(row), budget)]
-            budget -= len(chunk)
-            if groups and self.padded_passes and groups[-1][0][-1] == slot - 1:
+            else:
+                chunk = row.pending[: min(self._pass_length(row), budget)]
+                budget -= len(chunk)
+            joins = groups and self._speculative(self.rows[groups[-1][0][-1]]) == speculative
+            if joins and self.padded_passes and groups[-1][0][-1] == slot - 1:
                 slots, chunks = groups[-1]
                 width = max(len(chunk), *(len(c) for c in chunks))
                 real = len(chunk) + sum(len(c) for c in chunks)
@@ -379,6 +427,9 @@ class Scheduler:
         width = max(len(c) for c in chunks)
         ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.device)
         new_tokens = torch.tensor([len(c) for c in chunks], device=self.device) if len(rows) > 1 else None
+        if self._speculative(rows[0]):
+            self._speculative_pass(slots, rows, chunks, ids, new_tokens)
+            return
         logits = self._forward(slots[0], rows, ids, new_tokens)[:, -1]
         done = []
         for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
@@ -390,6 +441,78 @@ class Scheduler:
                 done.append(i)
         if done:
             self._sample([rows[i] for i in done], logits[done])
+
+    def _speculative_pass(
+        self,
+        slots: list[int],
+        rows: list[Sequence],
+        chunks: list[list[int]],
+        ids: torch.Tensor,
+        new_tokens: torch.Tensor | None,
+    ) -> None:
+        """Feed each row's pending tokens and draft in one pass and keep what verifies. The
+        logits of a row's last len(draft) + 1 positions judge its draft (see `_verify`). The
+        pass treats its tokens as the one-token steps they stand for (`Batch.step_clamp`)."""
+        count = max(len(r.draft) for r in rows) + 1
+        saved = self.pool.save_fixed(slots[0], len(rows)) if self._fixed_state else None
+        logits = self._forward(slots[0], rows, ids, new_tokens, logit_count=count, step_clamp=True)
+        for i, (slot, row, fed) in enumerate(zip(slots, rows, chunks)):
+            try:
+                kept = self._verify(row, fed, logits[i, count - len(row.draft) - 1 :])
+            except Exception as exc:  # a grammar or tokenizer failure: this row only
+                log.exception("a row failed while verifying its draft")
+                self._finish(row, "error", exc, release=False)
+                continue
+            if row.finished or kept == len(fed) or saved is None:
+                row.cached += kept
+                row.replay = False
+            else:  # Mamba state took in rejected tokens: go back, feed the kept ones again
+                self.pool.restore_fixed(saved, i, slot)
+                row.pending = fed[:kept] + row.pending
+                row.replay = True
+
+    def _verify(self, row: Sequence, fed: list[int], logits: torch.Tensor) -> int:
+        """Choose the row's next tokens from the logits [D + 1, V] of its pass's last positions
+        exactly as plain decoding would (grammar masks, greedy or sampled, forced tokens), for
+        as long as they agree with the draft of D tokens fed after `pending`; the row's next
+        pending tokens are set, and the count of fed tokens whose state is valid is returned.
+
+        Draft token j is kept only if the token chosen at its position is that token (and the
+        tokens the grammar forces after it are the draft's next ones too), so the kept run is
+        what one-token decoding would have produced; the first choice that disagrees replaces
+        the rest of the draft, and a fully kept draft earns one more token from its last
+        position. The grammar only ever consumes kept tokens: nothing to roll back."""
+        draft, row.draft = row.draft, []
+        before = len(fed) - len(draft)  # the pending tokens fed ahead of the draft
+        argmax = None
+        if row.constraint is None and row.params.greedy and not torch.isnan(logits).any():
+            argmax = logits.argmax(-1).tolist()  # one host sync for the whole draft
+        at = 0
+        while True:
+            proposed = draft[at] if at < len(draft) else None
+            if argmax is not None:
+                token = argmax[at]
+            else:
+                failed = apply_masks(logits[at : at + 1], [row.constraint])
+                if failed:
+                    raise failed[0]
+                token = verify_draft(logits[at], row.params, row.generator, proposed)
+            if token is None:
+                raise RuntimeError("no token can follow: the logits are NaN or the grammar allows none")
+            new = self._next_token(row, token, row.cached + before + at)
+            if new is None:
+                break
+            if draft[at : at + len(new)] != new:
+                row.pending = new
+                break
+            at += len(new)
+        self.drafted_tokens += len(draft)
+        self.accepted_tokens += at
+        row.request.usage.drafted_tokens += len(draft)
+        row.request.usage.accepted_tokens += at
+        if draft:
+            row.draft_length.record(len(draft), at)
+        return before + at
 
     def _decode_run(self, slots: list[int]) -> None:
         rows = [self.rows[s] for s in slots]
@@ -406,8 +529,15 @@ class Scheduler:
         self._sample([row], logits)
 
     def _forward(
-        self, first_slot: int, rows: list[Sequence], ids: torch.Tensor, new_tokens: torch.Tensor | None = None
+        self,
+        first_slot: int,
+        rows: list[Sequence],
+        ids: torch.Tensor,
+        new_tokens: torch.Tensor | None = None,
+        logit_count: int = 1,
+        step_clamp: bool = False,
     ) -> torch.Tensor:
+        """Logits [rows, logit_count, V] of each row's last `logit_count` real positions."""
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.request.usage.forward_passes += 1
@@ -416,7 +546,8 @@ class Scheduler:
                 logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
                 if logits is not None:
                     return logits
-            return self.model(ids, Batch(self.pool, first_slot, lens, new_tokens), last_only=True)
+            batch = Batch(self.pool, first_slot, lens, new_tokens, logit_count, step_clamp)
+            return self.model(ids, batch, last_only=True)
         except Exception as exc:
             raise _ForwardFailed from exc
 
@@ -439,14 +570,20 @@ class Scheduler:
                 self._finish(row, "error", error, release=False)
             else:
                 try:
-                    self._next_token(row, token)
+                    new = self._next_token(row, token, row.cached)
                 except Exception as exc:  # a grammar or tokenizer failure: this row only
                     log.exception("a row failed after sampling")
                     self._finish(row, "error", exc, release=False)
+                    continue
+                if new is not None:
+                    row.pending = new
 
-    def _next_token(self, row: Sequence, token: int) -> None:
+    def _next_token(self, row: Sequence, token: int, cached: int) -> list[int] | None:
+        """Take a chosen token into the row's output (with what the grammar forces after it) and
+        return the tokens to feed next, or None when the row has finished. `cached`: how many
+        tokens the row has in its state before them."""
         if row.finished:
-            return
+            return None
         constraint = row.constraint
         row.request.usage.sampled_tokens += 1
         forced: list[int] = []
@@ -461,16 +598,17 @@ class Scheduler:
         stop_ids = self.tokenizer.stop_token_ids
         if constraint is None and token in stop_ids:
             self._finish(row, "stop", release=False)
-            return
+            return None
         stopped = row.append_output([t for t in new if t not in stop_ids])
         if stopped or (constraint is not None and constraint.is_finished()):
             self._finish(row, "stop", release=False)
         elif len(row.request.token_ids) >= row.params.max_tokens:
             self._finish(row, "length", release=False)
-        elif row.cached + len(new) >= self.pool.max_length:
+        elif cached + len(new) >= self.pool.max_length:
             self._finish(row, "length", release=False)
         else:
-            row.pending = new
+            return new
+        return None
 
     def _finish(
         self, row: Sequence, reason: str, error: BaseException | None = None, release: bool = True

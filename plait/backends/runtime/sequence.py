@@ -13,6 +13,7 @@ import torch
 
 from plait.backends.grammar.constraint import TokenConstraint
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
+from plait.backends.runtime.drafting import Drafter, DraftLength
 from plait.backends.runtime.request import Request
 from plait.backends.runtime.sampling import SamplingParams
 
@@ -28,6 +29,15 @@ class Sequence:
     order: int = -1
     """When it was first admitted (-1: not yet). The newest running sequence is the first to be
     preempted; a preempted one keeps its place, ahead of everything admitted after it."""
+    drafter: Drafter | None = None
+    draft_length: DraftLength | None = None
+    draft: list[int] = field(default_factory=list)
+    """Tokens guessed to follow `pending` this step (speculative decoding): fed after it in one
+    pass and kept as far as the model agrees with them."""
+    replay: bool = False
+    """`pending` starts with tokens a speculative pass already fed and then took back (the
+    fixed-size state was restored to before them): they are fed again as the decode steps
+    they stand for."""
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -51,6 +61,7 @@ class Sequence:
         grammar, the random generator and the text so far carry on as they were."""
         self.pending = self.request.prompt_ids + self.request.token_ids
         self.cached = 0
+        self.draft, self.replay = [], False
 
     def append_output(self, tokens: list[int]) -> bool:
         """New output tokens (stop ids excluded) into the results and the stream; True when a

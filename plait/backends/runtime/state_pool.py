@@ -148,3 +148,19 @@ class StatePool:
                     index = [slice(None)] * (t.dim() - 1)
                     index[spec.seq_axis] = slice(0, length)
                     t[dst][tuple(index)] = t[src][tuple(index)]
+
+    def save_fixed(self, first_slot: int, count: int) -> list[dict[str, torch.Tensor]]:
+        """A copy of the fixed-size state (Mamba conv/SSM) of slots `first_slot ..
+        first_slot+count-1`: what a speculative pass must be able to go back to, since that
+        state cannot be cut back to an earlier token the way a KV cache can."""
+        rows = slice(first_slot, first_slot + count)
+        return [
+            {name: tensors[name][rows].clone() for name, spec in specs.items() if spec.seq_axis is None}
+            for specs, tensors in zip(self.layer_specs, self.layers)
+        ]
+
+    def restore_fixed(self, saved: list[dict[str, torch.Tensor]], index: int, slot: int) -> None:
+        """Put row `index` of a `save_fixed` copy back into `slot`."""
+        for copies, tensors in zip(saved, self.layers):
+            for name, copy in copies.items():
+                tensors[name][slot].copy_(copy[index])

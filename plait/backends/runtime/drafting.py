@@ -1,0 +1,109 @@
+"""Drafting for speculative decoding: cheap guesses of a row's next tokens, and how many to guess.
+
+A draft costs little to make and is checked exactly: the scheduler feeds the row's pending
+tokens and the draft in one multi-token pass and keeps the drafted tokens the model itself
+would have produced (see `Scheduler._verify`). A good draft turns k one-token passes into one
+pass of k + 1 tokens; a bad one costs a slightly wider pass, so `DraftLength` stops a row from
+drafting while its drafts keep failing.
+
+`PromptLookup` is the model-free drafter (n-gram prompt lookup): DSPy programs copy a great
+deal — extraction and RAG answers quote the context, JSON output echoes keys and values — so
+the continuation of the latest n-gram's previous occurrence is often exactly what comes next.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+SPECULATIVE_METHODS = ("ngram", "mtp")
+"""What `speculative=` accepts: prompt lookup, or the checkpoint's own MTP heads."""
+
+MIN_NGRAM = 2
+"""Shortest suffix looked up: a single token matches too often to predict what follows it."""
+
+MAX_NGRAM = 4
+"""Longest suffix looked up (the longest match wins; longer ones add cost, not hits)."""
+
+MAX_BACKOFF_STEPS = 32
+"""A row whose drafts keep failing waits at most this many steps before drafting again."""
+
+
+class Drafter(Protocol):
+    """What the scheduler asks of a row's drafter."""
+
+    def propose(self, output_ids: list[int], count: int) -> list[int]:
+        """Up to `count` tokens likely to follow the prompt and `output_ids` (the row's output
+        so far; it only grows, and its last tokens are the ones about to be fed)."""
+        ...
+
+
+class PromptLookup:
+    """Proposes the tokens that followed the most recent earlier occurrence of the context's
+    last n tokens (n from `MAX_NGRAM` down to `MIN_NGRAM`), in the prompt or the output so far.
+
+    The index maps each n-gram to where its latest occurrence ends and is built incrementally
+    as the output grows, one lag behind the end: the suffix being looked up is not yet in it,
+    so a lookup finds the occurrence before it.
+    """
+
+    def __init__(self, prompt_ids: list[int]):
+        self.tokens: list[int] = list(prompt_ids)
+        self._prompt_length = len(prompt_ids)
+        self._ends: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams ending at positions <= this are in `_ends`
+
+    def propose(self, output_ids: list[int], count: int) -> list[int]:
+        """Up to `count` tokens to follow prompt + `output_ids` (the output only grows)."""
+        tokens = self.tokens
+        tokens.extend(output_ids[len(tokens) - self._prompt_length :])
+        self._index_until(len(tokens) - 1)
+        for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
+            end = self._ends.get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end : end + count]
+        return []
+
+    def _index_until(self, last_end: int) -> None:
+        """Index the n-grams that end at positions `_indexed + 1 .. last_end` (exclusive ends)."""
+        tokens = self.tokens
+        for end in range(max(self._indexed + 1, MIN_NGRAM), last_end + 1):
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
+                self._ends[tuple(tokens[end - n : end])] = end
+        self._indexed = max(self._indexed, last_end)
+
+
+@dataclass
+class DraftLength:
+    """How many tokens a row drafts next, from how its last drafts fared.
+
+    A fully accepted draft earns one more token (up to `limit`); a partly accepted one shrinks
+    to what was accepted plus one. A draft with nothing accepted also makes the row skip
+    drafting for a while, twice as long after each further failure (up to `MAX_BACKOFF_STEPS`),
+    so free text the drafter cannot predict runs at plain decoding's speed.
+    """
+
+    limit: int
+    current: int = 0
+    failures: int = 0
+    wait: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.limit
+
+    def wanted(self) -> int:
+        """Tokens to draft this step (0: not this step)."""
+        if self.wait > 0:
+            self.wait -= 1
+            return 0
+        return self.current
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if accepted == drafted:
+            self.current = min(self.current + 1, self.limit)
+            self.failures = 0
+            return
+        self.current = max(1, accepted + 1)
+        if accepted:
+            self.failures = 0
+            return
+        self.failures += 1
+        self.wait = min(2**self.failures - 1, MAX_BACKOFF_STEPS)
