@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from plait.backends.runtime.drafting import add_speculation_arguments
 from plait.errors import PlaitError
 
 # Each part of plait adds its own subcommands (`add_commands(subparsers)`).
@@ -30,6 +31,7 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from plait.backends.runtime.drafting import speculation_options
     from plait.backends.runtime.engine import Engine
 
     if args.max_tokens < 1:
@@ -38,7 +40,7 @@ def _generate(args: argparse.Namespace) -> None:
     tools = _tools(args)
     if args.raw and (args.reasoning is not None or tools):
         raise PlaitError("--reasoning and --tools need the chat template: they cannot be used with --raw")
-    engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize, **speculation_options(args))
     turn = None
     if args.raw:
         prompt = args.prompt
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weight-only quantised linear layers, bf16 activations (CPU)",
     )
+    add_speculation_arguments(p)
     constrain = p.add_argument_group("output constraints (one of)")
     constrain.add_argument("--choice", action="append", help="allowed answer (repeatable)")
     constrain.add_argument("--json-schema", metavar="FILE", help="JSON schema the answer must follow")

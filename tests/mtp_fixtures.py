@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from nemotron_fixtures import CONFIGS, hf_config, reinitialise, write_checkpoint
 from safetensors.torch import load_file, save_file
+
+from tests.nemotron_fixtures import CONFIGS, hf_config, reinitialise, write_checkpoint
 
 KIND = "moe"
 """The main model's config: its pattern has a layer of every kind to take sublayers from."""

@@ -12,17 +12,17 @@ import re
 
 import pytest
 import torch
-from mtp_fixtures import write_mtp_checkpoint
-from nemotron_fixtures import new_pool, random_ids, write_checkpoint
 from safetensors.torch import load_file, save_file
-from test_nemotron_engine import _byte_tokenizer
-from test_nemotron_h import _one_thread  # noqa: F401 (autouse: tiny tensors run faster on one thread)
 
 from plait.backends.loading import registry
 from plait.backends.loading.nemotron_h import load_nemotron_h
 from plait.backends.models.nemotron_h_config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
 from plait.backends.models.state import Batch
 from plait.errors import CheckpointError
+from tests.mtp_fixtures import write_mtp_checkpoint
+from tests.nemotron_fixtures import new_pool, random_ids, write_checkpoint
+from tests.test_nemotron_engine import _byte_tokenizer
+from tests.test_nemotron_h import _one_thread  # noqa: F401 (autouse: tiny tensors run faster on one thread)
 
 ATOL = 1e-4  # against transformers' blocks
 SAME = 1e-5  # plait's cached paths against its own full pass

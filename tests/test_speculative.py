@@ -20,6 +20,8 @@ from plait.backends.runtime.drafting import MAX_BACKOFF_STEPS, DraftLength, Prom
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.sampling import SamplingParams, probabilities, verify_draft
 from tests.chat_fixtures import write_chat_checkpoint
+from tests.mtp_fixtures import write_mtp_checkpoint
+from tests.test_nemotron_engine import _byte_tokenizer
 
 PROMPTS = [
     f"a plait of three strands, {i}: " * 5 + "the cat sat on the mat. the cat sat on the" for i in range(5)
@@ -280,3 +282,58 @@ def test_hybrid_sampled_rows_keep_the_distribution(hybrid):
     spent = fast.stats().since(before)
     assert spent.drafted_tokens > 0 and spent.accepted_tokens < spent.drafted_tokens
     assert chi_square_z(counts, torch.tensor(list(exact.values()))) < 4.0
+
+
+# ---- MTP heads ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtp_engines(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("spec-mtp")
+    write_mtp_checkpoint(directory, "*E", seed=4)
+    _byte_tokenizer(directory)
+    plain = Engine.load(str(directory))
+    fast = Engine.load(str(directory), speculative="mtp", draft_tokens=3)
+    yield plain, fast
+    plain.close()
+    fast.close()
+
+
+def test_mtp_drafts_are_the_heads_own_and_tokens_the_plain_ones(mtp_engines):
+    """With the (random) MTP head drafting on a hybrid MoE model: the tokens equal plain
+    decoding's, and every draft is what the head computes on the whole sequence in one
+    uncached pass — its first token from the pairs (h[t], x[t+1]) up to the last fed token, the
+    second chained on the head's own output — so the head's state stays in step with the rows
+    through prompt chunks, rejections, Mamba replays and prefix-cache restores."""
+    plain, fast = mtp_engines
+    model = fast.model
+    drafts: list[tuple[list[int], list[int]]] = []
+    propose = fast.scheduler.mtp.propose
+
+    def recording(slot, row, count):
+        draft = propose(slot, row, count)
+        if draft:
+            drafts.append((row.prompt_ids + row.request.token_ids, draft))
+        return draft
+
+    fast.scheduler.mtp.propose = recording
+    ids = [fast.prompt_ids(p) for p in PROMPTS[:3]]
+    reference = run_all(plain, ids, max_tokens=24)
+    for _ in range(2):  # the second round restores its prompts from the prefix cache
+        out = run_all(fast, ids, max_tokens=24)
+        assert [r.token_ids for r in out] == [r.token_ids for r in reference]
+    assert sum(r.usage.cached_tokens for r in out) > 0 and fast.stats().drafted_tokens > 0
+    for tokens, draft in drafts[:: max(1, len(drafts) // 12)]:
+        with torch.inference_mode():
+            _, hidden = model(torch.tensor([tokens[:-1]]), return_hidden=True)
+            logits, head = model.mtp_forward(hidden, torch.tensor([tokens[1:]]))
+            assert int(logits[0, -1].argmax()) == draft[0]
+            if len(draft) > 1:
+                chained = torch.cat([hidden, head[:, -1:]], dim=1)
+                logits, _ = model.mtp_forward(chained, torch.tensor([tokens[1:] + draft[:1]]))
+                assert int(logits[0, -1].argmax()) == draft[1]
+
+
+def test_mtp_needs_a_head():
+    with pytest.raises(ValueError, match="MTP layers"):
+        Engine.load("smollm2-135m", speculative="mtp")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plait.backends.runtime.drafting import add_speculation_arguments, speculation_options
 from plait.compilers.commands import positive_int
 from plait.compilers.loading import split_target
 from plait.serve.config import ServeConfig, ServeConfigError
@@ -155,6 +156,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="weight-only quantised linear layers, bf16 activations (CPU)",
     )
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
+    add_speculation_arguments(p)
     p.add_argument(
         "--database",
         "--db",
@@ -216,7 +218,7 @@ def build_runtime(args: argparse.Namespace, config: ServeConfig) -> Any:
 
         store = Store.open(args.database)
     runtime = ServeRuntime(config, store=store)
-    lm_options: dict[str, Any] = {"device": args.device}
+    lm_options: dict[str, Any] = {"device": args.device, **speculation_options(args)}
     for option in ("max_batch_size", "memory_budget_mb", "step_tokens"):
         if getattr(args, option) is not None:
             lm_options[option] = getattr(args, option)

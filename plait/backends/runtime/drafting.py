@@ -11,8 +11,9 @@ deal — extraction and RAG answers quote the context, JSON output echoes keys a
 the continuation of the latest n-gram's previous occurrence is often exactly what comes next.
 """
 
+import argparse
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 SPECULATIVE_METHODS = ("ngram", "mtp")
 """What `speculative=` accepts: prompt lookup, or the checkpoint's own MTP heads."""
@@ -107,3 +108,24 @@ class DraftLength:
             return
         self.failures += 1
         self.wait = min(2**self.failures - 1, MAX_BACKOFF_STEPS)
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--speculative` and `--draft-tokens`, for the commands that load an engine."""
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default=None,
+        help="speculative decoding: draft tokens by prompt lookup (ngram) or the checkpoint's MTP "
+        "heads (mtp) and verify them in one pass; the output tokens are the same",
+    )
+    parser.add_argument(
+        "--draft-tokens", type=int, default=4, help="most tokens a sequence drafts per step (default 4)"
+    )
+
+
+def speculation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options `add_speculation_arguments` set (none when speculation is off)."""
+    if args.speculative is None:
+        return {}
+    return {"speculative": args.speculative, "draft_tokens": args.draft_tokens}

@@ -41,6 +41,7 @@ from plait.backends.runtime.cuda_graphs import DecodeGraphs
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
 from plait.backends.runtime.drafting import Drafter, DraftLength, PromptLookup
 from plait.backends.runtime.host_memory import release_free_memory
+from plait.backends.runtime.mtp_drafting import MTPDrafter
 from plait.backends.runtime.prefix_cache import PrefixCache, block_hashes
 from plait.backends.runtime.request import Request
 from plait.backends.runtime.sampling import sample_rows, verify_draft
@@ -103,6 +104,7 @@ class Scheduler:
         self.speculative, self.draft_tokens = speculative, draft_tokens
         #: a new request's drafter (speculative decoding); tests put an oracle here
         self.make_drafter: Callable[[Request], Drafter] = lambda request: PromptLookup(request.prompt_ids)
+        self.mtp = MTPDrafter(model, pool) if speculative == "mtp" else None
         self.drafted_tokens = self.accepted_tokens = 0
         self.prompt_tokens_computed = 0
         self.preemptions = 0
@@ -110,7 +112,8 @@ class Scheduler:
         self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
         self.device = next(model.parameters()).device
         self._fixed_state = has_fixed_state(pool.layer_specs)
-        self.decode_graphs = DecodeGraphs.for_device(model, pool)  # None off CUDA
+        # None off CUDA, and with the MTP head, which needs every pass's hidden states
+        self.decode_graphs = DecodeGraphs.for_device(model, pool) if speculative != "mtp" else None
         self.padded_passes = True  # see _multi_token_groups; False: one row per pass (for comparison)
         self.rows: list[Sequence] = []  # rows[i] lives in slot i
         self.waiting: deque[Sequence] = deque()
@@ -145,7 +148,7 @@ class Scheduler:
                 request.usage.forced_tokens = len(forced)
                 sequence.append_output(forced)
         if self.speculative is not None:
-            sequence.drafter = self.make_drafter(request)
+            sequence.drafter = self.make_drafter(request) if self.speculative == "ngram" else None
             sequence.draft_length = DraftLength(self.draft_tokens)
         if self.prefix_cache is not None:
             sequence.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
@@ -227,6 +230,7 @@ class Scheduler:
         if restorable:
             self.prefix_cache.restore(row.block_hashes, restorable, self.pool, slot)
             row.cached, row.request.usage.cached_tokens = restorable, restorable
+            row.mtp_cached = restorable  # cached blocks hold the MTP head's pairs too
             del row.pending[:restorable]
         if row.order < 0:
             row.order = next(self._admissions)
@@ -313,10 +317,12 @@ class Scheduler:
         cut where its grammar would refuse it and to what the row still has room for."""
         if self.speculative is None:
             return
-        for row in self.rows:
+        for slot, row in enumerate(self.rows):
             row.draft = []
             if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids):
                 continue
+            if self.mtp is not None and (len(row.pending) > 1 or row.replay):
+                continue  # the head drafts from the hidden state of the token before the last
             room = min(
                 row.draft_length.wanted(),
                 row.params.max_tokens - len(row.request.token_ids) - 1,
@@ -325,7 +331,10 @@ class Scheduler:
             )
             if room <= 0:
                 continue
-            draft = row.drafter.propose(row.request.token_ids, room)
+            if self.mtp is not None:
+                draft = self.mtp.propose(slot, row, room)
+            else:
+                draft = row.drafter.propose(row.request.token_ids, room)
             if draft and row.constraint is not None:
                 draft = draft[: row.constraint.valid_prefix(draft)]
             row.draft = draft
@@ -430,11 +439,14 @@ class Scheduler:
         if self._speculative(rows[0]):
             self._speculative_pass(slots, rows, chunks, ids, new_tokens)
             return
-        logits = self._forward(slots[0], rows, ids, new_tokens)[:, -1]
+        logits, hidden = self._forward(slots[0], rows, ids, new_tokens)
+        logits = logits[:, -1]
         done = []
         for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
             self._consumed(row, len(chunk))
             computed_prompt = row.cached - len(chunk) < len(row.prompt_ids)
+            if hidden is not None:  # before the prefix cache copies the block: pair it in the head
+                self._observe(slot, row, hidden[i, : len(chunk)], catch_up=computed_prompt)
             if self.prefix_cache is not None and computed_prompt:
                 self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
             if not row.pending:
@@ -455,7 +467,7 @@ class Scheduler:
         pass treats its tokens as the one-token steps they stand for (`Batch.step_clamp`)."""
         count = max(len(r.draft) for r in rows) + 1
         saved = self.pool.save_fixed(slots[0], len(rows)) if self._fixed_state else None
-        logits = self._forward(slots[0], rows, ids, new_tokens, logit_count=count, step_clamp=True)
+        logits, hidden = self._forward(slots[0], rows, ids, new_tokens, logit_count=count, step_clamp=True)
         for i, (slot, row, fed) in enumerate(zip(slots, rows, chunks)):
             try:
                 kept = self._verify(row, fed, logits[i, count - len(row.draft) - 1 :])
@@ -466,6 +478,8 @@ class Scheduler:
             if row.finished or kept == len(fed) or saved is None:
                 row.cached += kept
                 row.replay = False
+                if hidden is not None and not row.finished:
+                    self._observe(slot, row, hidden[i, :kept])
             else:  # Mamba state took in rejected tokens: go back, feed the kept ones again
                 self.pool.restore_fixed(saved, i, slot)
                 row.pending = fed[:kept] + row.pending
@@ -517,16 +531,27 @@ class Scheduler:
     def _decode_run(self, slots: list[int]) -> None:
         rows = [self.rows[s] for s in slots]
         ids = torch.tensor([[r.pending[0]] for r in rows], device=self.device)
-        logits = self._forward(slots[0], rows, ids)[:, -1]
-        for row in rows:
+        logits, hidden = self._forward(slots[0], rows, ids)
+        for i, (slot, row) in enumerate(zip(slots, rows)):
             self._consumed(row, 1)
-        self._sample(rows, logits)
+            if hidden is not None:
+                self._observe(slot, row, hidden[i])
+        self._sample(rows, logits[:, -1])
 
     def _fresh_pass(self, slot: int) -> None:
         row = self.rows[slot]
-        logits = self._forward(slot, [row], torch.tensor([row.pending], device=self.device))[:, -1]
+        logits, hidden = self._forward(slot, [row], torch.tensor([row.pending], device=self.device))
         self._consumed(row, 1)
-        self._sample([row], logits)
+        if hidden is not None:
+            self._observe(slot, row, hidden[0])
+        self._sample([row], logits[:, -1])
+
+    def _observe(self, slot: int, row: Sequence, hidden: torch.Tensor, catch_up: bool = False) -> None:
+        """Hand the MTP head the hidden states [n, H] of the row's n newest cached positions;
+        with `catch_up`, pair them in the head's state now (see runtime/mtp_drafting.py)."""
+        self.mtp.observe(row, hidden)
+        if catch_up:
+            self.mtp.catch_up(slot, row)
 
     def _forward(
         self,
@@ -537,7 +562,8 @@ class Scheduler:
         logit_count: int = 1,
         step_clamp: bool = False,
     ) -> torch.Tensor:
-        """Logits [rows, logit_count, V] of each row's last `logit_count` real positions."""
+        """Logits [rows, logit_count, V] of each row's last `logit_count` real positions, and
+        with the MTP head the hidden states [rows, T, H] of every position (else None)."""
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.request.usage.forward_passes += 1
@@ -545,9 +571,11 @@ class Scheduler:
             if self.decode_graphs is not None and ids.shape[1] == 1:
                 logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
                 if logits is not None:
-                    return logits
+                    return logits, None
             batch = Batch(self.pool, first_slot, lens, new_tokens, logit_count, step_clamp)
-            return self.model(ids, batch, last_only=True)
+            if self.mtp is not None:
+                return self.model(ids, batch, last_only=True, return_hidden=True)
+            return self.model(ids, batch, last_only=True), None
         except Exception as exc:
             raise _ForwardFailed from exc
 

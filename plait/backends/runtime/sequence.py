@@ -38,6 +38,10 @@ class Sequence:
     """`pending` starts with tokens a speculative pass already fed and then took back (the
     fixed-size state was restored to before them): they are fed again as the decode steps
     they stand for."""
+    hidden: torch.Tensor | None = None
+    """Main hidden states of positions `mtp_cached ..` not yet paired in the MTP head's state."""
+    mtp_cached: int = 0
+    """Positions of the MTP head's state filled for this row (see runtime/mtp_drafting.py)."""
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -62,6 +66,7 @@ class Sequence:
         self.pending = self.request.prompt_ids + self.request.token_ids
         self.cached = 0
         self.draft, self.replay = [], False
+        self.hidden, self.mtp_cached = None, 0
 
     def append_output(self, tokens: list[int]) -> bool:
         """New output tokens (stop ids excluded) into the results and the stream; True when a
