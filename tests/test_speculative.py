@@ -10,11 +10,13 @@ where Mamba state must be rolled back exactly.
 
 import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from plait.backends.clients.local import shared_engine
 from plait.backends.grammar.constraint import compile_constraint
 from plait.backends.runtime.drafting import MAX_BACKOFF_STEPS, DraftLength, PromptLookup
 from plait.backends.runtime.engine import Engine
@@ -337,3 +339,51 @@ def test_mtp_drafts_are_the_heads_own_and_tokens_the_plain_ones(mtp_engines):
 def test_mtp_needs_a_head():
     with pytest.raises(ValueError, match="MTP layers"):
         Engine.load("smollm2-135m", speculative="mtp")
+
+
+def test_plait_lm_with_constrained_adapter(data_dir):
+    """`plait.LM(..., speculative="ngram")` under ConstrainedAdapter: a DSPy extraction
+    signature gives the same answers as without speculation, and the drafts were used."""
+    import dspy
+
+    import plait
+
+    rows = [json.loads(line) for line in (data_dir / "squad" / "dev.jsonl").open()][:12:4]
+    extract = dspy.Predict("context, question -> answer")
+    answers = []
+    for options in ({}, {"speculative": "ngram", "draft_tokens": 6}):
+        lm = plait.LM("smollm2-135m", cache=False, max_tokens=96, **options)
+        with dspy.context(lm=lm, adapter=plait.ConstrainedAdapter()):
+            answers.append([extract(context=r["context"][:700], question=r["question"]).answer for r in rows])
+    assert answers[1] == answers[0]
+    engine = shared_engine("smollm2-135m", device="cpu", speculative="ngram", draft_tokens=6)
+    assert engine.stats().accepted_tokens > 0
+
+
+def test_plait_serve_speculative(smollm, data_dir):
+    """`plait serve --model smollm2-135m --speculative ngram`: a chat completion over HTTP has
+    the plain engine's text, its usage counts drafted and accepted tokens, and /metrics too."""
+    import httpx
+
+    from plait.cli import build_parser
+    from plait.serve.app import create_app
+    from plait.serve.commands import build_runtime, config_from_args
+    from tests.serve_fixtures import ServerThread
+
+    argv = ["serve", "--model", "smollm2-135m", "--speculative", "ngram", "--draft-tokens", "5"]
+    args = build_parser().parse_args([*argv, "--no-traces"])
+    config = config_from_args(args)
+    runtime = build_runtime(args, config)
+    messages = [{"role": "user", "content": squad_prompts(data_dir, 2)[1]}]
+    try:
+        with ServerThread(create_app(runtime)) as server, httpx.Client(base_url=server.url) as http:
+            body = {"model": "smollm2-135m", "messages": messages, "max_tokens": 40, "temperature": 0}
+            answer = http.post("/v1/chat/completions", json=body, timeout=300).json()
+            metrics = http.get("/metrics").text
+    finally:
+        runtime.close()
+    assert answer["choices"][0]["message"]["content"] == smollm.chat(messages, max_tokens=40).text
+    usage = answer["plait"]
+    assert 0 < usage["accepted_tokens"] <= usage["drafted_tokens"]
+    accepted = re.search(r'plait_engine_accepted_tokens\{model="smollm2-135m"\} (\d+)', metrics)
+    assert accepted and int(accepted.group(1)) >= usage["accepted_tokens"]

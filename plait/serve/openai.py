@@ -240,8 +240,16 @@ def _usage(choices: list[_Choice]) -> dict[str, Any]:
 
 
 def _plait_usage(choices: list[_Choice]) -> dict[str, Any]:
-    """plait's extra accounting: how many tokens the grammar forced instead of sampling."""
-    keys = ("sampled_tokens", "forced_tokens", "forward_passes", "cached_tokens")
+    """plait's extra accounting: how many tokens the grammar forced instead of sampling, the
+    passes, the cached prompt tokens, and speculative decoding's drafted and accepted tokens."""
+    keys = (
+        "sampled_tokens",
+        "forced_tokens",
+        "forward_passes",
+        "cached_tokens",
+        "drafted_tokens",
+        "accepted_tokens",
+    )
     return {k: sum(int(getattr(c.handle.usage, k, 0) or 0) for c in choices) for k in keys}
 
 

@@ -103,6 +103,21 @@ class ServeRuntime:
             "Sequences whose state was given up to stay in the memory budget (recomputed), by model.",
             lambda: self._engine_values(lambda s: s.preemptions),
         )
+        for name, help_, attribute in (
+            (
+                "plait_engine_drafted_tokens",
+                "Tokens drafted by speculative decoding so far, by model.",
+                "drafted_tokens",
+            ),
+            (
+                "plait_engine_accepted_tokens",
+                "Drafted tokens the model agreed with so far, by model.",
+                "accepted_tokens",
+            ),
+        ):
+            self.metrics.add_gauge(
+                name, help_, lambda attribute=attribute: self._engine_values(lambda s: getattr(s, attribute))
+            )
         self.metrics.add_gauge(
             "plait_traces_dropped",
             "Traces that could not be written to the store.",
