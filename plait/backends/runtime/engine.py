@@ -55,7 +55,9 @@ class EngineStats:
     the scheduler held at that moment; `preemptions` counts sequences whose state was given up
     to stay in the memory budget (recomputed later); `forward_seconds` is the time spent inside
     those passes. With speculative decoding, `drafted_tokens` were guessed and fed for
-    verification and `accepted_tokens` of them were kept (`acceptance` is the share).
+    verification and `accepted_tokens` of them were kept (`acceptance` is the share);
+    `replayed_tokens` were kept but fed again, because a hybrid's Mamba state had to go back
+    to before the pass's rejected tokens.
     """
 
     requests: int = 0
@@ -71,6 +73,7 @@ class EngineStats:
     preemptions: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    replayed_tokens: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
 
@@ -219,6 +222,7 @@ class Engine:
                 preemptions=self.scheduler.preemptions,
                 drafted_tokens=self.scheduler.drafted_tokens,
                 accepted_tokens=self.scheduler.accepted_tokens,
+                replayed_tokens=self.scheduler.replayed_tokens,
             )
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:

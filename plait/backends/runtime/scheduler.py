@@ -105,7 +105,7 @@ class Scheduler:
         #: a new request's drafter (speculative decoding); tests put an oracle here
         self.make_drafter: Callable[[Request], Drafter] = lambda request: PromptLookup(request.prompt_ids)
         self.mtp = MTPDrafter(model, pool) if speculative == "mtp" else None
-        self.drafted_tokens = self.accepted_tokens = 0
+        self.drafted_tokens = self.accepted_tokens = self.replayed_tokens = 0
         self.prompt_tokens_computed = 0
         self.preemptions = 0
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -484,6 +484,7 @@ class Scheduler:
                 self.pool.restore_fixed(saved, i, slot)
                 row.pending = fed[:kept] + row.pending
                 row.replay = True
+                self.replayed_tokens += kept
 
     def _verify(self, row: Sequence, fed: list[int], logits: torch.Tensor) -> int:
         """Choose the row's next tokens from the logits [D + 1, V] of its pass's last positions
