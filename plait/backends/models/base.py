@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from plait.backends.kernels.cpu_linear import FewRowLinear
 from plait.backends.models.state import Batch, StateSpec
 
 
@@ -42,10 +43,14 @@ class CausalLM(nn.Module):
 
     def fuse_projections(self) -> "CausalLM":
         """Merge the projections that read the same input (q/k/v, gate/up) into one matmul each:
-        layers that can do so have a `fuse()` method. Done once after loading, before serving."""
+        layers that can do so have a `fuse()` method; then plain linear layers become
+        `FewRowLinear` (faster few-row passes on CPU). Done once after loading, before serving."""
         for module in list(self.modules()):
             if module is not self and callable(getattr(module, "fuse", None)):
                 module.fuse()
+        for module in self.modules():  # then every plain linear layer, fused ones included
+            if type(module) is nn.Linear:
+                module.__class__ = FewRowLinear
         return self
 
     def info(self, family: str) -> ModelInfo:

@@ -80,12 +80,18 @@ class DraftLength:
     to what was accepted plus one. A draft with nothing accepted also makes the row skip
     drafting for a while, twice as long after each further failure (up to `MAX_BACKOFF_STEPS`),
     so free text the drafter cannot predict runs at plain decoding's speed.
+
+    `rate(prior)` is the chance that the row's next drafted token is kept: its kept tokens
+    against its drafts cut short, starting from two pseudo-drafts at `prior` (the engine's
+    rate over every row so far, so a new row starts where its kind of work stands).
     """
 
     limit: int
     current: int = 0
     failures: int = 0
     wait: int = 0
+    kept: int = 0
+    cut: int = 0
 
     def __post_init__(self) -> None:
         self.current = self.current or self.limit
@@ -97,7 +103,12 @@ class DraftLength:
             return 0
         return self.current
 
+    def rate(self, prior: float) -> float:
+        return (self.kept + 2 * prior) / (self.kept + self.cut + 2)
+
     def record(self, drafted: int, accepted: int) -> None:
+        self.kept += accepted
+        self.cut += accepted < drafted
         if accepted == drafted:
             self.current = min(self.current + 1, self.limit)
             self.failures = 0
@@ -108,6 +119,57 @@ class DraftLength:
             return
         self.failures += 1
         self.wait = min(2**self.failures - 1, MAX_BACKOFF_STEPS)
+
+
+MARGIN = 1.05
+"""Drafts must promise this much more speed than they risk: a wrong estimate costs less."""
+
+
+def expected_kept(rate: float, drafted: int) -> float:
+    """Tokens expected to be kept of `drafted`, each kept with chance `rate` if all before it were."""
+    return sum(rate**j for j in range(1, drafted + 1))
+
+
+def best_length(line: tuple[float, float], decoding: int, longest: int, rate: float) -> int:
+    """The draft length (0..longest) that gives one of `decoding` rows the most tokens per
+    second: its share of a plain step is fixed / decoding + per_token, and each drafted token
+    adds per_token and `rate`^j expected tokens."""
+    fixed, per_token = line
+    share = fixed / decoding + per_token
+    speeds = [(1 + expected_kept(rate, d)) / (share + per_token * d) for d in range(longest + 1)]
+    return max(range(longest + 1), key=lambda d: (speeds[d] > MARGIN * speeds[0], speeds[d]))
+
+
+def draft_plan(
+    line: tuple[float, float] | None, decoding: int, drafts: list[int], expected: list[float]
+) -> str:
+    """How a step with drafts should run, if at all: `decoding` rows each feed one token, of
+    which the drafting ones add `drafts[i]` tokens expected to keep `expected[i]`.
+
+    "plain": drop the drafts (one decode pass of `decoding` tokens pays better); "separate": a
+    pass of the drafting rows padded to the longest draft, plus a decode pass for the others;
+    "merged": one pass with the others padded to the longest draft too (padding costs
+    positions, a second pass costs its fixed part). Costs come from `line` (`PassCosts.line()`:
+    fixed seconds per pass, seconds per position); with no line yet, drafts run "separate"."""
+    if not drafts:
+        return "plain"
+    if line is None:
+        return "separate"
+    fixed, per_token = line
+    width = 1 + max(drafts)
+    others = decoding - len(drafts)
+    separate = fixed + per_token * len(drafts) * width + (fixed + per_token * others if others else 0.0)
+    merged = fixed + per_token * decoding * width
+    best = min(separate, merged)
+    if (decoding + sum(expected)) * (fixed + per_token * decoding) <= MARGIN * decoding * best:
+        return "plain"
+    return "merged" if merged < separate else "separate"
+
+
+def padding_pays(line: tuple[float, float] | None, padding: int) -> bool:
+    """Whether padding a pass by `padding` positions costs less than running a second pass
+    (None: no costs known yet; then padding is kept to a quarter of a pass by the caller)."""
+    return line is not None and padding * line[1] < line[0]
 
 
 def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:

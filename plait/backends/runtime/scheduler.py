@@ -26,6 +26,7 @@ import itertools
 import logging
 import random
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -39,9 +40,18 @@ from plait.backends.models.base import CausalLM
 from plait.backends.models.state import Batch, has_fixed_state
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
-from plait.backends.runtime.drafting import Drafter, DraftLength, PromptLookup
+from plait.backends.runtime.drafting import (
+    Drafter,
+    DraftLength,
+    PromptLookup,
+    best_length,
+    draft_plan,
+    expected_kept,
+    padding_pays,
+)
 from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.mtp_drafting import MTPDrafter
+from plait.backends.runtime.pass_costs import PassCosts
 from plait.backends.runtime.prefix_cache import PrefixCache, block_hashes
 from plait.backends.runtime.request import Request
 from plait.backends.runtime.sampling import sample_rows, verify_draft
@@ -106,6 +116,10 @@ class Scheduler:
         self.make_drafter: Callable[[Request], Drafter] = lambda request: PromptLookup(request.prompt_ids)
         self.mtp = MTPDrafter(model, pool) if speculative == "mtp" else None
         self.drafted_tokens = self.accepted_tokens = self.replayed_tokens = 0
+        self.cut_drafts = 0  # drafts that ended in a rejected token
+        self.pass_costs = PassCosts()  # what passes cost here: whether a step's drafts pay
+        #: False: draft whenever a drafter has a guess, whatever it costs (for comparisons)
+        self.weigh_drafts = True
         self.prompt_tokens_computed = 0
         self.preemptions = 0
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -309,8 +323,9 @@ class Scheduler:
 
     @staticmethod
     def _speculative(row: Sequence) -> bool:
-        """Whether the row's pass this step verifies a draft (or replays taken-back tokens)."""
-        return bool(row.draft) or row.replay
+        """Whether the row's pass this step verifies a draft (or replays taken-back tokens, or
+        rides along with the rows that do)."""
+        return bool(row.draft) or row.replay or row.rides_along
 
     def _draft(self) -> None:
         """Each decoding row's draft for this step (speculative decoding; see drafting.py),
@@ -318,7 +333,7 @@ class Scheduler:
         if self.speculative is None:
             return
         for slot, row in enumerate(self.rows):
-            row.draft = []
+            row.draft, row.rides_along = [], False
             if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids):
                 continue
             if self.mtp is not None and (len(row.pending) > 1 or row.replay):
@@ -338,6 +353,28 @@ class Scheduler:
             if draft and row.constraint is not None:
                 draft = draft[: row.constraint.valid_prefix(draft)]
             row.draft = draft
+        self._weigh_drafts()
+
+    def _weigh_drafts(self) -> None:
+        """Keep this step's drafts only as far as they should pay for their pass (see
+        pass_costs.py): each is cut to its most rewarding length for its row's rate of kept
+        tokens, and all are dropped when the step would still be slower with them."""
+        line = self.pass_costs.line() if self.weigh_drafts else None
+        if line is None:
+            return
+        decoding = [r for r in self.rows if len(r.pending) == 1 and r.cached > 0 and not r.finished]
+        drafting = [r for r in decoding if r.draft]
+        prior = (self.accepted_tokens + 1) / (self.accepted_tokens + self.cut_drafts + 2)
+        rates = [r.draft_length.rate(prior) for r in drafting]
+        for row, rate in zip(drafting, rates):
+            row.draft = row.draft[: best_length(line, len(decoding), len(row.draft), rate)]
+        lengths = [len(r.draft) for r in drafting]
+        expected = [expected_kept(rate, n) for rate, n in zip(rates, lengths)]
+        plan = draft_plan(line, len(decoding), [n for n in lengths if n], [e for e in expected if e])
+        for row in decoding:
+            if plan == "plain":
+                row.draft = []
+            row.rides_along = plan == "merged" and not row.draft
 
     def _plan(self) -> StepPlan:
         decode_runs: list[list[int]] = []
@@ -410,7 +447,9 @@ class Scheduler:
                 slots, chunks = groups[-1]
                 width = max(len(chunk), *(len(c) for c in chunks))
                 real = len(chunk) + sum(len(c) for c in chunks)
-                if width * (len(slots) + 1) <= 1.25 * real:
+                padding = width * (len(slots) + 1) - real
+                line = self.pass_costs.line() if speculative and self.weigh_drafts else None
+                if width * (len(slots) + 1) <= 1.25 * real or padding_pays(line, padding):
                     slots.append(slot)
                     chunks.append(chunk)
                     continue
@@ -497,7 +536,7 @@ class Scheduler:
         what one-token decoding would have produced; the first choice that disagrees replaces
         the rest of the draft, and a fully kept draft earns one more token from its last
         position. The grammar only ever consumes kept tokens: nothing to roll back."""
-        draft, row.draft = row.draft, []
+        draft, row.draft, row.rides_along = row.draft, [], False
         before = len(fed) - len(draft)  # the pending tokens fed ahead of the draft
         argmax = None
         if row.constraint is None and row.params.greedy and not torch.isnan(logits).any():
@@ -527,6 +566,7 @@ class Scheduler:
         row.request.usage.accepted_tokens += at
         if draft:
             row.draft_length.record(len(draft), at)
+            self.cut_drafts += at < len(draft)
         return before + at
 
     def _decode_run(self, slots: list[int]) -> None:
@@ -562,12 +602,15 @@ class Scheduler:
         new_tokens: torch.Tensor | None = None,
         logit_count: int = 1,
         step_clamp: bool = False,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [rows, logit_count, V] of each row's last `logit_count` real positions, and
-        with the MTP head the hidden states [rows, T, H] of every position (else None)."""
+        with the MTP head the hidden states [rows, T, H] of every position (else None). Each
+        pass's time goes into `pass_costs` (on CUDA that is launch time: passes look cheap,
+        as a GPU's small passes nearly are)."""
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.request.usage.forward_passes += 1
+        started = time.perf_counter()
         try:
             if self.decode_graphs is not None and ids.shape[1] == 1:
                 logits = self.decode_graphs.run(ids, first_slot, lens, live_slots=len(self.rows))
@@ -579,6 +622,8 @@ class Scheduler:
             return self.model(ids, batch, last_only=True), None
         except Exception as exc:
             raise _ForwardFailed from exc
+        finally:
+            self.pass_costs.record(ids.numel(), time.perf_counter() - started)
 
     def _consumed(self, row: Sequence, count: int) -> None:
         self.prompt_tokens_computed += max(0, min(count, len(row.prompt_ids) - row.cached))

@@ -38,6 +38,9 @@ class Sequence:
     """`pending` starts with tokens a speculative pass already fed and then took back (the
     fixed-size state was restored to before them): they are fed again as the decode steps
     they stand for."""
+    rides_along: bool = False
+    """A plain decode row fed in this step's verify pass, padded to its width, instead of in a
+    decode pass of its own (when one pass costs less than two)."""
     hidden: torch.Tensor | None = None
     """Main hidden states of positions `mtp_cached ..` not yet paired in the MTP head's state."""
     mtp_cached: int = 0
@@ -65,7 +68,7 @@ class Sequence:
         grammar, the random generator and the text so far carry on as they were."""
         self.pending = self.request.prompt_ids + self.request.token_ids
         self.cached = 0
-        self.draft, self.replay = [], False
+        self.draft, self.replay, self.rides_along = [], False, False
         self.hidden, self.mtp_cached = None, 0
 
     def append_output(self, tokens: list[int]) -> bool:
