@@ -30,6 +30,9 @@ from dspy.utils.callback import BaseCallback
 from plait.backends.clients.local import DEFAULT_MAX_TOKENS
 from plait.backends.grammar.spec import EXTENSION_KEY, GrammarError, GrammarSpec
 from plait.modules.signature_grammar import GrammarOptions, chat_grammar, json_grammar, offered_tools
+from plait.modules.streaming import teach_stream_listeners
+
+teach_stream_listeners()  # dspy.streamify's listeners then know these adapters' field markers
 
 
 def accepts_grammar(lm: BaseLM) -> bool:

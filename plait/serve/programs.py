@@ -183,27 +183,6 @@ def make_adapter(choice: str, lm: Any, meta: dict[str, Any]) -> Any:
     return select_adapter(lm, choice)
 
 
-class _FieldListener(StreamListener):
-    """DSPy's `StreamListener` for JSON-format answers, plait's JSON adapter included.
-
-    DSPy's listeners recognise adapters by class name; `ConstrainedJSONAdapter` writes exactly
-    JSONAdapter's format, so the listener parses the stream as JSONAdapter's. Only the listener
-    sees the base adapter: the program keeps its own.
-    """
-
-    def __init__(self, *args: Any, stream_adapter: Any = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.stream_adapter = stream_adapter
-
-    def receive(self, chunk: Any) -> Any:
-        with dspy.context(adapter=self.stream_adapter):
-            return super().receive(chunk)
-
-    def finalize(self) -> Any:
-        with dspy.context(adapter=self.stream_adapter):
-            return super().finalize()
-
-
 class _RunBy:
     """The program as `dspy.streamify` sees it: called through `run` on DSPy's worker thread,
     with the program's predictors for the stream listeners."""
@@ -338,7 +317,7 @@ class ServedProgram:
         listeners = []
         if isinstance(self.adapter, JSONAdapter):
             listeners = [
-                _FieldListener(field_name, predict=predictor, predict_name=name, stream_adapter=JSONAdapter())
+                StreamListener(field_name, predict=predictor, predict_name=name)
                 for name, predictor in self.program.named_predictors()
                 for field_name in predictor.signature.output_fields
             ]
