@@ -175,6 +175,8 @@ def test_a_client_that_leaves_stops_its_program(server, runtime, scheduler, stor
     path = "/v1/programs/story" + ("?stream=true" if stream else "")
     post_then_leave(server, path, {"topic": STORY}, until=lambda: scheduler.rows)
     to_stop, then_freed = steps_to_stop(runtime, scheduler)
-    assert to_stop < 16 and then_freed >= 0  # stopped long before LONG tokens, then the slot came back
+    # stopped long before LONG tokens, and the slot came back; a program's thread may end and
+    # free its slot while the scheduler is still in the step that drops its row (-1)
+    assert to_stop < 16 and then_freed >= -1
     assert runtime.traces.flush()
     assert store.traces(program="story", limit=1)[0].status == "cancelled"
