@@ -40,6 +40,16 @@ def test_lm_call_runs_the_local_engine(lm, smollm):
     assert entry["usage"]["completion_tokens"] > 0 and entry["usage"]["prompt_tokens"] > 10
 
 
+def test_history_counts_prompt_tokens_read_from_the_prefix_cache(lm):
+    """A call whose prompt starts like an earlier one's reads those blocks from the prefix
+    cache: DSPy's history shows them as cached prompt tokens, as it does for providers."""
+    system = {"role": "system", "content": "You answer questions about geography, briefly. " * 12}
+    lm(messages=[system, {"role": "user", "content": "Where is Lyon?"}])
+    lm(messages=[system, {"role": "user", "content": "Where is Porto?"}])
+    usage = lm.history[-1]["usage"]
+    assert 16 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
 def test_request_config_reaches_the_engine(lm):
     response = lm(_request(lm, "Write a long story about a lighthouse.", max_tokens=5))
     assert response.finish_reason == "length" and response.usage.output_tokens == 5

@@ -299,8 +299,14 @@ def _finish(handle: EngineRequest) -> str:
 
 
 def _usage(handle: EngineRequest) -> Usage:
+    """DSPy's usage of a call; prompt tokens restored from the prefix cache are its cache reads."""
     u = handle.usage
-    return Usage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+    return Usage(
+        input_tokens=u.prompt_tokens,
+        output_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        cache_read_tokens=u.cached_tokens,
+    )
 
 
 class AsyncPlaitEngine:
