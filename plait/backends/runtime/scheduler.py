@@ -368,9 +368,9 @@ class Scheduler:
         rates = [r.draft_length.rate(prior) for r in drafting]
         for row, rate in zip(drafting, rates):
             row.draft = row.draft[: best_length(line, len(decoding), len(row.draft), rate)]
-        lengths = [len(r.draft) for r in drafting]
-        expected = [expected_kept(rate, n) for rate, n in zip(rates, lengths)]
-        plan = draft_plan(line, len(decoding), [n for n in lengths if n], [e for e in expected if e])
+        left = [(len(r.draft), rate) for r, rate in zip(drafting, rates) if r.draft]
+        expected = [expected_kept(rate, n) for n, rate in left]
+        plan = draft_plan(line, len(decoding), [n for n, _ in left], expected)
         for row in decoding:
             if plan == "plain":
                 row.draft = []
@@ -405,7 +405,7 @@ class Scheduler:
         while not self.pool.fits(len(self.rows), plan.length):
             if any(r.draft for r in self.rows):  # drafts are optional: drop them before any row
                 for row in self.rows:
-                    row.draft = []
+                    row.draft, row.rides_along = [], False
                 plan = self._plan()
                 continue
             if len(self.rows) == 1:
