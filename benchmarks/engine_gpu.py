@@ -12,7 +12,8 @@ function and the 30B model fits once on one 80 GB GPU).
 
 Per model, for plait (Triton kernels, CUDA-graph decode) and transformers (its PyTorch path,
 as installed), in the same run:
-  * prefill tok/s of one 2k and one 8k-token prompt, cache written (time of the pass);
+  * prefill tok/s of one 2k and one 8k-token prompt, cache written (after a warm-up pass of the
+    same length; plait the median of 3 passes, transformers 1);
   * decode tok/s at batch 1/8/32/64 after a 128-token prompt per row (greedy, the next token
     chosen on the device);
   * peak GPU memory of each engine's runs (weights included, and shared);
@@ -132,6 +133,11 @@ def weight_bytes_per_step(model: NemotronHForCausalLM) -> int:
     return total
 
 
+def median_seconds(fn, device: torch.device, reps: int) -> float:
+    """The median of `reps` timed calls of fn (after the caller's warm-up)."""
+    return sorted(timed(fn, device) for _ in range(reps))[reps // 2]
+
+
 def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
     """Bytes/s of a device-to-device copy (read + write counted)."""
     src = torch.empty(size, dtype=torch.uint8, device=device)
@@ -155,11 +161,12 @@ def plait_prefill(model, length: int, device) -> float:
         capacity=length,
         max_length=model.context_length,
     )
-    model(ids[:, :64], Batch(pool, 0, torch.tensor([0], device=device)))  # warm-up (compiles the kernels)
-    seconds = timed(
-        lambda: model(ids, Batch(pool, 0, torch.tensor([0], device=device)), last_only=True), device
-    )
-    return length / seconds
+
+    def prefill():
+        model(ids, Batch(pool, 0, torch.tensor([0], device=device)), last_only=True)
+
+    prefill()  # warm-up at this very length: Triton compiles per shape, autotunes per size
+    return length / median_seconds(prefill, device, reps=3)
 
 
 @torch.no_grad()
@@ -195,8 +202,12 @@ def plait_decode(model, batch: int, prompt: int, steps: int, device) -> float:
 @torch.no_grad()
 def hf_prefill(hf, length: int, device) -> float:
     ids = torch.randint(3, hf.config.vocab_size, (1, length), device=device)
-    hf(ids[:, :64], use_cache=True)
-    return length / timed(lambda: hf(ids, use_cache=True, logits_to_keep=1), device)
+
+    def prefill():
+        hf(ids, use_cache=True, logits_to_keep=1)
+
+    prefill()  # warm-up at this length too, as plait's
+    return length / median_seconds(prefill, device, reps=1)
 
 
 @torch.no_grad()
