@@ -17,6 +17,12 @@ class CheckpointError(PlaitError):
     """A checkpoint exists but cannot be read: missing files, bad config, corrupt tensors."""
 
 
+class UnsupportedFeatureError(PlaitError):
+    """The request asks for something plait does not do (log probabilities, an image input,
+    a repetition penalty, ...): refused before anything runs, since ignoring it would give
+    an answer the caller did not ask for."""
+
+
 class ContextLengthError(PlaitError):
     """The prompt (plus the requested tokens) does not fit the model's context window."""
 

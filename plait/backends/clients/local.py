@@ -32,11 +32,25 @@ from dspy._vendor.lm15.types import (
     ToolCallDelta,
 )
 from dspy.lm15 import ContextLengthError as LM15ContextLengthError
-from dspy.lm15 import Message, Request, Response, TextPart, ThinkingPart, ToolCallPart, Usage
+from dspy.lm15 import (
+    InvalidRequestError,
+    Message,
+    Request,
+    Response,
+    TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    Usage,
+)
 
-from plait.backends.clients.messages import conversation, template_messages
+from plait.backends.clients.features import (
+    refuse_text_completions,
+    refuse_unsupported_settings,
+    text_conversation,
+)
+from plait.backends.clients.messages import template_messages
 from plait.backends.grammar.reasoning import ReasoningRequest
-from plait.backends.grammar.spec import GrammarSpec, grammar_spec_from_request
+from plait.backends.grammar.spec import GrammarError, GrammarSpec, grammar_spec_from_request
 from plait.backends.grammar.tool_formats import ParsedTurn, ToolFormat, tool_specs
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.options import ENGINE_OPTIONS
@@ -57,11 +71,12 @@ _last_async: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 
 
 def shared_engine(model: str, **options: Any) -> Engine:
-    """One loaded engine per (model, options) in a process: many LMs, one copy of the weights."""
+    """One loaded engine per (model, options) in a process: many LMs, one copy of the weights.
+    One that was closed is loaded again: an LM made or called after someone closed it works."""
     key = (model, tuple(sorted(options.items())))
     with _engines_lock:
         engine = _engines.get(key)
-        if engine is None:
+        if engine is None or engine.closed:
             engine = _engines[key] = Engine.load(model, **options)
         return engine
 
@@ -136,6 +151,7 @@ class PlaitEngine:
         self.model = model
         self.engine_options = dict(engine_options or {})
         self._engine: Engine | None = engine
+        self._shared = engine is None  # on the process's shared engine (loaded again if closed)
         self.reasoning = ReasoningRequest.parse(reasoning)
 
     @property
@@ -146,7 +162,8 @@ class PlaitEngine:
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:  # loaded on first use: constructing an LM stays cheap
+        # loaded on first use: constructing an LM stays cheap
+        if self._engine is None or (self._shared and self._engine.closed):
             self._engine = shared_engine(self.model, **self.engine_options)
         return self._engine
 
@@ -156,7 +173,19 @@ class PlaitEngine:
         return self.start(request, stream).handle
 
     def start(self, request: Request, stream: bool = False) -> LocalCall:
-        """Render, plan the thinking block and submit a DSPy request."""
+        """Render, plan the thinking block and submit a DSPy request. What plait does not do is
+        refused first (`plait.backends.clients.features`); a request plait cannot run as asked
+        (a bad grammar or sampling setting, a prompt over the context window) raises the lm15
+        error DSPy expects, not an engine failure."""
+        refuse_unsupported_settings(request)
+        try:
+            return self._start(request, stream)
+        except ContextLengthError as exc:  # DSPy's ContextWindowExceededError: ReAct trims and retries
+            raise LM15ContextLengthError(str(exc), provider="plait") from exc
+        except (GrammarError, ValueError) as exc:  # DSPy's LMInvalidRequestError: not retried
+            raise InvalidRequestError(str(exc), provider="plait") from exc
+
+    def _start(self, request: Request, stream: bool) -> LocalCall:
         config = request.config
         engine = self.engine
         sampling = {
@@ -168,7 +197,9 @@ class PlaitEngine:
             "stop": tuple(config.stop) or None,
         }
         fmt = engine.tool_format
-        messages, template_kwargs = template_messages(conversation(request), tool_specs(request.tools), fmt)
+        messages, template_kwargs = template_messages(
+            text_conversation(request), tool_specs(request.tools), fmt
+        )
         turn = plan_turn(
             engine,
             messages,
@@ -182,12 +213,9 @@ class PlaitEngine:
             grammar = turn.spec.key if turn.spec is not None else None
             share_key = (turn.prompt, tuple(sorted(sampling.items())), grammar)
         constraint = turn.constraint(engine, sampling["max_tokens"])
-        try:
-            handle = engine.submit(
-                turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
-            )
-        except ContextLengthError as exc:  # DSPy's ContextWindowExceededError: ReAct trims and retries
-            raise LM15ContextLengthError(str(exc), provider="plait") from exc
+        handle = engine.submit(
+            turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
+        )
         return LocalCall(turn, handle, fmt if _calls_tools(request) else None)
 
     def complete(self, request: Request) -> Response:
@@ -379,6 +407,7 @@ def LM(
         return remote_lm(name_or_path, served, reasoning=reasoning, **defaults)
     from plait.backends.loading.registry import resolve, variant_id
 
+    refuse_text_completions(defaults)
     model_id, _ = resolve(name_or_path)
     options: dict[str, Any] = {"device": device}
     options |= {name: defaults.pop(name) for name in ENGINE_OPTIONS if name in defaults}

@@ -40,7 +40,12 @@ def part_text(part: Any) -> str:
     text = getattr(part, "text", None)
     if isinstance(text, str):
         return text
-    raise UnsupportedContentError(f"messages must be text, not {type(part).__name__}")
+    kind = part.get("type") if isinstance(part, Mapping) else getattr(part, "type", None)
+    raise UnsupportedContentError(
+        f"a message holds {kind or type(part).__name__!r} content, and plait's LMs take text only "
+        "(dspy.Image, dspy.Audio and dspy.File inputs become such parts): pass it as text (a "
+        "caption, a transcript), or run this step on a multimodal model with dspy.LM"
+    )
 
 
 def content_text(content: str | Iterable[Any] | None) -> str:

@@ -69,7 +69,11 @@ from dspy.lm15 import (
     response_from_openai_chat,
 )
 
-from plait.backends.clients.messages import UnsupportedContentError, conversation
+from plait.backends.clients.features import (
+    refuse_text_completions,
+    refuse_unsupported_settings,
+    text_conversation,
+)
 from plait.backends.grammar.reasoning import ReasoningFormat, ReasoningRequest, switch_messages
 from plait.backends.grammar.spec import EXTENSION_KEY, GrammarSpec, attached_grammar
 from plait.backends.grammar.tool_formats import tool_specs
@@ -137,16 +141,6 @@ def structured_output_params(spec: GrammarSpec, dialect: str) -> dict[str, Any]:
 
 
 # ---- the request body ---------------------------------------------------------------------------
-
-
-def chat_messages(request: Request) -> list[dict[str, Any]]:
-    """The request's messages in OpenAI's chat form (text, tool calls and tool results)."""
-    try:
-        return conversation(request)
-    except UnsupportedContentError as exc:
-        raise UnsupportedFeatureError(
-            f"the remote engine sends text only: {exc}", provider=_PROVIDER
-        ) from None
 
 
 def tool_params(tools: Iterable[Any], choice: ToolChoice | None) -> dict[str, Any]:
@@ -409,17 +403,24 @@ class RemoteEngine:
 
     @property
     def dialect(self) -> str:
-        """The structured-output dialect; `auto` asks the server once."""
+        """The structured-output dialect; `auto` asks the server once it answers. While it
+        cannot be reached, calls go out as plain OpenAI (and fail to connect); the question
+        is asked again on the next call, so a server that comes back is read right."""
         if self._dialect is None:
             detected = self._detect_dialect()
+            if detected is None:
+                return "openai"
             with self._lock:
                 self._dialect = self._dialect or detected
         return self._dialect
 
-    def _detect_dialect(self) -> str:
+    def _detect_dialect(self) -> str | None:
+        """The dialect from the server's `/models`, or None when the server cannot be reached."""
         try:
             response = self.client.get(f"{self.base_url}/models", timeout=10.0)
             models = response.json().get("data") if response.status_code == 200 else None
+        except httpx.TransportError:
+            return None
         except (httpx.HTTPError, ValueError, AttributeError):
             models = None
         return dialect_from_models(models, self.model)
@@ -431,11 +432,15 @@ class RemoteEngine:
 
     # ---- requests ----------------------------------------------------------------------------
     def body(self, request: Request, *, stream: bool = False) -> dict[str, Any]:
-        """The chat-completions body for a DSPy request."""
-        config = request.config
+        """The chat-completions body for a DSPy request. `plait serve` runs plait's engine, so
+        what that engine does not do is refused here (it would ignore it); another server
+        gets every setting and decides."""
+        config, dialect = request.config, self.dialect
+        if dialect == "plait":
+            refuse_unsupported_settings(request)
         wanted = self.reasoning.merged(ReasoningRequest.from_dspy(config.reasoning))
         thinking, messages = reasoning_params(
-            wanted, self.dialect, self.reasoning_switch, chat_messages(request)
+            wanted, dialect, self.reasoning_switch, text_conversation(request)
         )
         body: dict[str, Any] = {"model": self.model, "messages": messages, **thinking}
         for key in (
@@ -452,6 +457,10 @@ class RemoteEngine:
                 body[key] = value
         if config.stop:
             body["stop"] = list(config.stop)
+        if config.logprobs is not None:  # lm15's count of alternatives: 0 = the chosen tokens only
+            body["logprobs"] = True
+            if config.logprobs:
+                body["top_logprobs"] = config.logprobs
         if request.tools:
             body |= tool_params(request.tools, config.tool_choice)
         for key, value in (config.extensions or {}).items():
@@ -460,7 +469,7 @@ class RemoteEngine:
         spec = attached_grammar(request)
         if spec is not None:
             body.pop("response_format", None)
-            body.update(structured_output_params(spec, self.dialect))
+            body.update(structured_output_params(spec, dialect))
         elif config.response_format:
             body["response_format"] = _openai_response_format(config.response_format)
         if stream:
@@ -542,7 +551,7 @@ class AsyncRemoteEngine:
 
     async def _body(self, request: Request, stream: bool = False) -> dict[str, Any]:
         if self.sync._dialect is None:  # detection is a blocking call: off the loop
-            await asyncio.to_thread(lambda: self.sync.dialect)
+            return await asyncio.to_thread(self.sync.body, request, stream=stream)
         return self.sync.body(request, stream=stream)
 
     async def complete(self, request: Request) -> Response:
@@ -631,6 +640,7 @@ def remote_lm(
         reasoning=reasoning,
         reasoning_switch=reasoning_switch,
     )
+    refuse_text_completions(defaults)
     defaults.setdefault("num_retries", 3)
     return dspy.LM(
         f"remote/{model}{engine.reasoning.model_suffix()}",

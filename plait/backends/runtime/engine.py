@@ -26,7 +26,7 @@ from plait.backends.runtime.request import Request, Usage
 from plait.backends.runtime.sampling import SamplingParams
 from plait.backends.runtime.scheduler import Scheduler
 from plait.backends.runtime.state_pool import StatePool
-from plait.errors import ContextLengthError
+from plait.errors import ContextLengthError, EngineClosedError
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +297,14 @@ class Engine:
         identical `n>1` candidates cost one generation.
 
         Inside a `CancelScope` (plait.backends.runtime.cancellation) the request is registered
-        with the scope, and a cancelled scope refuses new requests.
+        with the scope, and a cancelled scope refuses new requests. A closed engine refuses
+        every request (`EngineClosedError`).
         """
+        if self.closed:
+            raise EngineClosedError(
+                f"the {self.model_id} engine was closed (Engine.close()); load it again with "
+                "Engine.load, or make a new plait.LM, which loads one when its engine is closed"
+            )
         scope = current_scope()
         if scope is not None:
             scope.check()
@@ -365,6 +371,11 @@ class Engine:
             yield from request.deltas()
         finally:
             request.cancel()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: the engine takes no more requests."""
+        return self.scheduler.closed
 
     def close(self) -> None:
         self.scheduler.close()
