@@ -164,6 +164,31 @@ class PlaitPeer(Peer):
     def close(self):
         self.engine.close()
 
+    def bytes_per_token(self) -> int:
+        """The bytes one batch-1 decode step must read: every weight and quantisation table
+        except the embedding rows it does not look up (a head tied to the embedding reads it)."""
+        model = self.engine.model
+        embedding = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        tied = any(p is embedding for name, p in model.named_parameters() if "head" in name)
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        if not tied:
+            tensors.pop(id(embedding), None)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large in-memory copy (bytes read + bytes written), the median of `repeats`:
+    the ceiling a memory-bound decode step runs against on this machine."""
+    src = torch.ones(megabytes * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() / statistics.median(times)
+
 
 class TransformersPeer(Peer):
     name = "transformers fp32"
@@ -338,6 +363,9 @@ def worker(args: argparse.Namespace, gguf: Path) -> int:
             dt, produced = timed(peer.concurrent, batch, n)
             res[f"conc{level}"] = produced / dt
     out = {"metrics": res}
+    if isinstance(peer, PlaitPeer):
+        res["roofline"] = copy_bandwidth() / peer.bytes_per_token()  # tok/s if only bytes counted
+        out["bytes_per_token"] = peer.bytes_per_token()
     if "probe" in work:
         out["probe"] = peer.tokens(work["probe"], 16)
     print("RESULT " + json.dumps(out), flush=True)
@@ -442,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = prompts.make(64)
     results: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     probes: dict[str, list[int]] = {}
+    weight_bytes: dict[str, int] = {}
     for rep in range(args.repeats):
         rng = random.Random(1000 + rep)
         spread = max(1, args.conc_prompt_tokens // 4)
@@ -472,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].setdefault(key, []).append(value)
             if "probe" in out:
                 probes[name] = out["probe"]
+            if "bytes_per_token" in out:
+                weight_bytes[name] = out["bytes_per_token"]
             res = results[name]
             print(
                 f"  repeat {rep + 1}/{args.repeats} {name:<18} prefill {res['prefill'][-1]:7.1f}  "
@@ -555,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                 r32 = ratio(results[x]["conc32"], results["llama-cpp-python"]["conc32"])
                 goals.append(f"32 concurrent {fmt(r32, 2)}x of llama.cpp sequential (goal >= 4x)")
             print(f"  runtime goals, {x}: " + "; ".join(goals))
+    for x in plait_names:
+        if med[x].get("decode") and med[x].get("roofline"):
+            print(
+                f"  {x}: batch-1 decode = {med[x]['decode'] / med[x]['roofline']:.1%} of the memory roofline "
+                f"({weight_bytes[x] / 2**20:.0f} MiB read per token; a copy here moves "
+                f"{med[x]['roofline'] * weight_bytes[x] / 1e9:.1f} GB/s, read + write)"
+            )
     print(
         "load average at end: {:.1f} {:.1f} {:.1f} (2 cores: above ~2 the timings are inflated "
         "by other work)".format(*os.getloadavg())
