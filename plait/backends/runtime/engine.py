@@ -18,6 +18,7 @@ from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
 from plait.backends.models.state import Batch
 from plait.backends.runtime.cancellation import current_scope
+from plait.backends.runtime.cpu_threads import CpuThreads
 from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
 from plait.backends.runtime.options import EngineOptions, machine_memory_budget_mb
@@ -130,6 +131,8 @@ class _CountedModel:
         self._model, self._engine = model, engine
 
     def __call__(self, ids: torch.Tensor, batch: Batch | None = None, **kwargs: Any) -> torch.Tensor:
+        if self._engine.cpu_threads is not None:
+            self._engine.cpu_threads.for_next_pass()
         started = time.perf_counter()
         out = self._model(ids, batch, **kwargs)
         new_tokens = batch.new_tokens if batch is not None else None
@@ -175,6 +178,12 @@ class Engine:
             )
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
+        #: on CPU, the threads each pass gets (see plait.backends.runtime.cpu_threads)
+        self.cpu_threads = (
+            CpuThreads(self.options.cpu_threads, adapt=self.options.cpu_threads is None)
+            if self.device.type == "cpu"
+            else None
+        )
         self.scheduler = Scheduler(
             _CountedModel(model, self),
             tokenizer,

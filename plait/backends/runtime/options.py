@@ -35,7 +35,9 @@ class EngineOptions:
     blocks (`prefix_block_size` tokens; default 16 for attention-only models, 64 rounded to
     the SSD chunk for hybrids) under `prefix_cache_mb`. `speculative` drafts tokens to verify
     in one pass ("ngram": prompt lookup; "mtp": the checkpoint's MTP heads; None: off), at most
-    `draft_tokens` a step per sequence; outputs are the same tokens as without it.
+    `draft_tokens` a step per sequence; outputs are the same tokens as without it. On CPU each
+    pass gets the cores other processes leave free, up to torch's thread count
+    (`cpu_threads=None`, see `plait.backends.runtime.cpu_threads`), or exactly `cpu_threads`.
     """
 
     max_batch_size: int = 32
@@ -49,6 +51,7 @@ class EngineOptions:
     prefix_block_size: int | None = None
     speculative: str | None = None
     draft_tokens: int = 4
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
@@ -58,7 +61,7 @@ class EngineOptions:
         for name in ("max_batch_size", "max_queue", "prefill_chunk", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("memory_budget_mb", "step_tokens", "max_length", "prefix_block_size"):
+        for name in ("memory_budget_mb", "step_tokens", "max_length", "prefix_block_size", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1")
