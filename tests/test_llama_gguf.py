@@ -45,3 +45,33 @@ def test_greedy_generation_matches_transformers(smollm, reference):
         out = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     theirs = [t for t in out[0, len(ids) :].tolist() if t not in smollm.tokenizer.stop_token_ids]
     assert ours == theirs
+
+
+def test_a_cached_load_reads_no_gguf_metadata(smollm, smollm_gguf_path, monkeypatch):
+    """The config and tokenizer come from the JSON cache written by the first load (the smollm
+    fixture's), equal to a parse of the file; a damaged cache is read from the file again."""
+    import gguf
+
+    from plait.backends.loading import gguf as loader
+
+    cached = next(loader.cache_dir("gguf").glob(f"{smollm_gguf_path.stem}-*.json"))
+    from_file = loader._fields(loader._read(smollm_gguf_path))
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parse)
+    model, tokenizer = loader.load_gguf(smollm_gguf_path)
+    assert tokenizer.encode("Hello, plait!") == smollm.tokenizer.encode("Hello, plait!")
+    fields, _ = loader._metadata(smollm_gguf_path, cached)
+    assert fields["tokenizer.ggml.tokens"] == from_file["tokenizer.ggml.tokens"]
+    assert model.config == smollm.model.config
+    monkeypatch.undo()
+    text = cached.read_text()
+    try:
+        cached.write_text(text[: len(text) // 2])  # cut short: not JSON
+        fields, names = loader._metadata(smollm_gguf_path, cached)
+        assert fields["tokenizer.ggml.tokens"] == from_file["tokenizer.ggml.tokens"] and names
+        assert cached.read_text() == text  # written again
+    finally:
+        cached.write_text(text)

@@ -23,8 +23,7 @@ from typing import Any
 from plait.backends.runtime.drafting import add_speculation_arguments, speculation_options
 from plait.compilers.commands import positive_int
 from plait.compilers.loading import split_target
-from plait.serve.config import ServeConfig, ServeConfigError
-from plait.serve.programs import ADAPTERS
+from plait.serve.config import ADAPTERS, ServeConfig, ServeConfigError
 
 API_KEY_ENV = "PLAIT_API_KEY"
 

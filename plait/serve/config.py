@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from plait.errors import PlaitError
 from plait.http_guard import is_loopback
 
+#: How a served program's predictors format prompts (`plait serve --adapter`): "auto" takes the
+#: compiled artifact's own adapter, else plait's constrained one.
+ADAPTERS = ("auto", "constrained", "chat", "json")
+
 
 class ServeConfigError(PlaitError):
     """A `plait serve` setting that cannot work (the CLI prints it and exits 2)."""

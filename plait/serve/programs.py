@@ -33,6 +33,7 @@ from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 from dspy.streaming.messages import StatusMessage, StreamResponse
 
+from plait.serve.config import ADAPTERS
 from plait.serve.errors import ApiError
 from plait.serve.fields import FieldSplitter
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 #: Adapter names, as `plait compile --adapter` spells them.
-ADAPTERS = ("auto", "constrained", "chat", "json")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Llama-family GGUF files: dequantised once at load, then cached as safetensors.
 
 Dequantising SmolLM2's Q4_1 blocks takes tens of seconds in numpy; the cache makes every later
-load a memory-mapped read. llama.cpp stores Q and K rows permuted for its interleaved rotary
-layout; we undo that so the model uses the same half-split rotary as the HF checkpoints.
+load a memory-mapped read. The metadata (config and tokenizer fields) is cached beside it as
+JSON: gguf-py parses a 49k-token vocabulary item by item, seconds of a cold start otherwise.
+llama.cpp stores Q and K rows permuted for its interleaved rotary layout; we undo that so the
+model uses the same half-split rotary as the HF checkpoints.
 """
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -114,21 +117,44 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _metadata(path: Path, cached: Path) -> tuple[dict, set[str]]:
+    """(fields, tensor names) of the file: from the JSON cache, else read and cached."""
+    try:
+        meta = json.loads(cached.read_text())
+        return meta["fields"], set(meta["tensors"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet, or a damaged cache: read the file itself
+    reader = _read(path)
+    fields = {k: v for k, v in _fields(reader).items() if _is_json(v)}
+    names = [t.name for t in reader.tensors]
+    tmp = cached.with_name(cached.name + ".tmp")
+    tmp.write_text(json.dumps({"fields": fields, "tensors": names}))
+    tmp.replace(cached)
+    return fields, set(names)
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def load_gguf(
     path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[LlamaForCausalLM, Tokenizer]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    reader = _read(path)
-    fields = _fields(reader)
-    cfg = _config(fields, {t.name for t in reader.tensors})
-    tokenizer = Tokenizer.from_gguf_fields(fields)
     cached = cache_dir("gguf") / f"{path.stem}-{_cache_key(path)}.safetensors"
+    fields, tensor_names = _metadata(path, cached.with_suffix(".json"))
+    cfg = _config(fields, tensor_names)
+    tokenizer = Tokenizer.from_gguf_fields(fields)
     if cached.exists():
         state = load_file(str(cached))
     else:
         log.info("dequantising %s (once; cached at %s)", path.name, cached)
-        state = _dequantised_state(reader, cfg)
+        state = _dequantised_state(_read(path), cfg)
         tmp = cached.with_suffix(".tmp")
         save_file(state, str(tmp))
         tmp.replace(cached)

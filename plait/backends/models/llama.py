@@ -73,7 +73,11 @@ class LlamaForCausalLM(CausalLM):
         self.context_length = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
         rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # weights come from a checkpoint (the loader builds this on the meta device): no random
+        # init, whose normal_ on meta would import torch._dynamo, seconds of a cold start
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            torch.empty(cfg.vocab_size, cfg.hidden_size), freeze=False
+        )
         self.layers = nn.ModuleList(LlamaBlock(cfg, rope) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
