@@ -13,7 +13,8 @@ The scheduler drives a constraint through four calls (see `TokenConstraint`):
 
 A grammar is described by a `GrammarSpec` (`plait.backends.grammar.spec`). Compiling is cached
 per (spec, tokenizer): the first request builds llguidance's lexer and parser tables, later ones
-take a cheap copy (~1 µs). Field budgets are enforced here: see `FieldBudget`.
+take a cheap copy (~1 µs). Field budgets are enforced here: see `FieldBudget`; a budget's
+end-of-field hint is a logit bias `apply_masks` adds beside the mask (`TokenConstraint.end_hint`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class _Compiled:
     bridge: _TokenizerBridge
     size: int
     matchers: OrderedDict[str, llg.LLMatcher] = field(default_factory=OrderedDict)
+    #: the token ids an end-of-field hint biases, by what they must continue (see `_hint_ids`)
+    hint_ids: dict[tuple[str, bytes], torch.Tensor] = field(default_factory=dict)
 
 
 _MAX_CACHED_GRAMMARS = 256
@@ -324,6 +327,26 @@ class TokenConstraint:
         """The grammar is complete (or a stop token was consumed): end the request."""
         return self._matcher.is_stopped()
 
+    def end_hint(self) -> tuple[torch.Tensor, float] | None:
+        """The end-of-field hint on the next token, or None: the ids of the tokens that end the
+        open span (they write `close`, or the rest of it when the output already ends with its
+        start; once the budget is spent, also those containing `boundary`) and the logit bias
+        they get now, growing linearly from `FieldBudget.hint_from` of the budget to `hint_bias`
+        at it. The caller adds it where the mask allows them (`apply_masks` does)."""
+        span = self._span
+        if span is None or not span.budget.hint_from:
+            return None
+        budget, spent = span.budget, self._spent(span)
+        start = budget.hint_from * budget.max_tokens
+        if spent < start:
+            return None
+        bias = budget.hint_bias * min(1.0, (spent - start + 1) / (budget.max_tokens - start + 1))
+        close = budget.close
+        tail = bytes(self._output[max(span.start, len(self._output) - len(close.encode())) :])
+        begun = max(k for k in range(len(close)) if tail.endswith(close[:k].encode()))
+        boundary = budget.boundary.encode() if spent >= budget.max_tokens else b""
+        return _hint_ids(self._compiled, close[begun:], boundary), bias
+
     # ---- extras ---------------------------------------------------------------------------------
     def is_accepting(self) -> bool:
         """The output so far is a complete match (a stop token would be allowed now)."""
@@ -497,6 +520,32 @@ _MAX_UNWIND = 32
 _MAX_ENDING = 256
 
 
+def _hint_ids(compiled: _Compiled, rest: str, boundary: bytes) -> torch.Tensor:
+    """The ids of the (non-special) tokens that write `rest` (what is left of a close) whole or
+    on, or a leading run of its canonical tokens (`\n`, `\n\n` of `\n\n[[`), or that contain
+    `boundary` (b"": none). A piece that splits a canonical token (a lone `[` of `[[`) is left
+    out: it reads as text, and the model writes on from it instead of closing. Computed once
+    per tokenizer and key: a scan of the vocabulary."""
+    key = (rest, boundary)
+    with _lock:
+        ids = compiled.hint_ids.get(key)
+    if ids is not None:
+        return ids
+    vocab = compiled.vocab
+    whole = rest.encode()
+    canonical = [vocab.token_bytes[t] for t in compiled.bridge(rest)]
+    runs = {b"".join(canonical[:j]) for j in range(1, len(canonical) + 1)}
+
+    def ends(piece: bytes) -> bool:
+        return piece in runs or piece.startswith(whole) or bool(boundary and boundary in piece)
+
+    found = [i for i, b in enumerate(vocab.token_bytes) if b and i not in vocab.special_ids and ends(b)]
+    ids = torch.tensor(found, dtype=torch.long)
+    with _lock:
+        compiled.hint_ids[key] = ids
+    return ids
+
+
 # ---- batches ----------------------------------------------------------------------------------
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -504,7 +553,11 @@ _executor: llg.LLExecutor | None = None
 
 
 def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> dict[int, PlaitError]:
-    """In place: `logits[i, t] = -inf` wherever `constraints[i]` disallows token t.
+    """In place: `logits[i, t] = -inf` wherever `constraints[i]` disallows token t, and each
+    constraint's end-of-field hint added to the tokens it names (`TokenConstraint.end_hint`).
+
+    Sampling and speculative verification both choose from logits prepared here, so a hinted
+    row's tokens are the same either way.
 
     One call for a whole decode batch: the masks are computed in parallel by llguidance
     (outside the GIL) into one bitmask, expanded on the logits' device. Rows whose constraint
@@ -553,6 +606,10 @@ def apply_masks(logits: torch.Tensor, constraints: Sequence[TokenConstraint | No
             bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
         index = torch.tensor([i for i, _ in rows], device=logits.device)
         logits[index] = logits[index].masked_fill(~bits[:, :vocab], float("-inf"))
+        for i, c in rows:
+            hint = None if i in failed else c.end_hint()
+            if hint is not None:  # disallowed tokens stay at -inf
+                logits[i, hint[0].to(logits.device)] += hint[1]
     for i in failed:
         logits[i] = float("-inf")
     return failed

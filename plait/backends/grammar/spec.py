@@ -11,7 +11,9 @@ Token budgets (`FieldBudget`) bound free-text spans without the engine knowing a
 after a span opens (e.g. `[[ ## reasoning ## ]]\n`), tokens are counted; once the budget is
 spent the constraint waits for a boundary (a newline) for up to `grace` more tokens, then
 returns the span's `close` text (e.g. `\n\n[[`) from `forced()`, followed by whatever the
-grammar forces after it. The engine just sees a forced span.
+grammar forces after it. The engine just sees a forced span. A budget may also hint at its end
+before forcing it (`FieldBudget.hint_from`): the engine adds the constraint's `end_hint()` to
+the logits, a bias toward the tokens that write the close.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class FieldBudget:
     `scope="output"` counts `max_tokens` from the output's first token instead of from `open`:
     the span is closed by that point of the output wherever it opened (a tool call that must end
     within the request's `max_tokens`, after text or a thinking block of any length).
+
+    `hint_from` (a fraction of `max_tokens`; 0 = off) starts an end-of-field hint: from that
+    point the tokens that begin or continue `close` get a logit bias that grows linearly to
+    `hint_bias` at the budget (and, once it is spent, so do the tokens that contain `boundary`,
+    which end the span there too). A sampled model then tends to end the span itself, at a
+    sentence of its choosing, instead of running to the budget and being cut; a span that ends
+    before `hint_from` is decoded exactly as without the hint.
     """
 
     open: str
@@ -69,6 +78,8 @@ class FieldBudget:
     boundary: str = "\n"
     unwind: tuple[str, ...] = ()
     scope: Literal["span", "output"] = "span"
+    hint_from: float = 0.0
+    hint_bias: float = 6.0
 
     def __post_init__(self) -> None:
         if not self.close:
@@ -77,6 +88,8 @@ class FieldBudget:
             raise GrammarError("field budget token counts must be >= 0")
         if self.scope not in ("span", "output"):
             raise GrammarError(f"a field budget's scope is 'span' or 'output', not {self.scope!r}")
+        if not 0 <= self.hint_from <= 1 or not self.hint_bias >= 0:  # also refuses NaN
+            raise GrammarError("a field budget's hint_from is a fraction in [0, 1] and its hint_bias >= 0")
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -90,6 +103,9 @@ class FieldBudget:
             out["unwind"] = list(self.unwind)
         if self.scope != "span":
             out["scope"] = self.scope
+        if self.hint_from:
+            out["hint_from"] = self.hint_from
+            out["hint_bias"] = self.hint_bias
         return out
 
     @classmethod
@@ -103,6 +119,8 @@ class FieldBudget:
                 str(data.get("boundary", "\n")),
                 tuple(str(u) for u in data.get("unwind", ())),
                 data.get("scope", "span"),
+                float(data.get("hint_from", 0.0)),
+                float(data.get("hint_bias", cls.hint_bias)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GrammarError(f"bad field budget {data!r}: {exc}") from exc
