@@ -1,6 +1,7 @@
 """The CPU thread count of the engine's passes: the cores other processes leave free."""
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -11,10 +12,21 @@ from plait.backends.runtime.options import EngineOptions
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
-    """The tests set torch's count on this thread (and its global default): put both back."""
+    """The tests set torch's count on this thread: put it back. They start from at least 2 (an
+    OMP_NUM_THREADS=1 run leaves nothing to move)."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
     yield
     torch.set_num_threads(threads)
+
+
+def started_later_count() -> int:
+    """The torch thread count a thread started now begins with."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
 
 
 class Load:
@@ -35,6 +47,7 @@ def test_the_pass_gets_the_cores_others_leave_free():
     assert threads.for_next_pass() == 2  # window of (0, 3): 1.5 busy, round(2.5) = 2 free
     assert threads.for_next_pass() == 1  # (3, 3)
     assert torch.get_num_threads() == 1  # set on the thread that runs the passes
+    assert threads.default > 1 and started_later_count() == threads.default  # and nowhere else
     load.others = 9
     assert threads.for_next_pass() == 1  # never below one
     load.others = 0

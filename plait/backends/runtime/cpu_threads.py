@@ -17,6 +17,7 @@ Where /proc cannot be read (not Linux) the count stays where it started.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,7 +62,8 @@ class CpuThreads:
     `most`: the ceiling (None: torch's count when made, which follows OMP_NUM_THREADS and
     `torch.set_num_threads`); with `adapt=False` every pass gets exactly `most`. `sample` reads
     the other processes' running threads (tests pass their own). OpenMP keeps a thread count per
-    thread, so the count is set from the thread that runs the passes, not where this is made."""
+    thread, so the count is set from the thread that runs the passes, not where this is made;
+    torch's process-wide default (what threads started later begin with) is left as it was."""
 
     def __init__(
         self,
@@ -72,7 +74,8 @@ class CpuThreads:
         sample: Callable[[], int | None] = others_running,
         cores: int | None = None,
     ):
-        self.most = most or torch.get_num_threads()
+        self.default = torch.get_num_threads()  # the process's, for threads started later
+        self.most = most or self.default
         self.adapt = adapt
         self.cores = cores or usable_cores()
         self.interval, self.sample = interval, sample
@@ -103,5 +106,15 @@ class CpuThreads:
         return self.current
 
     def _set(self, threads: int) -> None:
+        """This thread's count only. `torch.set_num_threads` also sets the default that other
+        threads take at their first parallel op (which made a retrieval encoder's batching
+        thread score with 1 thread and its caller with 2, a few ulps apart), so a short-lived
+        thread puts the default back. This thread must have taken its own default first
+        (`get_num_threads` does), or it would take the restored one at its next op."""
+        torch.get_num_threads()
         torch.set_num_threads(threads)
+        if threads != self.default:
+            restore = threading.Thread(target=torch.set_num_threads, args=(self.default,))
+            restore.start()
+            restore.join()
         self.current = threads
