@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
-
-from dspy.lm15 import Request, TextPart, ThinkingPart, ToolCallPart, ToolResultPart
+from typing import TYPE_CHECKING, Any
 
 from plait.backends.grammar.tool_formats import JSON_NOTE, ToolCall, ToolFormat, ToolSpec, tool_specs
+
+if TYPE_CHECKING:  # DSPy is imported where a DSPy request is read: `plait generate` needs none
+    from dspy.lm15 import Request
 
 
 class UnsupportedContentError(ValueError):
@@ -35,9 +36,7 @@ def part_text(part: Any) -> str:
         return part
     if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    if isinstance(part, TextPart):
-        return part.text
-    text = getattr(part, "text", None)
+    text = getattr(part, "text", None)  # an lm15 TextPart, or the like
     if isinstance(text, str):
         return text
     kind = part.get("type") if isinstance(part, Mapping) else getattr(part, "type", None)
@@ -83,6 +82,8 @@ def conversation(request: Request) -> list[dict[str, Any]]:
     """A DSPy request's turns in OpenAI's chat form: its system prompt first; text content as a
     string; an assistant's tool calls as `tool_calls` (arguments as JSON text, content None
     when there is no text); each tool result as a `tool` message."""
+    from dspy.lm15 import ThinkingPart, ToolCallPart, ToolResultPart
+
     out = [] if request.system is None else [message("system", request.system)]
     for turn in request.messages:
         calls = [p for p in turn.parts if isinstance(p, ToolCallPart)]
