@@ -364,8 +364,8 @@ def worker(args: argparse.Namespace, gguf: Path) -> int:
             res[f"conc{level}"] = produced / dt
     out = {"metrics": res}
     if isinstance(peer, PlaitPeer):
-        res["roofline"] = copy_bandwidth() / peer.bytes_per_token()  # tok/s if only bytes counted
         out["bytes_per_token"] = peer.bytes_per_token()
+        res["roofline"] = copy_bandwidth() / out["bytes_per_token"]  # tok/s if only bytes counted
     if "probe" in work:
         out["probe"] = peer.tokens(work["probe"], 16)
     print("RESULT " + json.dumps(out), flush=True)

@@ -63,14 +63,15 @@ def test_a_cached_load_reads_no_gguf_metadata(smollm, smollm_gguf_path, monkeypa
     monkeypatch.setattr(gguf, "GGUFReader", no_parse)
     model, tokenizer = loader.load_gguf(smollm_gguf_path)
     assert tokenizer.encode("Hello, plait!") == smollm.tokenizer.encode("Hello, plait!")
-    fields, _ = loader._metadata(smollm_gguf_path, cached)
+    fields, _, reader = loader._metadata(smollm_gguf_path, cached)
+    assert reader is None
     assert fields["tokenizer.ggml.tokens"] == from_file["tokenizer.ggml.tokens"]
     assert model.config == smollm.model.config
     monkeypatch.undo()
     text = cached.read_text()
     try:
         cached.write_text(text[: len(text) // 2])  # cut short: not JSON
-        fields, names = loader._metadata(smollm_gguf_path, cached)
+        fields, names, _ = loader._metadata(smollm_gguf_path, cached)
         assert fields["tokenizer.ggml.tokens"] == from_file["tokenizer.ggml.tokens"] and names
         assert cached.read_text() == text  # written again
     finally:

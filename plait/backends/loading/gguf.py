@@ -117,11 +117,12 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _metadata(path: Path, cached: Path) -> tuple[dict, set[str]]:
-    """(fields, tensor names) of the file: from the JSON cache, else read and cached."""
+def _metadata(path: Path, cached: Path) -> tuple[dict, set[str], object | None]:
+    """(fields, tensor names, reader) of the file: from the JSON cache (reader None), else read
+    and cached (the reader is returned so a first load parses the file once)."""
     try:
         meta = json.loads(cached.read_text())
-        return meta["fields"], set(meta["tensors"])
+        return meta["fields"], set(meta["tensors"]), None
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not cached yet, or a damaged cache: read the file itself
     reader = _read(path)
@@ -130,7 +131,7 @@ def _metadata(path: Path, cached: Path) -> tuple[dict, set[str]]:
     tmp = cached.with_name(cached.name + ".tmp")
     tmp.write_text(json.dumps({"fields": fields, "tensors": names}))
     tmp.replace(cached)
-    return fields, set(names)
+    return fields, set(names), reader
 
 
 def _is_json(value) -> bool:
@@ -147,14 +148,14 @@ def load_gguf(
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     cached = cache_dir("gguf") / f"{path.stem}-{_cache_key(path)}.safetensors"
-    fields, tensor_names = _metadata(path, cached.with_suffix(".json"))
+    fields, tensor_names, reader = _metadata(path, cached.with_suffix(".json"))
     cfg = _config(fields, tensor_names)
     tokenizer = Tokenizer.from_gguf_fields(fields)
     if cached.exists():
         state = load_file(str(cached))
     else:
         log.info("dequantising %s (once; cached at %s)", path.name, cached)
-        state = _dequantised_state(_read(path), cfg)
+        state = _dequantised_state(reader or _read(path), cfg)
         tmp = cached.with_suffix(".tmp")
         save_file(state, str(tmp))
         tmp.replace(cached)

@@ -4,7 +4,7 @@ A pass of a small model is hundreds of short parallel regions, each ending at a 
 every core is taken, a team of N threads waits at each barrier for its slowest member, and a
 member the OS has descheduled holds the whole region for a time slice: on 2 cores with a load
 of ~5 (a DSPy optimizer beside two test runs), a 78-token prompt chunk of SmolLM2 took 11 s of
-model time with 2 threads and 0.9 s with 1 (`benchmarks/engine_cpu.py`'s model, fp32). With the
+model time with 2 threads and 0.9 s with 1 (fp32, a MIPROv2 bootstrap call of 8 demos). With the
 cores free, 2 threads are faster. So the scheduler thread asks `CpuThreads.for_next_pass()`
 before each pass, which samples how many threads of *other* processes are runnable (Linux's
 /proc: the system's running count less this process's own running threads) at most every
@@ -17,13 +17,14 @@ Where /proc cannot be read (not Linux) the count stays where it started.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from plait.backends.runtime.openmp_teams import run_in_fresh_thread
 
 _LOADAVG = Path("/proc/loadavg")
 _OWN_TASKS = Path("/proc/self/task")
@@ -114,7 +115,5 @@ class CpuThreads:
         torch.get_num_threads()
         torch.set_num_threads(threads)
         if threads != self.default:
-            restore = threading.Thread(target=torch.set_num_threads, args=(self.default,))
-            restore.start()
-            restore.join()
+            run_in_fresh_thread(torch.set_num_threads, self.default)
         self.current = threads
