@@ -6,6 +6,7 @@ import threading
 import uuid
 
 import pytest
+from sqlalchemy import text
 
 from plait.store import Store, StoreError
 
@@ -178,6 +179,47 @@ def test_evaluations_cache_by_state_and_example(store):
     assert cached["e2"].parse_failure and cached["e2"].error == "bad"
     assert [e.example_hash for e in store.evaluations(run.id, phase="final")] == ["e1"]
     assert len(store.evaluations(run.id)) == 4
+
+
+def test_idealized_cost_is_stored_beside_tokens_and_seconds(store):
+    run, _ = _run(store)
+    store.record_evaluation(
+        run.id, phase="eval", state_hash="s0", example_hash="e1", score=1.0, tokens=9, ideal_seconds=8e-5
+    )
+    store.record_evaluation(run.id, phase="eval", state_hash="s0", example_hash="e2", score=0.0)
+    store.record_trial(run.id, 1, score=55.0, state_hash="s1", ideal_seconds_per_example=1.5e-4)
+    store.finish_run(run.id, tokens=9, seconds=1.0, ideal_seconds=8e-5)
+    assert [e.ideal_seconds for e in store.evaluations(run.id)] == [8e-5, None]  # None: not priced
+    assert store.trials(run.id)[0].ideal_seconds_per_example == 1.5e-4
+    assert store.get_run(run.id).ideal_seconds == 8e-5
+
+
+NEW_COLUMNS = {"runs": "ideal_seconds", "trials": "ideal_seconds_per_example", "evaluations": "ideal_seconds"}
+
+
+def test_a_database_from_before_the_cost_columns_gains_them_when_opened(store):
+    run, _ = _run(store)
+    store.record_evaluation(run.id, phase="eval", state_hash="s0", example_hash="e1", score=1.0, tokens=7)
+    store.record_trial(run.id, 1, score=50.0, state_hash="s1")
+    with store.engine.begin() as connection:  # the database as plait wrote it before these columns
+        for table, column in NEW_COLUMNS.items():
+            connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    url = store.engine.url.render_as_string(hide_password=False)
+    store.engine.dispose()
+    reopened = Store.open(url)
+    try:
+        assert reopened.evaluations(run.id)[0].tokens == 7  # old rows kept, their cost unknown
+        assert reopened.evaluations(run.id)[0].ideal_seconds is None
+        assert reopened.trials(run.id)[0].ideal_seconds_per_example is None
+        reopened.record_evaluation(
+            run.id, phase="eval", state_hash="s0", example_hash="e2", score=1.0, ideal_seconds=2e-4
+        )
+        reopened.finish_run(run.id, ideal_seconds=2e-4)
+        assert reopened.evaluations(run.id)[1].ideal_seconds == 2e-4
+        assert reopened.get_run(run.id).ideal_seconds == 2e-4
+        Store.open(url).close()  # opening again adds nothing twice
+    finally:
+        reopened.close()
 
 
 def test_lm_calls_keep_the_first_response(store):

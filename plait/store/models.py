@@ -12,10 +12,18 @@ What is recorded, and why:
 - `Evaluation`: one example scored by one program state, written as soon as it is scored.
   `(run_id, state_hash, example_hash)` is the resume key: a finished example is never redone.
 - `LMCall`: one LM response inside a run, keyed by a hash of the request, so an optimizer's
-  internal calls replay from the database after a crash instead of running again.
+  internal calls replay from the database after a crash instead of running again. Its JSON
+  holds the response (with its token usage), the tokens the grammar forced and the call's
+  idealized seconds.
+
+`ideal_seconds` columns hold idealized cost (`plait.backends.models.cost`): the seconds the LM
+calls would take on the reference accelerator, beside the measured tokens and seconds; NULL
+where the model has no cost model (a remote LM) or the row predates the column.
 - `Trace`: one request served by `plait serve`.
 
 Every JSON column holds plain JSON (no pickles), so the database can be read by any tool.
+Columns added since a database was created are added to it when it is opened (`Store`), so
+they are always nullable.
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ class Run(Base):
     score_after: Mapped[float | None] = mapped_column(Float, nullable=True)
     tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ideal_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # all its LM calls
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -112,6 +121,7 @@ class Trial(Base):
     state_hash: Mapped[str] = mapped_column(String(64), default="")
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    ideal_seconds_per_example: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -131,6 +141,7 @@ class Evaluation(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    ideal_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -27,6 +27,7 @@ class RunRecord:
     summary: dict[str, Any]
     started_at: datetime
     finished_at: datetime | None
+    ideal_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TrialRecord:
     score: float | None
     params: dict[str, Any]
     created_at: datetime
+    ideal_seconds_per_example: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class EvaluationRecord:
     tokens: int
     latency_ms: float
     created_at: datetime
+    ideal_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -65,6 +65,7 @@ class Store:
     def create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            self._add_new_columns()
         except DBAPIError as exc:  # unreachable server, unwritable file, a file that is no database
             raise StoreError(f"cannot open the database at {self.url}: {exc.orig}") from exc
         with self._write() as session:
@@ -76,6 +77,29 @@ class Store:
                     f"the database at {self.url} has schema version {meta.value}; this plait "
                     f"uses {SCHEMA_VERSION}. Point PLAIT_DATABASE_URL at a new database."
                 )
+
+    def _add_new_columns(self) -> None:
+        """Add the columns a table gained since the database was created (`create_all` makes
+        missing tables only). New columns are nullable, so adding them in place keeps every
+        stored row, and an older plait still reads the database (it never selects them)."""
+        existing = inspect(self.engine)
+        preparer = self.engine.dialect.identifier_preparer
+        for table in Base.metadata.sorted_tables:
+            present = {column["name"] for column in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=self.engine.dialect)
+                statement = (
+                    f"ALTER TABLE {preparer.format_table(table)} "
+                    f"ADD COLUMN {preparer.format_column(column)} {kind}"
+                )
+                try:
+                    with self._write_lock, self.engine.begin() as connection:
+                        connection.execute(text(statement))
+                except DBAPIError:  # another process opening the store added it first
+                    if column.name not in {c["name"] for c in inspect(self.engine).get_columns(table.name)}:
+                        raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -197,7 +221,16 @@ class Store:
 
     def update_run(self, run_id: int, **values: Any) -> None:
         """Set result columns as they become known (score_before, tokens, summary, ...)."""
-        allowed = {"score_before", "score_after", "tokens", "seconds", "summary", "status", "error"}
+        allowed = {
+            "score_before",
+            "score_after",
+            "tokens",
+            "seconds",
+            "ideal_seconds",
+            "summary",
+            "status",
+            "error",
+        }
         unknown = set(values) - allowed
         if unknown:
             raise ValueError(f"unknown run fields: {sorted(unknown)}")
@@ -244,6 +277,7 @@ class Store:
             dict(run.summary or {}),
             run.started_at,
             run.finished_at,
+            run.ideal_seconds,
         )
 
     # ---- trials ----------------------------------------------------------------------------
@@ -255,15 +289,18 @@ class Store:
         score: float | None,
         state_hash: str = "",
         params: dict[str, Any] | None = None,
+        ideal_seconds_per_example: float | None = None,
     ) -> int:
         """Write trial `number` of a run; writing the same number again replaces it (a resumed
-        run re-reports trials it replays)."""
+        run re-reports trials it replays). `ideal_seconds_per_example`: the candidate's mean
+        idealized cost over the examples it was scored on."""
         with self._write() as session:
             trial = session.scalar(select(Trial).where(Trial.run_id == run_id, Trial.number == number))
             if trial is None:
                 trial = Trial(run_id=run_id, number=number)
                 session.add(trial)
             trial.score, trial.state_hash, trial.params = score, state_hash, dict(params or {})
+            trial.ideal_seconds_per_example = ideal_seconds_per_example
             session.flush()
             return trial.id
 
@@ -272,7 +309,14 @@ class Store:
             rows = session.scalars(select(Trial).where(Trial.run_id == run_id).order_by(Trial.number))
             return [
                 TrialRecord(
-                    t.id, t.run_id, t.number, t.state_hash, t.score, dict(t.params or {}), t.created_at
+                    t.id,
+                    t.run_id,
+                    t.number,
+                    t.state_hash,
+                    t.score,
+                    dict(t.params or {}),
+                    t.created_at,
+                    t.ideal_seconds_per_example,
                 )
                 for t in rows
             ]
@@ -292,6 +336,7 @@ class Store:
         error: str | None = None,
         tokens: int = 0,
         latency_ms: float = 0.0,
+        ideal_seconds: float | None = None,
     ) -> int:
         with self._write() as session:
             row = Evaluation(
@@ -306,6 +351,7 @@ class Store:
                 error=error,
                 tokens=tokens,
                 latency_ms=latency_ms,
+                ideal_seconds=ideal_seconds,
             )
             session.add(row)
             session.flush()
@@ -350,6 +396,7 @@ class Store:
             e.tokens,
             e.latency_ms,
             e.created_at,
+            e.ideal_seconds,
         )
 
     # ---- LM calls (replayed on resume) -----------------------------------------------------
