@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
+from plait.compilers.errors import SelectionError
 from plait.compilers.metrics import MAX_METRIC_ERRORS
+from plait.compilers.selection import parse_objective
 from plait.console import progress_bars
 from plait.errors import PlaitError
 
@@ -45,6 +47,25 @@ def _int_in(lowest: int, highest: int | None = None) -> Callable[[str], int]:
 positive_int = _int_in(1)
 non_negative_int = _int_in(0)
 seed_int = _int_in(0, 2**32 - 1)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (costs in ms, score points)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number at least 0, got {text}")
+    return value
+
+
+def objective_weight(text: str) -> float:
+    """An argparse type: `--objective`'s cost weight (see `selection.parse_objective`)."""
+    try:
+        return parse_objective(text)
+    except SelectionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -118,6 +139,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-limit", type=positive_int, help="rows of the train set (overrides --limit)")
     p.add_argument("--dev-limit", type=positive_int, help="rows of the dev set (overrides --limit)")
     p.add_argument("--seed", type=seed_int, default=0)
+    pick = p.add_argument_group(
+        "picking by idealized cost",
+        "Candidates are the programs scored on the whole dev set (random search scores several); "
+        "cost is idealized ms per example on the reference accelerator. Re-running with other "
+        "values picks again from the stored run.",
+    )
+    rule = pick.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--objective",
+        type=objective_weight,
+        metavar="'score - W*cost'",
+        help="pick the candidate with the best score - W * (idealized ms per example)",
+    )
+    rule.add_argument(
+        "--score-tolerance",
+        type=non_negative_float,
+        metavar="POINTS",
+        help="pick the cheapest candidate scoring within POINTS of the best score",
+    )
+    pick.add_argument(
+        "--max-cost",
+        type=non_negative_float,
+        metavar="MS",
+        help="only candidates costing at most MS idealized ms per example",
+    )
     p.set_defaults(func=run_compile)
 
     p = subparsers.add_parser("eval", help="score a program (or a compiled artifact) on a dataset")
@@ -216,6 +262,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from plait.compilers.optimizers import parse_optimizer_args
     from plait.compilers.runner import DEFAULT_MODEL, CompileConfig, compile_program
+    from plait.compilers.selection import Selection
 
     config = CompileConfig(
         program=args.program,
@@ -235,6 +282,7 @@ def run_compile(args: argparse.Namespace) -> int:
         program_args=_key_values(args.program_arg, "--program-arg"),
         fresh=args.fresh,
         max_metric_errors=args.max_metric_errors,
+        selection=Selection(args.objective, args.max_cost, args.score_tolerance),
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = _console()
@@ -257,15 +305,26 @@ def run_compile(args: argparse.Namespace) -> int:
         f"{result.after.score:.1f}",
     )
     table.add_row("parse failures", str(result.before.parse_failures), str(result.after.parse_failures))
-    table.add_row("tokens / example", _per_example(result.before), _per_example(result.after))
+    table.add_row(
+        "tokens / example",
+        f"{result.before.tokens_per_example:.0f}",
+        f"{result.after.tokens_per_example:.0f}",
+    )
+    table.add_row(
+        "idealized ms / example",
+        _ms(result.before.ideal_seconds_per_example),
+        _ms(result.after.ideal_seconds_per_example),
+    )
     console.print(table)
+    if len(result.candidates) > 2 or result.selection.active:
+        _print_candidates(console, result, args.metric)
     share = usage.forced_share
     console.print(
         f"optimizer {args.optimizer} on {result.n_train} train examples, {result.trials} candidate "
         f"evaluations; {result.tokens:,} tokens in {usage.calls:,} LM calls "
         f"({usage.replayed:,} replayed from the store), "
         f"forced-token share {'n/a' if share is None else f'{100 * share:.0f}%'}, "
-        f"{result.seconds:.1f} s"
+        f"{result.seconds:.1f} s; idealized {_ms(usage.cost)} ms of LM calls"
     )
     if result.uses_devset:
         console.print(
@@ -276,13 +335,57 @@ def run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _per_example(report: Any) -> str:
-    return f"{sum(r.tokens for r in report.results) / max(report.n, 1):.0f}"
+def _ms(seconds: float | None) -> str:
+    """Idealized seconds as milliseconds, 3 significant digits ("n/a": not priced)."""
+    return "n/a" if seconds is None else f"{1000 * seconds:.3g}"
+
+
+def _print_candidates(console: Any, result: Any, metric: str) -> None:
+    """The candidates by cost, the score-cost Pareto front marked, and what was picked."""
+    from rich.table import Table
+
+    from plait.backends.models.cost import REFERENCE
+
+    front = {c.state_hash for c in result.front}
+    table = Table(title=f"candidates on the dev set (idealized cost on {REFERENCE.accelerator.name})")
+    for column in ("trial", "demos", f"score ({metric})", "ideal ms / example", "front", ""):
+        table.add_column(column, justify="right")
+    ordered = sorted(result.candidates, key=lambda c: (c.cost_ms is None, c.cost_ms or 0.0, -c.score))
+    for c in ordered:
+        marks = [
+            mark
+            for mark, on in (
+                ("best score", c.state_hash == result.best.state_hash),
+                ("picked", c.state_hash == result.picked.state_hash),
+            )
+            if on
+        ]
+        table.add_row(
+            str(c.trial),
+            str(c.demos),
+            f"{c.score:.1f}",
+            _ms(c.ideal_seconds),
+            "*" if c.state_hash in front else "",
+            ", ".join(marks),
+        )
+    console.print(table)
+    picked, best = result.picked, result.best
+    line = f"picked: {result.selection.describe()}"
+    if picked.state_hash != best.state_hash and picked.ideal_seconds and best.ideal_seconds:
+        saving = 1 - picked.ideal_seconds / best.ideal_seconds
+        line += (
+            f" -> trial {picked.trial}: score {picked.score:.1f} vs {best.score:.1f}, "
+            f"{_ms(picked.ideal_seconds)} vs {_ms(best.ideal_seconds)} ms per example "
+            f"({100 * saving:.0f}% cheaper than the best-score pick)"
+        )
+    console.print(line)
+    console.print(f"[dim]idealized cost: {REFERENCE.name}, batch 1, no prefix cache[/dim]")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from plait.backends.models.cost import REFERENCE
     from plait.compilers.outputs import check_output_file
     from plait.compilers.runner import EvalConfig, evaluate_program
 
@@ -313,11 +416,13 @@ def run_eval(args: argparse.Namespace) -> int:
         store.close()
     report = outcome.report
     if args.show:
-        rows = Table("#", "score", "prediction", "error")
+        rows = Table("#", "score", "tokens", "ideal ms", "prediction", "error")
         for result in report.results[: args.show]:
             rows.add_row(
                 str(result.index),
                 f"{result.score:.2f}",
+                str(result.tokens),
+                _ms(result.ideal_seconds),
                 json.dumps(result.prediction)[:80],
                 (result.error or "")[:60],
             )
@@ -328,7 +433,8 @@ def run_eval(args: argparse.Namespace) -> int:
         f"score {report.score:.1f} ({args.metric}) on {report.n} examples; parse failures "
         f"{report.parse_failures}, errors {report.errors}; "
         f"{sum(r.tokens for r in report.results):,} tokens, forced-token share "
-        f"{'n/a' if share is None else f'{100 * share:.0f}%'}; {report.seconds:.1f} s"
+        f"{'n/a' if share is None else f'{100 * share:.0f}%'}; {report.seconds:.1f} s; "
+        f"idealized {_ms(report.ideal_seconds_per_example)} ms / example on {REFERENCE.accelerator.name}"
         + (f" ({report.reused} examples reused from run {outcome.run_id})" if report.reused else "")
     )
     if args.json_out:
@@ -339,6 +445,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "errors": report.errors,
             "tokens": sum(r.tokens for r in report.results),
             "seconds": round(report.seconds, 3),
+            "ideal_seconds_per_example": report.ideal_seconds_per_example,
+            "cost_reference": REFERENCE.name,
             "model": outcome.model,
             "compiled": outcome.compiled,
             "run_id": outcome.run_id,

@@ -45,3 +45,8 @@ class OptimizerError(PlaitError):
 class OutputPathError(PlaitError):
     """An output file (`--out`, `--json-out`) cannot be written: its directory is missing or
     read-only, or the path is a directory."""
+
+
+class SelectionError(PlaitError):
+    """A cost-aware pick that cannot be made: a malformed --objective, conflicting rules, no
+    candidate under --max-cost, or candidates without an idealized cost."""

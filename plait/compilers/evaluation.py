@@ -1,10 +1,10 @@
 """Scoring a program on a dataset, one stored row per example, resumable.
 
 `evaluate()` is what `plait eval` and the before/after scores of `plait compile` use. Each
-example's result (score, prediction, parse failure, tokens, latency) is written to the store the
-moment it is known, keyed by (run, program state hash, example hash); when the same run
-evaluates the same program state again (a resumed run), those examples are read back instead
-of being run. Examples run on `threads` threads so plait's engine can batch their LM calls.
+example's result (score, prediction, parse failure, tokens, latency, idealized cost) is written
+to the store the moment it is known, keyed by (run, program state hash, example hash); when the
+same run evaluates the same program state again (a resumed run), those examples are read back
+instead of being run. Examples run on `threads` threads so plait's engine can batch their LM calls.
 
 A program that fails on an example scores 0 there and the run goes on. A metric that raises is
 different: that is the scorer failing, not the program. Its examples score 0 but are not
@@ -48,6 +48,7 @@ class ExampleResult:
     tokens: int = 0
     latency_ms: float = 0.0
     reused: bool = False  # read back from the store, not run now
+    ideal_seconds: float | None = None  # idealized cost of its LM calls; None: not priced
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +68,19 @@ class EvalReport:
     usage: Usage = field(default_factory=Usage)
     reused: int = 0
 
+    @property
+    def tokens_per_example(self) -> float:
+        return sum(r.tokens for r in self.results) / max(self.n, 1)
+
+    @property
+    def ideal_seconds_per_example(self) -> float | None:
+        """Mean idealized cost of an example (reused ones included, from the store); None when
+        any example's calls were not priced."""
+        costs = [r.ideal_seconds for r in self.results]
+        if not costs or any(c is None for c in costs):
+            return None
+        return sum(costs) / len(costs)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "score": self.score,
@@ -75,6 +89,7 @@ class EvalReport:
             "errors": self.errors,
             "state_hash": self.state_hash,
             "seconds": round(self.seconds, 3),
+            "ideal_seconds_per_example": self.ideal_seconds_per_example,
             "reused": self.reused,
             "usage": self.usage.to_dict(),
             "results": [r.to_json() for r in self.results],
@@ -215,6 +230,7 @@ def evaluate(
             error,
             usage.total_tokens,
             (time.perf_counter() - begin) * 1000,
+            ideal_seconds=usage.cost,
         )
         if store is not None and run_id is not None and metric_error is None:
             store.record_evaluation(
@@ -229,6 +245,7 @@ def evaluate(
                 error=error,
                 tokens=result.tokens,
                 latency_ms=result.latency_ms,
+                ideal_seconds=result.ideal_seconds,
             )
         finish(result)
 
@@ -249,6 +266,7 @@ def evaluate(
                     row.tokens,
                     row.latency_ms,
                     reused=True,
+                    ideal_seconds=row.ideal_seconds,
                 )
             )
     before = meter.snapshot()
@@ -256,9 +274,7 @@ def evaluate(
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="plait-eval") as pool:
             for future in [pool.submit(run_one, index) for index in todo]:
                 future.result()  # re-raises MetricError (a broken metric stops the run)
-    usage = meter.snapshot()
-    for name in ("calls", "replayed", "prompt_tokens", "completion_tokens", "forced_tokens"):
-        setattr(usage, name, getattr(usage, name) - getattr(before, name))
+    usage = meter.snapshot().since(before)
     final = [r for r in results if r is not None]
     n = len(final)
     return EvalReport(

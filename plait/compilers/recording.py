@@ -7,7 +7,9 @@ response is returned without touching the model; otherwise the call runs and its
 stored before it is returned. This is what lets *any* DSPy optimizer resume: it replays its
 own steps deterministically, and every step that finished before the crash costs nothing.
 
-Responses are stored as lm15's JSON form (`response_to_dict`), never pickled.
+Responses are stored as lm15's JSON form (`response_to_dict`), never pickled, with the tokens
+the grammar forced and the call's idealized seconds (`CallPricer`). A replayed call reports the
+stored cost, so a resumed run's costs are those of the run it resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from dspy._vendor.lm15.serde import request_to_dict, response_from_dict, response_to_dict
 
 from plait.compilers.hashing import digest
+from plait.compilers.pricing import CallPricer
 from plait.compilers.usage import Usage, UsageMeter
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class RecordingEngine:
         self.store = store
         self.run_id = run_id
         self.meter = meter
+        self.pricer = CallPricer(inner)
 
     def __getattr__(self, name: str) -> Any:
         # Capabilities (supports_*, accepts_grammar, ...) are the wrapped engine's.
@@ -47,13 +51,37 @@ class RecordingEngine:
         key = request_key(request)
         stored = self.store.cached_lm_call(self.run_id, key)
         if stored is not None:
-            self.meter.add(_usage(stored, replayed=True))
+            self.meter.add(self._usage(stored, replayed=True))
             return response_from_dict(stored["response"])
         response, forced = self._call(request)
         record = {"response": response_to_dict(response), "forced_tokens": forced}
+        usage = self._usage(record, replayed=False)
+        record["ideal_seconds"] = usage.cost
         self.store.record_lm_call(self.run_id, key, record)
-        self.meter.add(_usage(record, replayed=False))
+        self.meter.add(usage)
         return response
+
+    def _usage(self, record: dict[str, Any], *, replayed: bool) -> Usage:
+        """The call's usage; its idealized cost as stored, else priced now (a call recorded
+        before costs were)."""
+        tokens = record["response"].get("usage") or {}
+        usage = Usage(
+            calls=1,
+            replayed=int(replayed),
+            prompt_tokens=int(tokens.get("input_tokens") or 0),
+            completion_tokens=int(tokens.get("output_tokens") or 0),
+            forced_tokens=int(record.get("forced_tokens") or 0),
+        )
+        cost = (
+            record["ideal_seconds"]
+            if "ideal_seconds" in record
+            else self.pricer(usage.prompt_tokens, usage.completion_tokens, usage.forced_tokens)
+        )
+        if cost is None:
+            usage.unpriced = 1
+        else:
+            usage.ideal_seconds = float(cost)
+        return usage
 
     def _call(self, request: Any) -> tuple[Any, int]:
         """Run the call; also return how many completion tokens the grammar forced. plait's
@@ -98,17 +126,6 @@ class AsyncRecordingEngine:
 
     async def aclose(self) -> None:
         self.sync.close()
-
-
-def _usage(record: dict[str, Any], *, replayed: bool) -> Usage:
-    usage = record["response"].get("usage") or {}
-    return Usage(
-        calls=1,
-        replayed=int(replayed),
-        prompt_tokens=int(usage.get("input_tokens") or 0),
-        completion_tokens=int(usage.get("output_tokens") or 0),
-        forced_tokens=int(record.get("forced_tokens") or 0),
-    )
 
 
 def recording_lm(lm: Any, store: Any, run_id: int, meter: UsageMeter) -> Any:

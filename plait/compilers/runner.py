@@ -1,11 +1,14 @@
 """The compile and eval runs behind `plait compile` and `plait eval`.
 
 A compile run: score the program as written on the dev set (baseline), run the optimizer on
-the train set, score the result on the dev set, save the artifact. Every LM call, every
+the train set, score the result on the dev set, pick among the candidates by score and
+idealized cost when asked (`selection.py`), save the artifact. Every LM call, every
 per-example score and every trial goes to the store as it happens, under a run whose key
 hashes everything that decides the result; running the same command again finds that run and
 resumes it: stored evaluations are reused and the optimizer replays its recorded LM calls, so
-work finished before a crash is never done twice.
+work finished before a crash is never done twice. How the result is picked is not part of that
+key: the same command with another `--objective`, `--max-cost` or `--score-tolerance` replays
+the stored run and picks again, at no cost.
 
 Progress is reported to a `Progress` object (the CLI draws rich bars; the library default
 only logs), so this module has no terminal code.
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 import dspy
 
+from plait.backends.models.cost import REFERENCE
 from plait.compilers import metrics as metric_lib
 from plait.compilers import optimizers
 from plait.compilers.artifact import load_artifact, save_artifact
@@ -34,7 +38,8 @@ from plait.compilers.metrics import MAX_METRIC_ERRORS
 from plait.compilers.outputs import check_output_file
 from plait.compilers.recording import recording_lm
 from plait.compilers.runtime import make_lm, select_adapter
-from plait.compilers.trials import RecordingMetric, TrialRecorder
+from plait.compilers.selection import Candidate, Selection, pareto_front, pick
+from plait.compilers.trials import RecordingMetric, TrialRecorder, demo_count
 from plait.compilers.usage import Usage, UsageMeter
 from plait.version import __version__
 
@@ -81,6 +86,7 @@ class CompileConfig:
     program_args: dict[str, Any] = field(default_factory=dict)
     fresh: bool = False  # start a new run even if one with the same key exists
     max_metric_errors: int = MAX_METRIC_ERRORS  # metric exceptions in a row that stop the run
+    selection: Selection = field(default_factory=Selection)  # not part of the run's key
 
 
 @dataclass
@@ -89,7 +95,7 @@ class CompileResult:
     resumed: bool
     attempts: int
     before: EvalReport
-    after: EvalReport
+    after: EvalReport  # of the picked candidate
     artifact: str
     artifact_sha256: str
     seconds: float
@@ -97,6 +103,14 @@ class CompileResult:
     trials: int
     uses_devset: bool
     n_train: int
+    candidates: list[Candidate]  # whole programs scored on the dev set, baseline first
+    best: Candidate  # the optimizer's own pick
+    picked: Candidate  # what the artifact holds: `best` unless a cost-aware selection chose
+    selection: Selection
+
+    @property
+    def front(self) -> list[Candidate]:
+        return pareto_front(self.candidates)
 
     @property
     def tokens(self) -> int:
@@ -183,53 +197,43 @@ def compile_program(
     meter = UsageMeter()
     lm = recording_lm(lm or make_lm(config.model, max_tokens=config.max_tokens), store, run.id, meter)
     adapter = select_adapter(lm, config.adapter)
+    scoring = (devset, metric, lm, adapter, config.threads, meter, store, run.id)
     try:
-        before = _scored(
-            program,
-            devset,
-            metric,
-            lm,
-            adapter,
-            config.threads,
-            meter,
-            store,
-            run.id,
-            "baseline",
-            progress,
-            config.max_metric_errors,
-        )
+        before = _scored(program, *scoring, "baseline", progress, config.max_metric_errors)
         store.record_trial(
             run.id,
             0,
             score=before.score,
             state_hash=before.state_hash,
-            params={"phase": "baseline", "examples": before.n},
+            params={"phase": "baseline", "examples": before.n, "demos": demo_count(program)},
+            ideal_seconds_per_example=before.ideal_seconds_per_example,
         )
         store.update_run(run.id, score_before=before.score)
 
         compiled, trials, uses_devset = _optimize(
-            config, program, trainset, devset, metric, lm, adapter, store, run.id, progress
+            config, program, trainset, devset, metric, lm, adapter, store, run.id, meter, progress
         )
-        after = _scored(
-            compiled,
-            devset,
-            metric,
-            lm,
-            adapter,
-            config.threads,
-            meter,
-            store,
-            run.id,
-            "final",
-            progress,
-            config.max_metric_errors,
+        optimized = _scored(compiled, *scoring, "final", progress, config.max_metric_errors)
+        best = _candidate(trials + 1, "optimizer's pick", compiled, optimized)
+        candidates = _candidates(
+            _candidate(0, "baseline", program, before),
+            best,
+            getattr(compiled, "candidate_programs", None),
+            store.trials(run.id),
+            len(devset),
         )
+        picked = pick(candidates, config.selection) if config.selection.active else best
+        after = optimized
+        if picked.state_hash != best.state_hash:  # its rows and LM calls are mostly in the store
+            after = _scored(picked.program, *scoring, "picked", progress, config.max_metric_errors)
+            compiled = picked.program
         store.record_trial(
             run.id,
             trials + 1,
             score=after.score,
             state_hash=after.state_hash,
-            params={"phase": "final", "examples": after.n},
+            params={"phase": "final", "examples": after.n, "demos": demo_count(compiled)},
+            ideal_seconds_per_example=after.ideal_seconds_per_example,
         )
 
         extra = {
@@ -243,6 +247,9 @@ def compile_program(
             "n_train": len(trainset),
             "adapter": config.adapter,
             "max_tokens": config.max_tokens,
+            "ideal_seconds_per_example": after.ideal_seconds_per_example,
+            "cost_reference": REFERENCE.name,
+            "selection": config.selection.to_json(),
         }
         sha = save_artifact(
             compiled,
@@ -264,24 +271,30 @@ def compile_program(
         )
         seconds = time.perf_counter() - started
         result = CompileResult(
-            run.id,
-            resumed,
-            run.attempts,
-            before,
-            after,
-            config.out,
-            sha,
-            seconds,
-            meter.snapshot(),
-            trials,
-            uses_devset,
-            len(trainset),
+            run_id=run.id,
+            resumed=resumed,
+            attempts=run.attempts,
+            before=before,
+            after=after,
+            artifact=config.out,
+            artifact_sha256=sha,
+            seconds=seconds,
+            usage=meter.snapshot(),
+            trials=trials,
+            uses_devset=uses_devset,
+            n_train=len(trainset),
+            candidates=candidates,
+            best=best,
+            picked=picked,
+            selection=config.selection,
         )
+        front = {c.state_hash for c in result.front}
         store.finish_run(
             run.id,
             score_after=after.score,
             tokens=result.tokens,
             seconds=seconds,
+            ideal_seconds=result.usage.cost,
             summary={
                 "usage": result.usage.to_dict(),
                 "trials": trials + 2,
@@ -289,6 +302,22 @@ def compile_program(
                 "artifact": config.out,
                 "artifact_sha256": sha,
                 "uses_devset": uses_devset,
+                "cost_reference": REFERENCE.name,
+                "selection": config.selection.to_json(),
+                "candidates": [
+                    {
+                        "trial": c.trial,
+                        "label": c.label,
+                        "state_hash": c.state_hash,
+                        "demos": c.demos,
+                        "score": c.score,
+                        "ideal_seconds_per_example": c.ideal_seconds,
+                        "front": c.state_hash in front,
+                        "best": c.state_hash == best.state_hash,
+                        "picked": c.state_hash == picked.state_hash,
+                    }
+                    for c in candidates
+                ],
             },
         )
         return result
@@ -339,6 +368,52 @@ def _scored(
     return report
 
 
+def _candidate(trial: int, label: str, program: Any, report: EvalReport) -> Candidate:
+    return Candidate(
+        trial,
+        label,
+        report.state_hash,
+        report.score,
+        report.ideal_seconds_per_example,
+        demo_count(program),
+        program,
+    )
+
+
+def _candidates(
+    baseline: Candidate,
+    best: Candidate,
+    candidate_programs: Any,
+    trials: list[Any],
+    n_dev: int,
+) -> list[Candidate]:
+    """Every whole program scored on the full dev set: the baseline, the candidates the
+    optimizer attached to its result (random search's `candidate_programs`) with their recorded
+    trials, and the optimizer's pick; one per program state, the earliest trial kept."""
+    programs: dict[str, Any] = {}
+    for entry in candidate_programs if isinstance(candidate_programs, list) else []:
+        if isinstance(entry, dict) and entry.get("program") is not None:
+            programs.setdefault(state_hash(entry["program"]), entry["program"])
+    found = {baseline.state_hash: baseline}
+    for trial in trials:
+        whole = trial.params.get("phase") == "optimize" and trial.params.get("examples") == n_dev
+        if whole and trial.score is not None and trial.state_hash in programs:
+            found.setdefault(
+                trial.state_hash,
+                Candidate(
+                    trial.number,
+                    f"trial {trial.number}",
+                    trial.state_hash,
+                    trial.score,
+                    trial.ideal_seconds_per_example,
+                    int(trial.params.get("demos", 0)),
+                    programs[trial.state_hash],
+                ),
+            )
+    found.setdefault(best.state_hash, best)
+    return list(found.values())
+
+
 def _optimize(
     config: CompileConfig,
     program: Any,
@@ -349,13 +424,14 @@ def _optimize(
     adapter: Any,
     store: Any,
     run_id: int,
+    meter: UsageMeter,
     progress: Progress,
 ) -> tuple[Any, int, bool]:
     """Run the optimizer with its trials and metric calls recorded; returns (program, trials,
     whether it selected on the dev set)."""
     phase = "optimize"
     progress.start(phase, None)
-    recorder = TrialRecorder(store, run_id, first_number=1)
+    recorder = TrialRecorder(store, run_id, meter, first_number=1)
     recording_metric = RecordingMetric(
         metric, store, run_id, recorder, on_call=lambda: progress.advance(phase)
     )
@@ -476,11 +552,20 @@ def evaluate_program(
         score_after=report.score,
         tokens=sum(r.tokens for r in report.results),
         seconds=report.seconds,
+        ideal_seconds=_total_cost(report),
         summary={
             "usage": report.usage.to_dict(),
             "n": report.n,
             "parse_failures": report.parse_failures,
             "reused_examples": report.reused,
+            "ideal_seconds_per_example": report.ideal_seconds_per_example,
+            "cost_reference": REFERENCE.name,
         },
     )
     return EvalResult(run.id, resumed, report, model, config.compiled)
+
+
+def _total_cost(report: EvalReport) -> float | None:
+    """Idealized seconds of every example of a report (reused ones included)."""
+    per_example = report.ideal_seconds_per_example
+    return None if per_example is None else per_example * report.n

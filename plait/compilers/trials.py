@@ -4,7 +4,9 @@ Two hooks, both plain DSPy extension points:
 
 - `TrialRecorder` is a DSPy callback. Optimizers that score candidate programs (random search,
   MIPROv2) call `dspy.Evaluate`; each such call becomes a `Trial` row (number, state hash,
-  score) the moment it ends.
+  score, demos, idealized cost per example) the moment it ends. The cost is what the run's
+  meter counted between the evaluation's start and end: optimizers evaluate one candidate at a
+  time, so those are the candidate's calls.
 - `RecordingMetric` wraps the metric the optimizer is given: every example it scores (a
   bootstrapped demo checked, a candidate scored on one example) becomes an `Evaluation` row
   with phase "optimize", tagged with the state hash of the candidate being evaluated.
@@ -24,6 +26,12 @@ from dspy.utils.callback import BaseCallback
 
 from plait.compilers.evaluation import prediction_dict
 from plait.compilers.hashing import example_hash, state_hash
+from plait.compilers.usage import Usage, UsageMeter
+
+
+def demo_count(program: Any) -> int:
+    """Demos over all of a program's predictors (they make its prompts long, hence its cost)."""
+    return sum(len(getattr(predictor, "demos", None) or ()) for predictor in program.predictors())
 
 
 class TrialRecorder(BaseCallback):
@@ -33,15 +41,17 @@ class TrialRecorder(BaseCallback):
         self,
         store: Any,
         run_id: int,
+        meter: UsageMeter,
         first_number: int = 1,
         on_trial: Callable[[int, float | None], None] | None = None,
     ):
         self.store = store
         self.run_id = run_id
+        self.meter = meter
         self.next_number = first_number
         self.on_trial = on_trial
         self.current_state = ""  # the candidate being evaluated now ("" outside evaluations)
-        self._open: dict[str, tuple[int, str, int]] = {}
+        self._open: dict[str, tuple[int, str, int, int, Usage]] = {}
         self._lock = threading.Lock()
 
     def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
@@ -50,7 +60,8 @@ class TrialRecorder(BaseCallback):
         with self._lock:
             number, self.next_number = self.next_number, self.next_number + 1
             digest = state_hash(program) if program is not None else ""
-            self._open[call_id] = (number, digest, len(devset))
+            demos = demo_count(program) if program is not None else 0
+            self._open[call_id] = (number, digest, len(devset), demos, self.meter.snapshot())
             self.current_state = digest
 
     def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: Exception | None = None) -> None:
@@ -59,8 +70,9 @@ class TrialRecorder(BaseCallback):
             self.current_state = ""
         if opened is None:
             return
-        number, digest, size = opened
+        number, digest, size, demos, before = opened
         score = getattr(outputs, "score", None) if exception is None else None
+        cost = self.meter.snapshot().since(before).cost
         self.store.record_trial(
             self.run_id,
             number,
@@ -69,8 +81,10 @@ class TrialRecorder(BaseCallback):
             params={
                 "phase": "optimize",
                 "examples": size,
+                "demos": demos,
                 **({"error": repr(exception)} if exception else {}),
             },
+            ideal_seconds_per_example=None if cost is None or not size else cost / size,
         )
         if self.on_trial is not None:
             self.on_trial(number, score)

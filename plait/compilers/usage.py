@@ -1,4 +1,4 @@
-"""Token accounting for compile and eval: totals for the run and per example.
+"""Token and idealized-cost accounting for compile and eval: totals for the run and per example.
 
 Every LM call of a run passes through `RecordingEngine`, which reports its usage here. A
 thread can open `measure()` around one example: the calls made on that thread while it is open
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -21,6 +21,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forced_tokens: int = 0  # completion tokens the grammar forced (no sampling step)
+    ideal_seconds: float = 0.0  # idealized cost of the priced calls (plait.backends.models.cost)
+    unpriced: int = 0  # calls without an idealized cost (a model plait has no cost model for)
 
     @property
     def total_tokens(self) -> int:
@@ -31,12 +33,19 @@ class Usage:
         """Forced share of completion tokens; None when no completion tokens were counted."""
         return self.forced_tokens / self.completion_tokens if self.completion_tokens else None
 
+    @property
+    def cost(self) -> float | None:
+        """Idealized seconds of all the calls; None when any call could not be priced (a
+        partial sum would understate it)."""
+        return None if self.unpriced else self.ideal_seconds
+
     def add(self, other: Usage) -> None:
-        self.calls += other.calls
-        self.replayed += other.replayed
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.forced_tokens += other.forced_tokens
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def since(self, earlier: Usage) -> Usage:
+        """What was used after `earlier` (a snapshot of the same totals) was taken."""
+        return Usage(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict[str, int | float | None]:
         return {**asdict(self), "total_tokens": self.total_tokens, "forced_share": self.forced_share}

@@ -131,7 +131,7 @@ class Evaluation(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
-    phase: Mapped[str] = mapped_column(String(32))  # baseline | final | eval | optimize
+    phase: Mapped[str] = mapped_column(String(32))  # baseline | final | picked | eval | optimize
     state_hash: Mapped[str] = mapped_column(String(64))
     example_hash: Mapped[str] = mapped_column(String(64))
     example_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
