@@ -18,6 +18,7 @@ from plait.backends.models.cost import (
 from plait.backends.models.llama import LlamaConfig, LlamaForCausalLM
 from plait.backends.models.nemotron_h import NemotronHForCausalLM
 from plait.backends.models.nemotron_h_config import NemotronHConfig
+from tests.nemotron_fixtures import COMMON
 
 LLAMA = LlamaConfig(
     vocab_size=100,
@@ -29,23 +30,13 @@ LLAMA = LlamaConfig(
     tie_word_embeddings=True,
 )
 
-NEMOTRON = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=40,
-    mamba_num_heads=4,
-    mamba_head_dim=8,
-    ssm_state_size=16,
-    n_groups=2,
-    conv_kernel=4,
-    n_routed_experts=6,
-    num_experts_per_tok=2,
-    moe_intermediate_size=24,
-    moe_shared_expert_intermediate_size=20,
-)
+NEMOTRON = {  # the tiny checkpoints' dimensions, with MoE layers' settings
+    **COMMON,
+    "n_routed_experts": 6,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 24,
+    "moe_shared_expert_intermediate_size": 20,
+}
 
 
 def nemotron(pattern: str, **overrides) -> NemotronHConfig:
