@@ -296,4 +296,7 @@ def test_cost_aware_compile_and_eval_on_the_embedded_model(tmp_path, monkeypatch
     document = json.loads(report.read_text())
     costs = [r["ideal_seconds"] for r in document["results"]]
     assert all(c > 0 for c in costs) and document["cost_reference"].startswith("H100-SXM")
+    assert document["usd_per_million_examples"] == pytest.approx(
+        document["ideal_seconds_per_example"] * 2.5 / 3600 * 1e6
+    )
     assert document["ideal_seconds_per_example"] == pytest.approx(sum(costs) / len(costs))

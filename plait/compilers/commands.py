@@ -429,12 +429,15 @@ def run_eval(args: argparse.Namespace) -> int:
         console.print(rows)
     usage = report.usage
     share = usage.forced_share
+    per_example = report.ideal_seconds_per_example
+    usd_per_million = None if per_example is None else REFERENCE.usd(per_example) * 1e6
     console.print(
         f"score {report.score:.1f} ({args.metric}) on {report.n} examples; parse failures "
         f"{report.parse_failures}, errors {report.errors}; "
         f"{sum(r.tokens for r in report.results):,} tokens, forced-token share "
         f"{'n/a' if share is None else f'{100 * share:.0f}%'}; {report.seconds:.1f} s; "
-        f"idealized {_ms(report.ideal_seconds_per_example)} ms / example on {REFERENCE.accelerator.name}"
+        f"idealized {_ms(per_example)} ms / example on {REFERENCE.accelerator.name}"
+        + (f" (${usd_per_million:.2f} per million examples)" if usd_per_million is not None else "")
         + (f" ({report.reused} examples reused from run {outcome.run_id})" if report.reused else "")
     )
     if args.json_out:
@@ -445,8 +448,9 @@ def run_eval(args: argparse.Namespace) -> int:
             "errors": report.errors,
             "tokens": sum(r.tokens for r in report.results),
             "seconds": round(report.seconds, 3),
-            "ideal_seconds_per_example": report.ideal_seconds_per_example,
+            "ideal_seconds_per_example": per_example,
             "cost_reference": REFERENCE.name,
+            "usd_per_million_examples": usd_per_million,
             "model": outcome.model,
             "compiled": outcome.compiled,
             "run_id": outcome.run_id,

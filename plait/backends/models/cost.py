@@ -73,7 +73,7 @@ class Reference:
     def name(self) -> str:
         a = self.accelerator
         return (
-            f"{a.name} ({a.flops / 1e12:g} TFLOP/s, {a.bandwidth / 1e12:g} TB/s; "
+            f"{a.name} ({a.flops / 1e12:g} TFLOP/s, {a.bandwidth / 1e12:g} TB/s, ${a.usd_per_hour:g}/h; "
             f"{8 * self.weight_bytes:g}-bit weights and KV cache, {8 * self.state_bytes:g}-bit SSM state)"
         )
 
