@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from plait.backends.loading.arguments import add_precision_arguments
 from plait.backends.runtime.drafting import add_speculation_arguments
 from plait.errors import PlaitError
 
@@ -197,13 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calls are printed as a JSON list",
     )
     p.add_argument("--tool-choice", choices=["auto", "required"], default="auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument(
-        "--quantize",
-        choices=["int4", "int8"],
-        default=None,
-        help="weight-only quantised linear layers, bf16 activations (CPU)",
-    )
+    add_precision_arguments(p)
     add_speculation_arguments(p)
     constrain = p.add_argument_group("output constraints (one of)")
     constrain.add_argument("--choice", action="append", help="allowed answer (repeatable)")

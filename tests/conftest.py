@@ -29,7 +29,7 @@ def smollm():
     """The embedded SmolLM2 engine, loaded once for the whole session."""
     from plait.backends.runtime.engine import Engine
 
-    engine = Engine.load("smollm2-135m")
+    engine = Engine.load("smollm2-135m", dtype="fp32")  # the exact reference; the default is int4
     yield engine
     engine.close()
 

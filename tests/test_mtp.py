@@ -98,7 +98,7 @@ def test_multimodal_prefix_through_the_registry(tmp_path):
     reference = write_mtp_checkpoint(tmp_path, "*E", seed=12, prefix="language_model.")
     assert all(k.startswith("language_model.") for k in load_file(tmp_path / "model-mtp.safetensors"))
     _byte_tokenizer(tmp_path)
-    model, _, family = registry.load(tmp_path, torch.float32, "cpu")
+    model, _, family = registry.load(tmp_path, "cpu", registry.precision(tmp_path, "cpu"))
     assert family == "nemotron_h" and model.mtp.layers[0].mixer.qkv_proj is not None
     ids = random_ids(10, seed=3)
     hidden = reference.hidden(ids)

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from plait.backends.loading import quant
 from plait.backends.loading.nemotron_h import load_nemotron_h
-from plait.backends.loading.quant import Int4Linear, Int8Linear, quantize
+from plait.backends.loading.quant import Int4Linear, Int8Linear, prompt_pass, quantize
 from plait.backends.models.state import Batch
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.state_pool import StatePool
@@ -89,7 +90,7 @@ def test_quantised_smollm_tracks_fp32_on_real_text(smollm, data_dir, scheme, min
     reference = smollm.logits(ids)
     engine = Engine.load("smollm2-135m", quantize=scheme, prefix_cache=False)
     try:
-        assert engine.model_id == f"{smollm.model_id}-{scheme}"
+        assert engine.model_id == ("smollm2-135m" if scheme == "int4" else f"smollm2-135m-{scheme}")
         logits = engine.logits(ids)
     finally:
         engine.close()
@@ -135,7 +136,7 @@ def test_hybrid_model_quantises_with_its_fp32_state_parameters_intact(tmp_path, 
     4-bit grid (measured relative logit error vs fp32: int4 0.17, int8 0.024, bf16 0.013)."""
     write_checkpoint(tmp_path, "dense", seed=3)
     reference = load_nemotron_h(tmp_path, torch.float32)
-    model = quantize(load_nemotron_h(tmp_path, torch.bfloat16), scheme)
+    model = quantize(load_nemotron_h(tmp_path, torch.bfloat16), scheme, keep_dense=False)  # packed only
     mixer = next(layer.mixer for layer in model.layers if hasattr(layer.mixer, "A_log"))
     assert mixer.A_log.dtype == torch.float32  # the SSM's fp32 parameters are not cast
     kinds = {type(m) for m in model.modules()}
@@ -161,11 +162,122 @@ def test_quantize_replaces_every_linear_layer():
     assert model(torch.randn(2, 64).bfloat16()).shape == (2, 48)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_prompt_passes_run_the_kept_bf16_weight_and_other_passes_the_packed_one(scheme):
+    """With `keep_dense`, a pass under `prompt_pass` is the bf16 matmul with the weight the
+    layer was made from (bit for bit), on this thread only; any other pass, however wide,
+    runs the packed kernel, as a layer without the copy does."""
+    weight, bias = torch.randn(64, 96).bfloat16(), torch.randn(64).bfloat16()
+    layer_type = Int4Linear if scheme == "int4" else Int8Linear
+    kept = layer_type.from_weight(weight, bias, keep_dense=True)
+    packed = layer_type.from_weight(weight, bias)
+    assert packed.dense is None and kept.dense is not None
+    x = torch.randn(1, 24, 96).bfloat16()
+    with prompt_pass():
+        assert torch.equal(kept(x), F.linear(x, weight, bias))
+        assert torch.equal(packed(x), packed(x.clone()))  # no copy kept: packed anyway
+        with ThreadPoolExecutor(1) as other_thread:
+            assert torch.equal(other_thread.submit(kept, x).result(), packed(x))
+    assert torch.equal(kept(x), packed(x))
+    assert not torch.equal(kept(x), F.linear(x, weight, bias))  # the 4/8-bit grid differs
+
+
+def test_quantize_keeps_dense_weights_only_under_the_size_limit(monkeypatch):
+    def quantised() -> torch.nn.Module:
+        layers = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 48))
+        return quantize(layers.bfloat16(), "int4")
+
+    assert all(layer.dense is not None for layer in quantised())
+    monkeypatch.setattr(quant, "DENSE_COPY_LIMIT_BYTES", 2 * (64 * 32 + 32 * 48) - 1)  # one byte short
+    assert all(layer.dense is None for layer in quantised())
+
+
 @pytest.mark.slow
-def test_dspy_lm_on_int4_weights_has_its_own_model_string():
+def test_each_precision_has_its_own_model_string():
     import plait
 
     lm = plait.LM("smollm2-135m", quantize="int4", cache=False, max_tokens=16, temperature=0.0)
-    assert lm.model.endswith("-int4") and lm.model != plait.LM("smollm2-135m").model
+    assert lm.model == plait.LM("smollm2-135m").model  # int4 is the embedded model's default on CPU
+    assert plait.LM("smollm2-135m", dtype="fp32").model == f"{lm.model}-fp32"
+    assert plait.LM("smollm2-135m", quantize="int8").model == f"{lm.model}-int8"
     question = {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
     assert "Paris" in lm(messages=[question])[0]
+
+
+@pytest.mark.slow
+def test_default_precision_drafts_verify_to_the_plain_tokens(data_dir):
+    """At the embedded model's default precision (int4, prompts on the kept bf16 weights),
+    prompt-lookup drafts verified in passes of up to 9 positions give the tokens plain decoding
+    gives: generated tokens always run the packed kernel, whatever the width of their pass."""
+    rows = [json.loads(line) for line in (data_dir / "squad" / "dev.jsonl").open()][:40:10]
+    chats = [
+        [{"role": "user", "content": f"{r['context'][:600]}\n\nCopy the sentence answering: {r['question']}"}]
+        for r in rows
+    ]
+    plain = Engine.load("smollm2-135m", prefix_cache=False)
+    drafting = Engine.load("smollm2-135m", prefix_cache=False, speculative="ngram", draft_tokens=8)
+    drafting.scheduler.weigh_drafts = False  # draft whatever the lookup finds, however fast the machine
+    try:
+        assert plain.model_id == drafting.model_id == "smollm2-135m"
+        assert isinstance(plain.model.lm_head, Int8Linear) and plain.model.lm_head.dense is not None
+        expected = [plain.chat(c, max_tokens=32).token_ids for c in chats]
+        assert [drafting.chat(c, max_tokens=32).token_ids for c in chats] == expected
+        assert sum(len(t) for t in expected) > 64
+        assert drafting.stats().accepted_tokens > 0
+    finally:
+        plain.close()
+        drafting.close()
+
+
+class _PassRecorder:
+    """Wraps the scheduler's model: per pass, (tokens per row, whether `prompt_pass` was open)."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, []
+
+    def __call__(self, ids, batch=None, **kwargs):
+        self.passes.append((ids.shape[1], getattr(quant._pass_kind, "prompt", False)))
+        return self.model(ids, batch, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.slow
+def test_the_scheduler_opens_prompt_passes_for_prompt_tokens_only():
+    """Every prompt token (chunks of 40, then a last one alone) is computed under
+    `prompt_pass`, and no generated token is: not the drafts verified in multi-token passes."""
+    engine = Engine.load("smollm2-135m", prefix_cache=False, prefill_chunk=40, speculative="ngram")
+    engine.scheduler.weigh_drafts = False
+    recorder = engine.scheduler.model = _PassRecorder(engine.scheduler.model)
+    try:
+        prompt = engine.tokenizer.encode("red green blue " * 40)[:81]
+        result = engine.generate(prompt, max_tokens=24)
+    finally:
+        engine.close()
+    prompt_passes = [tokens for tokens, prompt_open in recorder.passes if prompt_open]
+    assert prompt_passes == [40, 40, 1]
+    assert recorder.passes[: len(prompt_passes)] == [(t, True) for t in prompt_passes]
+    assert len(result.token_ids) == 24 and any(t > 1 for t, _ in recorder.passes[3:])  # drafts verified
+
+
+def test_packed_weights_are_cached_and_a_damaged_cache_is_rewritten(tmp_path, monkeypatch):
+    """A second quantisation reads the packed tensors from the cache instead of packing (the
+    same buffers bit for bit); a cache that cannot be read is packed and written again."""
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 48)).bfloat16()
+
+    cache = tmp_path / "packed.safetensors"
+    first = quantize(model(), "int4", head_name="1", cache=cache)
+    assert cache.exists()
+    monkeypatch.setattr(Int4Linear, "pack", staticmethod(lambda *a: pytest.fail("packed again")))
+    monkeypatch.setattr(Int8Linear, "pack", staticmethod(lambda *a: pytest.fail("packed again")))
+    second = quantize(model(), "int4", head_name="1", cache=cache)
+    for a, b in zip(first.buffers(), second.buffers()):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    cache.write_bytes(b"not safetensors")
+    third = quantize(model(), "int4", head_name="1", cache=cache)
+    assert torch.equal(third[0].packed, first[0].packed) and len(cache.read_bytes()) > 100

@@ -139,7 +139,7 @@ def test_options_are_checked():
 
 @pytest.fixture(scope="module")
 def smollm_speculative():
-    engine = exact_drafting(Engine.load("smollm2-135m", speculative="ngram", draft_tokens=6))
+    engine = exact_drafting(Engine.load("smollm2-135m", dtype="fp32", speculative="ngram", draft_tokens=6))
     yield engine
     engine.close()
 
@@ -397,7 +397,17 @@ def test_plait_serve_speculative(smollm, data_dir):
     from plait.serve.commands import build_runtime, config_from_args
     from tests.serve_fixtures import ServerThread
 
-    argv = ["serve", "--model", "smollm2-135m", "--speculative", "ngram", "--draft-tokens", "5"]
+    argv = [
+        "serve",
+        "--model",
+        "smollm2-135m",
+        "--dtype",
+        "float32",
+        "--speculative",
+        "ngram",
+        "--draft-tokens",
+        "5",
+    ]
     args = build_parser().parse_args([*argv, "--no-traces"])
     config = config_from_args(args)
     runtime = build_runtime(args, config)
@@ -412,5 +422,5 @@ def test_plait_serve_speculative(smollm, data_dir):
     assert answer["choices"][0]["message"]["content"] == smollm.chat(messages, max_tokens=40).text
     usage = answer["plait"]
     assert 0 < usage["accepted_tokens"] <= usage["drafted_tokens"]
-    accepted = re.search(r'plait_engine_accepted_tokens\{model="smollm2-135m"\} (\d+)', metrics)
+    accepted = re.search(r'plait_engine_accepted_tokens\{model="smollm2-135m-fp32"\} (\d+)', metrics)
     assert accepted and int(accepted.group(1)) >= usage["accepted_tokens"]

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plait.backends.loading.arguments import add_precision_arguments
 from plait.backends.runtime.drafting import add_speculation_arguments, speculation_options
 from plait.compilers.commands import positive_int
 from plait.compilers.loading import split_target
@@ -147,13 +148,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="the program of an artifact compiled from a file you name (repeatable; matched to "
         "artifacts by class name): an artifact never imports a file by itself",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument(
-        "--quantize",
-        choices=["int4", "int8"],
-        default=None,
-        help="weight-only quantised linear layers, bf16 activations (CPU)",
-    )
+    add_precision_arguments(p)
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
     add_speculation_arguments(p)
     p.add_argument(

@@ -390,11 +390,12 @@ def LM(
     `reasoning_effort` overrides it. It is part of the model string, so DSPy's cache keeps
     the settings apart.
 
-    `quantize="int4"` or `"int8"` runs weight-only quantised linear layers (CPU, see
-    `Engine.load`); the model string gets the scheme as a suffix, so DSPy's cache keeps the
-    variants apart. Keywords that name `EngineOptions` fields (max_batch_size,
-    memory_budget_mb, step_tokens, ...) configure the engine; the other `defaults` are DSPy's
-    LM settings (temperature, max_tokens, cache, ...).
+    `dtype` ("fp32", "bf16") or `quantize` ("int4", "int8": weight-only quantised linear
+    layers on CPU) choose the precision; with neither, the checkpoint's default runs (int4 for
+    the embedded GGUF on CPU, see `Engine.load`). Any other precision is a suffix of the model
+    string, so DSPy's cache keeps the variants apart. Keywords that name `EngineOptions`
+    fields (max_batch_size, memory_budget_mb, step_tokens, ...) configure the engine; the
+    other `defaults` are DSPy's LM settings (temperature, max_tokens, cache, ...).
     `LM("http://host:port/v1", model="...")` runs on an OpenAI-compatible server instead
     (vLLM, SGLang, NIM or `plait serve`): see `plait.backends.clients.remote.remote_lm`.
     """
@@ -405,10 +406,12 @@ def LM(
         if served is None:
             raise ValueError("a remote LM needs the served model's name: plait.LM(url, model=...)")
         return remote_lm(name_or_path, served, reasoning=reasoning, **defaults)
-    from plait.backends.loading.registry import resolve, variant_id
+    from plait.backends.loading.registry import precision, resolve
+    from plait.backends.models.dtypes import parse_dtype
 
     refuse_text_completions(defaults)
-    model_id, _ = resolve(name_or_path)
+    model_id, path = resolve(name_or_path)
+    suffix = precision(path, device, None if dtype is None else parse_dtype(dtype), quantize).suffix
     options: dict[str, Any] = {"device": device}
     options |= {name: defaults.pop(name) for name in ENGINE_OPTIONS if name in defaults}
     if dtype is not None:
@@ -418,7 +421,7 @@ def LM(
     engine = PlaitEngine(name_or_path, options, reasoning=reasoning)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
     return dspy.LM(
-        f"plait/{variant_id(model_id, quantize)}{engine.reasoning.model_suffix()}",
+        f"plait/{model_id}{suffix}{engine.reasoning.model_suffix()}",
         engine=engine,
         async_engine=AsyncPlaitEngine(engine),
         **defaults,

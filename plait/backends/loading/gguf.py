@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from plait.backends.loading.tokenizer import Tokenizer
+from plait.backends.models.dtypes import dtype_name
 from plait.backends.models.llama import LlamaConfig, LlamaForCausalLM
 from plait.errors import CheckpointError
 from plait.paths import cache_dir
@@ -134,6 +135,14 @@ def _metadata(path: Path, cached: Path) -> tuple[dict, set[str], object | None]:
     return fields, set(names), reader
 
 
+def _write(state: dict[str, torch.Tensor], cached: Path) -> dict[str, torch.Tensor]:
+    """Save `state` to `cached` (whole or not at all) and return it."""
+    tmp = cached.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(cached)
+    return state
+
+
 def _is_json(value) -> bool:
     try:
         json.dumps(value)
@@ -151,14 +160,21 @@ def load_gguf(
     fields, tensor_names, reader = _metadata(path, cached.with_suffix(".json"))
     cfg = _config(fields, tensor_names)
     tokenizer = Tokenizer.from_gguf_fields(fields)
-    if cached.exists():
-        state = load_file(str(cached))
+    # the dequantised weights in the dtype asked for: a later load maps them as they are (the
+    # default int4 loads bf16; converting 135M fp32 weights took it seconds on a busy machine)
+    in_dtype = cached
+    if dtype != torch.float32:
+        in_dtype = cached.with_name(f"{cached.stem}-{dtype_name(dtype)}.safetensors")
+    if in_dtype.exists():
+        state = load_file(str(in_dtype))
     else:
-        log.info("dequantising %s (once; cached at %s)", path.name, cached)
-        state = _dequantised_state(reader or _read(path), cfg)
-        tmp = cached.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(cached)
+        if cached.exists():
+            state = load_file(str(cached))
+        else:
+            log.info("dequantising %s (once; cached at %s)", path.name, cached)
+            state = _write(_dequantised_state(reader or _read(path), cfg), cached)
+        if in_dtype != cached:
+            state = _write({name: t.to(dtype) for name, t in state.items()}, in_dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     if cfg.tie_word_embeddings:

@@ -13,14 +13,47 @@ bf16 activations by packed low-bit weights (AVX-512 / AVX512-BF16 here), which r
     more accuracy than they save.
 
 Activations are bf16 (the kernels are slow on fp32 inputs); norms and SSM state keep their own
-fp32 arithmetic. Large multi-token passes (prefill) are slower through the int4 kernel than a
-dense bf16 matmul would be; the trade is made for decode, which is where the time goes.
+fp32 arithmetic.
+
+The packed kernels unpack the weights again for every input row, so their time grows with the
+rows: a dense bf16 matmul is 1.4x faster at 8 rows and 2-2.5x at 32-256 (this machine's cores).
+A layer therefore keeps the bf16 weight it was made from (`dense`) when the model's linear layers
+are small enough to hold twice (`DENSE_COPY_LIMIT_BYTES`), and runs it for prompt tokens: in
+passes under `prompt_pass()`, which the scheduler opens for prompt chunks. Generated tokens
+(sampled, forced, drafted) always run the packed kernel, whatever the batch: which weights
+compute a token depends on what the token is, never on what else shares its pass.
 """
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 SCHEMES = ("int4", "int8")
+
+_pass_kind = threading.local()
+
+
+@contextmanager
+def prompt_pass() -> Iterator[None]:
+    """Within it, the calling thread's passes compute prompt tokens: layers that keep a dense
+    weight run it. Per thread: a caller scoring text while the scheduler decodes is not moved."""
+    outer = getattr(_pass_kind, "prompt", False)
+    _pass_kind.prompt = True
+    try:
+        yield
+    finally:
+        _pass_kind.prompt = outer
+
+
+DENSE_COPY_LIMIT_BYTES = 2 * 2**30
+"""Linear weights (bf16) up to this size are kept beside their packed form for prompt passes:
+SmolLM2-135M's 270 MB is; a 9B model's 18 GB on a CPU is not (it runs packed only)."""
 
 
 def check_scheme(scheme: str) -> None:
@@ -32,8 +65,41 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
 
 
-class Int4Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What the int4 and int8 layers share: the dense weight for prompt passes, the bias."""
+
+    out_features: int
+    dense: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _flat(x)
+        if self.dense is not None and getattr(_pass_kind, "prompt", False):
+            return F.linear(flat, self.dense, self.bias).view(*x.shape[:-1], self.out_features)
+        y = self._packed_mm(flat)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _dense(weight: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """The bf16 weight a layer keeps for prompt passes (the loaded tensor itself when it is
+    bf16 already: a tied output head then shares the embedding's memory)."""
+    return weight.detach().to(torch.bfloat16) if keep else None
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(torch.bfloat16)
+
+
+class Int4Linear(_PackedLinear):
     """y = x @ dequant(W).T (+ bias), W stored as packed nibbles with per-group scale/zero."""
+
+    PACKED = ("packed", "scales_and_zeros")
+    """The buffers `pack` computes (what the quantised-weights cache stores)."""
 
     def __init__(
         self,
@@ -43,22 +109,22 @@ class Int4Linear(nn.Module):
         packed: torch.Tensor,
         scales_and_zeros: torch.Tensor,
         bias: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in/group, out, 2] bf16
         self.register_buffer("bias", bias)
+        self.register_buffer("dense", dense)
 
     @staticmethod
     def fits(weight: torch.Tensor, group_size: int) -> bool:
         out_features, in_features = weight.shape
         return in_features % group_size == 0 and out_features % 16 == 0
 
-    @classmethod
-    def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32
-    ) -> "Int4Linear":
+    @staticmethod
+    def pack(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
         out_features, in_features = weight.shape
         groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
@@ -66,66 +132,153 @@ class Int4Linear(nn.Module):
         q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
         zero = low + 8 * scale
         scales_and_zeros = torch.cat([scale, zero], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return cls(
-            in_features,
+        return {
+            "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            "scales_and_zeros": scales_and_zeros,
+        }
+
+    @staticmethod
+    def fits_packed(weight: torch.Tensor, group_size: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether cached `tensors` have the shapes `pack(weight, group_size)` gives."""
+        out_features, in_features = weight.shape
+        packed, scales = tensors["packed"], tensors["scales_and_zeros"]
+        return packed.numel() * packed.element_size() * 2 == weight.numel() and scales.shape == (
+            in_features // group_size,
             out_features,
-            group_size,
-            packed,
-            scales_and_zeros,
-            None if bias is None else bias.detach().to(torch.bfloat16),
+            2,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            _flat(x), self.packed, self.group_size, self.scales_and_zeros
-        )
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+    @classmethod
+    def from_packed(
+        cls, linear: nn.Linear, group_size: int, tensors: dict[str, torch.Tensor], keep_dense: bool
+    ) -> "Int4Linear":
+        """The layer for `linear` from its `pack`ed tensors (computed now or read from a cache)."""
+        out_features, in_features = linear.weight.shape
+        packed, scales_and_zeros = tensors["packed"], tensors["scales_and_zeros"]
+        dense = _dense(linear.weight, keep_dense)
+        return cls(in_features, out_features, group_size, packed, scales_and_zeros, _bias(linear.bias), dense)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 32,
+        keep_dense: bool = False,
+    ) -> "Int4Linear":
+        linear = _as_linear(weight, bias)
+        return cls.from_packed(linear, group_size, cls.pack(weight, group_size), keep_dense)
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return mm(x, self.packed, self.group_size, self.scales_and_zeros)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_PackedLinear):
     """y = x @ (q * scale[:, None]).T (+ bias), q int8 symmetric per output channel."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    PACKED = ("qweight", "scales")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("qweight", weight)  # not `weight`: nothing may take it for a float matrix
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+        self.register_buffer("dense", dense)
 
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+    @staticmethod
+    def pack(weight: torch.Tensor, group_size: int = 0) -> dict[str, torch.Tensor]:
+        """(`group_size` is unused: the scales are per output channel.)"""
         w = weight.detach().float()
         scales = (w.abs().amax(-1) / 127).clamp(min=1e-8)
         q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(torch.bfloat16), None if bias is None else bias.detach().to(torch.bfloat16))
+        return {"qweight": q, "scales": scales.to(torch.bfloat16)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+    @staticmethod
+    def fits_packed(weight: torch.Tensor, group_size: int, tensors: dict[str, torch.Tensor]) -> bool:
+        return tensors["qweight"].shape == weight.shape and tensors["scales"].shape == weight.shape[:1]
+
+    @classmethod
+    def from_packed(
+        cls, linear: nn.Linear, group_size: int, tensors: dict[str, torch.Tensor], keep_dense: bool
+    ) -> "Int8Linear":
+        dense = _dense(linear.weight, keep_dense)
+        return cls(tensors["qweight"], tensors["scales"], _bias(linear.bias), dense)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_dense: bool = False
+    ) -> "Int8Linear":
+        return cls.from_packed(_as_linear(weight, bias), 0, cls.pack(weight), keep_dense)
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
 
-def quantize(model: nn.Module, scheme: str, group_size: int = 32, head_name: str = "lm_head") -> nn.Module:
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A weight and bias seen as the `nn.Linear` the layers are made from (no copy, no init)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def quantize(
+    model: nn.Module,
+    scheme: str,
+    group_size: int = 32,
+    head_name: str = "lm_head",
+    keep_dense: bool | None = None,
+    cache: Path | None = None,
+) -> nn.Module:
     """Replace the model's `nn.Linear` layers in place (load the model in bf16 first: the rest
     of it, norms, embeddings and fp32 SSM parameters, stays as loaded).
 
     Under "int4" a layer whose shape the packed kernel cannot take (input size not a multiple of
     `group_size`, output size not a multiple of 16) and the output head get int8 instead.
+    `keep_dense` (None: when the layers' bf16 weights total at most `DENSE_COPY_LIMIT_BYTES`)
+    keeps each layer's bf16 weight for prompt passes (`prompt_pass`). `cache`: a safetensors
+    file of the packed tensors, read (memory-mapped) when it holds every layer's and written
+    when it does not: packing SmolLM2 takes seconds, reading it a fraction of one.
     """
     check_scheme(scheme)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if keep_dense is None:
+        keep_dense = sum(2 * m.weight.numel() for _, m in linears) <= DENSE_COPY_LIMIT_BYTES
+    cached = _read_cache(cache)
+    packed_state: dict[str, torch.Tensor] = {}
+    computed = False
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         use_int4 = scheme == "int4" and name != head_name and Int4Linear.fits(linear.weight, group_size)
-        replacement = (
-            Int4Linear.from_weight(linear.weight, linear.bias, group_size)
-            if use_int4
-            else Int8Linear.from_weight(linear.weight, linear.bias)
-        )
-        setattr(parent, child, replacement)
+        kind = Int4Linear if use_int4 else Int8Linear
+        tensors = {key: cached.get(f"{name}.{key}") for key in kind.PACKED}
+        fresh = any(t is None for t in tensors.values())
+        if fresh or not kind.fits_packed(linear.weight, group_size, tensors):
+            tensors, computed = kind.pack(linear.weight, group_size), True
+        packed_state |= {f"{name}.{key}": tensor for key, tensor in tensors.items()}
+        setattr(parent, child, kind.from_packed(linear, group_size, tensors, keep_dense))
+    if cache is not None and computed:
+        tmp = cache.with_name(cache.name + ".tmp")
+        save_file(packed_state, str(tmp))
+        tmp.replace(cache)
     return model
+
+
+def _read_cache(cache: Path | None) -> dict[str, torch.Tensor]:
+    """The cached packed tensors, or none when there is no readable cache (it is then rewritten)."""
+    if cache is None or not cache.exists():
+        return {}
+    try:
+        return load_file(str(cache))
+    except Exception:  # a damaged or foreign file: pack again
+        return {}

@@ -19,8 +19,10 @@ from plait.backends.loading.quant import check_scheme
 from plait.backends.loading.quant import quantize as quantize_model
 from plait.backends.loading.tokenizer import Tokenizer
 from plait.backends.models.base import CausalLM
+from plait.backends.models.dtypes import dtype_name
 from plait.backends.models.nemotron_h_config import NemotronHConfig, read_config_json
 from plait.errors import CheckpointError, ModelNotFoundError
+from plait.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -75,29 +77,54 @@ def _path_id(path: Path) -> str:
     return f"{stem}-{digest.hexdigest()[:10]}"
 
 
-def load(
-    path: Path, dtype: torch.dtype, device: str, quantize: str | None = None
-) -> tuple[CausalLM, Tokenizer, str]:
-    """Load a checkpoint: (model, tokenizer, family).
+@dataclass(frozen=True)
+class Precision:
+    """How a checkpoint's weights are run: `dtype`, and `quantize` ("int4"/"int8" weight-only
+    linear layers, whose other parameters are then bf16) or None."""
 
-    `quantize` ("int4" or "int8", CPU only) loads the weights in bf16, then swaps every linear
-    layer for its weight-only quantised twin (see `plait.backends.loading.quant`)."""
+    dtype: torch.dtype
+    quantize: str | None
+    suffix: str
+    """Added to the model id ("-fp32", "-int8", ...) unless this is the checkpoint's default:
+    other weights give other outputs, and the id is DSPy's cache key."""
+
+
+def default_quantize(path: Path, device: str) -> str | None:
+    """A GGUF checkpoint on CPU runs int4 by default: its own 4-bit grid, with decode at 3-4x
+    the speed of fp32 (README, `benchmarks/engine_cpu.py`); fp32 stays the exact option."""
+    return "int4" if device == "cpu" and path.is_file() else None
+
+
+def precision(
+    path: Path, device: str, dtype: torch.dtype | None = None, quantize: str | None = None
+) -> Precision:
+    """The precision a load runs: `quantize` if given, else `dtype` if given, else the
+    checkpoint's default (`default_quantize`, or fp32)."""
+    default = default_quantize(path, device)
+    if quantize is None and dtype is None:
+        quantize = default
     if quantize is not None:
         check_scheme(quantize)  # before the weights are read
         if device != "cpu":
             raise ValueError("weight-only int4/int8 is the CPU path; on a GPU load bf16 weights")
-        dtype = torch.bfloat16
-    model, tokenizer, family = _load(path, dtype, device)
+        return Precision(torch.bfloat16, quantize, "" if quantize == default else f"-{quantize}")
+    dtype = dtype or torch.float32
+    is_default = default is None and dtype == torch.float32
+    return Precision(dtype, None, "" if is_default else f"-{dtype_name(dtype)}")
+
+
+def load(path: Path, device: str, run: Precision) -> tuple[CausalLM, Tokenizer, str]:
+    """Load a checkpoint: (model, tokenizer, family).
+
+    A quantised `run` loads the weights in bf16, then swaps every linear layer for its
+    weight-only quantised twin (see `plait.backends.loading.quant`)."""
+    model, tokenizer, family = _load(path, run.dtype, device)
     model.fuse_projections()
-    if quantize is not None:
-        quantize_model(model, quantize)
+    if run.quantize is not None:
+        # the packed layout is torch's own: a cache per torch version
+        name = f"{_path_id(path)}-{run.quantize}-torch{torch.__version__}.safetensors"
+        quantize_model(model, run.quantize, cache=cache_dir("quantized") / name)
     return model, tokenizer, family
-
-
-def variant_id(model_id: str, quantize: str | None) -> str:
-    """The id of a checkpoint as loaded: quantised weights give other outputs, so another id
-    (it is DSPy's cache key)."""
-    return model_id if quantize is None else f"{model_id}-{quantize}"
 
 
 def _load(path: Path, dtype: torch.dtype, device: str) -> tuple[CausalLM, Tokenizer, str]:

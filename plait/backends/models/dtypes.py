@@ -20,3 +20,8 @@ def parse_dtype(dtype: "str | torch.dtype") -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype plait accepts ("fp32", "bf16", "fp16")."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

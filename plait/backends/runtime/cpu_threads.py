@@ -5,11 +5,13 @@ every core is taken, a team of N threads waits at each barrier for its slowest m
 member the OS has descheduled holds the whole region for a time slice: on 2 cores with a load
 of ~5 (a DSPy optimizer beside two test runs), a 78-token prompt chunk of SmolLM2 took 11 s of
 model time with 2 threads and 0.9 s with 1 (fp32, a MIPROv2 bootstrap call of 8 demos). With the
-cores free, 2 threads are faster. So the scheduler thread asks `CpuThreads.for_next_pass()`
-before each pass, which samples how many threads of *other* processes are runnable (Linux's
-/proc: the system's running count less this process's own running threads) at most every
-`interval` seconds, averages the last `window` samples, and gives the pass the cores left
-(at least 1, at most the count the engine started with).
+cores free, 2 threads are faster. The same holds for a step's other parallel ops: zeroing a
+600 KB state-pool tensor took 12 ms with 2 threads at a load of 3, 0.01 ms with 1. So the
+scheduler thread asks `CpuThreads.for_next_step()` before each step, which samples how many
+threads of *other* processes are runnable (Linux's /proc: the system's running count less this
+process's own running threads) at most every `interval` seconds, averages the last `window`
+samples, and gives the step the cores left (at least 1, at most the count the engine started
+with).
 
 Where /proc cannot be read (not Linux) the count stays where it started.
 """
@@ -57,6 +59,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def use_free_cores() -> int:
+    """Give the calling thread's torch ops the cores other processes leave free now (one
+    sample, at least 1, at most torch's count): for one-off work such as loading a model,
+    whose conversions and concatenations are parallel ops like a pass's."""
+    others = others_running()
+    default = threads = torch.get_num_threads()
+    if others is not None:
+        threads = max(1, min(default, usable_cores() - others))
+        _set_own_count(threads, default)
+    return threads
+
+
 class CpuThreads:
     """Sets torch's intra-op thread count on the calling (scheduler) thread before each pass.
 
@@ -85,8 +99,8 @@ class CpuThreads:
         self.current: int | None = None  # not yet set on the passes' thread
         self.changes = 0
 
-    def for_next_pass(self) -> int:
-        """The thread count for the pass about to run (set on this thread if it changed)."""
+    def for_next_step(self) -> int:
+        """The thread count for the step about to run (set on this thread if it changed)."""
         if self.current is None:
             self._set(self.most)
         if not self.adapt:
@@ -107,13 +121,17 @@ class CpuThreads:
         return self.current
 
     def _set(self, threads: int) -> None:
-        """This thread's count only. `torch.set_num_threads` also sets the default that other
-        threads take at their first parallel op (which made a retrieval encoder's batching
-        thread score with 1 thread and its caller with 2, a few ulps apart), so a short-lived
-        thread puts the default back. This thread must have taken its own default first
-        (`get_num_threads` does), or it would take the restored one at its next op."""
-        torch.get_num_threads()
-        torch.set_num_threads(threads)
-        if threads != self.default:
-            run_in_fresh_thread(torch.set_num_threads, self.default)
+        _set_own_count(threads, self.default)
         self.current = threads
+
+
+def _set_own_count(threads: int, default: int) -> None:
+    """Set the calling thread's count only. `torch.set_num_threads` also sets the default that
+    other threads take at their first parallel op (which made a retrieval encoder's batching
+    thread score with 1 thread and its caller with 2, a few ulps apart), so a short-lived
+    thread puts `default` back. This thread must have taken its own default first
+    (`get_num_threads` does), or it would take the restored one at its next op."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if threads != default:
+        run_in_fresh_thread(torch.set_num_threads, default)

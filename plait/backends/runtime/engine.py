@@ -18,7 +18,7 @@ from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
 from plait.backends.models.state import Batch
 from plait.backends.runtime.cancellation import current_scope
-from plait.backends.runtime.cpu_threads import CpuThreads
+from plait.backends.runtime.cpu_threads import CpuThreads, use_free_cores
 from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
 from plait.backends.runtime.options import EngineOptions, machine_memory_budget_mb
@@ -131,8 +131,6 @@ class _CountedModel:
         self._model, self._engine = model, engine
 
     def __call__(self, ids: torch.Tensor, batch: Batch | None = None, **kwargs: Any) -> torch.Tensor:
-        if self._engine.cpu_threads is not None:
-            self._engine.cpu_threads.for_next_pass()
         started = time.perf_counter()
         out = self._model(ids, batch, **kwargs)
         new_tokens = batch.new_tokens if batch is not None else None
@@ -178,7 +176,7 @@ class Engine:
             )
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
-        #: on CPU, the threads each pass gets (see plait.backends.runtime.cpu_threads)
+        #: on CPU, the threads each step gets (see plait.backends.runtime.cpu_threads)
         self.cpu_threads = (
             CpuThreads(self.options.cpu_threads, adapt=self.options.cpu_threads is None)
             if self.device.type == "cpu"
@@ -195,6 +193,7 @@ class Engine:
             prefix_cache=self.prefix_cache,
             speculative=self.options.speculative,
             draft_tokens=self.options.draft_tokens,
+            before_step=None if self.cpu_threads is None else self.cpu_threads.for_next_step,
         )
 
     @classmethod
@@ -205,16 +204,21 @@ class Engine:
 
         `options` are `EngineOptions` fields (checked before the weights are read). `quantize="int4"` or
         `"int8"` runs weight-only quantised linear layers with bf16 activations (CPU; `dtype` is
-        then bf16); the model id gets the scheme as a suffix, since outputs differ.
+        then bf16). With neither `dtype` nor `quantize`, a checkpoint runs its default precision
+        (`registry.precision`: int4 for a GGUF on CPU, else fp32); another precision adds its
+        name to the model id, since outputs differ.
         """
         dtype = parse_dtype(dtype) if dtype is not None else None
         quantize = options.pop("quantize", None)
         EngineOptions.from_kwargs(options)  # bad options fail here, not after loading
         model_id, path = registry.resolve(name_or_path)
-        model_id = registry.variant_id(model_id, quantize)
+        run = registry.precision(path, device, dtype, quantize)
+        model_id += run.suffix
 
         def build() -> "Engine":
-            model, tokenizer, family = registry.load(path, dtype or torch.float32, device, quantize)
+            if device == "cpu":
+                use_free_cores()  # this thread's own count: it ends with the load
+            model, tokenizer, family = registry.load(path, device, run)
             release_free_memory()  # dequantizing (GGUF, ModelOpt) leaves freed temporaries in the heap
             return cls(model, tokenizer, model_id, family, **options)
 

@@ -22,6 +22,7 @@ fails its own rows, a row whose sampling or grammar fails fails alone, and the r
 """
 
 import atexit
+import contextlib
 import itertools
 import logging
 import random
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.backends.grammar.constraint import apply_masks
+from plait.backends.loading.quant import prompt_pass
 from plait.backends.loading.tokenizer import Tokenizer
 from plait.backends.models.base import CausalLM
 from plait.backends.models.state import Batch, has_fixed_state
@@ -74,8 +76,13 @@ class StepPlan:
 
     groups: list[tuple[list[int], list[list[int]]]]  # multi-token passes: slots, chunk of each
     decode_runs: list[list[int]]  # one-token passes: contiguous slots
-    fresh: list[int]  # one-token prompts with nothing cached yet (their own pass each)
+    fresh: list[int]  # a prompt's last token, alone pending (its own pass each)
     length: int  # the longest row after this step: what the pool must hold
+
+
+def _in_prompt(row: Sequence) -> bool:
+    """Whether the row's next pending token is still one of its prompt's."""
+    return row.cached < len(row.prompt_ids)
 
 
 class _ForwardFailed(Exception):
@@ -108,8 +115,13 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         speculative: str | None = None,
         draft_tokens: int = 4,
+        before_step: Callable[[], object] | None = None,
     ):
+        """`before_step` runs on the scheduler thread before each step admits anything (the
+        engine sets its CPU thread count there: the step's copies and fills are parallel ops
+        too, as slow as its passes with a thread too many)."""
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.before_step = before_step
         self.prefix_cache = prefix_cache
         self.speculative, self.draft_tokens = speculative, draft_tokens
         #: a new request's drafter (speculative decoding); tests put an oracle here
@@ -192,6 +204,8 @@ class Scheduler:
                     self.cond.wait()
                 if self.closed:
                     break
+                if self.before_step is not None:
+                    self.before_step()
                 self._admit()
             try:
                 self._step()
@@ -316,7 +330,7 @@ class Scheduler:
     def _run_pass(self, slots: list[int], chunks: list[list[int]] | None) -> None:
         if chunks is not None:
             self._multi_token_pass(slots, chunks)
-        elif self.rows[slots[0]].cached == 0:
+        elif _in_prompt(self.rows[slots[0]]):
             self._fresh_pass(slots[0])
         else:
             self._decode_run(slots)
@@ -381,14 +395,15 @@ class Scheduler:
         run: list[int] = []
         decoding = 0
         for slot, row in enumerate([*self.rows, None]):
-            if row is not None and len(row.pending) == 1 and row.cached > 0 and not self._speculative(row):
+            decodes = row is not None and len(row.pending) == 1 and not _in_prompt(row)
+            if decodes and not self._speculative(row):
                 run.append(slot)
                 decoding += 1
                 continue
             if run:
                 decode_runs.append(run)
                 run = []
-        fresh = [s for s, r in enumerate(self.rows) if len(r.pending) == 1 and r.cached == 0]
+        fresh = [s for s, r in enumerate(self.rows) if len(r.pending) == 1 and _in_prompt(r)]
         decoding += sum(len(r.pending) + len(r.draft) for r in self.rows if self._speculative(r))
         budget = max(self.step_tokens - decoding - len(fresh), self.step_tokens // MIN_PREFILL_SHARE)
         groups = self._multi_token_groups(budget)
@@ -442,8 +457,9 @@ class Scheduler:
             else:
                 chunk = row.pending[: min(self._pass_length(row), budget)]
                 budget -= len(chunk)
-            joins = groups and self._speculative(self.rows[groups[-1][0][-1]]) == speculative
-            if joins and self.padded_passes and groups[-1][0][-1] == slot - 1:
+            last = groups[-1][0][-1] if groups else None
+            joins = last is not None and self._pass_kind(self.rows[last]) == self._pass_kind(row)
+            if joins and self.padded_passes and last == slot - 1:
                 slots, chunks = groups[-1]
                 width = max(len(chunk), *(len(c) for c in chunks))
                 real = len(chunk) + sum(len(c) for c in chunks)
@@ -455,6 +471,11 @@ class Scheduler:
                     continue
             groups.append(([slot], [chunk]))
         return groups
+
+    def _pass_kind(self, row: Sequence) -> tuple[bool, bool]:
+        """Rows share a multi-token pass only when this is the same: verifying a draft or not,
+        and prompt tokens or generated ones (quantised models run these on other weights)."""
+        return self._speculative(row), _in_prompt(row)
 
     def _pass_length(self, row: Sequence) -> int:
         """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
@@ -478,7 +499,7 @@ class Scheduler:
         if self._speculative(rows[0]):
             self._speculative_pass(slots, rows, chunks, ids, new_tokens)
             return
-        logits, hidden = self._forward(slots[0], rows, ids, new_tokens)
+        logits, hidden = self._forward(slots[0], rows, ids, new_tokens, prompt=_in_prompt(rows[0]))
         logits = logits[:, -1]
         done = []
         for i, (slot, row, chunk) in enumerate(zip(slots, rows, chunks)):
@@ -581,7 +602,8 @@ class Scheduler:
 
     def _fresh_pass(self, slot: int) -> None:
         row = self.rows[slot]
-        logits, hidden = self._forward(slot, [row], torch.tensor([row.pending], device=self.device))
+        ids = torch.tensor([row.pending], device=self.device)
+        logits, hidden = self._forward(slot, [row], ids, prompt=True)
         self._consumed(row, 1)
         if hidden is not None:
             self._observe(slot, row, hidden[0])
@@ -602,11 +624,12 @@ class Scheduler:
         new_tokens: torch.Tensor | None = None,
         logit_count: int = 1,
         step_clamp: bool = False,
+        prompt: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [rows, logit_count, V] of each row's last `logit_count` real positions, and
-        with the MTP head the hidden states [rows, T, H] of every position (else None). Each
-        pass's time goes into `pass_costs` (on CUDA that is launch time: passes look cheap,
-        as a GPU's small passes nearly are)."""
+        with the MTP head the hidden states [rows, T, H] of every position (else None). A
+        `prompt` pass runs under `quant.prompt_pass`. Each pass's time goes into `pass_costs`
+        (on CUDA that is launch time: passes look cheap, as a GPU's small passes nearly are)."""
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:
             r.request.usage.forward_passes += 1
@@ -617,9 +640,10 @@ class Scheduler:
                 if logits is not None:
                     return logits, None
             batch = Batch(self.pool, first_slot, lens, new_tokens, logit_count, step_clamp)
-            if self.mtp is not None:
-                return self.model(ids, batch, last_only=True, return_hidden=True)
-            return self.model(ids, batch, last_only=True), None
+            with prompt_pass() if prompt else contextlib.nullcontext():
+                if self.mtp is not None:
+                    return self.model(ids, batch, last_only=True, return_hidden=True)
+                return self.model(ids, batch, last_only=True), None
         except Exception as exc:
             raise _ForwardFailed from exc
         finally:
