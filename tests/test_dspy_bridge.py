@@ -59,15 +59,16 @@ def test_request_config_reaches_the_engine(lm):
     assert "Paris" not in stopped.text
 
 
-def test_concurrent_calls_are_batched_and_identical_to_sequential(lm, smollm):
+def test_concurrent_calls_are_batched_and_identical_to_sequential(lm):
     messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
     sequential = [lm(messages=m)[0] for m in messages]
-    steps = smollm.scheduler.steps
+    engine = lm.engine.engine  # the LM's own (default precision) engine
+    steps = engine.scheduler.steps
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(lambda m: lm(messages=m)[0], messages))
     assert concurrent == sequential
-    generated = sum(len(smollm.tokenizer.encode(t)) for t in sequential)
-    assert smollm.scheduler.steps - steps < generated / 2  # decode steps were shared
+    generated = sum(len(engine.tokenizer.encode(t)) for t in sequential)
+    assert engine.scheduler.steps - steps < generated / 2  # decode steps were shared
 
 
 def test_engine_stream_events_add_up(lm):

@@ -159,7 +159,7 @@ def test_greedy_answers_that_end_before_the_hint_are_unchanged(smollm):
 
 @pytest.fixture(scope="module")
 def smollm_speculative():
-    engine = Engine.load("smollm2-135m", speculative="ngram", draft_tokens=6)
+    engine = Engine.load("smollm2-135m", dtype="fp32", speculative="ngram", draft_tokens=6)  # as `smollm`
     engine.scheduler.weigh_drafts = False  # draft whenever prompt lookup has a guess
     yield engine
     engine.close()

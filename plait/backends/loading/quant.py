@@ -275,10 +275,14 @@ def quantize(
 
 
 def _read_cache(cache: Path | None) -> dict[str, torch.Tensor]:
-    """The cached packed tensors, or none when there is no readable cache (it is then rewritten)."""
+    """The cached packed tensors, or none when there is no readable cache (it is then rewritten).
+
+    Each is copied out of the file's mapping: safetensors places a tensor at any 8-byte offset,
+    and the packed kernels read their weights with aligned vector loads (the int8 kernel
+    crashed on a mapped head with several rows)."""
     if cache is None or not cache.exists():
         return {}
     try:
-        return load_file(str(cache))
+        return {name: tensor.clone() for name, tensor in load_file(str(cache)).items()}
     except Exception:  # a damaged or foreign file: pack again
         return {}
