@@ -93,6 +93,27 @@ class BertEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
+class Packing:
+    """Which positions of a padded (batch, seq) input hold tokens, for running a batch packed.
+
+    Every layer but attention works token by token, so it runs on the tokens alone, (tokens,
+    hidden), not on the padding around them: a batch of SciFact queries is ~30% padding.
+    Attention alone sees the padded layout, for one fused kernel over the whole batch."""
+
+    def __init__(self, present: torch.Tensor):
+        self.batch, self.seq = present.shape
+        self.index = present.flatten().nonzero().squeeze(1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, ...) -> (tokens, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seq, ...), zeros where no token is."""
+        out = x.new_zeros((self.batch * self.seq, *x.shape[1:]))
+        return out.index_copy_(0, self.index, x).view(self.batch, self.seq, *x.shape[1:])
+
+
 class BertLayer(nn.Module):
     """One post-LayerNorm transformer layer; attribute names mirror BERT's checkpoint keys."""
 
@@ -111,11 +132,12 @@ class BertLayer(nn.Module):
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        b, n, h = x.shape
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """`x`: (tokens, hidden), packed by `packing`; `key_mask`: (batch, 1, 1, seq)."""
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (batch, heads, seq, head_dim)
+            shape = (packing.batch, packing.seq, self.num_heads, self.head_dim)
+            return packing.unpack(t).view(shape).transpose(1, 2)
 
         attn = F.scaled_dot_product_attention(
             heads(self.query(x)),
@@ -124,7 +146,8 @@ class BertLayer(nn.Module):
             attn_mask=key_mask,
             scale=1.0 / math.sqrt(self.head_dim),
         )
-        x = self.attn_norm(x + self.attn_out(attn.transpose(1, 2).reshape(b, n, h)))
+        attn = packing.pack(attn.transpose(1, 2)).flatten(1)
+        x = self.attn_norm(x + self.attn_out(attn))
         return self.out_norm(x + self.output(self.act(self.intermediate(x))))
 
 
@@ -137,13 +160,19 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`attention_mask` (batch, seq): the keys attended to; `present`: the positions that
+        hold a token (default: the attended ones; ColBERT's query [MASK]s are present but not
+        attended). Positions without a token come out as zeros."""
+        packing = Packing(attention_mask.bool() if present is None else present)
         # (batch, 1, 1, seq) boolean: which keys each position may attend to.
         key_mask = attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids)
+        x = packing.pack(self.embeddings(input_ids))
         for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
+            x = layer(x, key_mask, packing)
+        return packing.unpack(x)
 
 
 # Checkpoint key (after the optional "bert." prefix) -> our parameter name, per layer.

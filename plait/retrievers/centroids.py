@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from plait.retrievers.maxsim import segment_max, token_rows
+
 
 def build_inverted_file(
     codes: np.ndarray, doc_offsets: np.ndarray, num_centroids: int, block_docs: int = 4096
@@ -57,23 +59,11 @@ class CentroidStage:
 
     def candidates(self, query: np.ndarray, n: int, nprobe: int = 4, refine_factor: int = 4) -> np.ndarray:
         """Indices of up to `n` documents most likely to have a high MaxSim with `query`."""
-        with torch.inference_mode():  # torch's GEMM is faster than numpy's for this shape
-            qc = (torch.from_numpy(np.asarray(query, np.float32)) @ self._centroids_t.T).numpy()
-        nprobe = min(nprobe, qc.shape[1])
-        probes = np.argpartition(-qc, nprobe - 1, axis=1)[:, :nprobe]
-        approx = np.zeros(self.num_docs, dtype=np.float32)
-        best = np.zeros(self.num_docs, dtype=np.float32)
-        for i in range(len(qc)):
-            cs = probes[i][np.argsort(qc[i, probes[i]])]  # ascending: the best centroid writes last
-            touched = []
-            for c in cs:
-                docs = self.ivf_docs[self.ivf_offsets[c] : self.ivf_offsets[c + 1]]
-                best[docs] = qc[i, c]
-                touched.append(docs)
-            if touched:
-                hit = np.concatenate(touched)
-                approx[hit] += best[hit]
-                best[hit] = 0.0
+        with torch.inference_mode():  # torch's GEMM and top-k are faster than numpy's here
+            qc = torch.from_numpy(np.asarray(query, np.float32)) @ self._centroids_t.T
+            probes = torch.topk(qc, min(nprobe, qc.shape[1]), dim=1)
+        qc = qc.numpy()
+        approx = self.probe_scores(probes.values.numpy(), probes.indices.numpy())
         found = np.flatnonzero(approx)
         if len(found) == 0:
             return found
@@ -83,13 +73,30 @@ class CentroidStage:
         refined = self.centroid_interaction(qc, shortlist)
         return _top(shortlist, refined, n)
 
+    def probe_scores(self, scores: np.ndarray, probes: np.ndarray) -> np.ndarray:
+        """Per document, the sum over query tokens of the best of the token's probed centroids
+        (`probes`, with their `scores`: query tokens x nprobe) that the document has a token in,
+        0 for none. All tokens' posting lists are read in one pass, without a Python loop."""
+        rows, lengths = token_rows(self.ivf_offsets, probes.ravel())
+        docs = self.ivf_docs[rows]
+        score = np.repeat(scores.ravel(), lengths)
+        # Group the postings by (query token, document), best score first; keep each group's first.
+        pair = np.repeat(np.arange(probes.size) // probes.shape[1], lengths) * self.num_docs + docs
+        order = np.lexsort((-score, pair))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = pair[order[1:]] != pair[order[:-1]]
+        best = order[first]
+        approx = np.zeros(self.num_docs, dtype=np.float32)
+        # Unbuffered and in the order given, query token after query token: each document's
+        # float32 sum is added up in the order the token-by-token loop it replaces used.
+        np.add.at(approx, docs[best], score[best])
+        return approx
+
     def centroid_interaction(self, qc: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """MaxSim with each document token replaced by its centroid (codes read from the map)."""
-        starts, ends = self.doc_offsets[docs], self.doc_offsets[docs + 1]
-        codes = np.concatenate([self.codes[s:e] for s, e in zip(starts, ends)])
-        sim = qc[:, codes]  # (query tokens, gathered tokens)
-        bounds = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
-        return np.maximum.reduceat(sim, bounds, axis=1).sum(axis=0)
+        rows, lengths = token_rows(self.doc_offsets, docs)
+        # One gather of the centroid scores' columns: (query tokens, document tokens).
+        return segment_max(np.take(qc, self.codes[rows], axis=1), lengths).sum(axis=0)
 
 
 def _top(items: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:

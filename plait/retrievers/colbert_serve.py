@@ -12,12 +12,12 @@ it is "Title | Body", the convention of the ColBERTv2 servers DSPy's tutorials q
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from plait.backends.runtime.cpu_threads import CpuThreads, usable_cores
 from plait.retrievers.batcher import MicroBatcher
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
 from plait.retrievers.errors import IndexFormatError
@@ -56,8 +56,29 @@ def load_index_encoder(
     return encoder
 
 
+def _one_torch_thread() -> None:
+    """Run this thread's torch ops on this thread alone (the process's default is left as is)."""
+    CpuThreads(most=1, adapt=False).for_next_step()
+
+
+@dataclass(frozen=True)
+class _Request:
+    query: str
+    k: int
+    stage: str
+    params: SearchParams | None
+
+
 class ColBERTServe:
-    """A DSPy-compatible retriever over a memory-mapped ColBERT-serve index. Thread-safe."""
+    """A DSPy-compatible retriever over a memory-mapped ColBERT-serve index. Thread-safe.
+
+    With `batching` (the default), every query that needs the encoder is searched by one of
+    `workers` threads (default: one per usable core), each running torch on one thread of its
+    own: concurrent callers' queries share encoder forwards, and however many callers there
+    are, no more threads compute than cores - several callers each running torch ops start
+    an OpenMP team each, and on a busy machine a team waits at every barrier for a member the
+    OS has descheduled. BM25-only searches need no torch and run on the caller's thread.
+    """
 
     def __init__(
         self,
@@ -66,15 +87,21 @@ class ColBERTServe:
         params: SearchParams | None = None,
         stage: str = "hybrid",
         batching: bool = True,
+        workers: int | None = None,
     ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.store = store
         self.searcher = Searcher(store, encoder, params)
         self.stage = stage
-        self._batcher: MicroBatcher[str, np.ndarray] | None = (
-            MicroBatcher(encoder.encode_queries, name="plait-query-encoder") if batching else None
-        )
+        self._batcher: MicroBatcher[_Request, list[Hit]] | None = None
+        if batching:
+            self._batcher = MicroBatcher(
+                self._search_requests,
+                name="plait-search",
+                workers=workers or usable_cores(),
+                setup=_one_torch_thread,
+            )
 
     @classmethod
     def open(
@@ -87,14 +114,16 @@ class ColBERTServe:
         params: SearchParams | None = None,
         stage: str = "hybrid",
         batching: bool = True,
+        workers: int | None = None,
     ) -> ColBERTServe:
         """Open an index directory (checks sizes; `verify=True` also checks every sha256).
 
         `in_memory=True` reads the files into RAM instead of mapping them.
-        `batching` coalesces concurrent callers' query encodings into shared forward passes.
+        `batching` searches on `workers` threads that share encoder forwards between concurrent
+        callers (see the class); without it each call searches on its caller's thread.
         """
         store = IndexStore(path, verify=verify, in_memory=in_memory)
-        return cls(store, load_index_encoder(store, encoder), params, stage, batching)
+        return cls(store, load_index_encoder(store, encoder), params, stage, batching, workers)
 
     @property
     def num_docs(self) -> int:
@@ -111,10 +140,12 @@ class ColBERTServe:
         for stage in STAGES:
             self.search_hits(["warmup"], k=1, stage=stage)
 
-    def _encode(self, queries: list[str]) -> list[np.ndarray]:
-        if self._batcher is not None and len(queries) == 1:
-            return [self._batcher.submit(queries[0])]
-        return self.searcher.encoder.encode_queries(queries)
+    def _search_requests(self, requests: list[_Request]) -> Iterator[list[Hit]]:
+        """A worker's batch: one encoder forward for all its queries, then each search, handed
+        back as soon as it is done."""
+        vectors = self.searcher.encoder.encode_queries([r.query for r in requests])
+        for r, qv in zip(requests, vectors, strict=True):
+            yield self.searcher.search_batch([r.query], r.k, r.stage, r.params, query_vectors=[qv])[0]
 
     def search_hits(
         self,
@@ -127,8 +158,9 @@ class ColBERTServe:
         queries = list(queries)
         for q in queries:
             check_request(q, k, stage)
-        vectors = None if stage == "bm25" else self._encode(queries)
-        return self.searcher.search_batch(queries, k, stage, params, query_vectors=vectors)
+        if stage == "bm25" or self._batcher is None:
+            return self.searcher.search_batch(queries, k, stage, params)
+        return self._batcher.submit_many([_Request(q, k, stage, params) for q in queries])
 
     def passage(self, hit: Hit, rank: int, *, titled: bool = False) -> Passage:
         """The hit as a passage; its text is what was indexed ("Title Body"), or with `titled`

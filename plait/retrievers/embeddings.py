@@ -11,6 +11,7 @@ vectors the rounding error (~0.4%) is far below the score gaps that decide ranki
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,9 +73,11 @@ def as_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
     return torch.from_numpy(np.array(rows, dtype=np.int16)).view(torch.bfloat16).float().numpy()
 
 
-def as_torch(rows: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored rows (already copied out of the map) as a tensor ready for the MaxSim product."""
-    if dtype == "float16":
-        # torch's fp16->fp32 cast is about twice as fast as numpy's astype on this path.
-        return torch.from_numpy(rows).float()
-    return torch.from_numpy(rows).view(torch.bfloat16)
+def as_tensor(matrix: np.ndarray, dtype: str) -> torch.Tensor:
+    """The whole stored matrix as a tensor sharing its memory (the map's pages, never a copy),
+    for MaxSim to gather candidates' rows from; bf16 rows are reinterpreted, not converted."""
+    with warnings.catch_warnings():
+        # A read-only map: torch warns that writing would be undefined; nothing writes to it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(matrix)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor

@@ -194,9 +194,19 @@ class ColBERTEncoder:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids[:budget] for e in encodings]
 
-    def _forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def _forward(self, seqs: Sequence[list[int]], attended: Sequence[int]) -> torch.Tensor:
+        """Normalised embeddings (batch, longest, dim) of token id sequences, each attending to
+        its first `attended[i]` tokens; zeros past each sequence's end."""
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.bool)
+        present = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (seq, n) in enumerate(zip(seqs, attended, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, :n] = True
+            present[i, : len(seq)] = True
         with torch.inference_mode():
-            hidden = self.model(ids, attention)
+            hidden = self.model(ids, attention, present)
             if self.linear is not None:
                 hidden = hidden @ self.linear.T
             return torch.nn.functional.normalize(hidden, p=2, dim=-1)
@@ -216,16 +226,10 @@ class ColBERTEncoder:
         """One float32 array (tokens, dim) per query; with augmentation all have query_maxlen rows."""
         if not queries:
             return []
-        s = self.settings
         rows = [self.query_ids(q) for q in queries]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, n_real) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            attention[i, : len(row) if s.attend_to_mask_tokens else n_real] = 1
-        out = self._forward(ids, attention).numpy()
-        return [out[i, : len(row)].copy() for i, (row, _) in enumerate(rows)]
+        attended = [len(ids) if self.settings.attend_to_mask_tokens else n_real for ids, n_real in rows]
+        out = self._forward([ids for ids, _ in rows], attended).numpy()
+        return [out[i, : len(ids)].copy() for i, (ids, _) in enumerate(rows)]
 
     def encode_documents(self, docs: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
         """One float32 array (kept tokens, dim) per document, punctuation and padding dropped."""
@@ -234,17 +238,11 @@ class ColBERTEncoder:
         pieces = self._wordpieces(docs, s.doc_maxlen - len(head) - 1)
         seqs = [head + p + [self.sep_id] for p in pieces]
         out: list[np.ndarray | None] = [None] * len(seqs)
-        # Sort by length so each padded batch wastes little compute.
+        # Sorted by length, a batch's sequences are about as long as each other (attention pads them).
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            width = max(len(seqs[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                attention[row, : len(seqs[i])] = 1
-            emb = self._forward(ids, attention).numpy()
+            emb = self._forward([seqs[i] for i in batch], [len(seqs[i]) for i in batch]).numpy()
             for row, i in enumerate(batch):
                 seq = np.asarray(seqs[i])
                 keep = np.ones(len(seq), dtype=bool)

@@ -79,8 +79,7 @@ class Searcher:
         self.params = params or SearchParams()
 
     def late_scores(self, query_vectors: np.ndarray, docs: np.ndarray) -> np.ndarray:
-        s = self.store
-        return maxsim(query_vectors, s.matrix, s.doc_offsets, docs, s.dtype)
+        return maxsim(query_vectors, self.store.embeddings, self.store.doc_offsets, docs)
 
     def search_batch(
         self,

@@ -66,6 +66,7 @@ class IndexStore:
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read index {self.path}: {exc}") from exc
         self._check_structure(centroids, codes, ivf_docs, ivf_offsets)
+        self.embeddings = emb.as_tensor(self.matrix, self.dtype)  # MaxSim's view of the same pages
         self.centroids = CentroidStage(centroids, codes, ivf_docs, ivf_offsets, self.doc_offsets)
         self.bm25 = BM25Stage(self.path, stem=bool(bm25_info.get("stem", True)), in_memory=in_memory)
         if self.bm25.num_docs != self.num_docs:
