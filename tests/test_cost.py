@@ -162,3 +162,16 @@ def test_reference_names_itself_and_prices_in_dollars():
 def test_unknown_configs_are_refused():
     with pytest.raises(TypeError, match="no cost model"):
         architecture(object())
+
+
+def test_published_checkpoints_have_their_published_sizes():
+    """NVIDIA's model cards: Nano-9B-v2 has 8.89B parameters; Nemotron-3-Nano-30B-A3B activates
+    3.2B per token (3.6B with the embeddings). Norms, convs and biases are the rest."""
+    from plait.backends.models.nemotron_h_presets import preset
+
+    dense = architecture(NemotronHConfig.from_dict(preset("nano-9b-v2")))
+    embedding = dense.head_params  # untied: the embedding is another vocab x hidden matrix
+    assert dense.linear_params + dense.head_params + embedding == pytest.approx(8.89e9, rel=0.005)
+    moe = architecture(NemotronHConfig.from_dict(preset("nano-30b-a3b")))
+    assert moe.linear_params + moe.head_params == pytest.approx(3.2e9, rel=0.015)
+    assert moe.linear_params + 2 * moe.head_params == pytest.approx(3.6e9, rel=0.01)
