@@ -106,7 +106,7 @@ def main() -> None:
     print(
         f"SST-2: {args.train} train rows, {args.dev} dev rows for the candidates, dev rows "
         f"{args.dev}..{args.dev + args.held_out - 1} held out; random search, {args.candidates} random "
-        f"demo sets of 1..{args.max_demos} demos; SmolLM2-135M ({args.dtype or 'default precision'}), "
+        f"demo sets of 1..{args.max_demos} demos; model {lm.engine.engine.model_id}, "
         f"{args.threads} threads; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     started = time.perf_counter()
@@ -172,12 +172,13 @@ def main() -> None:
         f"{GOAL_POINTS:g} point lower): {'met' if met else 'NOT met'}"
     )
     cheapest = min(best.candidates, key=lambda c: c.ideal_seconds or 0.0)
-    if best.picked.state_hash == cheapest.state_hash:
+    same = best.picked.state_hash == cheap.picked.state_hash
+    if same and best.picked.state_hash == cheapest.state_hash:
         print(
             f"note: the best-score pick ({best.picked.demos} demos, {best.picked.score:.1f} on the dev "
             "rows) is already the cheapest candidate: there is nothing cheaper to pick"
         )
-    elif best.picked.state_hash == cheap.picked.state_hash:
+    elif same:
         print(
             f"note: no cheaper candidate scored within {args.tolerance:g} points of the best on the dev rows"
         )
@@ -186,6 +187,11 @@ def main() -> None:
             f"note: on the {args.dev} dev rows the cost-aware pick scored {cheap.picked.score:.1f} vs "
             f"{best.picked.score:.1f}; held-out accuracy differs by {lower:+.1f} points "
             f"({lower * args.held_out / 100:+.0f} of {args.held_out} rows)"
+        )
+    if same and a.score != b.score:
+        print(
+            "note: the same program scored differently in its two held-out evaluations: the engine's "
+            "outputs varied between them"
         )
     print(
         f"wall: compile {compiled_s:.0f} s, re-pick from the store {repick_s:.1f} s, held-out evals "
