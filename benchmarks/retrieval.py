@@ -66,10 +66,10 @@ def tune(rm: ColBERTServe, queries, qrels) -> None:
     for start in range(0, len(queries), 16):
         batch = queries[start : start + 16]
         vecs = s.encoder.encode_queries([t for _, t in batch])
-        for (qid, text), qv in zip(batch, vecs):
+        for (qid, text), qv, qc in zip(batch, vecs, s.store.centroids.scores(vecs)):
             sparse_all = rm.store.bm25.scores(text)
             bm25_rank = np.argsort(-sparse_all, kind="stable")
-            cent = s.store.centroids.candidates(qv, 100, widest.nprobe, widest.refine_factor)
+            cent = s.store.centroids.candidates(qc, 100, widest.nprobe, widest.refine_factor)
             pool = np.unique(np.concatenate([bm25_rank[:200], cent]))
             rows.append((qid, bm25_rank, cent, pool, sparse_all[pool], s.late_scores(qv, pool)))
     print(f"scored {len(rows)} train queries in {time.perf_counter() - t0:.1f}s")
@@ -111,7 +111,8 @@ def latency(
 
     Every result is recorded in `answers` (query -> [(id, score)]); a query already there
     must get the same ranking (scores within 1e-4), else it counts as a wrong result.
-    Returns (times, throughput, wrong results)."""
+    Returns (times, throughput, wrong results, this process's CPU ms per query). The CPU time
+    is the figure that other jobs on the machine skew least: it is the work, not the wait."""
     answers = {} if answers is None else answers
     wrong = 0
     times: list[float] = []
@@ -139,13 +140,166 @@ def latency(
                     wrong += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    return times, len(times) / wall, wrong
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return times, len(times) / wall, wrong, cpu * 1000 / len(times)
+
+
+def latency_row(
+    label: str, rm: ColBERTServe, texts: list[str], stage: str, clients: int, n: int, answers=None
+):
+    """Measure and print one latency row; returns (p50 ms, queries/s)."""
+    load = os.getloadavg()[0]
+    times, qps, wrong, cpu = latency(rm, texts, stage, clients, max(1, n // clients), answers=answers)
+    spread = f"p50 {percentile(times, 50):8.2f}  p95 {percentile(times, 95):8.2f}"
+    work = f"throughput {qps:7.1f} q/s  CPU {cpu:6.2f} ms/query  wrong results {wrong}/{len(times)}"
+    print(f"{label:>7} clients={clients:>2}: {spread}  {work}  (load {load:.1f})")
+    return statistics.median(times), qps
+
+
+# ------------------------------------------------------------------------ per-stage costs
+def cpu_ms(fn, items) -> float:
+    """Median thread CPU time (ms) of `fn(item)` over `items`, after one untimed call."""
+    fn(items[0])
+    times = []
+    for item in items:
+        start = time.thread_time()
+        fn(item)
+        times.append((time.thread_time() - start) * 1000)
+    return statistics.median(times)
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """One thread's rate on a (m x k) @ (k x n) product whose operands stay in cache."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    with torch.inference_mode():
+        seconds = cpu_ms(lambda _: a @ b, list(range(50))) / 1000
+    return 2 * m * k * n / seconds / 1e9
+
+
+def copy_gbps() -> float:
+    """One thread's memory bandwidth on a 256 MB copy (read + write), GB/s."""
+    src, dst = torch.empty(1 << 26), torch.empty(1 << 26)
+    dst.copy_(src)
+    return 2 * src.numel() * 4 / (cpu_ms(lambda _: dst.copy_(src), list(range(5))) / 1000) / 1e9
+
+
+def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
+    """Run in a fresh subprocess with one torch thread: the CPU time of each stage of one hybrid
+    query (medians over `n` SciFact test queries) beside its floor, computed from the work the
+    stage must do (FLOPs at this thread's cache-resident GEMM rate; bytes at its copy rate)."""
+    torch.set_num_threads(1)
+    from plait.retrievers.fusion import fuse
+    from plait.retrievers.maxsim import token_rows
+    from plait.retrievers.searcher import _top_k
+
+    rm = ColBERTServe.open(index, batching=False)
+    rm.warmup()
+    s, st, enc, p = rm.searcher, rm.store, rm.searcher.encoder, rm.searcher.params
+    qrels = load_qrels(qrels_file)
+    texts = [t for _, t in subset(load_queries(queries_file), qrels)][:n]
+    vectors = [enc.encode_queries([t])[0] for t in texts]
+    hybrid = [s.hybrid_candidates(t, v, 10, p) for t, v in zip(texts, vectors)]
+    rows = [token_rows(st.doc_offsets, cands)[0] for cands, _, _ in hybrid]
+    q_tokens = statistics.median(len(v) for v in vectors)
+    cand_tokens = statistics.median(len(r) for r in rows)
+    cfg = enc.model.config
+    # Multiply-adds per token: the layers' six linear maps and attention over the query's tokens.
+    per_token = cfg.num_hidden_layers * (
+        4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size + 2 * q_tokens * cfg.hidden_size
+    )
+    encode_flops = 2 * per_token * q_tokens
+    batches = [texts[i : i + 16] for i in range(0, len(texts) - 15, 16)]
+    seqs = [[enc.query_ids(t)[0] for t in batch] for batch in batches]
+    padded = []
+    for batch in seqs:
+        ids = torch.zeros((len(batch), max(map(len, batch))), dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+        padded.append((ids, mask))
+    rate = gemm_gflops(16 * int(q_tokens), cfg.hidden_size, cfg.intermediate_size)
+    bandwidth = copy_gbps()
+    flops_ms, bytes_ms = 1 / (rate * 1e6), 1 / (bandwidth * 1e6)
+    gather = torch.empty(int(max(len(r) for r in rows)), st.dim, dtype=st.embeddings.dtype)
+
+    def fetch(r: np.ndarray) -> None:
+        torch.index_select(st.embeddings, 0, torch.from_numpy(r), out=gather[: len(r)])
+
+    def forward(batch) -> None:
+        with torch.inference_mode():
+            enc.model(*batch)
+
+    idx = list(range(len(texts)))
+    late_flops = 2 * q_tokens * cand_tokens * st.dim
+    centroid_flops = 2 * q_tokens * len(st.centroids.centroids) * st.dim
+    qcs, centroid_candidates = st.centroids.scores(vectors), st.centroids.candidates
+    table = [
+        ("tokenize", cpu_ms(enc.query_ids, texts), None, ""),
+        ("encode, alone", cpu_ms(lambda t: enc.encode_queries([t]), texts), encode_flops * flops_ms, "FLOPs"),
+        (
+            "encode, in a batch of 16",
+            cpu_ms(enc.encode_queries, batches) / 16,
+            encode_flops * flops_ms,
+            "FLOPs",
+        ),
+        ("  bare forward, batch of 16", cpu_ms(forward, padded) / 16, encode_flops * flops_ms, "FLOPs"),
+        ("BM25 first stage", cpu_ms(st.bm25.scores, texts), None, ""),
+        (
+            "centroid product, alone",
+            cpu_ms(lambda v: st.centroids.scores([v]), vectors),
+            centroid_flops * flops_ms,
+            "FLOPs",
+        ),
+        (
+            "centroid product, batch of 16",
+            cpu_ms(st.centroids.scores, [vectors[i : i + 16] for i in range(0, len(vectors) - 15, 16)]) / 16,
+            centroid_flops * flops_ms,
+            "FLOPs",
+        ),
+        (
+            "centroid candidates (probe, refine)",
+            cpu_ms(lambda qc: centroid_candidates(qc, p.centroid_candidates, p.nprobe, p.refine_factor), qcs),
+            None,
+            "",
+        ),
+        (
+            "fetch candidates' rows (map)",
+            cpu_ms(lambda i: fetch(rows[i]), idx),
+            2 * cand_tokens * st.dim * 2 * bytes_ms,
+            "bytes read + written",
+        ),
+        (
+            "MaxSim (fetch, fp32, product)",
+            cpu_ms(lambda i: s.late_scores(vectors[i], hybrid[i][0]), idx),
+            late_flops * flops_ms,
+            "FLOPs",
+        ),
+        (
+            "fusion + top-k",
+            cpu_ms(lambda i: _top_k(hybrid[i][0], fuse(hybrid[i][1], hybrid[i][2], p.alpha), 10), idx),
+            None,
+            "",
+        ),
+        ("whole hybrid query, alone", cpu_ms(lambda t: s.search_batch([t], 10, "hybrid"), texts), None, ""),
+    ]
+    print(
+        json.dumps(
+            {
+                "table": table,
+                "q_tokens": q_tokens,
+                "cand_tokens": cand_tokens,
+                "gflops": rate,
+                "gbps": bandwidth,
+                "queries": len(texts),
+            }
+        )
+    )
+    rm.close()
 
 
 # -------------------------------------------------------------------------------- memory
@@ -213,20 +367,12 @@ def memory_probe(index: str, in_memory: bool, queries_file: str, n: int, threads
     )
 
 
-def run_probe(index: Path, in_memory: bool, queries_file: Path, n: int, threads: int) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--probe",
-        str(index),
-        "--queries-file",
-        str(queries_file),
-        "--probe-n",
-        str(n),
-        "--threads",
-        str(threads),
-    ] + (["--in-memory"] if in_memory else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+def run_probe(index: Path, queries_file: Path, n: int, *flags: str) -> dict:
+    """Run this file's `--probe` mode in a fresh process (`flags` pick which); its last line."""
+    cmd = [sys.executable, __file__, "--probe", str(index), "--queries-file", str(queries_file)]
+    out = subprocess.run(
+        [*cmd, "--probe-n", str(n), *flags], capture_output=True, text=True, check=True, env={**os.environ}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -270,16 +416,20 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also measure a bf16 copy of the index")
     ap.add_argument(
         "--sections",
-        default="quality,latency,bf16,memory",
-        help="comma-separated subset of quality,latency,bf16,memory",
+        default="quality,stages,latency,bf16,memory",
+        help="comma-separated subset of quality,stages,latency,bf16,memory",
     )
     ap.add_argument("--latency-queries", type=int, default=160, help="queries per latency measurement")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--queries-file", help=argparse.SUPPRESS)
     ap.add_argument("--probe-n", type=int, default=200, help=argparse.SUPPRESS)
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--qrels-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.probe and args.qrels_file:
+        stage_probe(args.probe, args.queries_file, args.qrels_file, args.probe_n)
+        return
     if args.probe:
         memory_probe(args.probe, args.in_memory, args.queries_file, args.probe_n, args.threads)
         return
@@ -338,28 +488,62 @@ def main() -> None:
                 f"({time.perf_counter() - t:.1f}s)"
             )
         print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
+        rm_bf16 = ColBERTServe.open(index, query_dtype="bfloat16")
+        for stage in ("late", "hybrid"):
+            n10, r100 = evaluate(rm_bf16, test_queries, qrels, stage)
+            same = (f"{n10:.4f}", f"{r100:.4f}") == tuple(f"{v:.4f}" for v in quality[stage])
+            print(
+                f"{stage:>7}, bf16 queries: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}  "
+                f"({'the same' if same else 'NOT the same'} to 4 decimals)"
+            )
+        rm_bf16.close()
 
     texts = [t for _, t in test_queries]
+    if "stages" in sections:
+        load = os.getloadavg()[0]
+        r = run_probe(index, data / "queries.jsonl", 64, "--qrels-file", str(data / "qrels" / "test.tsv"))
+        print(
+            f"\n== one hybrid query, stage by stage: CPU ms on one thread (medians of {r['queries']} test "
+            f"queries; median {r['q_tokens']:.0f} query tokens, {r['cand_tokens']:.0f} candidate tokens) "
+            f"beside the floor: the stage's FLOPs at {r['gflops']:.0f} GFLOP/s (this thread's fp32 GEMM "
+            f"with operands in cache) or its bytes at {r['gbps']:.1f} GB/s (this thread's copy); "
+            f"load {load:.1f} -> {os.getloadavg()[0]:.1f}"
+        )
+        for name, ms, floor, basis in r["table"]:
+            shown = f"floor {floor:6.2f} ms ({basis})" if floor is not None else ""
+            print(f"  {name:<32} {ms:7.2f} ms   {shown}")
+
     lat: dict = {}
     if "latency" in sections or "bf16" in sections:
-        print(f"\n== latency (ms, k=10, {args.latency_queries} queries per row, threads share one index)")
+        print(
+            f"\n== latency (ms, k=10, {args.latency_queries} queries per row, threads share one index; "
+            f"CPU = this process's CPU time per query)"
+        )
         for stage in ("bm25", "late", "hybrid"):
             answers: dict = {}  # the 1-client run's answers are the reference for the 16-client run
             for clients in (1, 16):
-                times, qps, wrong = latency(
-                    rm, texts, stage, clients, max(1, args.latency_queries // clients), answers=answers
-                )
-                lat[(stage, clients)] = statistics.median(times)
-                print(
-                    f"{stage:>7} clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
-                    f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s  "
-                    f"wrong results {wrong}/{len(times)}"
+                lat[(stage, clients)] = latency_row(
+                    stage, rm, texts, stage, clients, args.latency_queries, answers
                 )
         for clients in (1, 16):
             print(
                 f"hybrid/bm25 p50 ratio at {clients} client(s): "
-                f"{lat[('hybrid', clients)] / lat[('bm25', clients)]:.1f}x"
+                f"{lat[('hybrid', clients)][0] / lat[('bm25', clients)][0]:.1f}x"
             )
+        p50, qps = lat[("hybrid", 16)]
+        print(
+            f"goal at 16 clients, hybrid p50 <= 50 ms and >= 150 q/s: p50 {p50:.1f} ms, {qps:.1f} q/s "
+            f"({'met' if p50 <= 50 and qps >= 150 else 'not met'})"
+        )
+        print("peers: the same searches on the callers' own threads (no worker threads), bf16 queries")
+        peer = ColBERTServe.open(index, batching=False)
+        for clients in (1, 16):
+            latency_row("callers", peer, texts, "hybrid", clients, args.latency_queries)
+        peer.close()
+        peer = ColBERTServe.open(index, query_dtype="bfloat16")
+        for clients in (1, 16):
+            latency_row("bf16 q", peer, texts, "hybrid", clients, args.latency_queries)
+        peer.close()
 
     if args.bf16 and "bf16" in sections:
         bf = to_bf16_copy(index, index.parent / (index.name + "-bf16"))
@@ -370,12 +554,8 @@ def main() -> None:
             n10, r100 = evaluate(rmb, test_queries, qrels, stage)
             print(f"{stage:>7}: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}")
         for clients in (1, 16):
-            times, qps, _ = latency(rmb, texts, "hybrid", clients, max(1, args.latency_queries // clients))
-            print(
-                f" hybrid clients={clients:>2}: p50 {percentile(times, 50):8.2f}  "
-                f"p95 {percentile(times, 95):8.2f}  throughput {qps:7.1f} q/s; "
-                f"p50 vs bm25 {statistics.median(times) / lat[('bm25', clients)]:.1f}x"
-            )
+            p50, _ = latency_row("hybrid", rmb, texts, "hybrid", clients, args.latency_queries)
+            print(f"{'':>7} p50 vs bm25 {p50 / lat[('bm25', clients)][0]:.1f}x")
         rmb.close()
     rm.close()
     if "memory" not in sections:
@@ -385,7 +565,9 @@ def main() -> None:
     qfile = data / "queries.jsonl"
     results = {}
     for name, in_memory in (("mmap", False), ("in-memory peer", True)):
-        r = run_probe(index, in_memory, qfile, 200, args.threads)
+        r = run_probe(
+            index, qfile, 200, "--threads", str(args.threads), *(["--in-memory"] if in_memory else [])
+        )
         results[name] = r
         anon = r["served_rss_anon"] - r["baseline_rss_anon"]
         mapped = sum(r["mapped_rss"].values())

@@ -19,7 +19,7 @@ from typing import Any
 
 from plait.backends.runtime.cpu_threads import CpuThreads, usable_cores
 from plait.retrievers.batcher import MicroBatcher
-from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
+from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings, dtype_named
 from plait.retrievers.errors import IndexFormatError
 from plait.retrievers.searcher import STAGES, Hit, Searcher, SearchParams, check_request
 from plait.retrievers.store import IndexStore
@@ -88,11 +88,12 @@ class ColBERTServe:
         stage: str = "hybrid",
         batching: bool = True,
         workers: int | None = None,
+        query_dtype: str = "float32",
     ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.store = store
-        self.searcher = Searcher(store, encoder, params)
+        self.searcher = Searcher(store, encoder.with_dtype(dtype_named(query_dtype)), params)
         self.stage = stage
         self._batcher: MicroBatcher[_Request, list[Hit]] | None = None
         if batching:
@@ -115,15 +116,18 @@ class ColBERTServe:
         stage: str = "hybrid",
         batching: bool = True,
         workers: int | None = None,
+        query_dtype: str = "float32",
     ) -> ColBERTServe:
         """Open an index directory (checks sizes; `verify=True` also checks every sha256).
 
         `in_memory=True` reads the files into RAM instead of mapping them.
         `batching` searches on `workers` threads that share encoder forwards between concurrent
         callers (see the class); without it each call searches on its caller's thread.
+        `query_dtype="bfloat16"` encodes queries in bf16: faster, see `encoder.QUERY_DTYPES`.
         """
         store = IndexStore(path, verify=verify, in_memory=in_memory)
-        return cls(store, load_index_encoder(store, encoder), params, stage, batching, workers)
+        encoder = load_index_encoder(store, encoder)
+        return cls(store, encoder, params, stage, batching, workers, query_dtype)
 
     @property
     def num_docs(self) -> int:
@@ -141,11 +145,12 @@ class ColBERTServe:
             self.search_hits(["warmup"], k=1, stage=stage)
 
     def _search_requests(self, requests: list[_Request]) -> Iterator[list[Hit]]:
-        """A worker's batch: one encoder forward for all its queries, then each search, handed
-        back as soon as it is done."""
-        vectors = self.searcher.encoder.encode_queries([r.query for r in requests])
-        for r, qv in zip(requests, vectors, strict=True):
-            yield self.searcher.search_batch([r.query], r.k, r.stage, r.params, query_vectors=[qv])[0]
+        """A worker's batch: one encoder forward and one centroid product for all its queries,
+        then each search, handed back as soon as it is done."""
+        s = self.searcher
+        vectors = s.encoder.encode_queries([r.query for r in requests])
+        for r, qv, qc in zip(requests, vectors, s.store.centroids.scores(vectors), strict=True):
+            yield s.search_one(r.query, qv, qc, r.k, r.stage, r.params or s.params)
 
     def search_hits(
         self,

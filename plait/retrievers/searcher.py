@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from plait.retrievers.encoder import ColBERTEncoder
 from plait.retrievers.errors import BadQueryError
@@ -87,23 +88,30 @@ class Searcher:
         k: int = 10,
         stage: str = "hybrid",
         params: SearchParams | None = None,
-        query_vectors: Sequence[np.ndarray] | None = None,
     ) -> list[list[Hit]]:
-        """Top-k hits per query. `query_vectors` skips encoding (the server's micro-batcher)."""
+        """Top-k hits per query; the queries share one encoder forward and one centroid product."""
         for q in queries:
             check_request(q, k, stage)
         p = params or self.params
-        if stage != "bm25" and query_vectors is None:
-            query_vectors = self.encoder.encode_queries(list(queries))
-        results = []
-        for i, query in enumerate(queries):
-            if stage == "bm25":
-                results.append(self._bm25(query, k))
-            elif stage == "late":
-                results.append(self._late(query_vectors[i], k, p))
-            else:
-                results.append(self._hybrid(query, query_vectors[i], k, p))
-        return results
+        if stage == "bm25":
+            return [self._bm25(q, k) for q in queries]
+        vectors = self.encoder.encode_queries(list(queries))
+        centroid_scores = self.store.centroids.scores(vectors)
+        return [
+            self.search_one(q, qv, qc, k, stage, p) for q, qv, qc in zip(queries, vectors, centroid_scores)
+        ]
+
+    def search_one(
+        self, query: str, qv: np.ndarray, qc: torch.Tensor, k: int, stage: str, p: SearchParams
+    ) -> list[Hit]:
+        """A late or hybrid search for an encoded query (`qv`) and its centroid scores (`qc`)."""
+        if stage == "late":
+            cands = self.store.centroids.candidates(
+                qc, max(k, p.centroid_candidates), p.nprobe, p.refine_factor
+            )
+            return _top_k(cands, self.late_scores(qv, cands), k)
+        cands, sparse, late = self.hybrid_candidates(query, qv, k, p, qc)
+        return _top_k(cands, fuse(sparse, late, p.alpha), k)
 
     def _bm25(self, query: str, k: int) -> list[Hit]:
         scores = self.store.bm25.scores(query)
@@ -111,23 +119,19 @@ class Searcher:
         top = np.argpartition(-scores, n - 1)[:n]
         return _top_k(top, scores[top], k)
 
-    def _late(self, qv: np.ndarray, k: int, p: SearchParams) -> list[Hit]:
-        cands = self.store.centroids.candidates(qv, max(k, p.centroid_candidates), p.nprobe, p.refine_factor)
-        return _top_k(cands, self.late_scores(qv, cands), k)
-
-    def hybrid_candidates(self, query: str, qv: np.ndarray, k: int, p: SearchParams):
-        """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage."""
+    def hybrid_candidates(
+        self, query: str, qv: np.ndarray, k: int, p: SearchParams, qc: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage; `qc`: the query's
+        centroid scores, when they were computed with others' (`CentroidStage.scores`)."""
         sparse_all = self.store.bm25.scores(query)
         n = min(max(k, p.bm25_candidates), len(sparse_all))
         from_bm25 = np.argpartition(-sparse_all, n - 1)[:n]
         parts = [from_bm25]
         if p.centroid_candidates > 0:
+            qc = self.store.centroids.scores([qv])[0] if qc is None else qc
             parts.append(
-                self.store.centroids.candidates(qv, p.centroid_candidates, p.nprobe, p.refine_factor)
+                self.store.centroids.candidates(qc, p.centroid_candidates, p.nprobe, p.refine_factor)
             )
         cands = np.unique(np.concatenate(parts)).astype(np.int64)
         return cands, sparse_all[cands], self.late_scores(qv, cands)
-
-    def _hybrid(self, query: str, qv: np.ndarray, k: int, p: SearchParams) -> list[Hit]:
-        cands, sparse, late = self.hybrid_candidates(query, qv, k, p)
-        return _top_k(cands, fuse(sparse, late, p.alpha), k)
