@@ -183,6 +183,25 @@ def test_in_memory_variant_gives_identical_results(index_dir, rm, encoder):
         peer.close()
 
 
+def test_bf16_queries_and_callers_threads_rank_the_same(index_dir, rm, encoder):
+    """bf16 query encoding (an option) and searching on the callers' threads (batching off)
+    give the same rankings as the default; the option is checked when the index is opened."""
+    fast = ColBERTServe.open(index_dir, encoder=encoder, query_dtype="bfloat16")
+    direct = ColBERTServe.open(index_dir, encoder=encoder, batching=False)
+    try:
+        for q, want in EXPECTED_TOP1.items():
+            for stage in ("late", "hybrid"):
+                ref = rm(q, k=3, stage=stage)
+                assert fast(q, k=3, stage=stage)[0].id == ref[0].id == want
+                got = direct(q, k=3, stage=stage)
+                assert [p.id for p in got] == [p.id for p in ref]
+                np.testing.assert_allclose([p.score for p in got], [p.score for p in ref], atol=1e-5)
+    finally:
+        fast.close()
+    with pytest.raises(ValueError, match="query dtype"):
+        ColBERTServe.open(index_dir, encoder=encoder, query_dtype="float16")
+
+
 def test_bfloat16_index_and_saved_projection(tmp_path, corpus_file, encoder):
     """bf16 storage ranks like fp16; a projection is drawn once, saved, and reused at open."""
     idx = build_index(corpus_file, tmp_path / "bf16", encoder=encoder, dtype="bfloat16", projection_dim=64)
