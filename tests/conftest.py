@@ -57,3 +57,23 @@ def no_background_work_left():
         thread.join(max(0.0, deadline - time.monotonic()))
     left = [t.name for t in started if t.is_alive()]
     assert not left, f"the test left pool threads running: {left}"
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh SQLite store for one test (a module's own `store` fixture takes precedence)."""
+    from plait.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'plait.db'}")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def sst2(tmp_path, data_dir) -> tuple[Path, Path]:
+    """12 SST-2 train rows and 10 dev rows as JSONL files: (train, dev)."""
+    from tests.lifecycle_fixtures import sst2_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", sst2_rows(data_dir, "train", 12))
+    dev = write_jsonl(tmp_path / "dev.jsonl", sst2_rows(data_dir, "dev", 10))
+    return train, dev

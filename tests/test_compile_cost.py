@@ -74,20 +74,6 @@ def _without_keywords(request):
     )
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = Store.open(f"sqlite:///{tmp_path / 'plait.db'}")
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def sst2(tmp_path, data_dir):
-    train = write_jsonl(tmp_path / "train.jsonl", sst2_rows(data_dir, "train", 12))
-    dev = write_jsonl(tmp_path / "dev.jsonl", sst2_rows(data_dir, "dev", 10))
-    return train, dev
-
-
 # ---- the pick rule and the front -------------------------------------------------------------
 def candidate(trial, score, cost_ms, demos=0):
     return Candidate(

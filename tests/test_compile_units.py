@@ -15,31 +15,15 @@ from plait.compilers.metrics import contains, exact_match, f1, resolve_metric
 from plait.compilers.optimizers import parse_optimizer_args
 from plait.compilers.runner import CompileConfig, EvalConfig, compile_program, evaluate_program
 from plait.pipelines.sentiment import Sentiment
-from plait.store import Store
 from tests.lifecycle_fixtures import (
     METRIC_BUG,
     Crash,
     KeywordEngine,
     keyword_lm,
-    sst2_rows,
     write_jsonl,
 )
 
 PROGRAM = "plait.pipelines.sentiment:Sentiment"
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store.open(f"sqlite:///{tmp_path / 'plait.db'}")
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def sst2(tmp_path, data_dir):
-    train = write_jsonl(tmp_path / "train.jsonl", sst2_rows(data_dir, "train", 12))
-    dev = write_jsonl(tmp_path / "dev.jsonl", sst2_rows(data_dir, "dev", 10))
-    return train, dev
 
 
 # ---- metrics -------------------------------------------------------------------------------
