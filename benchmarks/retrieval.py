@@ -536,14 +536,14 @@ def main() -> None:
             f"({'met' if p50 <= 50 and qps >= 150 else 'not met'})"
         )
         print("peers: the same searches on the callers' own threads (no worker threads), bf16 queries")
-        peer = ColBERTServe.open(index, batching=False)
-        for clients in (1, 16):
-            latency_row("callers", peer, texts, "hybrid", clients, args.latency_queries)
-        peer.close()
-        peer = ColBERTServe.open(index, query_dtype="bfloat16")
-        for clients in (1, 16):
-            latency_row("bf16 q", peer, texts, "hybrid", clients, args.latency_queries)
-        peer.close()
+        for label, peer in (
+            ("callers", ColBERTServe.open(index, batching=False)),
+            ("bf16 q", ColBERTServe.open(index, query_dtype="bfloat16")),
+        ):
+            answers = {}
+            for clients in (1, 16):
+                latency_row(label, peer, texts, "hybrid", clients, args.latency_queries, answers)
+            peer.close()
 
     if args.bf16 and "bf16" in sections:
         bf = to_bf16_copy(index, index.parent / (index.name + "-bf16"))
