@@ -174,6 +174,7 @@ def test_vectorised_probe_scores_equal_the_loop_bit_for_bit():
     queries = [_random_index([n], dim=16, seed=n)[0] for n in (3, 5, 8)]
     for joint, query in zip(stage.scores(queries), queries):
         np.testing.assert_allclose(joint.numpy(), stage.scores([query])[0].numpy(), atol=1e-6)
+    assert stage.scores([]) == []
 
 
 # ----------------------------------------------------------------------------- encoder

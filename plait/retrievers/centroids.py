@@ -62,6 +62,8 @@ class CentroidStage:
     def scores(self, queries: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each query's (query tokens x centroids) scores, from one product for all of them:
         the centroid matrix (6 MB for SciFact's 4096) is read once per batch, not per query."""
+        if not queries:
+            return []
         with torch.inference_mode():
             tokens = torch.from_numpy(np.concatenate(queries).astype(np.float32, copy=False))
             return list((tokens @ self._centroids_t.T).split([len(q) for q in queries]))

@@ -6,8 +6,9 @@ Stages (`stage=`):
 - "hybrid": BM25 top-n  union  centroid candidates -> exact MaxSim -> fusion
             a * z(BM25) + (1 - a) * z(MaxSim) over that candidate set.
 
-Everything here reads shared, immutable state and allocates per call, so many threads may
-search one `Searcher` concurrently; `search_batch` encodes all its queries in one forward pass.
+Everything here reads shared, immutable state and allocates per call (MaxSim's reused buffers
+are per thread), so many threads may search one `Searcher` concurrently; `search_batch` encodes
+all its queries in one forward pass.
 """
 
 from __future__ import annotations
