@@ -167,11 +167,13 @@ class PlaitPeer(Peer):
 
     def bytes_per_token(self) -> int:
         """The bytes one batch-1 decode step must read: every weight and quantisation table
-        except the embedding rows it does not look up (a head tied to the embedding reads it)."""
+        except the embedding rows it does not look up (a head tied to the embedding reads it)
+        and the bf16 copies quantised layers keep for prompt tokens (`dense`)."""
         model = self.engine.model
         embedding = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding))
         tied = any(p is embedding for name, p in model.named_parameters() if "head" in name)
-        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        buffers = [t for name, t in model.named_buffers() if not name.endswith(".dense")]
+        tensors = {id(t): t for t in [*model.parameters(), *buffers]}
         if not tied:
             tensors.pop(id(embedding), None)
         return sum(t.numel() * t.element_size() for t in tensors.values())
