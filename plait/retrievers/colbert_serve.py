@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plait.backends.runtime.cpu_threads import CpuThreads, usable_cores
+from plait.backends.runtime.cpu_threads import set_own_thread_count, usable_cores
 from plait.retrievers.batcher import MicroBatcher
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings, dtype_named
 from plait.retrievers.errors import IndexFormatError
@@ -58,7 +58,7 @@ def load_index_encoder(
 
 def _one_torch_thread() -> None:
     """Run this thread's torch ops on this thread alone (the process's default is left as is)."""
-    CpuThreads(most=1, adapt=False).for_next_step()
+    set_own_thread_count(1)
 
 
 @dataclass(frozen=True)

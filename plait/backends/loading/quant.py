@@ -150,13 +150,18 @@ class Int4Linear(_PackedLinear):
 
     @classmethod
     def from_packed(
-        cls, linear: nn.Linear, group_size: int, tensors: dict[str, torch.Tensor], keep_dense: bool
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        tensors: dict[str, torch.Tensor],
+        keep_dense: bool,
     ) -> "Int4Linear":
-        """The layer for `linear` from its `pack`ed tensors (computed now or read from a cache)."""
-        out_features, in_features = linear.weight.shape
+        """The layer for `weight` from its `pack`ed tensors (computed now or read from a cache)."""
+        out_features, in_features = weight.shape
         packed, scales_and_zeros = tensors["packed"], tensors["scales_and_zeros"]
-        dense = _dense(linear.weight, keep_dense)
-        return cls(in_features, out_features, group_size, packed, scales_and_zeros, _bias(linear.bias), dense)
+        dense = _dense(weight, keep_dense)
+        return cls(in_features, out_features, group_size, packed, scales_and_zeros, _bias(bias), dense)
 
     @classmethod
     def from_weight(
@@ -166,8 +171,7 @@ class Int4Linear(_PackedLinear):
         group_size: int = 32,
         keep_dense: bool = False,
     ) -> "Int4Linear":
-        linear = _as_linear(weight, bias)
-        return cls.from_packed(linear, group_size, cls.pack(weight, group_size), keep_dense)
+        return cls.from_packed(weight, bias, group_size, cls.pack(weight, group_size), keep_dense)
 
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -207,28 +211,23 @@ class Int8Linear(_PackedLinear):
 
     @classmethod
     def from_packed(
-        cls, linear: nn.Linear, group_size: int, tensors: dict[str, torch.Tensor], keep_dense: bool
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        tensors: dict[str, torch.Tensor],
+        keep_dense: bool,
     ) -> "Int8Linear":
-        dense = _dense(linear.weight, keep_dense)
-        return cls(tensors["qweight"], tensors["scales"], _bias(linear.bias), dense)
+        return cls(tensors["qweight"], tensors["scales"], _bias(bias), _dense(weight, keep_dense))
 
     @classmethod
     def from_weight(
         cls, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_dense: bool = False
     ) -> "Int8Linear":
-        return cls.from_packed(_as_linear(weight, bias), 0, cls.pack(weight), keep_dense)
+        return cls.from_packed(weight, bias, 0, cls.pack(weight), keep_dense)
 
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
-
-
-def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A weight and bias seen as the `nn.Linear` the layers are made from (no copy, no init)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
 
 
 def quantize(
@@ -266,7 +265,7 @@ def quantize(
         if fresh or not kind.fits_packed(linear.weight, group_size, tensors):
             tensors, computed = kind.pack(linear.weight, group_size), True
         packed_state |= {f"{name}.{key}": tensor for key, tensor in tensors.items()}
-        setattr(parent, child, kind.from_packed(linear, group_size, tensors, keep_dense))
+        setattr(parent, child, kind.from_packed(linear.weight, linear.bias, group_size, tensors, keep_dense))
     if cache is not None and computed:
         tmp = cache.with_name(cache.name + ".tmp")
         save_file(packed_state, str(tmp))

@@ -64,10 +64,10 @@ def use_free_cores() -> int:
     sample, at least 1, at most torch's count): for one-off work such as loading a model,
     whose conversions and concatenations are parallel ops like a pass's."""
     others = others_running()
-    default = threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
     if others is not None:
-        threads = max(1, min(default, usable_cores() - others))
-        _set_own_count(threads, default)
+        threads = max(1, min(threads, usable_cores() - others))
+        set_own_thread_count(threads)
     return threads
 
 
@@ -121,17 +121,19 @@ class CpuThreads:
         return self.current
 
     def _set(self, threads: int) -> None:
-        _set_own_count(threads, self.default)
+        set_own_thread_count(threads, self.default)
         self.current = threads
 
 
-def _set_own_count(threads: int, default: int) -> None:
+def set_own_thread_count(threads: int, default: int | None = None) -> None:
     """Set the calling thread's count only. `torch.set_num_threads` also sets the default that
     other threads take at their first parallel op (which made a retrieval encoder's batching
     thread score with 1 thread and its caller with 2, a few ulps apart), so a short-lived
-    thread puts `default` back. This thread must have taken its own default first
-    (`get_num_threads` does), or it would take the restored one at its next op."""
-    torch.get_num_threads()
+    thread puts `default` back (None: the count this thread had, which is the process's
+    default on a thread that never set its own). This thread must have taken its own default
+    first (`get_num_threads` does), or it would take the restored one at its next op."""
+    own = torch.get_num_threads()
+    default = own if default is None else default
     torch.set_num_threads(threads)
     if threads != default:
         run_in_fresh_thread(torch.set_num_threads, default)
