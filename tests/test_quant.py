@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from plait.backends.loading import quant
 from plait.backends.loading.nemotron_h import load_nemotron_h
-from plait.backends.loading.quant import Int4Linear, Int8Linear, prompt_pass, quantize
+from plait.backends.loading.quant import Int4Linear, Int8Linear, quantize
+from plait.backends.models.passes import in_prompt_pass, prompt_pass
 from plait.backends.models.state import Batch
 from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.state_pool import StatePool
@@ -236,7 +237,7 @@ class _PassRecorder:
         self.model, self.passes = model, []
 
     def __call__(self, ids, batch=None, **kwargs):
-        self.passes.append((ids.shape[1], getattr(quant._pass_kind, "prompt", False)))
+        self.passes.append((ids.shape[1], in_prompt_pass()))
         return self.model(ids, batch, **kwargs)
 
     def __getattr__(self, name):

@@ -24,9 +24,6 @@ passes under `prompt_pass()`, which the scheduler opens for prompt chunks. Gener
 compute a token depends on what the token is, never on what else shares its pass.
 """
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,21 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from plait.backends.models.passes import in_prompt_pass
+
 SCHEMES = ("int4", "int8")
-
-_pass_kind = threading.local()
-
-
-@contextmanager
-def prompt_pass() -> Iterator[None]:
-    """Within it, the calling thread's passes compute prompt tokens: layers that keep a dense
-    weight run it. Per thread: a caller scoring text while the scheduler decodes is not moved."""
-    outer = getattr(_pass_kind, "prompt", False)
-    _pass_kind.prompt = True
-    try:
-        yield
-    finally:
-        _pass_kind.prompt = outer
 
 
 DENSE_COPY_LIMIT_BYTES = 2 * 2**30
@@ -77,7 +62,7 @@ class _PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flat(x)
-        if self.dense is not None and getattr(_pass_kind, "prompt", False):
+        if self.dense is not None and in_prompt_pass():
             return F.linear(flat, self.dense, self.bias).view(*x.shape[:-1], self.out_features)
         y = self._packed_mm(flat)
         if self.bias is not None:

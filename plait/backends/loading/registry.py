@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from plait.backends.loading.decode_kernel import attach_decode_kernel
 from plait.backends.loading.gguf import load_gguf
 from plait.backends.loading.nemotron_h import load_nemotron_h
 from plait.backends.loading.quant import check_scheme
@@ -124,6 +125,8 @@ def load(path: Path, device: str, run: Precision) -> tuple[CausalLM, Tokenizer, 
         # the packed layout is torch's own: a cache per torch version
         name = f"{_path_id(path)}-{run.quantize}-torch{torch.__version__}.safetensors"
         quantize_model(model, run.quantize, cache=cache_dir("quantized") / name)
+        if run.quantize == "int4" and device == "cpu":
+            attach_decode_kernel(model, cache_dir("quantized") / f"{_path_id(path)}-cpu-decode.safetensors")
     return model, tokenizer, family
 
 

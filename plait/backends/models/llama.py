@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.backends.kernels.cpu_decode import LlamaDecodeKernel
 from plait.backends.models.attention import Attention, RotaryEmbedding, fuse_linears
 from plait.backends.models.base import CausalLM
 from plait.backends.models.norms import RMSNorm
+from plait.backends.models.passes import in_prompt_pass
 from plait.backends.models.state import Batch, StateSpec
 
 
@@ -83,6 +85,9 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.decode_kernel: LlamaDecodeKernel | None = None
+        """Set by the loader for the int4 model on AVX-512 CPUs (`loading.decode_kernel`): it
+        then runs the passes of generated tokens; prompt passes stay on PyTorch."""
 
     def state_specs(self, dtype: torch.dtype) -> list[dict[str, StateSpec]]:
         return [layer.self_attn.state_specs(dtype) for layer in self.layers]
@@ -90,9 +95,26 @@ class LlamaForCausalLM(CausalLM):
     def forward(
         self, input_ids: torch.Tensor, batch: Batch | None = None, last_only: bool = False
     ) -> torch.Tensor:
+        if self.decode_kernel is not None and batch is not None and last_only and not in_prompt_pass():
+            return self._forward_on_kernel(input_ids, batch)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch.layer(i) if batch is not None else None)
         if last_only:
             x = x[:, -1:] if batch is None else batch.last_tokens(x)
         return self.lm_head(self.norm(x)).float()
+
+    def _forward_on_kernel(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The same pass as `forward(..., last_only=True)`, its layers and head in one C call each."""
+        kernel = self.decode_kernel
+        assert kernel is not None
+        layers = batch.pool.layers
+        x = kernel.layers(
+            self.embed_tokens(input_ids).float(),
+            batch.cache_lens,
+            [layer["k"] for layer in layers],
+            [layer["v"] for layer in layers],
+            batch.first_slot,
+        )
+        last = batch.last_tokens(x)
+        return kernel.head(last.reshape(-1, x.shape[-1])).view(*last.shape[:2], -1)

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from plait.backends.grammar.constraint import apply_masks
-from plait.backends.loading.quant import prompt_pass
 from plait.backends.loading.tokenizer import Tokenizer
 from plait.backends.models.base import CausalLM
+from plait.backends.models.passes import prompt_pass
 from plait.backends.models.state import Batch, has_fixed_state
 from plait.backends.runtime.cuda_graphs import DecodeGraphs
 from plait.backends.runtime.detokenizer import IncrementalDetokenizer
@@ -628,7 +628,7 @@ class Scheduler:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [rows, logit_count, V] of each row's last `logit_count` real positions, and
         with the MTP head the hidden states [rows, T, H] of every position (else None). A
-        `prompt` pass runs under `quant.prompt_pass`. Each pass's time goes into `pass_costs`
+        `prompt` pass runs under `passes.prompt_pass`. Each pass's time goes into `pass_costs`
         (on CUDA that is launch time: passes look cheap, as a GPU's small passes nearly are)."""
         lens = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
         for r in rows:

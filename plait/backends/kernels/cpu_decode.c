@@ -1,0 +1,374 @@
+/* One forward pass of a Llama model's layers for generated tokens on CPU (AVX-512 + VNNI).
+
+   Replaces, for passes of one or a few tokens per row, the PyTorch path of
+   plait/backends/models/llama.py (LlamaBlock.forward: RMSNorm, fused QKV projection, rotary
+   embedding, cached GQA attention, output projection, SwiGLU MLP, residuals) and the output head
+   (RMSNorm + lm_head). At a few tokens a pass PyTorch spends most of the step launching ~500 small
+   ops; here the whole pass is one call, one OpenMP team, and every matrix is read once a pass.
+
+   Numerics (the "int4" precision of the embedded model):
+   - linear layers: 4-bit weights in 32-wide blocks, w = d * q + m (q in 0..15; the GGUF Q4_1
+     grid), times activations quantised to int8 per 32-wide block (x ~ s * a, round to nearest);
+     one block's dot product is exact in int32 (VPDPBUSD), the blocks are summed in fp32.
+     The min term uses the block's exact fp32 sum: sum(w * x) = d * s * sum(q * a) + m * sum(x).
+   - output head: int8 weights with one fp32 scale per row, times fp32 activations.
+   - residual stream, norms, rotary embedding, softmax and attention: fp32; K/V cache: bf16.
+   Every output element is summed in a fixed order that does not depend on how many rows or tokens
+   share the pass, so a token's result is bitwise the same alone, batched or in a verify pass.
+*/
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32
+#define PAIR 64
+
+typedef struct {
+    const uint8_t *nibbles; /* [n, k/2]: per pair of blocks, byte j = q[2p][j] | q[2p+1][j] << 4 */
+    const float *scales;    /* [n, k/32] d */
+    const float *mins;      /* [n, k/32] m */
+    int n, k;
+} Q4Matrix;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm; /* [hidden] */
+    Q4Matrix qkv, o, gate_up, down;
+} Layer;
+
+typedef struct {
+    int layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
+    float eps;
+    const float *cos, *sin; /* [max_positions, head_dim/2] */
+    int max_positions;
+    const float *final_norm;
+    const int8_t *head;       /* [vocab, hidden] */
+    const float *head_scales; /* [vocab] */
+    Layer *layer;
+} Model;
+
+/* Activations of a pass, quantised for the Q4 matrices: int8 values, per-block scale, per-block
+   fp32 sum, and each pair's two scales spread over 16 lanes (lanes 0-7, 8-15). */
+typedef struct {
+    int8_t *q;
+    float *sums, *spread;
+    int rows, k;
+} Quantized;
+
+/* ---- small vector helpers ------------------------------------------------------------------ */
+
+static inline __m512 exp512(__m512 x) {
+    /* e^x = 2^n * 2^f, n = round(x log2 e), |f| <= 1/2; 2^f by its degree-6 Taylor polynomial
+       in f ln 2 (relative error < 2e-7). Inputs below -87 give 0 (softmax's masked tail). */
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, log2e);
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16(const uint16_t *src) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+static inline uint16_t to_bf16(float value) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* ---- the pieces of a layer ----------------------------------------------------------------- */
+
+static void rms_norm_row(const float *x, const float *weight, float *out, int n, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / n + eps);
+    __m512 scale = _mm512_set1_ps(inv);
+    for (int i = 0; i < n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), scale),
+                                                _mm512_loadu_ps(weight + i)));
+}
+
+static void quantize_row(const float *x, Quantized *qa, int row) {
+    int k = qa->k, blocks = k / BLOCK;
+    int8_t *q = qa->q + (size_t)row * k;
+    float *sums = qa->sums + (size_t)row * blocks, *spread = qa->spread + (size_t)row * blocks * 8;
+    for (int b = 0; b < blocks; b++) {
+        __m512 lo = _mm512_loadu_ps(x + b * BLOCK), hi = _mm512_loadu_ps(x + b * BLOCK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        __m512 iv = _mm512_set1_ps(inverse);
+        __m128i qlo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, iv)));
+        __m128i qhi = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, iv)));
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK), qlo);
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK + 16), qhi);
+        sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        for (int lane = 0; lane < 8; lane++) spread[b * 8 + lane] = scale;
+    }
+}
+
+/* y[n] (+)= W[n] . x for one quantised row. */
+static inline float q4_dot(const Q4Matrix *w, int n, const Quantized *qa, int row) {
+    const int k = w->k, pairs = k / PAIR, blocks = k / BLOCK;
+    const uint8_t *nib = w->nibbles + (size_t)n * (k / 2);
+    const float *d = w->scales + (size_t)n * blocks, *m = w->mins + (size_t)n * blocks;
+    const int8_t *a = qa->q + (size_t)row * k;
+    const float *spread = qa->spread + (size_t)row * blocks * 8, *sums = qa->sums + (size_t)row * blocks;
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int p = 0;
+    for (; p < pairs; p++) {
+        __m256i packed = _mm256_loadu_si256((const __m256i *)(nib + 32 * p));
+        __m256i lo = _mm256_and_si256(packed, low_mask);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+        __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(a + PAIR * p));
+        __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(d + 2 * p)));
+        __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+        __m512 scale = _mm512_mul_ps(ds, _mm512_loadu_ps(spread + 16 * p));
+        if (p & 1)
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
+        else
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+    }
+    __m512 mins = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b += 16) {
+        __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+        mins = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, m + b), _mm512_maskz_loadu_ps(keep, sums + b), mins);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), mins));
+}
+
+/* out[r, n] = W x_r (accumulate: +=), rows split across the team by output columns. */
+static void q4_matmul(const Q4Matrix *w, const Quantized *qa, float *out, int ld, int accumulate) {
+#pragma omp for schedule(static)
+    for (int n = 0; n < w->n; n++)
+        for (int r = 0; r < qa->rows; r++) {
+            float y = q4_dot(w, n, qa, r);
+            out[(size_t)r * ld + n] = accumulate ? out[(size_t)r * ld + n] + y : y;
+        }
+}
+
+static void rotate(float *x, const float *cos, const float *sin, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* One query row of one head over keys 0..last of its slot's cache. */
+static void attend(const float *q, const uint16_t *keys, const uint16_t *values, int last, int head_dim,
+                   float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    float best = -INFINITY;
+    for (int j = 0; j <= last; j++) {
+        const uint16_t *key = keys + (size_t)j * head_dim;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_bf16(key + i), acc);
+        scores[j] = _mm512_reduce_add_ps(acc) * scale;
+        if (scores[j] > best) best = scores[j];
+    }
+    __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(best);
+    int count = last + 1;
+    for (int j = 0; j < count; j += 16) {
+        __mmask16 keep = count - j >= 16 ? 0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, scores + j), shift));
+        e = _mm512_maskz_mov_ps(keep, e);
+        _mm512_mask_storeu_ps(scores + j, keep, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float inverse = 1.0f / _mm512_reduce_add_ps(total);
+    __m512 acc[8]; /* head_dim <= 128 */
+    int chunks = head_dim / 16;
+    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+    for (int j = 0; j < count; j++) {
+        __m512 weight = _mm512_set1_ps(scores[j]);
+        const uint16_t *value = values + (size_t)j * head_dim;
+        for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(weight, load_bf16(value + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+}
+
+/* h = silu(gate) * up = gate / (1 + e^-gate) * up */
+static void swiglu(const float *gate, const float *up, float *h, int n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+    }
+}
+
+/* ---- the pass ------------------------------------------------------------------------------ */
+
+typedef struct {
+    float *normed, *qkv, *attn, *gate_up, *hidden, *scores;
+    Quantized by_hidden, by_intermediate;
+} Scratch;
+
+static void *grab(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+static void quantized_alloc(Quantized *qa, int rows, int k) {
+    qa->rows = rows, qa->k = k;
+    qa->q = grab((size_t)rows * k);
+    qa->sums = grab(sizeof(float) * rows * (k / BLOCK));
+    qa->spread = grab(sizeof(float) * rows * (k / BLOCK) * 8);
+}
+
+static void quantized_free(Quantized *qa) { free(qa->q), free(qa->sums), free(qa->spread); }
+
+/* x: [tokens, hidden] fp32 embeddings in, hidden states out. Row r of `rows` has `steps` tokens
+   at positions cache_lens[r] .. cache_lens[r] + steps - 1, its K/V in slot first_slot + r of
+   every layer's cache (keys[l], values[l]: [slots, kv_heads, capacity, head_dim] bf16). */
+int plait_llama_layers(const Model *model, float *x, int rows, int steps, const int64_t *cache_lens,
+                       uint16_t **keys, uint16_t **values, int first_slot, int capacity, int threads) {
+    const int tokens = rows * steps, hidden = model->hidden, hd = model->head_dim, half = hd / 2;
+    const int heads = model->heads, kvh = model->kv_heads, group = heads / kvh;
+    const int qkv_width = (heads + 2 * kvh) * hd, inter = model->intermediate;
+    int longest = 0;
+    for (int r = 0; r < rows; r++) {
+        int64_t end = cache_lens[r] + steps;
+        if (end > capacity || end > model->max_positions) return -1;
+        if (end > longest) longest = (int)end;
+    }
+    Scratch s;
+    s.normed = grab(sizeof(float) * tokens * hidden);
+    s.qkv = grab(sizeof(float) * tokens * qkv_width);
+    s.attn = grab(sizeof(float) * tokens * heads * hd);
+    s.gate_up = grab(sizeof(float) * tokens * 2 * inter);
+    s.hidden = grab(sizeof(float) * tokens * inter);
+    s.scores = grab(sizeof(float) * (size_t)tokens * heads * (longest + 16));
+    quantized_alloc(&s.by_hidden, tokens, hidden);
+    quantized_alloc(&s.by_intermediate, tokens, inter);
+    const size_t slot_stride = (size_t)kvh * capacity * hd, head_stride = (size_t)capacity * hd;
+
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < model->layers; l++) {
+        const Layer *layer = &model->layer[l];
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) {
+            rms_norm_row(x + (size_t)t * hidden, layer->attn_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
+            quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
+        }
+        q4_matmul(&layer->qkv, &s.by_hidden, s.qkv, qkv_width, 0);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) { /* rotate q and k, write k and v to the cache */
+            int r = t / steps, position = (int)cache_lens[r] + t % steps;
+            const float *cos = model->cos + (size_t)position * half, *sin = model->sin + (size_t)position * half;
+            float *row = s.qkv + (size_t)t * qkv_width;
+            for (int h = 0; h < heads + kvh; h++) rotate(row + h * hd, cos, sin, half);
+            size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)position * hd;
+            for (int g = 0; g < kvh; g++) {
+                const float *k = row + (heads + g) * hd, *v = row + (heads + kvh + g) * hd;
+                uint16_t *kc = keys[l] + at + g * head_stride, *vc = values[l] + at + g * head_stride;
+                for (int i = 0; i < hd; i++) kc[i] = to_bf16(k[i]), vc[i] = to_bf16(v[i]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int job = 0; job < tokens * heads; job++) {
+            int t = job / heads, h = job % heads, r = t / steps, position = (int)cache_lens[r] + t % steps;
+            size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)(h / group) * head_stride;
+            attend(s.qkv + (size_t)t * qkv_width + h * hd, keys[l] + at, values[l] + at, position, hd,
+                   s.scores + (size_t)job * (longest + 16), s.attn + (size_t)t * heads * hd + h * hd);
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) quantize_row(s.attn + (size_t)t * heads * hd, &s.by_hidden, t);
+        q4_matmul(&layer->o, &s.by_hidden, x, hidden, 1);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) {
+            rms_norm_row(x + (size_t)t * hidden, layer->mlp_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
+            quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
+        }
+        q4_matmul(&layer->gate_up, &s.by_hidden, s.gate_up, 2 * inter, 0);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) {
+            const float *gate = s.gate_up + (size_t)t * 2 * inter, *up = gate + inter;
+            float *h = s.hidden + (size_t)t * inter;
+            swiglu(gate, up, h, inter);
+            quantize_row(h, &s.by_intermediate, t);
+        }
+        q4_matmul(&layer->down, &s.by_intermediate, x, hidden, 1);
+    }
+    free(s.normed), free(s.qkv), free(s.attn), free(s.gate_up), free(s.hidden), free(s.scores);
+    quantized_free(&s.by_hidden), quantized_free(&s.by_intermediate);
+    return 0;
+}
+
+/* logits[r] = head . rms_norm(x[r]) for `rows` hidden states. */
+void plait_llama_head(const Model *model, const float *x, int rows, float *logits, int threads) {
+    const int hidden = model->hidden;
+    float *normed = grab(sizeof(float) * rows * hidden);
+    for (int r = 0; r < rows; r++)
+        rms_norm_row(x + (size_t)r * hidden, model->final_norm, normed + (size_t)r * hidden, hidden, model->eps);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < model->vocab; n++) {
+        const int8_t *w = model->head + (size_t)n * hidden;
+        for (int r = 0; r < rows; r++) {
+            const float *v = normed + (size_t)r * hidden;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            int i = 0;
+            for (; i + 32 <= hidden; i += 32) {
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
+                acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + i), acc0);
+                acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v + i + 16), acc1);
+            }
+            for (; i < hidden; i += 16) {
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+                acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + i), acc0);
+            }
+            logits[(size_t)r * model->vocab + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * model->head_scales[n];
+        }
+    }
+    free(normed);
+}
+
+/* ---- the model handle ---------------------------------------------------------------------- */
+
+/* dims: layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, max_positions.
+   tensors: cos, sin, final_norm, head, head_scales, then per layer attn_norm, mlp_norm and
+   (nibbles, scales, mins) of qkv, o, gate_up, down: 5 + 14 * layers pointers. */
+Model *plait_llama_new(const int *dims, float eps, const void **tensors) {
+    Model *m = calloc(1, sizeof(Model));
+    m->layers = dims[0], m->hidden = dims[1], m->heads = dims[2], m->kv_heads = dims[3];
+    m->head_dim = dims[4], m->intermediate = dims[5], m->vocab = dims[6], m->max_positions = dims[7];
+    m->eps = eps;
+    m->cos = tensors[0], m->sin = tensors[1], m->final_norm = tensors[2];
+    m->head = tensors[3], m->head_scales = tensors[4];
+    m->layer = calloc(m->layers, sizeof(Layer));
+    const int qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    const int shapes[4][2] = {{qkv, m->hidden}, {m->hidden, m->heads * m->head_dim},
+                              {2 * m->intermediate, m->hidden}, {m->hidden, m->intermediate}};
+    for (int l = 0; l < m->layers; l++) {
+        const void **t = tensors + 5 + 14 * l;
+        Layer *layer = &m->layer[l];
+        layer->attn_norm = t[0], layer->mlp_norm = t[1];
+        Q4Matrix *mats[4] = {&layer->qkv, &layer->o, &layer->gate_up, &layer->down};
+        for (int i = 0; i < 4; i++) {
+            mats[i]->nibbles = t[2 + 3 * i], mats[i]->scales = t[3 + 3 * i], mats[i]->mins = t[4 + 3 * i];
+            mats[i]->n = shapes[i][0], mats[i]->k = shapes[i][1];
+        }
+    }
+    return m;
+}
+
+void plait_llama_free(Model *m) {
+    if (m) free(m->layer), free(m);
+}
