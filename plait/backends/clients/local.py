@@ -7,18 +7,22 @@ threads (Evaluate, optimizers) call `complete` concurrently, and the scheduler b
 decode steps; their shared instructions and demos are computed once (the prefix cache).
 Identical deterministic requests cost one generation: a straggler re-submitted while the
 first copy is in flight joins it, and `n>1` (DSPy completes the same Request `n` times in a
-row) reuses the first candidate when the request is greedy or seeded.
+row) reuses the first candidate when the request is greedy or seeded. The `n` candidates of a
+sampled request come from one prefill (`Engine.submit_n`): DSPy's engine protocol never says
+`n`, so the LM carries a callback (`CandidateCount`) that reads it from the call.
 
 The model string is `plait/<model id>`, where the id is distinct per checkpoint: it is DSPy's
 cache key, so two checkpoints never share cached answers.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +46,7 @@ from dspy.lm15 import (
     ToolCallPart,
     Usage,
 )
+from dspy.utils.callback import BaseCallback
 
 from plait.backends.clients.features import (
     refuse_text_completions,
@@ -126,6 +131,54 @@ class LocalCall:
         return self.tools.parse(text, request.tools) if self.tools is not None else ParsedTurn(text)
 
 
+class Candidates:
+    """The candidates of one DSPy LM call with `n>1`. DSPy completes the same Request `n`
+    times in a row; the first completion of a sampled one submits all `n` as one group (one
+    prefill) and each completion takes the next. Those not taken when the call ends (a
+    failed call) are cancelled."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._request: Request | None = None
+        self._calls: deque[LocalCall] = deque()
+
+    def take(self, request: Request, start: Callable[[], list[LocalCall]]) -> LocalCall:
+        """The next candidate of `request`, starting a group with `start` when none is left
+        (a new Request, or a retry after the `n` were taken)."""
+        if request is not self._request or not self._calls:
+            self._request, self._calls = request, deque(start())
+        return self._calls.popleft()
+
+    def cancel_rest(self) -> None:
+        while self._calls:
+            self._calls.popleft().handle.cancel()
+
+
+_candidates: contextvars.ContextVar[Candidates | None] = contextvars.ContextVar(
+    "plait_candidates", default=None
+)
+
+
+class CandidateCount(BaseCallback):
+    """Reads `n` from each call of the LM it is attached to (the call's keywords over the LM's
+    defaults) and, when above 1, holds a `Candidates` for that call in a context variable the
+    engine reads. Callbacks run on the caller's thread or task, in the call's context."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, contextvars.Token] = {}
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        n = {**instance.kwargs, **inputs.get("kwargs", {})}.get("n") or 1
+        if n > 1:
+            self._tokens[call_id] = _candidates.set(Candidates(n))
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        token = self._tokens.pop(call_id, None)
+        if token is not None:
+            _candidates.get().cancel_rest()
+            _candidates.reset(token)
+
+
 class PlaitEngine:
     """Synchronous DSPy engine over a local plait `Engine`."""
 
@@ -177,15 +230,33 @@ class PlaitEngine:
         refused first (`plait.backends.clients.features`); a request plait cannot run as asked
         (a bad grammar or sampling setting, a prompt over the context window) raises the lm15
         error DSPy expects, not an engine failure."""
-        refuse_unsupported_settings(request)
-        try:
-            return self._start(request, stream)
-        except ContextLengthError as exc:  # DSPy's ContextWindowExceededError: ReAct trims and retries
-            raise LM15ContextLengthError(str(exc), provider="plait") from exc
-        except (GrammarError, ValueError) as exc:  # DSPy's LMInvalidRequestError: not retried
-            raise InvalidRequestError(str(exc), provider="plait") from exc
+        with _lm15_errors(request):
+            turn, sampling, tools = self._plan(request)
+            engine = self.engine
+            share_key = None
+            if _deterministic(request):
+                grammar = turn.spec.key if turn.spec is not None else None
+                share_key = (turn.prompt, tuple(sorted(sampling.items())), grammar)
+            constraint = turn.constraint(engine, sampling["max_tokens"])
+            handle = engine.submit(
+                turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
+            )
+            return LocalCall(turn, handle, tools)
 
-    def _start(self, request: Request, stream: bool) -> LocalCall:
+    def start_n(self, request: Request, n: int) -> list[LocalCall]:
+        """`n` candidates of a sampled DSPy request from one prefill (`Engine.submit_n`)."""
+        with _lm15_errors(request):
+            turn, sampling, tools = self._plan(request)
+            engine = self.engine
+            constraints = None
+            if turn.spec is not None:
+                constraints = [turn.constraint(engine, sampling["max_tokens"]) for _ in range(n)]
+            handles = engine.submit_n(turn.prompt, n, constraints=constraints, **sampling)
+            return [LocalCall(turn, handle, tools) for handle in handles]
+
+    def _plan(self, request: Request) -> tuple[ChatTurn, dict[str, Any], ToolFormat | None]:
+        """The request's turn (rendered prompt, grammar, thinking block), its sampling settings,
+        and the format of the tool calls its answer may hold (None: none)."""
         config = request.config
         engine = self.engine
         sampling = {
@@ -208,24 +279,24 @@ class PlaitEngine:
             max_tokens=sampling["max_tokens"],
             template_kwargs=template_kwargs,
         )
-        share_key = None
-        if _deterministic(request):
-            grammar = turn.spec.key if turn.spec is not None else None
-            share_key = (turn.prompt, tuple(sorted(sampling.items())), grammar)
-        constraint = turn.constraint(engine, sampling["max_tokens"])
-        handle = engine.submit(
-            turn.prompt, stream=stream, share_key=share_key, constraint=constraint, **sampling
-        )
-        return LocalCall(turn, handle, fmt if _calls_tools(request) else None)
+        return turn, sampling, fmt if _calls_tools(request) else None
+
+    def next_call(self, request: Request) -> LocalCall:
+        """The call that answers one completion of `request`: a candidate of its `n>1` group
+        when the LM's call asked for several sampled ones, else a request of its own."""
+        candidates = _candidates.get()
+        if candidates is not None and not _deterministic(request):
+            return candidates.take(request, lambda: self.start_n(request, candidates.n))
+        return self.start(request)
 
     def complete(self, request: Request) -> Response:
         """One candidate. DSPy asks for `n` candidates by completing the same Request object `n`
         times in a row on the calling thread; when the request is deterministic (greedy or
-        seeded) every candidate is the first one, so it is computed once. Sampled requests are
-        computed every time: each draws its own sample."""
+        seeded) every candidate is the first one, so it is computed once. The candidates of a
+        sampled request each draw their own sample, all from one prefill (`next_call`)."""
         call = _repeated(getattr(_last_sync, "done", None), self, request, self.engine)
         if call is None:
-            call = self.start(request)
+            call = self.next_call(request)
             call.handle.wait()
         _last_sync.done = (self, request, call)  # holding the Request keeps its id from being reused
         return self._response(request, call)
@@ -295,6 +366,20 @@ class PlaitEngine:
         )
 
 
+@contextlib.contextmanager
+def _lm15_errors(request: Request) -> Iterator[None]:
+    """Refuse what plait does not do, and raise plait's refusals of a request as the lm15
+    errors DSPy expects (a context overflow ReAct trims and retries; an invalid request DSPy
+    does not retry)."""
+    refuse_unsupported_settings(request)
+    try:
+        yield
+    except ContextLengthError as exc:
+        raise LM15ContextLengthError(str(exc), provider="plait") from exc
+    except (GrammarError, ValueError) as exc:
+        raise InvalidRequestError(str(exc), provider="plait") from exc
+
+
 def _delta_events(pieces: tuple[str, str], held: list[str] | None = None) -> Iterator[StreamDeltaEvent]:
     """Stream events for one (reasoning, answer) pair of pieces: thinking is part 0. The answer
     goes to `held` instead, when given."""
@@ -348,7 +433,7 @@ class AsyncPlaitEngine:
         (completed one after another in the same task) are computed once."""
         call = _repeated(_last_async.get(), self, request, self.sync.engine)
         if call is None:
-            call = await asyncio.to_thread(self.sync.start, request)
+            call = await asyncio.to_thread(self.sync.next_call, request)
             await asyncio.to_thread(call.handle.wait)
         _last_async.set((self, request, call))
         return self.sync._response(request, call)
@@ -420,6 +505,7 @@ def LM(
         options["quantize"] = quantize
     engine = PlaitEngine(name_or_path, options, reasoning=reasoning)
     defaults.setdefault("num_retries", 0)  # a local engine has no transient network errors to retry
+    defaults["callbacks"] = [*defaults.get("callbacks", []), CandidateCount()]  # n>1: one prefill
     return dspy.LM(
         f"plait/{model_id}{suffix}{engine.reasoning.model_suffix()}",
         engine=engine,

@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -17,7 +17,7 @@ from plait.backends.loading import registry
 from plait.backends.models.base import ModelInfo
 from plait.backends.models.dtypes import parse_dtype
 from plait.backends.models.state import Batch
-from plait.backends.runtime.cancellation import current_scope
+from plait.backends.runtime.cancellation import CancelScope, current_scope
 from plait.backends.runtime.cpu_threads import CpuThreads, use_free_cores
 from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
@@ -58,7 +58,8 @@ class EngineStats:
     those passes. With speculative decoding, `drafted_tokens` were guessed and fed for
     verification and `accepted_tokens` of them were kept (`acceptance` is the share);
     `replayed_tokens` were kept but fed again, because a hybrid's Mamba state had to go back
-    to before the pass's rejected tokens.
+    to before the pass's rejected tokens. `forked` samples of `submit_n` groups started from
+    another sample's prefill instead of their own (each is one prefill saved).
     """
 
     requests: int = 0
@@ -75,6 +76,7 @@ class EngineStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     replayed_tokens: int = 0
+    forked: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
 
@@ -236,6 +238,7 @@ class Engine:
                 drafted_tokens=self.scheduler.drafted_tokens,
                 accepted_tokens=self.scheduler.accepted_tokens,
                 replayed_tokens=self.scheduler.replayed_tokens,
+                forked=self.scheduler.forked_rows,
             )
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
@@ -313,14 +316,7 @@ class Engine:
         with the scope, and a cancelled scope refuses new requests. A closed engine refuses
         every request (`EngineClosedError`).
         """
-        if self.closed:
-            raise EngineClosedError(
-                f"the {self.model_id} engine was closed (Engine.close()); load it again with "
-                "Engine.load, or make a new plait.LM, which loads one when its engine is closed"
-            )
-        scope = current_scope()
-        if scope is not None:
-            scope.check()
+        scope = self._open_scope()
         if share_key is not None and not stream:
             with self._inflight_lock:
                 running = self._inflight.get(share_key)
@@ -330,27 +326,92 @@ class Engine:
                     if scope is not None:
                         scope.register(running)
                     return running
-                request = self._submit(prompt, constraint, False, sampling)
+                request = self._submit(self._request(prompt, constraint, False, sampling))
                 if len(self._inflight) > 1024:
                     self._inflight = {k: r for k, r in self._inflight.items() if not r.done}
                 self._inflight[share_key] = request
         else:
-            request = self._submit(prompt, constraint, stream, sampling)
+            request = self._submit(self._request(prompt, constraint, stream, sampling))
         if scope is not None:
             scope.register(request)
         return request
 
-    def _submit(
+    def submit_n(
+        self,
+        prompt: str | list[int],
+        n: int,
+        *,
+        constraints: Sequence[TokenConstraint] | None = None,
+        stream: bool = False,
+        **sampling: Any,
+    ) -> list[Request]:
+        """Queue `n` samples of one prompt, computed from one prefill: the prompt runs once, then
+        `n` rows decode from copies of its state (`Scheduler.submit_group`), in one batch.
+
+        Sample i draws from its own generator: with a `seed`, seeded `seed + i`, so it gives
+        exactly what a separate request with that seed gives (at a batch-invariant precision,
+        fp32). Greedy samples are all the same text: unless streamed, it is computed once and
+        the one request comes back `n` times (cancelled when every holder has released it).
+        `constraints`: one grammar per sample (a constraint holds its own parse state), all of
+        the same grammar. Inside a `CancelScope` every sample is registered with the scope.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if constraints is not None and len(constraints) != n:
+            raise ValueError(f"{len(constraints)} constraints for {n} samples: give one per sample")
+        scope = self._open_scope()
+        prompt = self.prompt_ids(prompt)  # tokenized once for all the samples
+        per_sample = list(constraints) if constraints is not None else [None] * n
+        if SamplingParams(**_given(sampling)).greedy and not stream:
+            request = self._submit(self._request(prompt, per_sample[0], stream, sampling))
+            for _ in range(n - 1):
+                request.hold()
+                self.note_shared()
+            requests = [request] * n
+        else:
+            seed = sampling.pop("seed", None)
+            seeds = [None] * n if seed is None else [seed + i for i in range(n)]
+            requests = [
+                self._request(prompt, constraint, stream, {**sampling, "seed": sample_seed})
+                for constraint, sample_seed in zip(per_sample, seeds)
+            ]
+            self.scheduler.submit_group(requests)
+            self._count(requests)
+        if scope is not None:
+            for request in requests:
+                scope.register(request)
+        return requests
+
+    def _open_scope(self) -> CancelScope | None:
+        """The caller's `CancelScope`, if any, once sure that the engine takes requests and that
+        the scope has not been cancelled."""
+        if self.closed:
+            raise EngineClosedError(
+                f"the {self.model_id} engine was closed (Engine.close()); load it again with "
+                "Engine.load, or make a new plait.LM, which loads one when its engine is closed"
+            )
+        scope = current_scope()
+        if scope is not None:
+            scope.check()
+        return scope
+
+    def _submit(self, request: Request) -> Request:
+        self.scheduler.submit(request)
+        self._count([request])
+        return request
+
+    def _request(
         self,
         prompt: str | list[int],
         constraint: TokenConstraint | None,
         stream: bool,
         sampling: dict[str, Any],
     ) -> Request:
+        """A checked request (prompt ids in range and within the context window)."""
         if isinstance(sampling.get("stop"), (list, str)):
             stop = sampling["stop"]
             sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        params = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        params = SamplingParams(**_given(sampling))
         ids = self.prompt_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -359,11 +420,12 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is out of range: {self.model_id} has ids 0..{vocab - 1}")
         self._check_length(len(ids), 1)
-        request = self.scheduler.submit(Request(ids, params, constraint=constraint, stream=stream))
+        return Request(ids, params, constraint=constraint, stream=stream)
+
+    def _count(self, requests: list[Request]) -> None:
         with self._stats_lock:
-            self._stats.requests += 1
-            self._stats.prompt_tokens += len(ids)
-        return request
+            self._stats.requests += len(requests)
+            self._stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
 
     def note_shared(self) -> None:
         """Count a request answered by another one's result (nothing computed for it)."""
@@ -372,8 +434,11 @@ class Engine:
 
     def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult:
         """Generate from raw text or token ids (no chat template: see `chat`)."""
-        request = self.submit(prompt, **kwargs).wait()
-        return GenerationResult(request.text, request.token_ids, request.finish_reason, request.usage)
+        return _result(self.submit(prompt, **kwargs).wait())
+
+    def generate_n(self, prompt: str | list[int], n: int, **kwargs: Any) -> list[GenerationResult]:
+        """`n` samples of raw text or token ids from one prefill (see `submit_n`)."""
+        return [_result(request.wait()) for request in self.submit_n(prompt, n, **kwargs)]
 
     def chat(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         return self.generate(self.chat_prompt(messages), **kwargs)
@@ -399,3 +464,12 @@ class Engine:
                 f"the prompt has {prompt_tokens} tokens; the context window of {self.model_id} is "
                 f"{self.max_length} tokens"
             )
+
+
+def _given(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings a caller gave (None: the default)."""
+    return {k: v for k, v in sampling.items() if v is not None}
+
+
+def _result(request: Request) -> GenerationResult:
+    return GenerationResult(request.text, request.token_ids, request.finish_reason, request.usage)

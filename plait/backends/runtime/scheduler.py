@@ -134,6 +134,7 @@ class Scheduler:
         self.weigh_drafts = True
         self.prompt_tokens_computed = 0
         self.preemptions = 0
+        self.forked_rows = 0  # samples started from another row's prefill (see submit_group)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
         self.device = next(model.parameters()).device
@@ -153,6 +154,31 @@ class Scheduler:
 
     # ---- callers' side -----------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
+        self._enqueue(self._sequence(request))
+        return request
+
+    def submit_group(self, requests: list[Request]) -> list[Request]:
+        """Samples of one prompt from one prefill: the first request's row computes the prompt,
+        the others wait in slots of their own and, when it ends, start from copies of its state
+        (KV cache and any Mamba state) and sample their first tokens from its logits, each
+        with its own generator (see `_forked`). Every request needs the same prompt and, if
+        any, the same grammar (what it forces before the first sample is part of the prompt).
+
+        The pool keeps one contiguous KV cache per slot, so the prompt's KV is copied into
+        each sample's slot (a copy costs far less than a prefill on CPU); sharing the blocks
+        themselves, copy-on-write, needs a paged pool."""
+        leader, *forks = [self._sequence(request) for request in requests]
+        for fork in forks:
+            if fork.pending != leader.pending:
+                raise ValueError("the samples of a group must share their prompt and grammar")
+            fork.pending = []
+        leader.forks = forks
+        self._enqueue(leader)
+        return requests
+
+    def _sequence(self, request: Request) -> Sequence:
+        """A request as the scheduler runs it: its generator, detokenizer, drafter, and the
+        tokens its grammar forces before the first sample joined to the prompt's prefill."""
         params = request.params
         generator = None
         if params.seed is not None:
@@ -166,7 +192,6 @@ class Scheduler:
             pending=list(request.prompt_ids),
         )
         if request.constraint is not None:
-            # what the grammar forces before anything is sampled joins the prompt's prefill
             forced = request.constraint.forced()
             if forced:
                 request.constraint.advance(forced)
@@ -178,6 +203,9 @@ class Scheduler:
             sequence.draft_length = DraftLength(self.draft_tokens)
         if self.prefix_cache is not None:
             sequence.block_hashes = block_hashes(request.prompt_ids, self.prefix_cache.block_size)
+        return sequence
+
+    def _enqueue(self, sequence: Sequence) -> None:
         with self.cond:
             if self.closed:
                 raise EngineClosedError("the engine is closed")
@@ -185,7 +213,6 @@ class Scheduler:
                 raise EngineOverloadedError(f"{len(self.waiting)} requests are waiting: retry later")
             self.waiting.append(sequence)
             self.cond.notify()
-        return request
 
     def close(self) -> None:
         with self.cond:
@@ -214,7 +241,8 @@ class Scheduler:
                 for row in list(self.rows):
                     self._finish(row, "error", exc)
         for row in list(self.rows) + list(self.waiting):
-            self._finish(row, "error", EngineClosedError("the engine was closed"), release=False)
+            for sequence in [*row.forks, row]:  # its samples first: none is left to hand over to
+                self._finish(sequence, "error", EngineClosedError("the engine was closed"), release=False)
 
     def _admit(self) -> None:
         deferred: list[Sequence] = []
@@ -263,7 +291,27 @@ class Scheduler:
         if row.order < 0:
             row.order = next(self._admissions)
         self.rows.append(row)
+        self._admit_forks(row, need)
         return True
+
+    def _admit_forks(self, leader: Sequence, need: int) -> None:
+        """Slots for the samples waiting on `leader`'s prefill, as far as the batch and the
+        memory have room; the others go back to the queue to be computed on their own (a
+        sample still draws from its own generator). Admitted after their leader, they are
+        newer and preempted before it: a leader never waits in the queue for its samples."""
+        unfit = []
+        for fork in leader.forks:
+            if fork.request.cancelled:
+                self._finish(fork, "cancelled", release=False)
+            elif len(self.rows) < self.max_batch_size and self.pool.fits(len(self.rows) + 1, need):
+                self.pool.fit(len(self.rows) + 1, need)
+                fork.order = next(self._admissions)
+                self.rows.append(fork)
+            else:
+                fork.restart()
+                unfit.append(fork)
+        leader.forks = [f for f in leader.forks if f in self.rows]
+        self.waiting.extendleft(reversed(unfit))
 
     def _never_fits(self, length: int) -> MemoryBudgetError:
         needed = self.pool.bytes_for(1, length)
@@ -348,8 +396,8 @@ class Scheduler:
             return
         for slot, row in enumerate(self.rows):
             row.draft, row.rides_along = [], False
-            if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids):
-                continue
+            if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids) or row.forks:
+                continue  # a row with samples waiting forks where its prompt ends: in `_sample`
             if self.mtp is not None and (len(row.pending) > 1 or row.replay):
                 continue  # the head drafts from the hidden state of the token before the last
             room = min(
@@ -432,7 +480,11 @@ class Scheduler:
         return plan
 
     def _preempt(self, row: Sequence) -> None:
-        """Give up a row's state to make room; it waits first in line and is recomputed."""
+        """Give up a row's state to make room; it waits first in line and is recomputed (a
+        sample waiting on its leader's prefill leaves the group and computes its own)."""
+        for leader in self.rows:
+            if row in leader.forks:
+                leader.forks.remove(row)
         self._release(row)
         row.restart()
         self.waiting.appendleft(row)
@@ -658,6 +710,7 @@ class Scheduler:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """The next token of each row from its last logits [len(rows), V]: grammar masks for the
         whole batch in one call, then one sample per row with one host sync."""
+        rows, logits = self._forked(rows, logits)
         failed = apply_masks(logits, [r.constraint for r in rows])
         tokens = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
         for i, (row, token) in enumerate(zip(rows, tokens)):
@@ -675,6 +728,29 @@ class Scheduler:
                     continue
                 if new is not None:
                     row.pending = new
+
+    def _forked(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """`rows` and their logits [len(rows), V], with the samples waiting on any of them
+        added: a row sampling its first token has its whole prompt in its slot, which is then
+        copied into each waiting sample's slot (KV cache, Mamba state, the MTP head's pairs),
+        and each sample draws its first token from the same logits with its own generator."""
+        if not any(row.forks for row in rows):
+            return rows, logits
+        grown, source = [], []
+        for i, row in enumerate(rows):
+            grown.append(row)
+            source.append(i)
+            forks, row.forks = row.forks, []
+            slot = self.rows.index(row)
+            for fork in forks:
+                if fork.finished:
+                    continue
+                self.pool.move(slot, self.rows.index(fork), row.cached)
+                fork.cached, fork.mtp_cached, fork.hidden = row.cached, row.mtp_cached, row.hidden
+                self.forked_rows += 1
+                grown.append(fork)
+                source.append(i)
+        return grown, logits[source]
 
     def _next_token(self, row: Sequence, token: int, cached: int) -> list[int] | None:
         """Take a chosen token into the row's output (with what the grammar forces after it) and
@@ -712,8 +788,23 @@ class Scheduler:
         self, row: Sequence, reason: str, error: BaseException | None = None, release: bool = True
     ) -> None:
         row.finish(reason, error)
+        if row.forks:
+            self._hand_over(row)
         if release:
             self._release(row)
+
+    def _hand_over(self, leader: Sequence) -> None:
+        """`leader` ended before its prompt was computed (cancelled, or failed): the first of
+        its samples still running computes the prompt instead, and the others wait on it."""
+        forks, leader.forks = [f for f in leader.forks if not f.finished], []
+        if not forks:
+            return
+        heir, heir.forks = forks[0], forks[1:]
+        heir.restart()
+        if heir in self.rows:
+            self.pool.clear(self.rows.index(heir))
+        else:
+            self.waiting.appendleft(heir)
 
     def _release(self, row: Sequence) -> None:
         """Free the row's slot; the last row moves into the hole so slots stay compact."""

@@ -45,6 +45,9 @@ class Sequence:
     """Main hidden states of positions `mtp_cached ..` not yet paired in the MTP head's state."""
     mtp_cached: int = 0
     """Positions of the MTP head's state filled for this row (see runtime/mtp_drafting.py)."""
+    forks: list["Sequence"] = field(default_factory=list)
+    """Samples of the same prompt that wait, in slots of their own with nothing pending, for
+    this row's prefill to end, then start from a copy of its state (`Scheduler.submit_group`)."""
 
     @property
     def prompt_ids(self) -> list[int]:
