@@ -8,13 +8,16 @@ distribution, a hybrid's Mamba state is copied along, and a group that is cancel
 short or closed leaves no row, slot or waiting caller behind.
 """
 
+import asyncio
 import time
 
 import dspy
 import pytest
 import torch
+from dspy.lm15 import Config, Message, Request
 
 import plait
+from plait.backends.clients.local import CandidateCount, Candidates, LocalCall
 from plait.backends.runtime.cancellation import CancelScope
 from plait.backends.runtime.engine import Engine
 from plait.errors import EngineClosedError
@@ -124,6 +127,23 @@ def test_group_larger_than_the_batch(smollm):
         small.close()
 
 
+def test_speculative_rows_fork_too(smollm):
+    """With prompt-lookup drafting on (whatever drafts cost), a group's rows draft and verify
+    once forked, and each still gives its seed's tokens."""
+    drafting = Engine(
+        smollm.model, smollm.tokenizer, "ngram", "llama", prefix_cache=False, speculative="ngram"
+    )
+    drafting.scheduler.weigh_drafts = False
+    try:
+        prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown"
+        settings = dict(temperature=0.5, max_tokens=16)
+        forked = [r.token_ids for r in drafting.generate_n(prompt, 3, seed=8, **settings)]
+        assert drafting.stats().forked == 2 and drafting.stats().drafted_tokens > 0
+        assert forked == _separate(drafting, prompt, [8, 9, 10], **settings)
+    finally:
+        drafting.close()
+
+
 def test_cancelled_leader_hands_its_prompt_to_the_next_sample(engine):
     """Whenever the first sample is cancelled (queued, mid-prefill or decoding), the others
     finish with their own seeds' tokens."""
@@ -185,6 +205,10 @@ def test_dspy_n_samples_come_from_one_prefill(smollm):
     work = engine.stats().since(before)
     assert len(outputs) == 4 and work.requests == 4 and work.forked == 3
 
+    before = engine.stats()
+    outputs = asyncio.run(lm.acall("Name a colour.", n=3, temperature=1.0))
+    assert len(outputs) == 3 and engine.stats().since(before).forked == 2
+
     predict = dspy.Predict("question -> answer", n=3)  # sets temperature 0.7 for n > 1
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         before = engine.stats()
@@ -196,3 +220,29 @@ def test_dspy_n_samples_come_from_one_prefill(smollm):
     work = engine.stats().since(before)
     assert len(set(seeded)) == 1 and work.requests == 1 and work.shared == 2 and work.forked == 0
     assert _idle(engine)
+
+
+def test_candidates_a_dspy_call_did_not_take_are_cancelled(smollm):
+    lm = plait.LM("smollm2-135m", cache=False)
+    engine = lm.engine
+    story = Message.user("Write a long story.")
+    request = Request(model=lm.model, messages=(story,), config=Config(temperature=1.0, max_tokens=200))
+    started: list[LocalCall] = []
+
+    def start() -> list[LocalCall]:
+        started.extend(engine.start_n(request, 3))
+        return started
+
+    candidates = Candidates(3)
+    first = candidates.take(request, start)
+    candidates.cancel_rest()  # what the LM's callback does when the call ends
+    assert first.handle.wait(60).finish_reason in ("stop", "length")
+    assert [c.handle.wait(60).finish_reason for c in started[1:]] == ["cancelled", "cancelled"]
+    assert _idle(engine.engine)
+
+    count = CandidateCount()  # once the call is over, completions are single requests again
+    count.on_lm_start("call", lm, {"kwargs": {"n": 2}})
+    count.on_lm_end("call", None)
+    before = engine.engine.stats()
+    engine.complete(Request(model=lm.model, messages=(story,), config=Config(temperature=1.0, max_tokens=2)))
+    assert engine.engine.stats().since(before).forked == 0
