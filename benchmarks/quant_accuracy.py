@@ -11,7 +11,10 @@ reports, over all predicted positions:
   * top-1 agreement: how often the variant's argmax equals fp32's.
 llama-cpp-python (when importable) scores the same ids with the file's Q4_1 weights as they
 are, so plait int4 (the same 4-bit grid, requantised from the dequantised weights) can be set
-beside the engine a user would otherwise run. Benchmarks are not tests: nothing is asserted.
+beside the engine a user would otherwise run. "plait int4 packed" is PyTorch's int4 kernel
+with bf16 activations (`Engine.logits` at the int4 default); "plait int4 C" is the default's
+generated tokens on AVX-512 CPUs (plait/backends/kernels/cpu_decode.c: int8 activations per
+32-block, fp32 elsewhere), scored as one pass of generated tokens. Benchmarks are not tests: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -56,6 +59,28 @@ def plait_logits(quantize: str | None, dtype: str, texts: list[list[int]]) -> li
     engine = Engine.load("smollm2-135m", dtype=dtype, quantize=quantize, prefix_cache=False)
     try:
         return [engine.logits(ids).float() for ids in texts]
+    finally:
+        engine.close()
+
+
+def plait_generated_pass_logits(texts: list[list[int]]) -> tuple[list[torch.Tensor], bool]:
+    """The default (int4) model scoring each passage as one pass of generated tokens: the path
+    that sampled, forced and drafted tokens take (`cpu_decode`'s C pass where it runs), not the
+    one `Engine.logits` takes. -> (logits, whether the C pass ran)."""
+    from plait.backends.models.state import Batch
+    from plait.backends.runtime.engine import Engine
+    from plait.backends.runtime.state_pool import StatePool
+
+    engine = Engine.load("smollm2-135m", prefix_cache=False)
+    model = engine.model
+    try:
+        out = []
+        for ids in texts:
+            pool = StatePool(model.state_specs(torch.bfloat16), capacity=len(ids), max_length=len(ids))
+            batch = Batch(pool, 0, torch.tensor([0]), logit_count=len(ids))
+            with torch.inference_mode():
+                out.append(model(torch.tensor([ids]), batch, last_only=True)[0].float())
+        return out, getattr(model, "decode_kernel", None) is not None
     finally:
         engine.close()
 
@@ -125,21 +150,23 @@ def main() -> None:
     for name, quantize, dtype in [
         ("plait bf16", None, "bfloat16"),
         ("plait int8", "int8", "bfloat16"),
-        ("plait int4", "int4", "bfloat16"),
+        ("plait int4 packed", "int4", "bfloat16"),
     ]:
         rows.append(compare(name, plait_logits(quantize, dtype, texts), ref, texts))
+    generated, on_kernel = plait_generated_pass_logits(texts)
+    rows.append(compare("plait int4 C" if on_kernel else "plait int4 gen", generated, ref, texts))
     if importlib.util.find_spec("llama_cpp") is not None:
         rows.append(compare("llama.cpp Q4_1", llama_cpp_logits(texts, args.threads), ref, texts))
     else:
         print("llama-cpp-python is not installed: its row is left out\n")
     base = rows[0]["ppl"]
     print(
-        f"{'weights':<16}{'perplexity':>11}{'vs fp32':>9}{'top-1 agree':>13}"
+        f"{'weights':<18}{'perplexity':>11}{'vs fp32':>9}{'top-1 agree':>13}"
         f"{'mean |dlogit|':>15}{'max |dlogit|':>14}{'KL(fp32||x)':>13}"
     )
     for r in rows:
         print(
-            f"{r['name']:<16}{r['ppl']:>11.3f}{r['ppl'] / base:>8.3f}x{r['agree']:>12.1%}"
+            f"{r['name']:<18}{r['ppl']:>11.3f}{r['ppl'] / base:>8.3f}x{r['agree']:>12.1%}"
             f"{r['mean_abs']:>15.4f}{r['max_abs']:>14.3f}{r['kl']:>13.5f}"
         )
 

@@ -121,47 +121,79 @@ static void quantize_row(const float *x, Quantized *qa, int row) {
     }
 }
 
-/* y[n] (+)= W[n] . x for one quantised row. */
-static inline float q4_dot(const Q4Matrix *w, int n, const Quantized *qa, int row) {
+#define ROWS 4 /* rows that share one unpacking of a weight row */
+#define INLINE static inline __attribute__((always_inline))
+#define AHEAD 4 /* weight rows fetched ahead */
+
+/* One pair of blocks of weight row n times `count` quantised rows into their sums. */
+INLINE void q4_pair(const uint8_t *nib, const float *d, const Quantized *qa, int r0, const int count, int p,
+                    __m512 *sums) {
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const int k = qa->k, blocks = k / BLOCK;
+    __m256i packed = _mm256_loadu_si256((const __m256i *)(nib + 32 * p));
+    __m256i lo = _mm256_and_si256(packed, low_mask);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+    __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(d + 2 * p)));
+    __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+    for (int j = 0; j < count; j++) {
+        const int r = r0 + j;
+        __m512i a = _mm512_loadu_si512(qa->q + (size_t)r * k + PAIR * p);
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, a);
+        __m512 scale = _mm512_mul_ps(ds, _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8));
+        sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[j]);
+    }
+}
+
+/* out[r, n] (+)= W[n] . x_r for rows r0 .. r0+count-1: the weight row is unpacked once per pair
+   of blocks for all of them. `count` is a constant where this is inlined, so the sums stay in
+   registers. Each row's sum runs in the same order whatever `count` is, so a row's result does
+   not depend on its neighbours. */
+INLINE void q4_rows(const Q4Matrix *w, int n, const Quantized *qa, int r0, const int count, float *out, int ld,
+                    int accumulate) {
     const int k = w->k, pairs = k / PAIR, blocks = k / BLOCK;
     const uint8_t *nib = w->nibbles + (size_t)n * (k / 2);
     const float *d = w->scales + (size_t)n * blocks, *m = w->mins + (size_t)n * blocks;
-    const int8_t *a = qa->q + (size_t)row * k;
-    const float *spread = qa->spread + (size_t)row * blocks * 8, *sums = qa->sums + (size_t)row * blocks;
-    const __m256i low_mask = _mm256_set1_epi8(0x0F);
-    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    if (n + AHEAD < w->n) { /* the stream of rows is long and read once: fetch ahead of use */
+        const char *next = (const char *)(nib + (size_t)AHEAD * (k / 2));
+        for (int offset = 0; offset < k / 2; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + (size_t)AHEAD * blocks), _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + (size_t)AHEAD * blocks), _MM_HINT_T0);
+    }
+    __m512 even[ROWS], odd[ROWS]; /* two sums per row: pairs alternate, halving the FMA chain */
+    for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
     int p = 0;
-    for (; p < pairs; p++) {
-        __m256i packed = _mm256_loadu_si256((const __m256i *)(nib + 32 * p));
-        __m256i lo = _mm256_and_si256(packed, low_mask);
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-        __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(a + PAIR * p));
-        __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(d + 2 * p)));
-        __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
-        __m512 scale = _mm512_mul_ps(ds, _mm512_loadu_ps(spread + 16 * p));
-        if (p & 1)
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
-        else
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+    for (; p + 1 < pairs; p += 2) {
+        q4_pair(nib, d, qa, r0, count, p, even);
+        q4_pair(nib, d, qa, r0, count, p + 1, odd);
     }
-    __m512 mins = _mm512_setzero_ps();
-    for (int b = 0; b < blocks; b += 16) {
-        __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-        mins = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, m + b), _mm512_maskz_loadu_ps(keep, sums + b), mins);
+    if (p < pairs) q4_pair(nib, d, qa, r0, count, p, even);
+    for (int j = 0; j < count; j++) {
+        const float *sums = qa->sums + (size_t)(r0 + j) * blocks;
+        __m512 mins = _mm512_setzero_ps();
+        for (int b = 0; b < blocks; b += 16) {
+            __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+            mins = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, m + b), _mm512_maskz_loadu_ps(keep, sums + b), mins);
+        }
+        float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(even[j], odd[j]), mins));
+        float *target = out + (size_t)(r0 + j) * ld + n;
+        *target = accumulate ? *target + y : y;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), mins));
 }
 
-/* out[r, n] = W x_r (accumulate: +=), rows split across the team by output columns. */
+/* out[r, n] = W x_r (accumulate: +=), the output columns split across the team. */
 static void q4_matmul(const Q4Matrix *w, const Quantized *qa, float *out, int ld, int accumulate) {
 #pragma omp for schedule(static)
-    for (int n = 0; n < w->n; n++)
-        for (int r = 0; r < qa->rows; r++) {
-            float y = q4_dot(w, n, qa, r);
-            out[(size_t)r * ld + n] = accumulate ? out[(size_t)r * ld + n] + y : y;
+    for (int n = 0; n < w->n; n++) {
+        int r = 0;
+        for (; r + ROWS <= qa->rows; r += ROWS) q4_rows(w, n, qa, r, ROWS, out, ld, accumulate);
+        switch (qa->rows - r) {
+        case 3: q4_rows(w, n, qa, r, 3, out, ld, accumulate); break;
+        case 2: q4_rows(w, n, qa, r, 2, out, ld, accumulate); break;
+        case 1: q4_rows(w, n, qa, r, 1, out, ld, accumulate); break;
         }
+    }
 }
 
 static void rotate(float *x, const float *cos, const float *sin, int half) {
@@ -311,6 +343,27 @@ int plait_llama_layers(const Model *model, float *x, int rows, int steps, const 
     return 0;
 }
 
+/* logits[r0 .. r0+count-1] of head row n: each 16 weights widened once for `count` rows. */
+INLINE void head_rows(const Model *model, int n, const float *normed, int r0, const int count, float *logits) {
+    const int hidden = model->hidden;
+    const int8_t *w = model->head + (size_t)n * hidden;
+    __m512 even[ROWS], odd[ROWS]; /* two sums per row, as in q4_rows */
+    for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
+    for (int i = 0; i < hidden; i += 32) {
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
+        for (int j = 0; j < count; j++) {
+            const float *x = normed + (size_t)(r0 + j) * hidden + i;
+            even[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), even[j]);
+            odd[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), odd[j]);
+        }
+    }
+    for (int j = 0; j < count; j++) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j]));
+        logits[(size_t)(r0 + j) * model->vocab + n] = sum * model->head_scales[n];
+    }
+}
+
 /* logits[r] = head . rms_norm(x[r]) for `rows` hidden states. */
 void plait_llama_head(const Model *model, const float *x, int rows, float *logits, int threads) {
     const int hidden = model->hidden;
@@ -319,22 +372,12 @@ void plait_llama_head(const Model *model, const float *x, int rows, float *logit
         rms_norm_row(x + (size_t)r * hidden, model->final_norm, normed + (size_t)r * hidden, hidden, model->eps);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < model->vocab; n++) {
-        const int8_t *w = model->head + (size_t)n * hidden;
-        for (int r = 0; r < rows; r++) {
-            const float *v = normed + (size_t)r * hidden;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            int i = 0;
-            for (; i + 32 <= hidden; i += 32) {
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
-                acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + i), acc0);
-                acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v + i + 16), acc1);
-            }
-            for (; i < hidden; i += 16) {
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
-                acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + i), acc0);
-            }
-            logits[(size_t)r * model->vocab + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * model->head_scales[n];
+        int r = 0;
+        for (; r + ROWS <= rows; r += ROWS) head_rows(model, n, normed, r, ROWS, logits);
+        switch (rows - r) {
+        case 3: head_rows(model, n, normed, r, 3, logits); break;
+        case 2: head_rows(model, n, normed, r, 2, logits); break;
+        case 1: head_rows(model, n, normed, r, 1, logits); break;
         }
     }
     free(normed);
