@@ -14,7 +14,8 @@ are, so plait int4 (the same 4-bit grid, requantised from the dequantised weight
 beside the engine a user would otherwise run. "plait int4 packed" is PyTorch's int4 kernel
 with bf16 activations (`Engine.logits` at the int4 default); "plait int4 C" is the default's
 generated tokens on AVX-512 CPUs (plait/backends/kernels/cpu_decode.c: int8 activations per
-32-block, fp32 elsewhere), scored as one pass of generated tokens. Benchmarks are not tests: nothing is asserted.
+32-block, fp32 elsewhere), scored as one pass of generated tokens. Benchmarks are not tests:
+nothing is asserted.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def _matrix(layer: torch.nn.Module, name: str) -> Int4Linear | None:
 
 def _packed(matrices: dict[str, Int4Linear], cache: Path) -> dict[str, torch.Tensor]:
     """Every matrix's 4-bit tensors, from `cache` when it holds them all with the right shapes
-    (copied out of the mapping: the kernel's loads assume nothing of alignment, but the file
-    closes), else packed now and written there."""
+    (left in the file's mapping: the kernel's vector loads assume no alignment), else packed now
+    and written there."""
     expected = {
         f"{name}.{part}": shape
         for name, m in matrices.items()
@@ -89,7 +89,7 @@ def _packed(matrices: dict[str, Int4Linear], cache: Path) -> dict[str, torch.Ten
     except Exception:  # a damaged or foreign file: pack again
         cached = {}
     if all(key in cached and tuple(cached[key].shape) == shape for key, shape in expected.items()):
-        return {key: cached[key].clone() for key in expected}
+        return {key: cached[key] for key in expected}
     packed = {
         f"{name}.{part}": tensor
         for name, m in matrices.items()

@@ -95,7 +95,7 @@ class LlamaForCausalLM(CausalLM):
     def forward(
         self, input_ids: torch.Tensor, batch: Batch | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        if self.decode_kernel is not None and batch is not None and last_only and not in_prompt_pass():
+        if self._on_kernel(batch, last_only):
             return self._forward_on_kernel(input_ids, batch)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -103,6 +103,13 @@ class LlamaForCausalLM(CausalLM):
         if last_only:
             x = x[:, -1:] if batch is None else batch.last_tokens(x)
         return self.lm_head(self.norm(x)).float()
+
+    def _on_kernel(self, batch: Batch | None, last_only: bool) -> bool:
+        """Generated tokens continuing a batch, with the kernel's cache layout (bf16, on CPU)."""
+        if self.decode_kernel is None or batch is None or not last_only or in_prompt_pass():
+            return False
+        keys = batch.pool.layers[0]["k"]
+        return keys.dtype == torch.bfloat16 and keys.device.type == "cpu" and keys.is_contiguous()
 
     def _forward_on_kernel(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The same pass as `forward(..., last_only=True)`, its layers and head in one C call each."""
