@@ -18,6 +18,8 @@ from dspy.lm15 import Config, Message, Request
 
 import plait
 from plait.backends.clients.local import CandidateCount, Candidates, LocalCall
+from plait.backends.grammar.constraint import TokenConstraint, compile_constraint
+from plait.backends.grammar.spec import GrammarSpec
 from plait.backends.runtime.cancellation import CancelScope
 from plait.backends.runtime.engine import Engine
 from plait.errors import EngineClosedError
@@ -78,6 +80,23 @@ def test_top_k_top_p_and_stop_strings_per_sample(engine):
     settings = dict(temperature=0.8, top_k=20, top_p=0.9, stop=["."], max_tokens=16)
     forked = [r.token_ids for r in engine.generate_n(PROMPT, 3, seed=5, **settings)]
     assert forked == _separate(engine, PROMPT, [5, 6, 7], **settings)
+
+
+def test_grammar_per_sample(engine):
+    """Each sample runs its own constraint; what the grammar forces before the first sample
+    is part of the shared prefill."""
+    spec = GrammarSpec.regex(r"Answer: (yes|no|maybe|unclear), because [a-z ]{1,40}\.")
+    settings = dict(temperature=1.0, max_tokens=24)
+
+    def grammar() -> TokenConstraint:
+        return compile_constraint(spec, engine.tokenizer, engine.info.vocab_size)
+
+    before = engine.stats()
+    results = engine.generate_n(PROMPT, 4, constraints=[grammar() for _ in range(4)], seed=21, **settings)
+    assert engine.stats().since(before).forked == 3
+    assert all(r.text.startswith("Answer: ") for r in results)
+    separate = [engine.generate(PROMPT, constraint=grammar(), seed=21 + i, **settings) for i in range(4)]
+    assert [r.token_ids for r in results] == [r.token_ids for r in separate]
 
 
 def test_greedy_samples_are_computed_once(engine):

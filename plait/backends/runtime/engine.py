@@ -314,7 +314,7 @@ class Engine:
 
         Inside a `CancelScope` (plait.backends.runtime.cancellation) the request is registered
         with the scope, and a cancelled scope refuses new requests. A closed engine refuses
-        every request (`EngineClosedError`).
+        every request (`EngineClosedError`). Several samples of one prompt: `submit_n`.
         """
         scope = self._open_scope()
         if share_key is not None and not stream:
