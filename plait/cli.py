@@ -18,6 +18,19 @@ from plait.errors import PlaitError
 COMMAND_MODULES = ("plait.retrievers.commands", "plait.compilers.commands", "plait.serve.commands")
 
 
+def _query_writer(args: argparse.Namespace):
+    """`plait index tune`'s query writer: the synthetic-query DSPy program on the chosen LM
+    (retrieval sits below the programs, so the CLI hands it over)."""
+    from plait.backends.clients.local import LM
+    from plait.pipelines.synthetic_queries import QueryWriter
+
+    return QueryWriter(LM(args.model), threads=args.concurrency)
+
+
+#: Keyword arguments of a module's `add_commands` beyond the subparsers.
+COMMAND_OPTIONS = {"plait.retrievers.commands": {"query_writer": _query_writer}}
+
+
 def _models(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -210,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+        importlib.import_module(module).add_commands(sub, **COMMAND_OPTIONS.get(module, {}))
     return parser
 
 

@@ -64,7 +64,7 @@ class BuildProgress(Protocol):
     def finish(self, stage: str) -> None: ...
 
 
-class _Silent:
+class Silent:
     """The progress of a build nobody watches."""
 
     def start(self, stage: str, total: int | None, unit: str) -> None:
@@ -123,7 +123,7 @@ def build_index(
             f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
     started = time.perf_counter()
-    report = progress or _Silent()
+    report = progress or Silent()
 
     encoder_path: str | None = None
     if not isinstance(encoder, ColBERTEncoder):

@@ -23,6 +23,7 @@ from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings, dtype_name
 from plait.retrievers.errors import IndexFormatError
 from plait.retrievers.searcher import STAGES, Hit, Searcher, SearchParams, check_request
 from plait.retrievers.store import IndexStore
+from plait.retrievers.versions import version_dir
 
 
 class Passage(dict):
@@ -49,11 +50,12 @@ def load_index_encoder(
         )
     settings = EncoderSettings.from_json(info.get("settings", {}))
     if store.projection is not None:
-        return ColBERTEncoder(encoder.model, encoder.tokenizer, settings, encoder.name, store.projection)
-    encoder = encoder.with_settings(settings)
+        encoder = ColBERTEncoder(encoder.model, encoder.tokenizer, settings, encoder.name, store.projection)
+    else:
+        encoder = encoder.with_settings(settings)
     if encoder.dim != store.dim:
         raise IndexFormatError(f"index {store.path} has dim {store.dim}, its encoder produces {encoder.dim}")
-    return encoder
+    return encoder.with_query_map(store.query_map)
 
 
 def _one_torch_thread() -> None:
@@ -109,6 +111,7 @@ class ColBERTServe:
         cls,
         path: str | Path,
         *,
+        version: int | None = None,
         encoder: ColBERTEncoder | str | Path | None = None,
         verify: bool = False,
         in_memory: bool = False,
@@ -120,12 +123,14 @@ class ColBERTServe:
     ) -> ColBERTServe:
         """Open an index directory (checks sizes; `verify=True` also checks every sha256).
 
+        `version`: which version of the index (see `versions`); None opens the newest.
+
         `in_memory=True` reads the files into RAM instead of mapping them.
         `batching` searches on `workers` threads that share encoder forwards between concurrent
         callers (see the class); without it each call searches on its caller's thread.
         `query_dtype="bfloat16"` encodes queries in bf16: faster, see `encoder.QUERY_DTYPES`.
         """
-        store = IndexStore(path, verify=verify, in_memory=in_memory)
+        store = IndexStore(version_dir(path, version), verify=verify, in_memory=in_memory)
         encoder = load_index_encoder(store, encoder)
         return cls(store, encoder, params, stage, batching, workers, query_dtype)
 

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Self
 
 from plait.console import progress_bars
@@ -54,9 +53,28 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    index = subparsers.add_parser("index", help="build, search and serve ColBERT-serve indexes")
-    sub = index.add_subparsers(dest="index_command", metavar="{build,search,serve,verify}", required=True)
+QueryWriterFactory = Callable[[argparse.Namespace], Any]
+"""`plait index tune`'s query generator from its arguments (`--model`, `--concurrency`): a
+callable passages -> queries with a `name`. The CLI passes it in: the DSPy
+program that writes queries lives above retrieval (`plait.pipelines.synthetic_queries`)."""
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--version",
+        type=integer(1),
+        default=None,
+        help="which version of the index (1: as built; default: the newest, e.g. a tuned one)",
+    )
+
+
+def add_commands(
+    subparsers: argparse._SubParsersAction, query_writer: QueryWriterFactory | None = None
+) -> argparse.ArgumentParser:
+    """The `index` group; `tune` only with a `query_writer`."""
+    index = subparsers.add_parser("index", help="build, search, tune and serve ColBERT-serve indexes")
+    names = "build,search,serve,verify" + (",tune" if query_writer is not None else "")
+    sub = index.add_subparsers(dest="index_command", metavar=f"{{{names}}}", required=True)
 
     build = sub.add_parser("build", help="index a corpus JSONL ({_id|id, title?, text} rows)")
     build.add_argument("corpus", help="corpus JSONL file")
@@ -99,6 +117,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     search.add_argument("--qrels", help="qrels TSV: print nDCG@10 and Recall@100 of the run")
     search.add_argument("--batch", type=integer(1), default=16, help="queries per batch with --queries")
     search.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    add_version_argument(search)
     search.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     search.set_defaults(func=cmd_search)
 
@@ -134,13 +153,66 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help=f"longest query; longer gets 400 (default {ServerSettings.max_query_chars})",
     )
     serve.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    add_version_argument(serve)
     serve.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     serve.set_defaults(func=cmd_serve)
 
     verify = sub.add_parser("verify", help="check every index file against the manifest's sha256")
     verify.add_argument("index", help="index directory")
+    add_version_argument(verify)
     verify.set_defaults(func=cmd_verify)
+    if query_writer is not None:
+        add_tune_command(sub, query_writer)
     return index
+
+
+def add_tune_command(sub: argparse._SubParsersAction, query_writer: QueryWriterFactory) -> None:
+    from plait.retrievers.query_map import TrainSettings
+
+    train = TrainSettings()
+    tune = sub.add_parser(
+        "tune",
+        help="adapt an index to its corpus with synthetic queries (writes a new version)",
+        description="Generate a query for each of N sampled passages with the LM, keep those whose "
+        "passage the index ranks first, learn a map of query embeddings from them, and write it as "
+        "the index's next version (the old one is kept: --version 1). Resumable: a rerun continues "
+        "the generated queries and reuses finished stages.",
+    )
+    tune.add_argument("index", help="index directory")
+    tune.add_argument(
+        "--queries", type=integer(1), default=2000, help="passages to write a query for (default 2000)"
+    )
+    tune.add_argument(
+        "--model", default="smollm2-135m", help="the LM that writes queries (default smollm2-135m)"
+    )
+    tune.add_argument(
+        "--concurrency",
+        type=integer(1),
+        default=16,
+        help="queries generated at once (the engine batches them)",
+    )
+    tune.add_argument(
+        "--from-version", type=integer(1), default=None, help="version to tune (default: newest)"
+    )
+    tune.add_argument(
+        "--keep-rank",
+        type=integer(1),
+        default=1,
+        help="keep a query when its passage ranks within this (default 1)",
+    )
+    tune.add_argument(
+        "--negatives", type=integer(0), default=train.negatives, help="hard negatives per query"
+    )
+    tune.add_argument("--epochs", type=integer(1), default=train.epochs, help="training epochs")
+    tune.add_argument(
+        "--batch-size", type=integer(2), default=train.batch_size, help="queries per training step"
+    )
+    tune.add_argument("--lr", type=float, default=train.learning_rate, help="Adam learning rate")
+    tune.add_argument("--seed", type=integer(0), default=0, help="passage sample and training seed")
+    tune.add_argument("--restart", action="store_true", help="discard generated queries and finished stages")
+    tune.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
+    tune.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    tune.set_defaults(func=lambda args: cmd_tune(args, query_writer))
 
 
 def _threads(n: int | None) -> None:
@@ -259,7 +331,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise BadQueryError("--qrels needs --queries")
     _threads(args.threads)
     params = _params(args)
-    rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage, batching=False)
+    rm = ColBERTServe.open(
+        args.index, version=args.version, verify=args.verify, stage=args.stage, batching=False
+    )
     if args.query is not None:
         for p in rm.search_batch([args.query], args.k, args.stage, params)[0]:
             snippet = " ".join(p.text.split())[:100]
@@ -309,7 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from plait.retrievers.memory import return_large_buffers_to_os
 
     return_large_buffers_to_os()  # a long-lived server: keep RssAnon at what it really uses
-    rm = ColBERTServe.open(args.index, verify=args.verify, stage=args.stage)
+    rm = ColBERTServe.open(args.index, version=args.version, verify=args.verify, stage=args.stage)
     try:
         rm.warmup()
         print(
@@ -325,9 +399,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from plait.retrievers.store import IndexStore
+    from plait.retrievers.versions import version_dir
 
-    store = IndexStore(Path(args.index), verify=True)
+    store = IndexStore(version_dir(args.index, args.version), verify=True)
     print(
         f"{args.index}: OK ({len(store.manifest['files'])} files, {store.disk_bytes() / 1e6:.1f} MB verified)"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, query_writer: QueryWriterFactory) -> int:
+    from contextlib import nullcontext
+
+    from rich.console import Console
+
+    from plait.retrievers.query_map import TrainSettings
+    from plait.retrievers.tuning import TuneSettings, tune_index
+    from plait.retrievers.versions import version_dir
+
+    settings = TuneSettings(
+        queries=args.queries,
+        seed=args.seed,
+        keep_rank=args.keep_rank,
+        train=TrainSettings(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            negatives=args.negatives,
+            seed=args.seed,
+        ),
+    ).check()
+    from plait.retrievers.manifest import read_manifest
+
+    read_manifest(version_dir(args.index, args.from_version))  # a bad index fails before the LM loads
+    _threads(args.threads)
+    writer = query_writer(args)
+    reporter = None if args.quiet else BuildReporter(Console(stderr=True))
+    with reporter or nullcontext():
+        out = tune_index(
+            args.index,
+            writer,
+            generator=writer.name,
+            settings=settings,
+            base_version=args.from_version,
+            restart=args.restart,
+            progress=reporter,
+        )
+    manifest = read_manifest(out)
+    tuning = manifest["tuning"]
+    print(
+        f"{args.index}: version {out.name} from version {manifest['base_version']}, "
+        f"{tuning['queries_kept']}/{tuning['queries_generated']} synthetic queries kept, "
+        f"held-out loss {tuning['training']['heldout_loss_before']:.3f} -> "
+        f"{min([tuning['training']['heldout_loss_before'], *tuning['training']['heldout_loss']]):.3f}"
     )
     return 0

@@ -108,6 +108,11 @@ def _load_tokenizer(directory: Path) -> Tokenizer:
 class ColBERTEncoder:
     """Encodes queries and documents into L2-normalised token embeddings (numpy float32).
 
+    `query_map` (dim x dim), when set, maps each normalised query token embedding q to Mq
+    (not normalised again: its length weighs the token); documents are left as they were
+    indexed. `plait index tune` learns one for a corpus (`plait.retrievers.query_map`): it
+    adapts MaxSim's similarity to q'M'd without re-encoding the corpus.
+
     Thread-safe for concurrent `encode_queries` / `encode_documents` calls: the model runs
     under `torch.inference_mode()` and nothing is mutated after construction.
     """
@@ -119,6 +124,7 @@ class ColBERTEncoder:
         settings: EncoderSettings,
         name: str,
         linear: np.ndarray | None = None,
+        query_map: np.ndarray | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -130,6 +136,13 @@ class ColBERTEncoder:
         if self.linear is not None and self.linear.shape[1] != self.hidden_size:
             raise EncoderLoadError(
                 f"projection has shape {tuple(self.linear.shape)}, expected (dim, {self.hidden_size})"
+            )
+        self.query_map = (
+            None if query_map is None else torch.from_numpy(np.asarray(query_map, dtype=np.float32))
+        )
+        if self.query_map is not None and tuple(self.query_map.shape) != (self.dim, self.dim):
+            raise EncoderLoadError(
+                f"query map has shape {tuple(self.query_map.shape)}, expected ({self.dim}, {self.dim})"
             )
         self.cls_id = self._token_id("[CLS]")
         self.sep_id = self._token_id("[SEP]")
@@ -187,8 +200,17 @@ class ColBERTEncoder:
 
     def with_settings(self, settings: EncoderSettings) -> ColBERTEncoder:
         """The same weights with other conventions (used when opening an index)."""
-        linear = None if self.linear is None else self.linear.numpy()
-        return ColBERTEncoder(self.model, self.tokenizer, settings, self.name, linear)
+        return ColBERTEncoder(self.model, self.tokenizer, settings, self.name, *self._maps())
+
+    def _maps(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(linear, query_map) as the constructor takes them."""
+        return tuple(None if m is None else m.numpy() for m in (self.linear, self.query_map))  # type: ignore[return-value]
+
+    def with_query_map(self, query_map: np.ndarray | None) -> ColBERTEncoder:
+        """The same encoder with `query_map` applied to queries (None: none)."""
+        return ColBERTEncoder(
+            self.model, self.tokenizer, self.settings, self.name, self._maps()[0], query_map
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,8 +223,7 @@ class ColBERTEncoder:
         if dtype == self.dtype:
             return self
         model = copy.deepcopy(self.model).to(dtype)
-        linear = None if self.linear is None else self.linear.numpy()
-        return ColBERTEncoder(model, self.tokenizer, self.settings, self.name, linear)
+        return ColBERTEncoder(model, self.tokenizer, self.settings, self.name, *self._maps())
 
     # ---------------------------------------------------------------------------- encoding
     def _wordpieces(self, texts: Sequence[str], budget: int) -> list[list[int]]:
@@ -243,8 +264,11 @@ class ColBERTEncoder:
             return []
         rows = [self.query_ids(q) for q in queries]
         attended = [len(ids) if self.settings.attend_to_mask_tokens else n_real for ids, n_real in rows]
-        out = self._forward([ids for ids, _ in rows], attended).numpy()
-        return [out[i, : len(ids)].copy() for i, (ids, _) in enumerate(rows)]
+        out = self._forward([ids for ids, _ in rows], attended)
+        if self.query_map is not None:
+            with torch.inference_mode():
+                out = out @ self.query_map.T
+        return [out[i, : len(ids)].numpy().copy() for i, (ids, _) in enumerate(rows)]
 
     def encode_documents(self, docs: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
         """One float32 array (kept tokens, dim) per document, punctuation and padding dropped."""

@@ -43,11 +43,8 @@ class IndexStore:
         self.in_memory = in_memory
         mode = None if in_memory else "r"
         matrix_file = self.path / emb.file_name(self.dtype)
-        projection_file = self.encoder_info.get("projection")
-        if projection_file is not None and (
-            not isinstance(projection_file, str) or projection_file not in m["files"]
-        ):
-            raise IndexCorruptError(f"{self.path}/manifest.json names a projection file it does not list")
+        projection_file = self._listed_file("projection")
+        query_map_file = self._listed_file("query_map")
         try:
             matrix_bytes, expected_bytes = (
                 matrix_file.stat().st_size,
@@ -63,6 +60,7 @@ class IndexStore:
             ivf_docs = np.load(self.path / "ivf_docs.npy", mmap_mode=mode)
             ivf_offsets = np.load(self.path / "ivf_offsets.npy")
             self.projection = np.load(self.path / projection_file) if projection_file else None
+            self.query_map = np.load(self.path / query_map_file) if query_map_file else None
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read index {self.path}: {exc}") from exc
         self._check_structure(centroids, codes, ivf_docs, ivf_offsets)
@@ -73,6 +71,14 @@ class IndexStore:
             raise IndexCorruptError(
                 f"{self.path}: BM25 index has {self.bm25.num_docs} docs, manifest {self.num_docs}"
             )
+
+    def _listed_file(self, key: str) -> str | None:
+        """The file the manifest's encoder entry names under `key` (None: no such file); it
+        must be one the manifest lists, so its size was checked like every other file's."""
+        name = self.encoder_info.get(key)
+        if name is not None and (not isinstance(name, str) or name not in self.manifest["files"]):
+            raise IndexCorruptError(f"{self.path}/manifest.json names a {key} file it does not list")
+        return name
 
     def _check_structure(
         self, centroids: np.ndarray, codes: np.ndarray, ivf_docs: np.ndarray, ivf_offsets: np.ndarray
@@ -98,6 +104,11 @@ class IndexStore:
             expected = (self.dim, int(self.encoder_info.get("hidden_size", -1)))
             if self.projection.shape != expected:
                 raise corrupt(file, f"it has shape {self.projection.shape}, expected {expected}")
+        if self.query_map is not None:
+            file = path / str(self.encoder_info["query_map"])
+            check_array(file, self.query_map, "float", ndim=2)
+            if self.query_map.shape != (self.dim, self.dim):
+                raise corrupt(file, f"it has shape {self.query_map.shape}, expected {(self.dim, self.dim)}")
 
     def doc_tokens(self, index: int) -> np.ndarray:
         """Document `index`'s token embeddings as float32 (for inspection and tests)."""
