@@ -115,8 +115,9 @@ def reference_layer(model, layer: int, x, cache_lens, keys, values) -> torch.Ten
 def reference_head(model, hidden: torch.Tensor) -> torch.Tensor:
     tensors = model.decode_kernel.tensors
     normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
-    normed = normed * tensors["final_norm"]
-    return (normed.double() @ tensors["head"].double().t() * tensors["head_scales"].double()).float()
+    normed = _quantised(normed * tensors["final_norm"]).double()
+    weight = tensors["head"].double() - 128  # stored offset, as VNNI's unsigned operand
+    return (normed @ weight.t() * tensors["head_scales"].double()).float()
 
 
 def _pool(model, slots: int = 3) -> StatePool:

@@ -11,13 +11,17 @@
      grid), times activations quantised to int8 per 32-wide block (x ~ s * a, round to nearest);
      one block's dot product is exact in int32 (VPDPBUSD), the blocks are summed in fp32.
      The min term uses the block's exact fp32 sum: sum(w * x) = d * s * sum(q * a) + m * sum(x).
-   - output head: int8 weights with one fp32 scale per row, times fp32 activations.
+   - output head: int8 weights with one fp32 scale per row (stored offset by 128, as VNNI's
+     unsigned operand), times the normed activations quantised like the linear layers' inputs.
    - residual stream, norms, rotary embedding, softmax and attention: fp32; K/V cache: bf16.
    Every output element is summed in a fixed order that does not depend on how many rows or tokens
    share the pass, so a token's result is bitwise the same alone, batched or in a verify pass.
 */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +47,7 @@ typedef struct {
     const float *cos, *sin; /* [max_positions, head_dim/2] */
     int max_positions;
     const float *final_norm;
-    const int8_t *head;       /* [vocab, hidden] */
+    const uint8_t *head;      /* [vocab, hidden]: int8 weight + 128 */
     const float *head_scales; /* [vocab] */
     Layer *layer;
 } Model;
@@ -184,7 +188,7 @@ INLINE void q4_rows(const Q4Matrix *w, int n, const Quantized *qa, int r0, const
 
 /* out[r, n] = W x_r (accumulate: +=), the output columns split across the team. */
 static void q4_matmul(const Q4Matrix *w, const Quantized *qa, float *out, int ld, int accumulate) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int n = 0; n < w->n; n++) {
         int r = 0;
         for (; r + ROWS <= qa->rows; r += ROWS) q4_rows(w, n, qa, r, ROWS, out, ld, accumulate);
@@ -248,6 +252,31 @@ static void swiglu(const float *gate, const float *up, float *h, int n) {
     }
 }
 
+/* ---- the team's meeting point ------------------------------------------------------------- */
+
+typedef struct {
+    atomic_int arrived, phase;
+} Meeting;
+
+/* Every thread of the pass's team waits here for the others. libgomp's own barriers sleep on a
+   futex once a process holds more OpenMP threads than cores (torch's pools count), ~20 us a wake:
+   with ~150 meetings a pass, two threads were slower than one. This one spins, then yields. */
+static void meet(Meeting *m, int team) {
+    if (team == 1) return;
+    int phase = atomic_load_explicit(&m->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&m->arrived, 1, memory_order_acq_rel) == team - 1) {
+        atomic_store_explicit(&m->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&m->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&m->phase, memory_order_acquire) == phase; spins++) {
+        if (spins < 200000)
+            _mm_pause();
+        else
+            sched_yield(); /* the other thread lost its core: give ours up meanwhile */
+    }
+}
+
 /* ---- the pass ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -291,71 +320,101 @@ int plait_llama_layers(const Model *model, float *x, int rows, int steps, const 
     quantized_alloc(&s.by_intermediate, tokens, inter);
     const size_t slot_stride = (size_t)kvh * capacity * hd, head_stride = (size_t)capacity * hd;
 
+    Meeting meeting = {0, 0};
 #pragma omp parallel num_threads(threads)
-    for (int l = 0; l < model->layers; l++) {
-        const Layer *layer = &model->layer[l];
-#pragma omp for schedule(static)
-        for (int t = 0; t < tokens; t++) {
-            rms_norm_row(x + (size_t)t * hidden, layer->attn_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
-            quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
-        }
-        q4_matmul(&layer->qkv, &s.by_hidden, s.qkv, qkv_width, 0);
-#pragma omp for schedule(static)
-        for (int t = 0; t < tokens; t++) { /* rotate q and k, write k and v to the cache */
-            int r = t / steps, position = (int)cache_lens[r] + t % steps;
-            const float *cos = model->cos + (size_t)position * half, *sin = model->sin + (size_t)position * half;
-            float *row = s.qkv + (size_t)t * qkv_width;
-            for (int h = 0; h < heads + kvh; h++) rotate(row + h * hd, cos, sin, half);
-            size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)position * hd;
-            for (int g = 0; g < kvh; g++) {
-                const float *k = row + (heads + g) * hd, *v = row + (heads + kvh + g) * hd;
-                uint16_t *kc = keys[l] + at + g * head_stride, *vc = values[l] + at + g * head_stride;
-                for (int i = 0; i < hd; i++) kc[i] = to_bf16(k[i]), vc[i] = to_bf16(v[i]);
+    {
+        const int team = omp_get_num_threads();
+        for (int l = 0; l < model->layers; l++) {
+            const Layer *layer = &model->layer[l];
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tokens; t++) {
+                rms_norm_row(x + (size_t)t * hidden, layer->attn_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
+                quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
             }
+            meet(&meeting, team);
+            q4_matmul(&layer->qkv, &s.by_hidden, s.qkv, qkv_width, 0);
+            meet(&meeting, team);
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tokens; t++) { /* rotate q and k, write k and v to the cache */
+                int r = t / steps, position = (int)cache_lens[r] + t % steps;
+                const float *cos = model->cos + (size_t)position * half, *sin = model->sin + (size_t)position * half;
+                float *row = s.qkv + (size_t)t * qkv_width;
+                for (int h = 0; h < heads + kvh; h++) rotate(row + h * hd, cos, sin, half);
+                size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)position * hd;
+                for (int g = 0; g < kvh; g++) {
+                    const float *k = row + (heads + g) * hd, *v = row + (heads + kvh + g) * hd;
+                    uint16_t *kc = keys[l] + at + g * head_stride, *vc = values[l] + at + g * head_stride;
+                    for (int i = 0; i < hd; i++) kc[i] = to_bf16(k[i]), vc[i] = to_bf16(v[i]);
+                }
+            }
+            meet(&meeting, team);
+#pragma omp for schedule(static) nowait
+            for (int job = 0; job < tokens * heads; job++) {
+                int t = job / heads, h = job % heads, r = t / steps, position = (int)cache_lens[r] + t % steps;
+                size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)(h / group) * head_stride;
+                attend(s.qkv + (size_t)t * qkv_width + h * hd, keys[l] + at, values[l] + at, position, hd,
+                       s.scores + (size_t)job * (longest + 16), s.attn + (size_t)t * heads * hd + h * hd);
+            }
+            meet(&meeting, team);
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tokens; t++) quantize_row(s.attn + (size_t)t * heads * hd, &s.by_hidden, t);
+            meet(&meeting, team);
+            q4_matmul(&layer->o, &s.by_hidden, x, hidden, 1);
+            meet(&meeting, team);
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tokens; t++) {
+                rms_norm_row(x + (size_t)t * hidden, layer->mlp_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
+                quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
+            }
+            meet(&meeting, team);
+            q4_matmul(&layer->gate_up, &s.by_hidden, s.gate_up, 2 * inter, 0);
+            meet(&meeting, team);
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < tokens; t++) {
+                const float *gate = s.gate_up + (size_t)t * 2 * inter, *up = gate + inter;
+                float *h = s.hidden + (size_t)t * inter;
+                swiglu(gate, up, h, inter);
+                quantize_row(h, &s.by_intermediate, t);
+            }
+            meet(&meeting, team);
+            q4_matmul(&layer->down, &s.by_intermediate, x, hidden, 1);
+            meet(&meeting, team);
         }
-#pragma omp for schedule(static)
-        for (int job = 0; job < tokens * heads; job++) {
-            int t = job / heads, h = job % heads, r = t / steps, position = (int)cache_lens[r] + t % steps;
-            size_t at = (size_t)(first_slot + r) * slot_stride + (size_t)(h / group) * head_stride;
-            attend(s.qkv + (size_t)t * qkv_width + h * hd, keys[l] + at, values[l] + at, position, hd,
-                   s.scores + (size_t)job * (longest + 16), s.attn + (size_t)t * heads * hd + h * hd);
-        }
-#pragma omp for schedule(static)
-        for (int t = 0; t < tokens; t++) quantize_row(s.attn + (size_t)t * heads * hd, &s.by_hidden, t);
-        q4_matmul(&layer->o, &s.by_hidden, x, hidden, 1);
-#pragma omp for schedule(static)
-        for (int t = 0; t < tokens; t++) {
-            rms_norm_row(x + (size_t)t * hidden, layer->mlp_norm, s.normed + (size_t)t * hidden, hidden, model->eps);
-            quantize_row(s.normed + (size_t)t * hidden, &s.by_hidden, t);
-        }
-        q4_matmul(&layer->gate_up, &s.by_hidden, s.gate_up, 2 * inter, 0);
-#pragma omp for schedule(static)
-        for (int t = 0; t < tokens; t++) {
-            const float *gate = s.gate_up + (size_t)t * 2 * inter, *up = gate + inter;
-            float *h = s.hidden + (size_t)t * inter;
-            swiglu(gate, up, h, inter);
-            quantize_row(h, &s.by_intermediate, t);
-        }
-        q4_matmul(&layer->down, &s.by_intermediate, x, hidden, 1);
     }
     free(s.normed), free(s.qkv), free(s.attn), free(s.gate_up), free(s.hidden), free(s.scores);
     quantized_free(&s.by_hidden), quantized_free(&s.by_intermediate);
     return 0;
 }
 
-/* logits[r0 .. r0+count-1] of head row n: each 16 weights widened once for `count` rows. */
-INLINE void head_rows(const Model *model, int n, const float *normed, int r0, const int count, float *logits) {
-    const int hidden = model->hidden;
-    const int8_t *w = model->head + (size_t)n * hidden;
+/* Per row and pair of blocks, -128 * (the sum of each 4 int8 activations a VNNI lane reads): the
+   start of that lane's sum, which makes VPDPBUSD's (w + 128) . a the signed w . a. */
+static void offset_corrections(const Quantized *qa, int row, int32_t *out) {
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    for (int p = 0; p < qa->k / PAIR; p++) {
+        __m512i a = _mm512_loadu_si512(qa->q + (size_t)row * qa->k + PAIR * p);
+        __m512i lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, a);
+        _mm512_storeu_si512(out + 16 * p, _mm512_sub_epi32(_mm512_setzero_si512(), lanes));
+    }
+}
+
+/* logits[r0 .. r0+count-1] of head row n: its 64-weight pairs loaded once for `count` rows. */
+INLINE void head_rows(const Model *model, int n, const Quantized *qa, const int32_t *corrections, int r0,
+                      const int count, float *logits) {
+    const int hidden = model->hidden, pairs = hidden / PAIR, blocks = hidden / BLOCK;
+    const uint8_t *w = model->head + (size_t)n * hidden;
     __m512 even[ROWS], odd[ROWS]; /* two sums per row, as in q4_rows */
     for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
-    for (int i = 0; i < hidden; i += 32) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
+    for (int p = 0; p < pairs; p++) {
+        __m512i wq = _mm512_loadu_si512(w + PAIR * p);
         for (int j = 0; j < count; j++) {
-            const float *x = normed + (size_t)(r0 + j) * hidden + i;
-            even[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), even[j]);
-            odd[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), odd[j]);
+            const int r = r0 + j;
+            __m512i start = _mm512_loadu_si512(corrections + ((size_t)r * pairs + p) * 16);
+            __m512i dot = _mm512_dpbusd_epi32(start, wq, _mm512_loadu_si512(qa->q + (size_t)r * hidden + PAIR * p));
+            __m512 scale = _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8);
+            if (p & 1)
+                odd[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, odd[j]);
+            else
+                even[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, even[j]);
         }
     }
     for (int j = 0; j < count; j++) {
@@ -367,20 +426,27 @@ INLINE void head_rows(const Model *model, int n, const float *normed, int r0, co
 /* logits[r] = head . rms_norm(x[r]) for `rows` hidden states. */
 void plait_llama_head(const Model *model, const float *x, int rows, float *logits, int threads) {
     const int hidden = model->hidden;
-    float *normed = grab(sizeof(float) * rows * hidden);
-    for (int r = 0; r < rows; r++)
-        rms_norm_row(x + (size_t)r * hidden, model->final_norm, normed + (size_t)r * hidden, hidden, model->eps);
+    float *normed = grab(sizeof(float) * hidden);
+    Quantized qa;
+    quantized_alloc(&qa, rows, hidden);
+    int32_t *corrections = grab(sizeof(int32_t) * rows * (hidden / PAIR) * 16);
+    for (int r = 0; r < rows; r++) {
+        rms_norm_row(x + (size_t)r * hidden, model->final_norm, normed, hidden, model->eps);
+        quantize_row(normed, &qa, r);
+        offset_corrections(&qa, r, corrections + (size_t)r * (hidden / PAIR) * 16);
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < model->vocab; n++) {
         int r = 0;
-        for (; r + ROWS <= rows; r += ROWS) head_rows(model, n, normed, r, ROWS, logits);
+        for (; r + ROWS <= rows; r += ROWS) head_rows(model, n, &qa, corrections, r, ROWS, logits);
         switch (rows - r) {
-        case 3: head_rows(model, n, normed, r, 3, logits); break;
-        case 2: head_rows(model, n, normed, r, 2, logits); break;
-        case 1: head_rows(model, n, normed, r, 1, logits); break;
+        case 3: head_rows(model, n, &qa, corrections, r, 3, logits); break;
+        case 2: head_rows(model, n, &qa, corrections, r, 2, logits); break;
+        case 1: head_rows(model, n, &qa, corrections, r, 1, logits); break;
         }
     }
-    free(normed);
+    free(normed), free(corrections);
+    quantized_free(&qa);
 }
 
 /* ---- the model handle ---------------------------------------------------------------------- */

@@ -169,8 +169,8 @@ LAYER_MATRICES = ("qkv", "o", "gate_up", "down")
 class LlamaDecodeKernel:
     """The C model handle and the tensors it points into (kept alive here).
 
-    `tensors`: "cos"/"sin" [max_positions, head_dim/2] fp32, "final_norm" fp32, "head" int8
-    [vocab, hidden], "head_scales" fp32 [vocab]; per layer l, f"{l}.attn_norm", f"{l}.mlp_norm"
+    `tensors`: "cos"/"sin" [max_positions, head_dim/2] fp32, "final_norm" fp32, "head" uint8
+    [vocab, hidden] (the int8 weight + 128), "head_scales" fp32 [vocab]; per layer l, f"{l}.attn_norm", f"{l}.mlp_norm"
     and f"{l}.{matrix}.{nibbles|scales|mins}" for each of `LAYER_MATRICES`.
     """
 

@@ -3,7 +3,7 @@
 The kernel reads its own 4-bit layout, packed from each layer's kept bf16 weight (the GGUF's
 Q4_1 grid, recovered) and cached beside the other quantised weights: packing SmolLM2's 107M
 weights takes a second or two, reading them back a fraction of that. The output head is the int8
-head `quantize` made, shared as it is.
+head `quantize` made, offset by 128 (VNNI multiplies unsigned bytes by signed ones).
 """
 
 from pathlib import Path
@@ -54,7 +54,7 @@ def attach_decode_kernel(model: torch.nn.Module, cache: Path) -> bool:
         "cos": angles.cos(),
         "sin": angles.sin(),
         "final_norm": model.norm.weight.detach().float(),
-        "head": model.lm_head.qweight,
+        "head": (model.lm_head.qweight.to(torch.int16) + 128).to(torch.uint8),
         "head_scales": model.lm_head.scales.float(),
     }
     for i, layer in enumerate(model.layers):
