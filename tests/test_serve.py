@@ -177,6 +177,25 @@ def test_chat_and_text_completions(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 
+def test_n_sampled_choices_come_from_one_prefill(client, runtime):
+    """`n` > 1 sampled: the prompt is computed once and the other samples start from copies of
+    its state; sample i is seeded seed + i, so the call reproduces and its choices differ."""
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 7,
+    }
+    engine = runtime.models[MODEL].engine
+    forked = engine.stats().forked
+    texts = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+    assert engine.stats().forked == forked + 2
+    assert len(texts) == 3 and len(set(texts)) > 1
+    assert [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]] == texts
+
+
 def test_chat_streams_openai_chunks_with_usage(client):
     lines = []
     with client.stream(

@@ -299,12 +299,12 @@ class _Call:
             for prompt, turn in self._turns():
                 ids = engine.prompt_ids(prompt)
                 sampling = _sampling(self.body, self.runtime, self.model, len(ids))
-                for i in range(self.body.n):
-                    options = dict(sampling)
-                    if options["seed"] is not None:
-                        options["seed"] += i  # n samples, not n copies
-                    constraint = self._constraint(turn, options["max_tokens"])
-                    handle = engine.submit(ids, stream=stream, constraint=constraint, **options)
+                # n samples from one prefill, sample i seeded seed + i (n samples, not n copies)
+                constraints = [self._constraint(turn, sampling["max_tokens"]) for _ in range(self.body.n)]
+                handles = engine.submit_n(
+                    ids, self.body.n, constraints=constraints, stream=stream, **sampling
+                )
+                for handle in handles:
                     self.choices.append(_Choice(len(self.choices), handle, turn, self.tools))
                     if self.cancelled:  # cancelled while submitting: `cancel` may not have seen it
                         handle.cancel()
