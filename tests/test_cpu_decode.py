@@ -65,14 +65,14 @@ def _quantised(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_linear(x: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum(w x) = d * s * sum(q a) + m * sum(x): the quantised product plus the mins times each
-    block's exact sum."""
+    """W times the quantised x: sum(w s a) = d * s * sum(q a) + m * s * sum(a)."""
     n, half = packed["nibbles"].shape
     pairs = packed["nibbles"].reshape(n, half // 32, 1, 32)
     q = torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(n, -1, 32).double()
     steps = (q * packed["scales"].double()[..., None]).reshape(n, 2 * half)
-    sums = x.double().reshape(*x.shape[:-1], -1, 32).sum(-1)
-    return (_quantised(x).double() @ steps.t() + sums @ packed["mins"].double().t()).float()
+    quantised = _quantised(x).double()
+    sums = quantised.reshape(*x.shape[:-1], -1, 32).sum(-1)
+    return (quantised @ steps.t() + sums @ packed["mins"].double().t()).float()
 
 
 def reference_layer(model, layer: int, x, cache_lens, keys, values) -> torch.Tensor:
@@ -116,8 +116,9 @@ def reference_head(model, hidden: torch.Tensor) -> torch.Tensor:
     tensors = model.decode_kernel.tensors
     normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
     normed = _quantised(normed * tensors["final_norm"]).double()
-    weight = tensors["head"].double() - 128  # stored offset, as VNNI's unsigned operand
-    return (normed @ weight.t() * tensors["head_scales"].double()).float()
+    q = tensors["head"].double() - 128  # stored offset, as VNNI's unsigned operand
+    weight = (q.reshape(q.shape[0], -1, 32) * tensors["head_scales"].double()[..., None]).reshape(q.shape)
+    return (normed @ weight.t()).float()
 
 
 def _pool(model, slots: int = 3) -> StatePool:
@@ -225,6 +226,7 @@ def test_a_token_has_the_same_logits_alone_batched_or_verified(tmp_path):
 def test_packed_matrices_are_cached(tmp_path, monkeypatch):
     first = tiny_int4_llama(tmp_path)
     monkeypatch.setattr(cpu_decode, "pack_q4", lambda weight: pytest.fail("packed again"))
+    monkeypatch.setattr(cpu_decode, "pack_q8", lambda weight: pytest.fail("packed again"))
     second = tiny_int4_llama(tmp_path)
     for name, tensor in first.decode_kernel.tensors.items():
         assert torch.equal(tensor, second.decode_kernel.tensors[name]), name
@@ -246,6 +248,16 @@ def test_pack_q4_recovers_a_q4_1_grid():
     torch.testing.assert_close(cpu_decode.unpack_q4(cpu_decode.pack_q4(weight)), weight, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="multiples of 64"):
         cpu_decode.pack_q4(torch.randn(8, 96))
+
+
+def test_pack_q8_recovers_a_q8_0_grid():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (8, 4, 32), generator=g)
+    q[:, :, 0] = 127
+    step = torch.rand(8, 4, 1, generator=g) * 0.01 + 0.001
+    packed = cpu_decode.pack_q8((q * step).reshape(8, 128))
+    assert torch.equal(packed["head"].to(torch.int16) - 128, q.reshape(8, 128).to(torch.int16))
+    torch.testing.assert_close(packed["head_scales"], step[..., 0], atol=0, rtol=1e-6)
 
 
 def test_without_a_compiler_the_model_keeps_its_pytorch_path(tmp_path, monkeypatch):

@@ -129,6 +129,17 @@ def pack_q4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"nibbles": nibbles.contiguous(), "scales": step.contiguous(), "mins": low.contiguous()}
 
 
+def pack_q8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[n, k] weight -> the kernel's 8-bit head: per 32-block scale amax / 127, q = round(w /
+    scale) stored as q + 128 (VNNI multiplies unsigned bytes by signed ones). On a Q8_0 weight
+    (the GGUF's head) this recovers the file's grid."""
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    scale = (blocks.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = (blocks / scale[..., None]).round().clamp(-127, 127).to(torch.int16) + 128
+    return {"head": q.to(torch.uint8).reshape(n, k).contiguous(), "head_scales": scale.contiguous()}
+
+
 def unpack_q4(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The [n, k] fp32 weight `pack_q4` stands for (the tests' reference)."""
     nibbles = tensors["nibbles"]
@@ -170,8 +181,9 @@ class LlamaDecodeKernel:
     """The C model handle and the tensors it points into (kept alive here).
 
     `tensors`: "cos"/"sin" [max_positions, head_dim/2] fp32, "final_norm" fp32, "head" uint8
-    [vocab, hidden] (the int8 weight + 128), "head_scales" fp32 [vocab]; per layer l, f"{l}.attn_norm", f"{l}.mlp_norm"
-    and f"{l}.{matrix}.{nibbles|scales|mins}" for each of `LAYER_MATRICES`.
+    [vocab, hidden] and "head_scales" fp32 [vocab, hidden/32] (`pack_q8`); per layer l,
+    f"{l}.attn_norm", f"{l}.mlp_norm" and f"{l}.{matrix}.{nibbles|scales|mins}" for each of
+    `LAYER_MATRICES`.
     """
 
     def __init__(self, lib: ctypes.CDLL, shape: LlamaShape, tensors: dict[str, torch.Tensor]):
