@@ -6,6 +6,8 @@ keeps the decoding sequences in slots `0..B-1` (it moves a sequence down when on
 finishes), so a batched decode step reads the pool through plain slicing views.
 """
 
+import math
+
 import torch
 
 from plait.backends.models.state import StateSpec
@@ -20,6 +22,10 @@ TOKEN_BLOCK = 128
 GROWTH = 1.25
 """Growing allocates this much more than needed, so a decoding batch does not reallocate (and
 copy the whole pool) every block; shrinking waits until less than half is in use."""
+
+
+def _bytes(spec: StateSpec, capacity: int) -> int:
+    return math.prod(spec.concrete_shape(capacity)) * spec.dtype.itemsize
 
 
 def _round_up(value: int, block: int) -> int:
@@ -49,17 +55,14 @@ class StatePool:
         self.slots = 0
         self.capacity = 0
         self.layers: list[dict[str, torch.Tensor]] = [{} for _ in layer_specs]
+        # a slot's bytes are fixed + per_token * capacity: the scheduler asks every step
+        specs = [spec for layer in layer_specs for spec in layer.values()]
+        self._fixed_bytes = sum(_bytes(spec, 0) for spec in specs if spec.seq_axis is None)
+        self._token_bytes = sum(_bytes(spec, 1) for spec in specs if spec.seq_axis is not None)
         self.reserve(slots, min(capacity, max_length))
 
     def bytes_for(self, slots: int, capacity: int) -> int:
-        total = 0
-        for specs in self.layer_specs:
-            for spec in specs.values():
-                numel = slots
-                for d in spec.concrete_shape(capacity):
-                    numel *= d
-                total += numel * torch.empty((), dtype=spec.dtype).element_size()
-        return total
+        return slots * (self._fixed_bytes + self._token_bytes * capacity)
 
     def nbytes(self) -> int:
         return self.bytes_for(self.slots, self.capacity)
