@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_deterministically(built):
     ]
     vectors = encoder.encode_queries(queries)
     settings = TrainSettings(
-        epochs=6, batch_size=4, negatives=3, heldout=0.0, learning_rate=1e-2, anchor=0.0, distill=0.0
+        epochs=6, batch_size=4, negatives=3, heldout=0.0, learning_rate=1e-2, distill=0.0
     )
     start = np.eye(store.dim, dtype=np.float32)
 

@@ -76,8 +76,8 @@ class TuneSettings:
             raise SettingsError(f"negatives must be at least 0, got {t.negatives}")
         if t.epochs < 1 or t.batch_size < 2:
             raise SettingsError("training needs at least 1 epoch and batches of at least 2 queries")
-        if not 0 <= t.heldout < 1 or not t.learning_rate > 0 or t.anchor < 0:
-            raise SettingsError("heldout must be in [0, 1), learning_rate > 0 and anchor >= 0")
+        if not 0 <= t.heldout < 1 or not t.learning_rate > 0 or t.distill < 0:
+            raise SettingsError("heldout must be in [0, 1), learning_rate > 0 and distill >= 0")
         return self
 
 
