@@ -35,8 +35,8 @@
 
 typedef struct {
     const uint8_t *nibbles; /* [n, k/2]: per pair of blocks, byte j = q[2p][j] | q[2p+1][j] << 4 */
-    const float *scales;    /* [n, k/32] d */
-    const float *mins;      /* [n, k/32] m */
+    const uint16_t *scales; /* [n, k/32] d, fp16 (as GGUF stores them) */
+    const uint16_t *mins;   /* [n, k/32] m, fp16 */
     int n, k;
 } Q4Matrix;
 
@@ -52,7 +52,7 @@ typedef struct {
     int max_positions;
     const float *final_norm;
     const uint8_t *head;      /* [vocab, hidden]: int8 weight + 128 */
-    const float *head_scales; /* [vocab, hidden/32] */
+    const uint16_t *head_scales; /* [vocab, hidden/32] fp16 */
     Layer *layer;
 } Model;
 
@@ -129,11 +129,18 @@ static void quantize_row(const float *x, Quantized *qa, int row) {
 }
 
 #define ROWS 4 /* rows that share one unpacking of a weight row */
+
+/* Two fp16 values (a pair of blocks' scales) as the first two lanes of four floats. */
+static inline __m128 two_halves(const uint16_t *at) {
+    uint32_t bits;
+    memcpy(&bits, at, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+}
 #define INLINE static inline __attribute__((always_inline))
 #define AHEAD 4 /* weight rows fetched ahead */
 
 /* One pair of blocks of weight row n times `count` quantised rows into their sums. */
-INLINE void q4_pair(const uint8_t *nib, const float *d, const Quantized *qa, int r0, const int count, int p,
+INLINE void q4_pair(const uint8_t *nib, const uint16_t *d, const Quantized *qa, int r0, const int count, int p,
                     __m512 *sums) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F);
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -142,8 +149,7 @@ INLINE void q4_pair(const uint8_t *nib, const float *d, const Quantized *qa, int
     __m256i lo = _mm256_and_si256(packed, low_mask);
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
     __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(d + 2 * p)));
-    __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+    __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d + 2 * p)));
     for (int j = 0; j < count; j++) {
         const int r = r0 + j;
         __m512i a = _mm512_loadu_si512(qa->q + (size_t)r * k + PAIR * p);
@@ -161,7 +167,7 @@ INLINE void q4_rows(const Q4Matrix *w, int n, const Quantized *qa, int r0, const
                     int accumulate) {
     const int k = w->k, pairs = k / PAIR, blocks = k / BLOCK;
     const uint8_t *nib = w->nibbles + (size_t)n * (k / 2);
-    const float *d = w->scales + (size_t)n * blocks, *m = w->mins + (size_t)n * blocks;
+    const uint16_t *d = w->scales + (size_t)n * blocks, *m = w->mins + (size_t)n * blocks;
     if (n + AHEAD < w->n) { /* the stream of rows is long and read once: fetch ahead of use */
         const char *next = (const char *)(nib + (size_t)AHEAD * (k / 2));
         for (int offset = 0; offset < k / 2; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
@@ -181,7 +187,8 @@ INLINE void q4_rows(const Q4Matrix *w, int n, const Quantized *qa, int r0, const
         __m512 mins = _mm512_setzero_ps();
         for (int b = 0; b < blocks; b += 16) {
             __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-            mins = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, m + b), _mm512_maskz_loadu_ps(keep, sums + b), mins);
+            __m512 lows = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, m + b));
+            mins = _mm512_fmadd_ps(lows, _mm512_maskz_loadu_ps(keep, sums + b), mins);
         }
         float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(even[j], odd[j]), mins));
         float *target = out + (size_t)(r0 + j) * ld + n;
@@ -405,14 +412,13 @@ INLINE void head_rows(const Model *model, int n, const Quantized *qa, const int3
                       const int count, float *logits) {
     const int hidden = model->hidden, pairs = hidden / PAIR, blocks = hidden / BLOCK;
     const uint8_t *w = model->head + (size_t)n * hidden;
-    const float *d = model->head_scales + (size_t)n * blocks;
+    const uint16_t *d = model->head_scales + (size_t)n * blocks;
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 even[ROWS], odd[ROWS]; /* two sums per row, as in q4_rows */
     for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
     for (int p = 0; p < pairs; p++) {
         __m512i wq = _mm512_loadu_si512(w + PAIR * p);
-        __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(d + 2 * p)));
-        __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+        __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d + 2 * p)));
         for (int j = 0; j < count; j++) {
             const int r = r0 + j;
             __m512i start = _mm512_loadu_si512(corrections + ((size_t)r * pairs + p) * 16);

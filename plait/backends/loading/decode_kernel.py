@@ -77,19 +77,23 @@ def _matrix(layer: torch.nn.Module, name: str) -> Int4Linear | None:
 
 def _packed(matrices: dict[str, Int4Linear], head: torch.Tensor, cache: Path) -> dict[str, torch.Tensor]:
     """Every matrix's 4-bit tensors and the head's 8-bit ones, from `cache` when it holds them
-    all with the right shapes (left in the file's mapping: the kernel's vector loads assume no
-    alignment), else packed now and written there."""
+    all with the right shapes and dtypes (left in the file's mapping: the kernel's vector loads
+    assume no alignment), else packed now and written there."""
     vocab, hidden = head.shape
+    blocks = hidden // cpu_decode.BLOCK
     expected = {
-        f"{name}.{part}": shape
+        f"{name}.{part}": layout
         for name, m in matrices.items()
-        for part, shape in _shapes(m.out_features, m.in_features).items()
-    } | {"head": (vocab, hidden), "head_scales": (vocab, hidden // cpu_decode.BLOCK)}
+        for part, layout in _layouts(m.out_features, m.in_features).items()
+    } | {"head": ((vocab, hidden), torch.uint8), "head_scales": ((vocab, blocks), torch.float16)}
     try:
         cached = load_file(str(cache)) if cache.exists() else {}
     except Exception:  # a damaged or foreign file: pack again
         cached = {}
-    if all(key in cached and tuple(cached[key].shape) == shape for key, shape in expected.items()):
+    if all(
+        key in cached and (tuple(cached[key].shape), cached[key].dtype) == layout
+        for key, layout in expected.items()
+    ):
         return {key: cached[key] for key in expected}
     packed = {
         f"{name}.{part}": tensor
@@ -102,10 +106,11 @@ def _packed(matrices: dict[str, Int4Linear], head: torch.Tensor, cache: Path) ->
     return packed
 
 
-def _shapes(out_features: int, in_features: int) -> dict[str, tuple[int, int]]:
+def _layouts(out_features: int, in_features: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """(shape, dtype) of each tensor `pack_q4` makes for an [out, in] weight."""
     blocks = in_features // cpu_decode.BLOCK
     return {
-        "nibbles": (out_features, in_features // 2),
-        "scales": (out_features, blocks),
-        "mins": (out_features, blocks),
+        "nibbles": ((out_features, in_features // 2), torch.uint8),
+        "scales": ((out_features, blocks), torch.float16),
+        "mins": ((out_features, blocks), torch.float16),
     }
