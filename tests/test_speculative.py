@@ -386,7 +386,9 @@ def test_plait_lm_with_constrained_adapter(data_dir):
         for options in ({}, {"speculative": "ngram", "draft_tokens": 6}):
             lm = plait.LM("smollm2-135m", cache=False, max_tokens=96, **options)
             with dspy.context(lm=lm, adapter=plait.ConstrainedAdapter()):
-                answers.append([extract(context=r["context"][:700], question=r["question"]).answer for r in rows])
+                answers.append(
+                    [extract(context=r["context"][:700], question=r["question"]).answer for r in rows]
+                )
     finally:
         engine.scheduler.weigh_drafts = True
     assert answers[1] == answers[0]
