@@ -139,74 +139,96 @@ static inline __m128 two_halves(const uint16_t *at) {
 #define INLINE static inline __attribute__((always_inline))
 #define AHEAD 4 /* weight rows fetched ahead */
 
-/* One pair of blocks of weight row n times `count` quantised rows into their sums. */
-INLINE void q4_pair(const uint8_t *nib, const uint16_t *d, const Quantized *qa, int r0, const int count, int p,
-                    __m512 *sums) {
+#define WROWS 2 /* weight rows that share each load of a quantised row */
+
+/* One pair of blocks of weight rows n .. n+wrows-1 times `count` quantised rows into their
+   sums: each weight row is unpacked once for all the rows, each row's activations loaded once
+   for all the weight rows. */
+INLINE void q4_pair(const Q4Matrix *w, int n, const int wrows, const Quantized *qa, int r0, const int count, int p,
+                    __m512 sums[WROWS][ROWS]) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F);
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const int k = qa->k, blocks = k / BLOCK;
-    __m256i packed = _mm256_loadu_si256((const __m256i *)(nib + 32 * p));
-    __m256i lo = _mm256_and_si256(packed, low_mask);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-    __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d + 2 * p)));
+    __m512i wq[WROWS];
+    __m512 ds[WROWS];
+    for (int i = 0; i < wrows; i++) {
+        __m256i packed = _mm256_loadu_si256((const __m256i *)(w->nibbles + (size_t)(n + i) * (k / 2) + 32 * p));
+        __m256i lo = _mm256_and_si256(packed, low_mask);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+        wq[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        const uint16_t *d = w->scales + (size_t)(n + i) * blocks + 2 * p;
+        ds[i] = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d)));
+    }
     for (int j = 0; j < count; j++) {
         const int r = r0 + j;
         __m512i a = _mm512_loadu_si512(qa->q + (size_t)r * k + PAIR * p);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, a);
-        __m512 scale = _mm512_mul_ps(ds, _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8));
-        sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[j]);
+        __m512 spread = _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8);
+        for (int i = 0; i < wrows; i++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[i], a);
+            sums[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ds[i], spread), sums[i][j]);
+        }
     }
 }
 
-/* out[r, n] (+)= W[n] . x_r for rows r0 .. r0+count-1: the weight row is unpacked once per pair
-   of blocks for all of them. `count` is a constant where this is inlined, so the sums stay in
-   registers. Each row's sum runs in the same order whatever `count` is, so a row's result does
-   not depend on its neighbours. */
-INLINE void q4_rows(const Q4Matrix *w, int n, const Quantized *qa, int r0, const int count, float *out, int ld,
-                    int accumulate) {
+/* out[r, n + i] (+)= W[n + i] . x_r for rows r0 .. r0+count-1 and weight rows i < wrows. `count`
+   and `wrows` are constants where this is inlined, so the sums stay in registers. Each output's
+   sum runs in the same order whatever `count` and `wrows` are, so a row's result does not
+   depend on its neighbours. */
+INLINE void q4_rows(const Q4Matrix *w, int n, const int wrows, const Quantized *qa, int r0, const int count,
+                    float *out, int ld, int accumulate) {
     const int k = w->k, pairs = k / PAIR, blocks = k / BLOCK;
-    const uint8_t *nib = w->nibbles + (size_t)n * (k / 2);
-    const uint16_t *d = w->scales + (size_t)n * blocks, *m = w->mins + (size_t)n * blocks;
     if (n + AHEAD < w->n) { /* the stream of rows is long and read once: fetch ahead of use */
-        const char *next = (const char *)(nib + (size_t)AHEAD * (k / 2));
-        for (int offset = 0; offset < k / 2; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
-        _mm_prefetch((const char *)(d + (size_t)AHEAD * blocks), _MM_HINT_T0);
-        _mm_prefetch((const char *)(m + (size_t)AHEAD * blocks), _MM_HINT_T0);
+        const char *next = (const char *)(w->nibbles + (size_t)(n + AHEAD) * (k / 2));
+        for (int offset = 0; offset < wrows * k / 2; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scales + (size_t)(n + AHEAD) * blocks), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->mins + (size_t)(n + AHEAD) * blocks), _MM_HINT_T0);
     }
-    __m512 even[ROWS], odd[ROWS]; /* two sums per row: pairs alternate, halving the FMA chain */
-    for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
+    __m512 even[WROWS][ROWS], odd[WROWS][ROWS]; /* two sums per output: pairs alternate */
+    for (int i = 0; i < wrows; i++)
+        for (int j = 0; j < count; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
     int p = 0;
     for (; p + 1 < pairs; p += 2) {
-        q4_pair(nib, d, qa, r0, count, p, even);
-        q4_pair(nib, d, qa, r0, count, p + 1, odd);
+        q4_pair(w, n, wrows, qa, r0, count, p, even);
+        q4_pair(w, n, wrows, qa, r0, count, p + 1, odd);
     }
-    if (p < pairs) q4_pair(nib, d, qa, r0, count, p, even);
-    for (int j = 0; j < count; j++) {
-        const float *sums = qa->sums + (size_t)(r0 + j) * blocks;
-        __m512 mins = _mm512_setzero_ps();
-        for (int b = 0; b < blocks; b += 16) {
-            __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-            __m512 lows = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, m + b));
-            mins = _mm512_fmadd_ps(lows, _mm512_maskz_loadu_ps(keep, sums + b), mins);
+    if (p < pairs) q4_pair(w, n, wrows, qa, r0, count, p, even);
+    for (int i = 0; i < wrows; i++) {
+        const uint16_t *m = w->mins + (size_t)(n + i) * blocks;
+        for (int j = 0; j < count; j++) {
+            const float *sums = qa->sums + (size_t)(r0 + j) * blocks;
+            __m512 mins = _mm512_setzero_ps();
+            for (int b = 0; b < blocks; b += 16) {
+                __mmask16 keep = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+                __m512 lows = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, m + b));
+                mins = _mm512_fmadd_ps(lows, _mm512_maskz_loadu_ps(keep, sums + b), mins);
+            }
+            float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(even[i][j], odd[i][j]), mins));
+            float *target = out + (size_t)(r0 + j) * ld + n + i;
+            *target = accumulate ? *target + y : y;
         }
-        float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(even[j], odd[j]), mins));
-        float *target = out + (size_t)(r0 + j) * ld + n;
-        *target = accumulate ? *target + y : y;
+    }
+}
+
+/* Every row of `qa` times weight rows n .. n+wrows-1, ROWS rows at a time. */
+INLINE void q4_columns(const Q4Matrix *w, int n, const int wrows, const Quantized *qa, float *out, int ld,
+                       int accumulate) {
+    int r = 0;
+    for (; r + ROWS <= qa->rows; r += ROWS) q4_rows(w, n, wrows, qa, r, ROWS, out, ld, accumulate);
+    switch (qa->rows - r) {
+    case 3: q4_rows(w, n, wrows, qa, r, 3, out, ld, accumulate); break;
+    case 2: q4_rows(w, n, wrows, qa, r, 2, out, ld, accumulate); break;
+    case 1: q4_rows(w, n, wrows, qa, r, 1, out, ld, accumulate); break;
     }
 }
 
 /* out[r, n] = W x_r (accumulate: +=), the output columns split across the team. */
 static void q4_matmul(const Q4Matrix *w, const Quantized *qa, float *out, int ld, int accumulate) {
 #pragma omp for schedule(static) nowait
-    for (int n = 0; n < w->n; n++) {
-        int r = 0;
-        for (; r + ROWS <= qa->rows; r += ROWS) q4_rows(w, n, qa, r, ROWS, out, ld, accumulate);
-        switch (qa->rows - r) {
-        case 3: q4_rows(w, n, qa, r, 3, out, ld, accumulate); break;
-        case 2: q4_rows(w, n, qa, r, 2, out, ld, accumulate); break;
-        case 1: q4_rows(w, n, qa, r, 1, out, ld, accumulate); break;
-        }
+    for (int n = 0; n < w->n; n += WROWS) {
+        if (n + 1 < w->n)
+            q4_columns(w, n, WROWS, qa, out, ld, accumulate);
+        else
+            q4_columns(w, n, 1, qa, out, ld, accumulate);
     }
 }
 
@@ -407,31 +429,51 @@ static void offset_corrections(const Quantized *qa, int row, int32_t *out) {
     }
 }
 
-/* logits[r0 .. r0+count-1] of head row n: its 64-weight pairs loaded once for `count` rows. */
-INLINE void head_rows(const Model *model, int n, const Quantized *qa, const int32_t *corrections, int r0,
-                      const int count, float *logits) {
+/* logits[r0 .. r0+count-1] of head rows n .. n+wrows-1: each 64-weight pair loaded once for
+   `count` rows, each row's activations once for `wrows` head rows (as in q4_rows). */
+INLINE void head_rows(const Model *model, int n, const int wrows, const Quantized *qa, const int32_t *corrections,
+                      int r0, const int count, float *logits) {
     const int hidden = model->hidden, pairs = hidden / PAIR, blocks = hidden / BLOCK;
-    const uint8_t *w = model->head + (size_t)n * hidden;
-    const uint16_t *d = model->head_scales + (size_t)n * blocks;
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 even[ROWS], odd[ROWS]; /* two sums per row, as in q4_rows */
-    for (int j = 0; j < count; j++) even[j] = odd[j] = _mm512_setzero_ps();
+    __m512 even[WROWS][ROWS], odd[WROWS][ROWS]; /* two sums per output, as in q4_rows */
+    for (int i = 0; i < wrows; i++)
+        for (int j = 0; j < count; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
     for (int p = 0; p < pairs; p++) {
-        __m512i wq = _mm512_loadu_si512(w + PAIR * p);
-        __m512 ds = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d + 2 * p)));
+        __m512i wq[WROWS];
+        __m512 ds[WROWS];
+        for (int i = 0; i < wrows; i++) {
+            wq[i] = _mm512_loadu_si512(model->head + (size_t)(n + i) * hidden + PAIR * p);
+            const uint16_t *d = model->head_scales + (size_t)(n + i) * blocks + 2 * p;
+            ds[i] = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d)));
+        }
         for (int j = 0; j < count; j++) {
             const int r = r0 + j;
             __m512i start = _mm512_loadu_si512(corrections + ((size_t)r * pairs + p) * 16);
-            __m512i dot = _mm512_dpbusd_epi32(start, wq, _mm512_loadu_si512(qa->q + (size_t)r * hidden + PAIR * p));
-            __m512 scale = _mm512_mul_ps(ds, _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8));
-            if (p & 1)
-                odd[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, odd[j]);
-            else
-                even[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, even[j]);
+            __m512i a = _mm512_loadu_si512(qa->q + (size_t)r * hidden + PAIR * p);
+            __m512 spread = _mm512_loadu_ps(qa->spread + ((size_t)r * blocks + 2 * p) * 8);
+            for (int i = 0; i < wrows; i++) {
+                __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wq[i], a));
+                if (p & 1)
+                    odd[i][j] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ds[i], spread), odd[i][j]);
+                else
+                    even[i][j] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ds[i], spread), even[i][j]);
+            }
         }
     }
-    for (int j = 0; j < count; j++) {
-        logits[(size_t)(r0 + j) * model->vocab + n] = _mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j]));
+    for (int i = 0; i < wrows; i++)
+        for (int j = 0; j < count; j++)
+            logits[(size_t)(r0 + j) * model->vocab + n + i] = _mm512_reduce_add_ps(_mm512_add_ps(even[i][j], odd[i][j]));
+}
+
+/* Every row's logits of head rows n .. n+wrows-1, ROWS rows at a time. */
+INLINE void head_columns(const Model *model, int n, const int wrows, const Quantized *qa, const int32_t *corrections,
+                         int rows, float *logits) {
+    int r = 0;
+    for (; r + ROWS <= rows; r += ROWS) head_rows(model, n, wrows, qa, corrections, r, ROWS, logits);
+    switch (rows - r) {
+    case 3: head_rows(model, n, wrows, qa, corrections, r, 3, logits); break;
+    case 2: head_rows(model, n, wrows, qa, corrections, r, 2, logits); break;
+    case 1: head_rows(model, n, wrows, qa, corrections, r, 1, logits); break;
     }
 }
 
@@ -447,14 +489,16 @@ void plait_llama_head(const Model *model, const float *x, int rows, float *logit
         quantize_row(normed, &qa, r);
         offset_corrections(&qa, r, corrections + (size_t)r * (hidden / PAIR) * 16);
     }
+    if (rows == 1) { /* one row: pairing head rows only slows the weight stream (measured) */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < model->vocab; n++) {
-        int r = 0;
-        for (; r + ROWS <= rows; r += ROWS) head_rows(model, n, &qa, corrections, r, ROWS, logits);
-        switch (rows - r) {
-        case 3: head_rows(model, n, &qa, corrections, r, 3, logits); break;
-        case 2: head_rows(model, n, &qa, corrections, r, 2, logits); break;
-        case 1: head_rows(model, n, &qa, corrections, r, 1, logits); break;
+        for (int n = 0; n < model->vocab; n++) head_columns(model, n, 1, &qa, corrections, rows, logits);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int n = 0; n < model->vocab; n += WROWS) {
+            if (n + 1 < model->vocab)
+                head_columns(model, n, WROWS, &qa, corrections, rows, logits);
+            else
+                head_columns(model, n, 1, &qa, corrections, rows, logits);
         }
     }
     free(normed), free(corrections);
