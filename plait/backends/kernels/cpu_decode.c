@@ -130,11 +130,13 @@ static void quantize_row(const float *x, Quantized *qa, int row) {
 
 #define ROWS 4 /* rows that share one unpacking of a weight row */
 
-/* Two fp16 values (a pair of blocks' scales) as the first two lanes of four floats. */
-static inline __m128 two_halves(const uint16_t *at) {
+/* A pair of blocks' two fp16 scales spread over 16 lanes: the first over lanes 0-7, the second
+   over 8-15, as VPDPBUSD's sums of the pair lie. */
+static inline __m512 pair_scales(const uint16_t *at) {
+    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     uint32_t bits;
     memcpy(&bits, at, 4);
-    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)bits))));
 }
 #define INLINE static inline __attribute__((always_inline))
 #define AHEAD 4 /* weight rows fetched ahead */
@@ -147,7 +149,6 @@ static inline __m128 two_halves(const uint16_t *at) {
 INLINE void q4_pair(const Q4Matrix *w, int n, const int wrows, const Quantized *qa, int r0, const int count, int p,
                     __m512 sums[WROWS][ROWS]) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F);
-    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const int k = qa->k, blocks = k / BLOCK;
     __m512i wq[WROWS];
     __m512 ds[WROWS];
@@ -157,7 +158,7 @@ INLINE void q4_pair(const Q4Matrix *w, int n, const int wrows, const Quantized *
         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
         wq[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
         const uint16_t *d = w->scales + (size_t)(n + i) * blocks + 2 * p;
-        ds[i] = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d)));
+        ds[i] = pair_scales(d);
     }
     for (int j = 0; j < count; j++) {
         const int r = r0 + j;
@@ -434,7 +435,6 @@ static void offset_corrections(const Quantized *qa, int row, int32_t *out) {
 INLINE void head_rows(const Model *model, int n, const int wrows, const Quantized *qa, const int32_t *corrections,
                       int r0, const int count, float *logits) {
     const int hidden = model->hidden, pairs = hidden / PAIR, blocks = hidden / BLOCK;
-    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 even[WROWS][ROWS], odd[WROWS][ROWS]; /* two sums per output, as in q4_rows */
     for (int i = 0; i < wrows; i++)
         for (int j = 0; j < count; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
@@ -444,7 +444,7 @@ INLINE void head_rows(const Model *model, int n, const int wrows, const Quantize
         for (int i = 0; i < wrows; i++) {
             wq[i] = _mm512_loadu_si512(model->head + (size_t)(n + i) * hidden + PAIR * p);
             const uint16_t *d = model->head_scales + (size_t)(n + i) * blocks + 2 * p;
-            ds[i] = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two_halves(d)));
+            ds[i] = pair_scales(d);
         }
         for (int j = 0; j < count; j++) {
             const int r = r0 + j;
