@@ -1,0 +1,227 @@
+"""Retrieval's C kernels (`plait.backends.kernels.cpu_retrieval`) against their PyTorch twins.
+
+The query encoder (`cpu_bert.c`, bf16 products) against `BertModel` in fp32 to a stated
+tolerance; MaxSim (`cpu_maxsim.c`, fp32) against `maxsim_torch`; both bitwise independent of
+what else is in a batch or a candidate list; and search without the kernels (no compiler,
+`PLAIT_CPU_RETRIEVAL=0`) keeps its PyTorch path with the same rankings.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from plait.backends.kernels import cpu_retrieval
+from plait.retrievers import ColBERTServe, build_index
+from plait.retrievers.bert import BertConfig, BertModel
+from plait.retrievers.bert_cpu import fits, kernel_for
+from plait.retrievers.embeddings import as_tensor, to_storage
+from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
+from plait.retrievers.maxsim import maxsim, maxsim_torch
+from tests.retrieval_fixtures import TINY_CORPUS, write_jsonl
+
+CAN_BUILD = cpu_retrieval.machine_fits() and shutil.which("gcc") is not None
+needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="no AVX512-BF16 CPU or no C compiler")
+
+QUERIES = [
+    "white matter development in infants",
+    "vitamin D",
+    "the risk of cancer in patients treated with a common drug for diabetes, measured over ten years "
+    "of follow-up in a population of several thousand adults",
+    "0-dimensional biomaterials show inductive properties.",
+    "a",
+    "How do antibiotics change the gut microbiome of children?",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ColBERTEncoder:
+    return ColBERTEncoder.load()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_library(monkeypatch):
+    """Every test decides for itself whether the library loads."""
+    monkeypatch.delenv(cpu_retrieval.ENV, raising=False)
+    cpu_retrieval.reset()
+    yield
+    cpu_retrieval.reset()
+
+
+def _many_queries(n: int) -> list[str]:
+    return [f"{QUERIES[i % len(QUERIES)]} {' extra' * (i % 5)}".strip() for i in range(n)]
+
+
+# ------------------------------------------------------------------------------- encoder
+@needs_kernels
+def test_c_encoder_matches_pytorch_on_minilm(encoder):
+    """bf16 products, fp32 elsewhere: every token embedding within 3e-3 of fp32 PyTorch's
+    (measured: 1.5e-3 at most on SciFact's queries), cosine > 0.9999."""
+    fast = encoder.with_query_kernel()
+    assert fast.kernel_active
+    with torch.inference_mode():
+        want = encoder.encode_queries(QUERIES)
+    got = fast.encode_queries(QUERIES)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=3e-3)
+        assert (a * b).sum(axis=1).min() > 0.9999
+
+
+@needs_kernels
+def test_c_encoder_with_masked_query_expansion(encoder):
+    """ColBERT's [MASK] expansion: the [MASK]s are encoded but never attended to."""
+    settings = EncoderSettings(augment_queries=True, query_marker="[unused0]")
+    ref = encoder.with_settings(settings)
+    fast = ref.with_query_kernel()
+    for a, b in zip(fast.encode_queries(QUERIES), ref.encode_queries(QUERIES), strict=True):
+        assert a.shape == (32, 384)
+        np.testing.assert_allclose(a, b, atol=3e-3)
+
+
+@needs_kernels
+def test_c_encoder_on_a_random_bert():
+    """Other sizes than MiniLM's (4 heads of 16, 2 layers), a projection and a query map."""
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    model = BertModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    assert fits(model) and kernel_for(model) is kernel_for(model)
+    ids = [[1, 5, 9, 2], [1, *range(10, 47), 2]]
+    present = torch.zeros(2, 39, dtype=torch.bool)
+    padded = torch.zeros(2, 39, dtype=torch.long)
+    for i, seq in enumerate(ids):
+        padded[i, : len(seq)], present[i, : len(seq)] = torch.tensor(seq), True
+    with torch.inference_mode():
+        want = model(padded, present)
+    got = kernel_for(model).forward(ids, [4, 39], normalize=False)
+    np.testing.assert_allclose(got[:4], want[0, :4], atol=3e-2)
+    np.testing.assert_allclose(got[4:], want[1], atol=3e-2)
+    assert not fits(BertModel(BertConfig(50, 48, 1, 3, 128)))  # 48 outputs: not a multiple of 64
+
+
+@needs_kernels
+def test_c_encoder_answer_does_not_depend_on_the_batch(encoder):
+    """A query's embedding is bitwise the same alone and in a batch of 16 (any position)."""
+    fast = encoder.with_query_kernel()
+    queries = _many_queries(16)
+    batch = fast.encode_queries(queries)
+    for q, b in zip(queries, batch, strict=True):
+        assert np.array_equal(fast.encode_queries([q])[0], b)
+    shuffled = fast.encode_queries(queries[::-1])
+    for a, b in zip(shuffled[::-1], batch, strict=True):
+        assert np.array_equal(a, b)
+
+
+# -------------------------------------------------------------------------------- MaxSim
+def _fp16_index(lengths: list[int], dim: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((sum(lengths), dim)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return as_tensor(to_storage(rows, "float16"), "float16"), np.concatenate([[0], np.cumsum(lengths)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 17, 24, 32])
+def test_c_maxsim_matches_pytorch(tokens):
+    """Every query-group count (8-token lanes), rows falling across tiles of 6, an empty
+    document (scores 0): within 1e-5 of the PyTorch path (fp32 sums in another order)."""
+    lengths = [5, 1, 0, 9, 3, 12, 2, 7, 40]
+    matrix, offsets = _fp16_index(lengths, 64)
+    query = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
+    lib = cpu_retrieval.library()
+    assert lib is not None
+    docs = np.array([3, 2, 8, 6, 0, 5, 1, 4, 7])
+    got = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs)
+    np.testing.assert_allclose(got, maxsim_torch(query, matrix, offsets, docs), rtol=0, atol=1e-5)
+    assert got[1] == 0.0
+    np.testing.assert_array_equal(maxsim(query, matrix, offsets, docs), got)  # the dispatcher's choice
+    assert cpu_retrieval.maxsim(lib, query, matrix, offsets, np.array([], dtype=np.int64)).shape == (0,)
+
+
+@needs_kernels
+def test_c_maxsim_score_does_not_depend_on_the_other_candidates():
+    """Rows of several documents share a tile; a document's score is bitwise the same alone."""
+    matrix, offsets = _fp16_index([4, 9, 2, 13, 6, 1], 32, seed=3)
+    query = np.random.default_rng(5).standard_normal((11, 32)).astype(np.float32)
+    lib = cpu_retrieval.library()
+    docs = np.arange(6)
+    together = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs)
+    alone = [cpu_retrieval.maxsim(lib, query, matrix, offsets, np.array([d]))[0] for d in docs]
+    np.testing.assert_array_equal(together, alone)
+    reversed_order = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs[::-1])
+    np.testing.assert_array_equal(reversed_order, together[::-1])
+
+
+def test_maxsim_falls_back_where_the_c_kernel_does_not_apply():
+    """bf16 rows and queries of more than 32 tokens keep the PyTorch path."""
+    matrix, offsets = _fp16_index([3, 4], 16)
+    long_query = np.ones((40, 16), dtype=np.float32) / 4
+    docs = np.array([0, 1])
+    np.testing.assert_array_equal(
+        maxsim(long_query, matrix, offsets, docs), maxsim_torch(long_query, matrix, offsets, docs)
+    )
+
+
+# ----------------------------------------------------------------------- whole searches
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, encoder):
+    corpus = write_jsonl(tmp_path_factory.mktemp("corpus") / "tiny.jsonl", TINY_CORPUS)
+    return build_index(corpus, tmp_path_factory.mktemp("idx") / "tiny", encoder=encoder)
+
+
+def _searches(index_dir, encoder, **kwargs) -> tuple[bool, list[list]]:
+    rm = ColBERTServe.open(index_dir, encoder=encoder, **kwargs)
+    try:
+        hits = rm.search_hits(QUERIES, k=5, stage="hybrid")
+        return rm.searcher.encoder.kernel_active, hits
+    finally:
+        rm.close()
+
+
+def _same_rankings(a: list[list], b: list[list], atol: float) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert [h.doc for h in x] == [h.doc for h in y]
+        np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=atol)
+
+
+def test_search_without_a_compiler_keeps_the_pytorch_path(index_dir, encoder, monkeypatch, tmp_path):
+    """No compiler and no cached library: the kernels are off, searches still answer, and
+    with `PLAIT_CPU_RETRIEVAL=0` too; rankings match the kernels' where those run."""
+    monkeypatch.setenv("PLAIT_HOME", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cpu_retrieval.shutil, "which", lambda name: None)
+    assert cpu_retrieval.library() is None
+    active, without = _searches(index_dir, encoder)
+    assert not active
+    monkeypatch.undo()
+    cpu_retrieval.reset()
+    monkeypatch.setenv(cpu_retrieval.ENV, "0")
+    assert cpu_retrieval.library() is None
+    _same_rankings(_searches(index_dir, encoder)[1], without, atol=0)
+    if CAN_BUILD:
+        monkeypatch.delenv(cpu_retrieval.ENV)
+        cpu_retrieval.reset()
+        active, with_kernels = _searches(index_dir, encoder)
+        assert active
+        _same_rankings(with_kernels, without, atol=2e-2)
+
+
+@needs_kernels
+def test_served_answers_do_not_depend_on_concurrent_traffic(index_dir, encoder):
+    """Through the batching workers: 16 queries at once give bitwise the answers each gets alone."""
+    rm = ColBERTServe.open(index_dir, encoder=encoder)
+    try:
+        queries = _many_queries(16)
+        together = rm.search_hits(queries, k=5, stage="hybrid")
+        for q, hits in zip(queries, together, strict=True):
+            assert rm.search_hits([q], k=5, stage="hybrid")[0] == hits
+    finally:
+        rm.close()
