@@ -13,7 +13,9 @@ Reports, on the public *test* qrels (200 queries):
   index bytes on disk - for the memory-mapped index and for the in-memory peer (same files
   read into RAM). RssAnon is reported relative to a baseline taken after the encoder is
   loaded and before the index is opened (torch + the model are not the index).
-- the same quality/latency with bf16 storage (`--bf16`, converted from the fp16 index).
+- the same quality/latency with bf16 storage (`--bf16`, converted from the fp16 index);
+- peers in the same run: the PyTorch path (the C kernels off, as `PLAIT_CPU_RETRIEVAL=0`
+  gives), searches on the callers' own threads, bf16 queries on PyTorch.
 
 Benchmarks print ratios against a peer measured in the same run; they are not tests.
 """
@@ -21,6 +23,7 @@ Benchmarks print ratios against a peer measured in the same run; they are not te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -37,9 +40,22 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from plait.backends.kernels import cpu_retrieval  # noqa: E402
 from plait.retrievers.colbert_serve import ColBERTServe  # noqa: E402
 from plait.retrievers.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k, subset  # noqa: E402
 from plait.retrievers.searcher import SearchParams  # noqa: E402
+
+
+@contextlib.contextmanager
+def pytorch_only():
+    """Retrieval's C kernels off while inside (the PyTorch peer), back on after."""
+    os.environ[cpu_retrieval.ENV] = "0"
+    cpu_retrieval.reset()
+    try:
+        yield
+    finally:
+        del os.environ[cpu_retrieval.ENV]
+        cpu_retrieval.reset()
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -194,7 +210,7 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
     stage must do (FLOPs at this thread's cache-resident GEMM rate; bytes at its copy rate)."""
     torch.set_num_threads(1)
     from plait.retrievers.fusion import fuse
-    from plait.retrievers.maxsim import token_rows
+    from plait.retrievers.maxsim import maxsim_torch, token_rows
     from plait.retrievers.searcher import _top_k
 
     rm = ColBERTServe.open(index, batching=False)
@@ -223,8 +239,10 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
             ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
         padded.append((ids, mask))
     rate = gemm_gflops(16 * int(q_tokens), cfg.hidden_size, cfg.intermediate_size)
+    bf16_rate = gemm_gflops(16 * int(q_tokens), cfg.hidden_size, cfg.intermediate_size, torch.bfloat16)
+    torch_enc = enc.with_query_kernel(False)
     bandwidth = copy_gbps()
-    flops_ms, bytes_ms = 1 / (rate * 1e6), 1 / (bandwidth * 1e6)
+    flops_ms, bytes_ms, bf16_ms = 1 / (rate * 1e6), 1 / (bandwidth * 1e6), 1 / (bf16_rate * 1e6)
     gather = torch.empty(int(max(len(r) for r in rows)), st.dim, dtype=st.embeddings.dtype)
 
     def fetch(r: np.ndarray) -> None:
@@ -238,12 +256,30 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
     late_flops = 2 * q_tokens * cand_tokens * st.dim
     centroid_flops = 2 * q_tokens * len(st.centroids.centroids) * st.dim
     qcs, centroid_candidates = st.centroids.scores(vectors), st.centroids.candidates
+    c = "C" if enc.kernel_active else "PyTorch (no C kernel here)"
     table = [
         ("tokenize", cpu_ms(enc.query_ids, texts), None, ""),
-        ("encode, alone", cpu_ms(lambda t: enc.encode_queries([t]), texts), encode_flops * flops_ms, "FLOPs"),
         (
-            "encode, in a batch of 16",
+            f"encode, alone, {c}",
+            cpu_ms(lambda t: enc.encode_queries([t]), texts),
+            encode_flops * bf16_ms,
+            "bf16",
+        ),
+        (
+            f"encode, in a batch of 16, {c}",
             cpu_ms(enc.encode_queries, batches) / 16,
+            encode_flops * bf16_ms,
+            "bf16",
+        ),
+        (
+            "encode, alone, PyTorch fp32",
+            cpu_ms(lambda t: torch_enc.encode_queries([t]), texts),
+            encode_flops * flops_ms,
+            "FLOPs",
+        ),
+        (
+            "encode, batch of 16, PyTorch fp32",
+            cpu_ms(torch_enc.encode_queries, batches) / 16,
             encode_flops * flops_ms,
             "FLOPs",
         ),
@@ -274,8 +310,14 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
             "bytes read + written",
         ),
         (
-            "MaxSim (fetch, fp32, product)",
+            f"MaxSim, {'C, rows read in place' if c == 'C' else c}",
             cpu_ms(lambda i: s.late_scores(vectors[i], hybrid[i][0]), idx),
+            late_flops * flops_ms,
+            "FLOPs",
+        ),
+        (
+            "MaxSim, PyTorch (fetch, product)",
+            cpu_ms(lambda i: maxsim_torch(vectors[i], st.embeddings, st.doc_offsets, hybrid[i][0]), idx),
             late_flops * flops_ms,
             "FLOPs",
         ),
@@ -294,6 +336,7 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
                 "q_tokens": q_tokens,
                 "cand_tokens": cand_tokens,
                 "gflops": rate,
+                "bf16_gflops": bf16_rate,
                 "gbps": bandwidth,
                 "queries": len(texts),
             }
@@ -488,15 +531,20 @@ def main() -> None:
                 f"({time.perf_counter() - t:.1f}s)"
             )
         print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
-        rm_bf16 = ColBERTServe.open(index, query_dtype="bfloat16")
-        for stage in ("late", "hybrid"):
-            n10, r100 = evaluate(rm_bf16, test_queries, qrels, stage)
-            same = (f"{n10:.4f}", f"{r100:.4f}") == tuple(f"{v:.4f}" for v in quality[stage])
-            print(
-                f"{stage:>7}, bf16 queries: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}  "
-                f"({'the same' if same else 'NOT the same'} to 4 decimals)"
-            )
-        rm_bf16.close()
+        print(f"C kernels: {'on' if rm.searcher.encoder.kernel_active else 'off'}")
+        with pytorch_only():
+            peers = [("PyTorch fp32", ColBERTServe.open(index, query_dtype="float32"))]
+        peers.append(("bf16 queries", ColBERTServe.open(index, query_dtype="bfloat16")))
+        for label, peer in peers:
+            for stage in ("late", "hybrid"):
+                with pytorch_only() if label == "PyTorch fp32" else contextlib.nullcontext():
+                    n10, r100 = evaluate(peer, test_queries, qrels, stage)
+                same = (f"{n10:.4f}", f"{r100:.4f}") == tuple(f"{v:.4f}" for v in quality[stage])
+                print(
+                    f"{stage:>7}, {label}: nDCG@10 {n10:.4f}  Recall@100 {r100:.4f}  "
+                    f"({'the same' if same else 'NOT the same'} to 4 decimals)"
+                )
+            peer.close()
 
     texts = [t for _, t in test_queries]
     if "stages" in sections:
@@ -506,12 +554,13 @@ def main() -> None:
             f"\n== one hybrid query, stage by stage: CPU ms on one thread (medians of {r['queries']} test "
             f"queries; median {r['q_tokens']:.0f} query tokens, {r['cand_tokens']:.0f} candidate tokens) "
             f"beside the floor: the stage's FLOPs at {r['gflops']:.0f} GFLOP/s (this thread's fp32 GEMM "
-            f"with operands in cache) or its bytes at {r['gbps']:.1f} GB/s (this thread's copy); "
+            f"with operands in cache; 'bf16': at {r['bf16_gflops']:.0f} GFLOP/s, its bf16 GEMM) or its "
+            f"bytes at {r['gbps']:.1f} GB/s (this thread's copy); "
             f"load {load:.1f} -> {os.getloadavg()[0]:.1f}"
         )
         for name, ms, floor, basis in r["table"]:
             shown = f"floor {floor:6.2f} ms ({basis})" if floor is not None else ""
-            print(f"  {name:<32} {ms:7.2f} ms   {shown}")
+            print(f"  {name:<38} {ms:7.2f} ms   {shown}")
 
     lat: dict = {}
     if "latency" in sections or "bf16" in sections:
@@ -538,14 +587,19 @@ def main() -> None:
             f"needs ~320 q/s, {1000 * (os.cpu_count() or 1) / 320:.1f} ms of CPU per query on "
             f"{os.cpu_count()} cores"
         )
-        print("peers: the same searches on the callers' own threads (no worker threads), bf16 queries")
+        print(
+            "peers: PyTorch alone (C kernels off), the searches on the callers' own threads (no worker "
+            "threads), bf16 queries on PyTorch"
+        )
         for label, peer in (
+            ("PyTorch", ColBERTServe.open(index, query_dtype="float32")),
             ("callers", ColBERTServe.open(index, batching=False)),
             ("bf16 q", ColBERTServe.open(index, query_dtype="bfloat16")),
         ):
             answers = {}
             for clients in (1, 16):
-                latency_row(label, peer, texts, "hybrid", clients, args.latency_queries, answers)
+                with pytorch_only() if label == "PyTorch" else contextlib.nullcontext():
+                    latency_row(label, peer, texts, "hybrid", clients, args.latency_queries, answers)
             peer.close()
 
     if args.bf16 and "bf16" in sections:
