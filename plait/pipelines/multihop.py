@@ -3,6 +3,10 @@
 Each hop writes a search query from the question and what has been found so far, retrieves
 `k` passages and adds the new ones to the context; the answer is generated from the context
 gathered over all hops. Compiling gives each hop's query writer its own demonstrations.
+
+After each hop the answer's prompt so far (its instructions, demos and the passages found) is
+known: under `plait serve` it is prefilled in the engine's idle time (`prefill_stage`), so the
+answer call computes only what the last hop added.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 import dspy
 
+from plait.modules.prefill import prefill_stage
 from plait.pipelines.rag import AnswerFromContext, qa_example
 from plait.pipelines.retrieval import Retriever, resolve, search
 
@@ -47,6 +52,7 @@ class MultiHop(dspy.Module):
             for passage in search(rm, query, self.k, self.passage_chars):
                 if passage not in context:
                     context.append(passage)
+            prefill_stage(self.answer, context=context, question=question)  # its prompt so far
         prediction = self.answer(context=context, question=question)
         return dspy.Prediction(context=context, queries=queries, **prediction)
 

@@ -162,6 +162,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument(
         "--dspy-cache", action="store_true", help="answer repeated program calls from DSPy's cache"
     )
+    p.add_argument(
+        "--no-prompt-prefill",
+        action="store_true",
+        help="run each stage's prompt only when its call comes (no start-up prefill of the programs' "
+        "instructions and demos, no background prefill of later stages)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve, func=cmd_serve)
     return p
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_tokens_limit=args.max_tokens_limit,
         trace_io=not args.no_trace_io,
         dspy_cache=args.dspy_cache,
+        prompt_prefill=not args.no_prompt_prefill,
     ).check()
 
 

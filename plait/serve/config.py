@@ -40,6 +40,9 @@ class ServeConfig:
         max_tokens_limit: the largest `max_tokens` an OpenAI-style request may ask for.
         trace_io: store request inputs and outputs in traces (off: only sizes and timings).
         dspy_cache: let DSPy answer repeated program calls from its cache.
+        prompt_prefill: prompt-aware prefill (`plait.modules.prefill`): every predictor's
+            instructions and demos are prefilled and pinned in the prefix cache at start-up,
+            and a program's hints prefill a later stage's prompt in the engine's idle time.
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +59,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     trace_io: bool = True
     dspy_cache: bool = False
+    prompt_prefill: bool = True
 
     def check(self) -> ServeConfig:
         """Raise `ServeConfigError` for settings that cannot work; return self."""

@@ -10,6 +10,9 @@
 - **calling** it in the caller's thread under `dspy.context(lm=..., adapter=...)`, so many
   programs (and many calls of one program) run side by side on the server's worker threads,
   each with its own settings, while the one shared engine batches their LM calls.
+- **prompt-aware prefill** (`plait serve`'s default): its predictors' instructions and demos
+  pinned in the engine's prefix cache before the first call, and its `prefill_stage` hints
+  acted on during calls (`plait.modules.prefill`).
 - **streaming** it with `dspy.streamify`, its output fields split as they are generated
   (`plait.serve.fields`), the program itself run by the caller's `run` (the server's
   `ScopedRun`, which can stop it) on the thread DSPy gives it.
@@ -17,12 +20,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,7 @@ from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 from dspy.streaming.messages import StatusMessage, StreamResponse
 
+from plait.modules.prefill import PinnedPrefix, pin_static_prefixes, stage_prefill
 from plait.serve.config import ADAPTERS
 from plait.serve.errors import ApiError
 from plait.serve.fields import FieldSplitter
@@ -209,10 +214,14 @@ class ServedProgram:
         adapter: Any = None,
         artifact: Any = None,
         model: str | None = None,
+        stage_prefill: bool = False,
     ):
+        """`stage_prefill`: act on the program's `prefill_stage` hints (plait.modules.prefill)."""
         if not NAME_PATTERN.match(name):
             raise ValueError(f"program name {name!r} must match {NAME_PATTERN.pattern}")
         self.name, self.program, self.lm, self.adapter = name, program, lm, adapter
+        self.stage_prefill = stage_prefill
+        self.pinned: list[PinnedPrefix] = []
         self.artifact = artifact
         self.model = model or getattr(artifact, "model", None) or getattr(lm, "model", "unknown")
         self.inputs = program_inputs(program)
@@ -229,6 +238,7 @@ class ServedProgram:
             "signature_hash": getattr(artifact, "signature_hash", None),
             "artifact_sha256": getattr(artifact, "sha256", None),
             "adapter": type(self.adapter).__name__ if self.adapter is not None else "ChatAdapter",
+            "pinned_prompt_tokens": {p.predictor: p.tokens for p in self.pinned},
             "inputs": [
                 {
                     "name": s.name,
@@ -282,8 +292,27 @@ class ServedProgram:
         return {name: getattr(validated, name) for name in self.input_model.model_fields}
 
     # ---- calling ---------------------------------------------------------------------------
-    def _context(self) -> Any:
-        return dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True)
+    def pin_prompts(self) -> list[PinnedPrefix]:
+        """Prefill every predictor's instructions and demos into the engine's prefix cache and
+        pin them there (before serving: it waits for the prefills)."""
+        started = time.perf_counter()
+        self.pinned = pin_static_prefixes(self.program, self.lm, self.adapter)
+        if self.pinned:
+            log.info(
+                "%s: pinned %d predictors' static prompts (%d tokens, %d computed) in %.2f s",
+                self.name,
+                len(self.pinned),
+                sum(p.tokens for p in self.pinned),
+                sum(p.computed for p in self.pinned),
+                time.perf_counter() - started,
+            )
+        return self.pinned
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        settings = dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True)
+        with settings, stage_prefill(self.stage_prefill):
+            yield
 
     def call(self, inputs: dict[str, Any]) -> CallResult:
         """Run the program in this thread (a server worker)."""

@@ -190,9 +190,12 @@ class ServeRuntime:
             adapter=make_adapter(adapter, lm, loaded.meta),
             artifact=loaded,
             model=model,
+            stage_prefill=self.config.prompt_prefill,
         )
         self.add_program(program)
         log.info("serving %s (%s on %s) from %s", program.name, loaded.program_path, loaded.model, path)
+        if self.config.prompt_prefill:
+            program.pin_prompts()
         return program
 
     def load_model(self, name: str, lm_options: dict[str, Any] | None = None) -> ServedModel:

@@ -281,6 +281,26 @@ class PlaitEngine:
         )
         return turn, sampling, fmt if _calls_tools(request) else None
 
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids of the prompt a call with these chat messages (OpenAI's form, text
+        only, no tools) is rendered to, as `start` renders it."""
+        engine = self.engine
+        rendered, template_kwargs = template_messages(messages, (), engine.tool_format)
+        turn = plan_turn(
+            engine,
+            rendered,
+            reasoning=self.reasoning,
+            max_tokens=DEFAULT_MAX_TOKENS,
+            template_kwargs=template_kwargs,
+        )
+        return engine.prompt_ids(turn.prompt)
+
+    def prefill(self, prompt_ids: list[int], *, pin: bool = False, background: bool = False) -> EngineRequest:
+        """Compute a prompt's blocks into the engine's prefix cache ahead of the call that will
+        need them (`Engine.prefill`): a later call whose prompt starts with these tokens
+        restores them instead."""
+        return self.engine.prefill(prompt_ids, pin=pin, background=background)
+
     def next_call(self, request: Request) -> LocalCall:
         """The call that answers one completion of `request`: a candidate of its `n>1` group
         when the LM's call asked for several sampled ones, else a request of its own."""

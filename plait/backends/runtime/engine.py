@@ -23,7 +23,7 @@ from plait.backends.runtime.host_memory import release_free_memory
 from plait.backends.runtime.openmp_teams import run_in_fresh_thread
 from plait.backends.runtime.options import EngineOptions, machine_memory_budget_mb
 from plait.backends.runtime.prefix_cache import PrefixCache
-from plait.backends.runtime.request import Request, Usage
+from plait.backends.runtime.request import Prefill, Request, Usage
 from plait.backends.runtime.sampling import SamplingParams
 from plait.backends.runtime.scheduler import Scheduler
 from plait.backends.runtime.state_pool import StatePool
@@ -59,7 +59,9 @@ class EngineStats:
     verification and `accepted_tokens` of them were kept (`acceptance` is the share);
     `replayed_tokens` were kept but fed again, because a hybrid's Mamba state had to go back
     to before the pass's rejected tokens. `forked` samples of `submit_n` groups started from
-    another sample's prefill instead of their own (each is one prefill saved).
+    another sample's prefill instead of their own (each is one prefill saved). `prefills` are
+    prefill-only requests (`Engine.prefill`, not counted in `requests`), which computed
+    `prefill_tokens_computed` tokens into the prefix cache.
     """
 
     requests: int = 0
@@ -77,6 +79,8 @@ class EngineStats:
     accepted_tokens: int = 0
     replayed_tokens: int = 0
     forked: int = 0
+    prefills: int = 0
+    prefill_tokens_computed: int = 0
     forward_seconds: float = 0.0
     decode_batches: Counter = field(default_factory=Counter)
 
@@ -239,6 +243,7 @@ class Engine:
                 accepted_tokens=self.scheduler.accepted_tokens,
                 replayed_tokens=self.scheduler.replayed_tokens,
                 forked=self.scheduler.forked_rows,
+                prefill_tokens_computed=self.scheduler.prefill_tokens_computed,
             )
 
     def _count_pass(self, shape: torch.Size, new_tokens: torch.Tensor | None, seconds: float) -> None:
@@ -332,6 +337,35 @@ class Engine:
                 self._inflight[share_key] = request
         else:
             request = self._submit(self._request(prompt, constraint, stream, sampling))
+        if scope is not None:
+            scope.register(request)
+        return request
+
+    def prefill(self, prompt: str | list[int], *, pin: bool = False, background: bool = False) -> Request:
+        """Compute a prompt's whole blocks into the prefix cache and generate nothing; returns
+        at once (`wait()` for the end). A later request that starts with these tokens restores
+        them instead of computing them, exactly as if an earlier request had had that prompt.
+
+        `pin`: the blocks are never evicted (a served program's instructions and demos).
+        `background`: the prefill runs only in steps where no generation request has work,
+        `BACKGROUND_CHUNK` tokens at a time, so it never holds a request up by more than one
+        such pass: for a later stage's prompt, prefilled as soon as part of it is known.
+
+        What is already cached is not computed again; a prompt shorter than one block has
+        nothing to cache (the request ends at once). Needs the prefix cache."""
+        if self.prefix_cache is None:
+            raise ValueError("prefill needs the prefix cache: leave the engine's prefix_cache option on")
+        scope = self._open_scope()
+        ids = self.prompt_ids(prompt)
+        ids = ids[: len(ids) // self.prefix_cache.block_size * self.prefix_cache.block_size]
+        request = Request(ids, SamplingParams(max_tokens=1), prefill=Prefill(pin, background))
+        if not ids:
+            request.finish("stop")
+        else:
+            self._check_length(len(ids), 0)
+            self.scheduler.submit(request)
+            with self._stats_lock:
+                self._stats.prefills += 1
         if scope is not None:
             scope.register(request)
         return request

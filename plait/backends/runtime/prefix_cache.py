@@ -13,7 +13,8 @@ A new request resumes from the deepest cached block that has everything it needs
 computes only its own suffix. Because each block carries its own checkpoint, there is no
 "checkpoint not on the shared boundary" and no "node split drops the checkpoint" failure of
 radix trees that keep Mamba state only at node ends. Eviction is LRU over leaf blocks (a block
-with cached children is never evicted before them) under a byte budget.
+with cached children is never evicted before them) under a byte budget; pinned blocks (a served
+program's static prompt prefixes) are never evicted.
 """
 
 from collections import OrderedDict
@@ -43,6 +44,7 @@ class Block:
     children: int = 0
     nbytes: int = 0
     hits: int = field(default=0)
+    pinned: bool = False  # never evicted (see `PrefixCache.pin`)
 
 
 class PrefixCache:
@@ -89,9 +91,23 @@ class PrefixCache:
             self.blocks[key].hits += 1
         self.hit_tokens += tokens
 
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` the cache holds (their full state, Mamba
+        checkpoints included): a prefill of that many blocks has nothing left to compute."""
+        count = 0
+        for key in hashes:
+            block = self.blocks.get(key)
+            if block is None or (self.has_fixed_state and block.fixed_state is None):
+                break
+            count += 1
+        return count
+
     # ---- writing --------------------------------------------------------------------------------
-    def insert(self, ids: list[int], hashes: list[int], cached: int, pool: StatePool, slot: int) -> None:
-        """Save the blocks of a slot's prompt that are now fully in its cache.
+    def insert(
+        self, ids: list[int], hashes: list[int], cached: int, pool: StatePool, slot: int, pin: bool = False
+    ) -> None:
+        """Save the blocks of a slot's prompt that are now fully in its cache (with `pin`,
+        pinned before anything is evicted to make room for them).
 
         The fixed-size state in the pool is the state after `cached` tokens, so it is a valid
         checkpoint only for a block ending exactly at `cached`.
@@ -129,10 +145,26 @@ class PrefixCache:
                 added = sum(t.nbytes for layer in block.fixed_state for t in layer.values())
                 block.nbytes += added
                 self.nbytes += added
+            block.pinned = block.pinned or pin
         self._evict()
 
+    def pin(self, hashes: list[int]) -> int:
+        """Keep the cached blocks among `hashes` for good: eviction passes them by (they still
+        count against the budget). Returns how many blocks are pinned."""
+        pinned = 0
+        for key in hashes:
+            block = self.blocks.get(key)
+            if block is not None:
+                block.pinned = True
+                pinned += 1
+        return pinned
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values() if b.pinned)
+
     def clear(self) -> None:
-        """Drop every block (the hit counters keep counting)."""
+        """Drop every block, pinned ones too (the hit counters keep counting)."""
         self.blocks.clear()
         self.nbytes = 0
 
@@ -144,7 +176,7 @@ class PrefixCache:
 
     def _evict(self) -> None:
         while self.nbytes > self.budget_bytes and self.blocks:
-            key = next((k for k, b in self.blocks.items() if b.children == 0), None)
+            key = next((k for k, b in self.blocks.items() if b.children == 0 and not b.pinned), None)
             if key is None:
                 break
             block = self.blocks.pop(key)

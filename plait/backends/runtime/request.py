@@ -16,6 +16,17 @@ from plait.backends.grammar.constraint import TokenConstraint
 from plait.backends.runtime.sampling import SamplingParams
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """How a prefill-only request runs. `pin`: its blocks stay in the prefix cache, never
+    evicted (a served program's static prompt prefixes). `background`: it computes only while
+    no generation request has work, a block or a few at a time, so it fills idle time without
+    delaying anyone (a later stage's prompt, prefilled as soon as part of it is known)."""
+
+    pin: bool = False
+    background: bool = False
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -41,8 +52,12 @@ class Request:
         params: SamplingParams,
         constraint: TokenConstraint | None = None,
         stream: bool = False,
+        prefill: Prefill | None = None,
     ):
         self.prompt_ids, self.params, self.constraint, self.stream = prompt_ids, params, constraint, stream
+        #: a prefill-only request (`Engine.prefill`): its prompt goes into the prefix cache and
+        #: nothing is generated
+        self.prefill = prefill
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None

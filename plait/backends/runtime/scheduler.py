@@ -12,6 +12,9 @@ Every running sequence sits in a slot of the `StatePool` (slots 0..N-1, kept com
 * a row whose pending tokens are all in the cache samples its next token from the last logits
   (all rows of a pass at once: `sample_rows`).
 
+Prefill-only requests (`Engine.prefill`) compute their prompt's blocks into the prefix cache and
+end; a background one gets passes only in steps where no generation request has work.
+
 New requests join at the next step; finished ones leave their slot, and the last row moves into
 the hole. Memory: the pool is sized to the step's need (slots x longest row) under the memory
 budget; when a step would not fit, the newest rows are preempted — their state is dropped and
@@ -69,6 +72,10 @@ TRIM_EVERY = 8
 MIN_PREFILL_SHARE = 4
 """Prompt chunks get at least 1/4 of a step's tokens, however many rows are decoding."""
 
+BACKGROUND_CHUNK = 64
+"""Tokens of a background prefill's pass, at most (rounded down to whole blocks): a request
+that arrives while one runs waits for that pass only."""
+
 
 @dataclass
 class StepPlan:
@@ -83,6 +90,11 @@ class StepPlan:
 def _in_prompt(row: Sequence) -> bool:
     """Whether the row's next pending token is still one of its prompt's."""
     return row.cached < len(row.prompt_ids)
+
+
+def _background(row: Sequence) -> bool:
+    """Whether the row is a background prefill (computed only in otherwise idle steps)."""
+    return row.request.prefill is not None and row.request.prefill.background
 
 
 class _ForwardFailed(Exception):
@@ -133,6 +145,7 @@ class Scheduler:
         #: False: draft whenever a drafter has a guess, whatever it costs (for comparisons)
         self.weigh_drafts = True
         self.prompt_tokens_computed = 0
+        self.prefill_tokens_computed = 0  # by prefill-only requests (Engine.prefill)
         self.preemptions = 0
         self.forked_rows = 0  # samples started from another row's prefill (see submit_group)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -270,6 +283,12 @@ class Scheduler:
             self._finish(row, "cancelled" if row.request.cancelled else "stop", release=False)
             return True
         restorable = 0
+        if row.request.prefill is not None and row.cached == 0:
+            cached = self.prefix_cache.cached_blocks(row.block_hashes) * self.prefix_cache.block_size
+            if cached >= len(row.prompt_ids):  # nothing left to compute
+                row.request.usage.cached_tokens = len(row.prompt_ids)
+                self._prefilled(row)
+                return True
         if self.prefix_cache is not None and row.cached == 0:
             restorable = self.prefix_cache.match(row.prompt_ids, row.block_hashes)
             if self._prefix_in_flight(row) > restorable:
@@ -322,11 +341,12 @@ class Scheduler:
         )
 
     def _prefix_in_flight(self, row: Sequence) -> int:
-        """Tokens of `row`'s prompt that a row still in its prefill shares, block-aligned."""
+        """Tokens of `row`'s prompt that a row still in its prefill shares, block-aligned (what
+        a background prefill has computed so far is in the cache already)."""
         best = 0
         for other in self.rows:
-            if other.cached >= len(other.prompt_ids):
-                continue
+            if other.cached >= len(other.prompt_ids) or _background(other):
+                continue  # a background prefill may wait for this very row: never wait on it
             shared = 0
             for mine, theirs in zip(row.block_hashes, other.block_hashes):
                 if mine != theirs:
@@ -498,16 +518,25 @@ class Scheduler:
         reaches a row's state: attention writes its keys past the row's end where nothing
         reads them, and Mamba layers give it dt = 0 and end the conv history at the row's last
         real token (`Batch.new_tokens`), so hybrids batch prompts too. A group is contiguous
-        slots and stops before padding would exceed a quarter of the pass."""
+        slots and stops before padding would exceed a quarter of the pass. Background prefills
+        sit out every step in which a generation request is running."""
         groups: list[tuple[list[int], list[list[int]]]] = []
+        # (requests still queued are admitted before the plan, or wait for room a background
+        # prefill frees by finishing: counting them would let the two wait on each other)
+        foreground_busy = any(not _background(r) for r in self.rows)
         for slot, row in enumerate(self.rows):
             speculative = self._speculative(row)
             if speculative:  # verified whole, like a decode row: outside the prompts' budget
                 chunk = row.pending + row.draft
-            elif len(row.pending) <= 1 or budget <= 0:
+            elif len(row.pending) <= 1 or budget <= 0 or (_background(row) and foreground_busy):
                 continue
             else:
-                chunk = row.pending[: min(self._pass_length(row), budget)]
+                length = min(self._pass_length(row), budget)
+                if row.request.prefill is not None:  # whole blocks: its last one is cached too
+                    length -= length % self.prefix_cache.block_size
+                    if not length:
+                        continue
+                chunk = row.pending[:length]
                 budget -= len(chunk)
             last = groups[-1][0][-1] if groups else None
             joins = last is not None and self._pass_kind(self.rows[last]) == self._pass_kind(row)
@@ -534,6 +563,8 @@ class Scheduler:
         block boundaries (one block per pass when Mamba state must be checkpointed there)."""
         length = min(self.prefill_chunk, len(row.pending))
         cache = self.prefix_cache
+        if _background(row):
+            length = min(length, max(BACKGROUND_CHUNK // cache.block_size, 1) * cache.block_size)
         if cache is None or row.cached >= len(row.prompt_ids):
             return length
         size = cache.block_size
@@ -560,8 +591,11 @@ class Scheduler:
             if hidden is not None:  # before the prefix cache copies the block: pair it in the head
                 self._observe(slot, row, hidden[i, : len(chunk)], catch_up=computed_prompt)
             if self.prefix_cache is not None and computed_prompt:
-                self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot)
-            if not row.pending:
+                pin = row.request.prefill is not None and row.request.prefill.pin
+                self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot, pin)
+            if not row.pending and row.request.prefill is not None:
+                self._prefilled(row)
+            elif not row.pending:
                 done.append(i)
         if done:
             self._sample([rows[i] for i in done], logits[done])
@@ -702,7 +736,11 @@ class Scheduler:
             self.pass_costs.record(ids.numel(), time.perf_counter() - started)
 
     def _consumed(self, row: Sequence, count: int) -> None:
-        self.prompt_tokens_computed += max(0, min(count, len(row.prompt_ids) - row.cached))
+        computed = max(0, min(count, len(row.prompt_ids) - row.cached))
+        if row.request.prefill is not None:
+            self.prefill_tokens_computed += computed
+        else:
+            self.prompt_tokens_computed += computed
         row.cached += count
         del row.pending[:count]
 
@@ -783,6 +821,13 @@ class Scheduler:
         else:
             return new
         return None
+
+    def _prefilled(self, row: Sequence) -> None:
+        """A prefill-only row's blocks are all in the prefix cache: pin them if asked, and end it
+        (its slot is freed with the step's other finished rows)."""
+        if row.request.prefill.pin:
+            self.prefix_cache.pin(row.block_hashes)
+        self._finish(row, "stop", release=False)
 
     def _finish(
         self, row: Sequence, reason: str, error: BaseException | None = None, release: bool = True
