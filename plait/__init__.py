@@ -21,6 +21,10 @@ _EXPORTS = {
     "GenerationResult": "plait.backends.runtime.engine",
     "ConstrainedAdapter": "plait.modules.adapter",
     "ConstrainedJSONAdapter": "plait.modules.adapter",
+    "on_fields_closed": "plait.modules.field_events",
+    "prefill_stage": "plait.modules.prefill",
+    "stage_prefill": "plait.modules.prefill",
+    "pin_static_prefixes": "plait.modules.prefill",
     "load_program": "plait.compilers.artifact",
 }
 _SUBPACKAGES = ("backends", "modules", "retrievers", "compilers", "pipelines", "serve", "store")

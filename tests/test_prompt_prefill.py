@@ -16,6 +16,7 @@ from plait.backends.runtime.engine import Engine
 from plait.backends.runtime.prefix_cache import block_hashes
 from plait.backends.runtime.scheduler import BACKGROUND_CHUNK
 from plait.modules.adapter import ConstrainedAdapter
+from plait.modules.field_events import on_fields_closed
 from plait.modules.prefill import pin_static_prefixes, prefill_stage, stage_prefill, static_prefix
 from plait.pipelines.multihop import MultiHop
 from tests.test_compile_aware import _lm
@@ -181,3 +182,29 @@ def test_a_stage_hint_is_ignored_off_plait_and_when_disabled():
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()), stage_prefill(True):
         assert prefill_stage(_answerer(), question="q") is None
     assert prefill_stage(_answerer(), question="q") is None  # off outside stage_prefill
+
+
+class Plan(dspy.Signature):
+    """Write a search query for the question, then notes on what to look for."""
+
+    question: str = dspy.InputField()
+    query: str = dspy.OutputField()
+    notes: str = dspy.OutputField()
+
+
+def test_an_output_field_reaches_the_program_when_its_grammar_closes_it(engine):
+    lm = _lm(engine, max_tokens=48)
+    planner = dspy.Predict(Plan)
+    closed: list[tuple[str, str, int, int]] = []  # (field, value, LM calls returned, decode passes)
+
+    def seen(field: str, value: str) -> None:
+        closed.append((field, value, len(lm.history), engine.stats().decode_passes))
+
+    with dspy.context(lm=lm, adapter=ConstrainedAdapter()), on_fields_closed(seen, ["query", "notes"]):
+        prediction = planner(question="Which river flows through Paris?")
+    assert [(f, v) for f, v, _, _ in closed] == [("query", prediction.query), ("notes", prediction.notes)]
+    assert all(returned == 0 for _, _, returned, _ in closed)  # each before the call returned
+    # the query was in the program's hands while the notes were still being generated (the
+    # notes take many decode steps; the callback runs within one of the query's close)
+    assert closed[0][1] and closed[0][3] < engine.stats().decode_passes
+    assert engine.stats().requests == 1

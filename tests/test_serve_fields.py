@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from plait.serve.fields import FieldSplitter
+from plait.modules.fields import FieldSplitter
 
 TEXT = (
     "[[ ## reasoning ## ]]\nSpeed is distance over time:\n6 / 2 = 3 [ok].\n\n[[ ## answer ## ]]\n3\n\n"

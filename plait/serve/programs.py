@@ -14,7 +14,7 @@
   pinned in the engine's prefix cache before the first call, and its `prefill_stage` hints
   acted on during calls (`plait.modules.prefill`).
 - **streaming** it with `dspy.streamify`, its output fields split as they are generated
-  (`plait.serve.fields`), the program itself run by the caller's `run` (the server's
+  (`plait.modules.fields`), the program itself run by the caller's `run` (the server's
   `ScopedRun`, which can stop it) on the thread DSPy gives it.
 """
 
@@ -37,10 +37,10 @@ from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 from dspy.streaming.messages import StatusMessage, StreamResponse
 
+from plait.modules.fields import FieldSplitter
 from plait.modules.prefill import PinnedPrefix, pin_static_prefixes, stage_prefill
 from plait.serve.config import ADAPTERS
 from plait.serve.errors import ApiError
-from plait.serve.fields import FieldSplitter
 
 log = logging.getLogger(__name__)
 

@@ -158,6 +158,27 @@ _candidates: contextvars.ContextVar[Candidates | None] = contextvars.ContextVar(
     "plait_candidates", default=None
 )
 
+TextObserver = Callable[[str | None], None]
+_observers: contextvars.ContextVar[Callable[[], TextObserver] | None] = contextvars.ContextVar(
+    "plait_text_observers", default=None
+)
+
+
+@contextlib.contextmanager
+def observing(make_observer: Callable[[], TextObserver]) -> Iterator[None]:
+    """Within this block (this thread or task, and threads started with a copy of its
+    context), each call `complete`s on plait's local engine gets an observer of its own from
+    `make_observer`, streams its answer's text to it as it is generated (on the calling
+    thread), then calls it with None once the answer is whole, before the call returns: a
+    program can act on part of an answer (an output field the grammar has closed) while the
+    rest is generated. Thinking text is not passed on. Calls DSPy answers from its cache run
+    no engine and pass nothing."""
+    token = _observers.set(make_observer)
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
 
 class CandidateCount(BaseCallback):
     """Reads `n` from each call of the LM it is attached to (the call's keywords over the LM's
@@ -315,11 +336,31 @@ class PlaitEngine:
         seeded) every candidate is the first one, so it is computed once. The candidates of a
         sampled request each draw their own sample, all from one prefill (`next_call`)."""
         call = _repeated(getattr(_last_sync, "done", None), self, request, self.engine)
-        if call is None:
+        make_observer = _observers.get()
+        if call is None and make_observer is not None:
+            call = self._observed(request, make_observer())
+        elif call is None:
             call = self.next_call(request)
             call.handle.wait()
         _last_sync.done = (self, request, call)  # holding the Request keeps its id from being reused
         return self._response(request, call)
+
+    def _observed(self, request: Request, observer: TextObserver) -> LocalCall:
+        """Run `request` streamed, its answer text passed to `observer` as it comes."""
+        call = self.start(request, stream=True)
+        splitter = call.turn.stream_splitter()
+        try:
+            for piece in call.handle.deltas():
+                answer = splitter.feed(piece)[1] if splitter else piece
+                if answer:
+                    observer(answer)
+            if splitter is not None and (rest := splitter.flush()[1]):
+                observer(rest)
+            observer(None)
+        finally:
+            call.handle.cancel()  # a no-op once it has ended; stops it if the observer raised
+        call.handle.wait()
+        return call
 
     def stream(self, request: Request) -> Iterator:
         """Thinking and answer deltas as they come; an answer that may call tools is held back
@@ -452,7 +493,10 @@ class AsyncPlaitEngine:
         """One candidate; like the sync engine, the `n` candidates of a deterministic request
         (completed one after another in the same task) are computed once."""
         call = _repeated(_last_async.get(), self, request, self.sync.engine)
-        if call is None:
+        make_observer = _observers.get()
+        if call is None and make_observer is not None:  # the thread gets a copy of this context
+            call = await asyncio.to_thread(self.sync._observed, request, make_observer())
+        elif call is None:
             call = await asyncio.to_thread(self.sync.next_call, request)
             await asyncio.to_thread(call.handle.wait)
         _last_async.set((self, request, call))
