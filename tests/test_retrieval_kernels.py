@@ -128,45 +128,74 @@ def _fp16_index(lengths: list[int], dim: int, seed: int = 0) -> tuple[torch.Tens
     return as_tensor(to_storage(rows, "float16"), "float16"), np.concatenate([[0], np.cumsum(lengths)])
 
 
+def _bf16_reference(
+    query: np.ndarray, matrix: torch.Tensor, offsets: np.ndarray, docs: np.ndarray
+) -> np.ndarray:
+    """MaxSim of the bf16-rounded query and rows, in float64: what the bf16 kernel computes,
+    less its fp32 sums' rounding."""
+    q = torch.from_numpy(query).to(torch.bfloat16).double()
+    scores = []
+    for d in docs:
+        rows = matrix[int(offsets[d]) : int(offsets[d + 1])].to(torch.bfloat16).double()
+        scores.append(float((q @ rows.T).max(dim=1).values.sum()) if len(rows) else 0.0)
+    return np.array(scores)
+
+
 @needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("tokens", [1, 7, 8, 9, 17, 24, 32])
-def test_c_maxsim_matches_pytorch(tokens):
+def test_c_maxsim_matches_pytorch(tokens, bf16):
     """Every query-group count (8-token lanes), rows falling across tiles of 6, an empty
-    document (scores 0): within 1e-5 of the PyTorch path (fp32 sums in another order)."""
+    document (scores 0): fp32 within 1e-5 of the PyTorch path (fp32 sums in another order);
+    bf16 products within 1e-5 of the same operands' MaxSim in float64, and within 2e-2 of fp32."""
     lengths = [5, 1, 0, 9, 3, 12, 2, 7, 40]
     matrix, offsets = _fp16_index(lengths, 64)
     query = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
     lib = cpu_retrieval.library()
     assert lib is not None
     docs = np.array([3, 2, 8, 6, 0, 5, 1, 4, 7])
-    got = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs)
-    np.testing.assert_allclose(got, maxsim_torch(query, matrix, offsets, docs), rtol=0, atol=1e-5)
+    got = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs, bf16=bf16)
+    exact = maxsim_torch(query, matrix, offsets, docs)
+    if bf16:
+        np.testing.assert_allclose(got, _bf16_reference(query, matrix, offsets, docs), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, exact, rtol=0, atol=2e-2 * tokens)
+        assert not np.array_equal(got, exact)
+    else:
+        np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5)
     assert got[1] == 0.0
-    np.testing.assert_array_equal(maxsim(query, matrix, offsets, docs), got)  # the dispatcher's choice
+    np.testing.assert_array_equal(maxsim(query, matrix, offsets, docs, bf16), got)  # the dispatcher's choice
     assert cpu_retrieval.maxsim(lib, query, matrix, offsets, np.array([], dtype=np.int64)).shape == (0,)
 
 
 @needs_kernels
-def test_c_maxsim_score_does_not_depend_on_the_other_candidates():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_c_maxsim_score_does_not_depend_on_the_other_candidates(bf16):
     """Rows of several documents share a tile; a document's score is bitwise the same alone."""
     matrix, offsets = _fp16_index([4, 9, 2, 13, 6, 1], 32, seed=3)
     query = np.random.default_rng(5).standard_normal((11, 32)).astype(np.float32)
     lib = cpu_retrieval.library()
     docs = np.arange(6)
-    together = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs)
-    alone = [cpu_retrieval.maxsim(lib, query, matrix, offsets, np.array([d]))[0] for d in docs]
+    together = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs, bf16=bf16)
+    alone = [cpu_retrieval.maxsim(lib, query, matrix, offsets, np.array([d]), bf16=bf16)[0] for d in docs]
     np.testing.assert_array_equal(together, alone)
-    reversed_order = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs[::-1])
+    reversed_order = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs[::-1], bf16=bf16)
     np.testing.assert_array_equal(reversed_order, together[::-1])
 
 
 def test_maxsim_falls_back_where_the_c_kernel_does_not_apply():
-    """bf16 rows and queries of more than 32 tokens keep the PyTorch path."""
+    """Queries of more than 32 tokens and dims not in 32s keep the PyTorch path (in fp32,
+    whatever products were asked for)."""
     matrix, offsets = _fp16_index([3, 4], 16)
     long_query = np.ones((40, 16), dtype=np.float32) / 4
     docs = np.array([0, 1])
     np.testing.assert_array_equal(
-        maxsim(long_query, matrix, offsets, docs), maxsim_torch(long_query, matrix, offsets, docs)
+        maxsim(long_query, matrix, offsets, docs, bf16_products=True),
+        maxsim_torch(long_query, matrix, offsets, docs),
+    )
+    short_query = long_query[:4]
+    np.testing.assert_array_equal(
+        maxsim(short_query, matrix, offsets, docs, bf16_products=True),
+        maxsim_torch(short_query, matrix, offsets, docs),
     )
 
 
@@ -225,3 +254,17 @@ def test_served_answers_do_not_depend_on_concurrent_traffic(index_dir, encoder):
             assert rm.search_hits([q], k=5, stage="hybrid")[0] == hits
     finally:
         rm.close()
+
+
+@needs_kernels
+def test_maxsim_dtype_picks_the_products(index_dir, encoder):
+    """ "auto" (the default) scores MaxSim on bf16 products, "float32" in fp32: the late scores
+    differ by less than 2e-2 and the rankings are the same; anything else is refused."""
+    auto = ColBERTServe.open(index_dir, encoder=encoder, batching=False)
+    exact = ColBERTServe.open(index_dir, encoder=encoder, batching=False, maxsim_dtype="float32")
+    assert auto.searcher.bf16_products and not exact.searcher.bf16_products
+    a, b = auto.search_hits(QUERIES, k=5, stage="late"), exact.search_hits(QUERIES, k=5, stage="late")
+    _same_rankings(a, b, atol=2e-2)
+    assert any(x.score != y.score for hits_a, hits_b in zip(a, b) for x, y in zip(hits_a, hits_b))
+    with pytest.raises(ValueError, match="maxsim_dtype"):
+        ColBERTServe.open(index_dir, encoder=encoder, batching=False, maxsim_dtype="bfloat16")

@@ -75,13 +75,22 @@ def check_request(query: object, k: object, stage: object) -> None:
 
 
 class Searcher:
-    def __init__(self, store: IndexStore, encoder: ColBERTEncoder, params: SearchParams | None = None):
+    def __init__(
+        self,
+        store: IndexStore,
+        encoder: ColBERTEncoder,
+        params: SearchParams | None = None,
+        bf16_products: bool = False,
+    ):
+        """`bf16_products`: MaxSim on products of bf16-rounded operands where the C kernel
+        runs (`maxsim.maxsim`), else exact fp32."""
         self.store = store
         self.encoder = encoder
         self.params = params or SearchParams()
+        self.bf16_products = bf16_products
 
     def late_scores(self, query_vectors: np.ndarray, docs: np.ndarray) -> np.ndarray:
-        return maxsim(query_vectors, self.store.embeddings, self.store.doc_offsets, docs)
+        return maxsim(query_vectors, self.store.embeddings, self.store.doc_offsets, docs, self.bf16_products)
 
     def search_batch(
         self,

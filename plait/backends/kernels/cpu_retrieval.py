@@ -92,7 +92,7 @@ def _load() -> ctypes.CDLL | None:
     lib.plait_bert_new.argtypes, lib.plait_bert_new.restype = [ptr, f32, ptr], ptr
     lib.plait_bert_free.argtypes = [ptr]
     lib.plait_bert_forward.argtypes, lib.plait_bert_forward.restype = [ptr, ptr, ptr, ptr, i32, ptr, i32], i32
-    lib.plait_maxsim.argtypes, lib.plait_maxsim.restype = [ptr, i32, i32, ptr, ptr, ptr, i32, ptr], i32
+    lib.plait_maxsim.argtypes, lib.plait_maxsim.restype = [ptr, i32, i32, ptr, ptr, ptr, i32, ptr, i32], i32
     return lib
 
 
@@ -174,29 +174,49 @@ class BertKernel:
 
 
 def maxsim(
-    lib: ctypes.CDLL, query: np.ndarray, matrix: torch.Tensor, doc_offsets: np.ndarray, docs: np.ndarray
+    lib: ctypes.CDLL,
+    query: np.ndarray,
+    matrix: torch.Tensor,
+    doc_offsets: np.ndarray,
+    docs: np.ndarray,
+    bf16: bool = False,
 ) -> np.ndarray:
     """MaxSim scores (float32) of `query` (tokens <= 32, dim) against `docs`, whose rows of the
-    fp16 `matrix` (the index's mapped embeddings) are `doc_offsets[d]:doc_offsets[d + 1]`."""
+    fp16 `matrix` (the index's mapped embeddings) are `doc_offsets[d]:doc_offsets[d + 1]`.
+    `bf16`: products of the query and rows rounded to bf16, summed in fp32 (`cpu_maxsim.c`)."""
     q = np.ascontiguousarray(query, dtype=np.float32)
     offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
     cands = np.ascontiguousarray(docs, dtype=np.int64)
     dim = matrix.shape[1]
-    if matrix.dtype != torch.float16 or not 0 < len(q) <= MAX_QUERY_TOKENS or dim % 16 or q.shape[1] != dim:
-        raise ValueError("the C MaxSim needs fp16 rows, at most 32 query tokens and a dim in 16s")
+    if not fits_maxsim(matrix, q):
+        raise ValueError("the C MaxSim needs fp16 rows, at most 32 query tokens and a dim in 32s")
     scores = np.empty(len(cands), dtype=np.float32)
     if len(cands) == 0:
         return scores
     status = lib.plait_maxsim(
         q.ctypes.data,
         len(q),
-        q.shape[1],
+        dim,
         matrix.data_ptr(),
         offsets.ctypes.data,
         cands.ctypes.data,
         len(cands),
         scores.ctypes.data,
+        int(bf16),
     )
     if status != 0:
         raise MemoryError("the C MaxSim could not allocate its scratch")
     return scores
+
+
+def fits_maxsim(matrix: torch.Tensor, query: np.ndarray) -> bool:
+    """The C MaxSim's shapes: fp16 rows, 1 to 32 query tokens, a dim in 32s (a bf16 row is
+    converted 32 dimensions at a time) that the query shares."""
+    dim = matrix.shape[1]
+    return (
+        matrix.dtype == torch.float16
+        and 0 < len(query) <= MAX_QUERY_TOKENS
+        and query.ndim == 2
+        and query.shape[1] == dim
+        and dim % 32 == 0
+    )
