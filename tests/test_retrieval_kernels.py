@@ -18,6 +18,7 @@ from plait.backends.kernels import cpu_retrieval
 from plait.retrievers import ColBERTServe, build_index
 from plait.retrievers.bert import BertConfig, BertModel
 from plait.retrievers.bert_cpu import fits, kernel_for
+from plait.retrievers.centroids import CentroidStage, build_inverted_file
 from plait.retrievers.embeddings import as_tensor, to_storage
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
 from plait.retrievers.maxsim import maxsim, maxsim_torch
@@ -197,6 +198,59 @@ def test_maxsim_falls_back_where_the_c_kernel_does_not_apply():
         maxsim(short_query, matrix, offsets, docs, bf16_products=True),
         maxsim_torch(short_query, matrix, offsets, docs),
     )
+
+
+# ---------------------------------------------------------------------- centroid stage
+def _centroid_stage(seed: int, centroids: int = 64, docs: int = 300) -> CentroidStage:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 30, size=docs)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    codes = rng.integers(0, centroids, size=int(offsets[-1])).astype(np.int32)
+    ivf_docs, ivf_offsets = build_inverted_file(codes, offsets, centroids)
+    table = rng.standard_normal((centroids, 32)).astype(np.float32)
+    return CentroidStage(table, codes, ivf_docs, ivf_offsets, offsets)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [9, 20, 32])
+def test_c_centroid_candidates_match_numpy(tokens):
+    """Random scores summed over several tokens (no ties): the C stage finds the very documents
+    numpy does, for shortlists shorter and longer than what the probe finds."""
+    stage = _centroid_stage(tokens)
+    qc = torch.from_numpy(
+        np.random.default_rng(100 + tokens).standard_normal((tokens, 64)).astype(np.float32)
+    )
+    assert cpu_retrieval.library() is not None
+    for n, nprobe, refine in [(5, 4, 4), (20, 2, 3), (50, 8, 1), (400, 4, 4), (1, 64, 2)]:
+        got = stage.candidates(qc, n, nprobe, refine)
+        want = stage.candidates_numpy(qc, n, nprobe, refine)
+        assert got.dtype == np.int64 and len(got) == len(want)
+        assert sorted(got.tolist()) == sorted(want.tolist()), (n, nprobe, refine)
+
+
+@needs_kernels
+def test_c_centroid_candidates_with_ties_differ_only_among_equals():
+    """One query token: documents sharing a best centroid tie. Where the whole probe's finds
+    are refined (no cut before the refine), the kept documents' refined scores agree with
+    numpy's, best first, the lower index first among equals (numpy picks its own way)."""
+    stage = _centroid_stage(7, centroids=16)
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        qc = torch.from_numpy(rng.standard_normal((1, 16)).astype(np.float32))
+        got, want = stage.candidates(qc, 10, 2, 1000), stage.candidates_numpy(qc, 10, 2, 1000)
+        np.testing.assert_array_equal(
+            np.sort(stage.centroid_interaction(qc, got)), np.sort(stage.centroid_interaction(qc, want))
+        )
+        refined = stage.centroid_interaction(qc, got)
+        assert all((a, -x) >= (b, -y) for a, b, x, y in zip(refined, refined[1:], got, got[1:]))
+
+
+def test_centroid_candidates_fall_back_without_the_kernels(monkeypatch):
+    """`PLAIT_CPU_RETRIEVAL=0`: the numpy stage answers."""
+    monkeypatch.setenv(cpu_retrieval.ENV, "0")
+    stage = _centroid_stage(3)
+    qc = torch.from_numpy(np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32))
+    np.testing.assert_array_equal(stage.candidates(qc, 7), stage.candidates_numpy(qc, 7))
 
 
 # ----------------------------------------------------------------------- whole searches

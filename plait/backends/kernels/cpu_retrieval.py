@@ -1,5 +1,5 @@
-"""Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`) and MaxSim
-(`cpu_maxsim.c`).
+"""Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`), MaxSim
+(`cpu_maxsim.c`) and centroid candidates (`cpu_centroids.c`).
 
 Each C file names the PyTorch code it replaces and how its numbers are computed; both sum every
 output in an order fixed by the data alone, so a query's answer does not depend on the batch it
@@ -27,7 +27,7 @@ import torch
 
 from plait.paths import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_bert.c", "cpu_maxsim.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_bert.c", "cpu_maxsim.c", "cpu_centroids.c"))
 CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"})
 """What the kernels execute, as /proc/cpuinfo names it."""
 COMPILE = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]
@@ -93,6 +93,11 @@ def _load() -> ctypes.CDLL | None:
     lib.plait_bert_free.argtypes = [ptr]
     lib.plait_bert_forward.argtypes, lib.plait_bert_forward.restype = [ptr, ptr, ptr, ptr, i32, ptr, i32], i32
     lib.plait_maxsim.argtypes, lib.plait_maxsim.restype = [ptr, i32, i32, ptr, ptr, ptr, i32, ptr, i32], i32
+    candidates = lib.plait_centroid_candidates
+    candidates.argtypes, candidates.restype = (
+        [ptr, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, i32, ptr],
+        i32,
+    )
     return lib
 
 
@@ -220,3 +225,46 @@ def fits_maxsim(matrix: torch.Tensor, query: np.ndarray) -> bool:
         and query.shape[1] == dim
         and dim % 32 == 0
     )
+
+
+def centroid_candidates(
+    lib: ctypes.CDLL,
+    qc: torch.Tensor,
+    n: int,
+    nprobe: int,
+    refine_factor: int,
+    ivf: tuple[np.ndarray, np.ndarray],
+    codes: np.ndarray,
+    doc_offsets: np.ndarray,
+) -> np.ndarray:
+    """Up to `n` documents (int64, best first) for the query whose centroid scores are `qc`
+    (tokens <= 32, centroids; fp32): probe, shortlist and refine as `cpu_centroids.c` says.
+    `ivf`: (ivf_docs int32, ivf_offsets int64); `codes`: int32 per token row."""
+    scores = qc.detach().to(torch.float32).contiguous()
+    tokens, centroids = scores.shape
+    if not 0 < tokens <= MAX_QUERY_TOKENS:
+        raise ValueError("the C centroid stage takes 1 to 32 query tokens")
+    ivf_docs = np.ascontiguousarray(ivf[0], dtype=np.int32)
+    ivf_offsets = np.ascontiguousarray(ivf[1], dtype=np.int64)
+    codes = np.ascontiguousarray(codes, dtype=np.int32)
+    offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
+    out = np.empty(max(n, 0), dtype=np.int64)
+    if n <= 0:
+        return out
+    found = lib.plait_centroid_candidates(
+        scores.data_ptr(),
+        tokens,
+        centroids,
+        min(nprobe, centroids),
+        n,
+        refine_factor,
+        ivf_docs.ctypes.data,
+        ivf_offsets.ctypes.data,
+        codes.ctypes.data,
+        offsets.ctypes.data,
+        len(offsets) - 1,
+        out.ctypes.data,
+    )
+    if found < 0:
+        raise MemoryError("the C centroid stage could not allocate its scratch")
+    return out[:found]
