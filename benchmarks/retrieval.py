@@ -15,7 +15,8 @@ Reports, on the public *test* qrels (200 queries):
   loaded and before the index is opened (torch + the model are not the index).
 - the same quality/latency with bf16 storage (`--bf16`, converted from the fp16 index);
 - peers in the same run: the PyTorch path (the C kernels off, as `PLAIT_CPU_RETRIEVAL=0`
-  gives), searches on the callers' own threads, bf16 queries on PyTorch.
+  gives), MaxSim in fp32 (`maxsim_dtype="float32"`), searches on the callers' own threads,
+  bf16 queries on PyTorch.
 
 Benchmarks print ratios against a peer measured in the same run; they are not tests.
 """
@@ -210,7 +211,7 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
     stage must do (FLOPs at this thread's cache-resident GEMM rate; bytes at its copy rate)."""
     torch.set_num_threads(1)
     from plait.retrievers.fusion import fuse
-    from plait.retrievers.maxsim import maxsim_torch, token_rows
+    from plait.retrievers.maxsim import maxsim, maxsim_torch, token_rows
     from plait.retrievers.searcher import _top_k
 
     rm = ColBERTServe.open(index, batching=False)
@@ -298,8 +299,19 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
             "FLOPs",
         ),
         (
-            "centroid candidates (probe, refine)",
+            f"centroid candidates (probe, refine), {'C' if c == 'C' else 'numpy'}",
             cpu_ms(lambda qc: centroid_candidates(qc, p.centroid_candidates, p.nprobe, p.refine_factor), qcs),
+            None,
+            "",
+        ),
+        (
+            "centroid candidates, numpy",
+            cpu_ms(
+                lambda qc: st.centroids.candidates_numpy(
+                    qc, p.centroid_candidates, p.nprobe, p.refine_factor
+                ),
+                qcs,
+            ),
             None,
             "",
         ),
@@ -310,8 +322,14 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
             "bytes read + written",
         ),
         (
-            f"MaxSim, {'C, rows read in place' if c == 'C' else c}",
+            f"MaxSim, {'C, bf16 products' if c == 'C' else c}",
             cpu_ms(lambda i: s.late_scores(vectors[i], hybrid[i][0]), idx),
+            late_flops * (bf16_ms if c == "C" else flops_ms),
+            "bf16" if c == "C" else "FLOPs",
+        ),
+        (
+            f"MaxSim, {'C, fp32' if c == 'C' else c}",
+            cpu_ms(lambda i: maxsim(vectors[i], st.embeddings, st.doc_offsets, hybrid[i][0]), idx),
             late_flops * flops_ms,
             "FLOPs",
         ),
@@ -534,6 +552,7 @@ def main() -> None:
         print(f"C kernels: {'on' if rm.searcher.encoder.kernel_active else 'off'}")
         with pytorch_only():
             peers = [("PyTorch fp32", ColBERTServe.open(index, query_dtype="float32"))]
+        peers.append(("fp32 MaxSim", ColBERTServe.open(index, maxsim_dtype="float32")))
         peers.append(("bf16 queries", ColBERTServe.open(index, query_dtype="bfloat16")))
         for label, peer in peers:
             for stage in ("late", "hybrid"):
@@ -588,11 +607,12 @@ def main() -> None:
             f"{os.cpu_count()} cores"
         )
         print(
-            "peers: PyTorch alone (C kernels off), the searches on the callers' own threads (no worker "
-            "threads), bf16 queries on PyTorch"
+            "peers: PyTorch alone (C kernels off), MaxSim in fp32 (C), the searches on the callers' own "
+            "threads (no worker threads), bf16 queries on PyTorch"
         )
         for label, peer in (
             ("PyTorch", ColBERTServe.open(index, query_dtype="float32")),
+            ("fp32 MS", ColBERTServe.open(index, maxsim_dtype="float32")),
             ("callers", ColBERTServe.open(index, batching=False)),
             ("bf16 q", ColBERTServe.open(index, query_dtype="bfloat16")),
         ):

@@ -146,15 +146,15 @@ def _bf16_reference(
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("tokens", [1, 7, 8, 9, 17, 24, 32])
 def test_c_maxsim_matches_pytorch(tokens, bf16):
-    """Every query-group count (8-token lanes), rows falling across tiles of 6, an empty
-    document (scores 0): fp32 within 1e-5 of the PyTorch path (fp32 sums in another order);
+    """Every query-group count (8-token lanes), rows falling across tiles of 6 and chunks of
+    96, an empty document (scores 0): fp32 within 1e-5 of the PyTorch path (fp32 sums in another order);
     bf16 products within 1e-5 of the same operands' MaxSim in float64, and within 2e-2 of fp32."""
-    lengths = [5, 1, 0, 9, 3, 12, 2, 7, 40]
+    lengths = [5, 1, 0, 9, 3, 12, 2, 7, 40, 150]
     matrix, offsets = _fp16_index(lengths, 64)
     query = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
     lib = cpu_retrieval.library()
     assert lib is not None
-    docs = np.array([3, 2, 8, 6, 0, 5, 1, 4, 7])
+    docs = np.array([3, 2, 8, 6, 9, 0, 5, 1, 4, 7])
     got = cpu_retrieval.maxsim(lib, query, matrix, offsets, docs, bf16=bf16)
     exact = maxsim_torch(query, matrix, offsets, docs)
     if bf16:
@@ -172,7 +172,7 @@ def test_c_maxsim_matches_pytorch(tokens, bf16):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_c_maxsim_score_does_not_depend_on_the_other_candidates(bf16):
     """Rows of several documents share a tile; a document's score is bitwise the same alone."""
-    matrix, offsets = _fp16_index([4, 9, 2, 13, 6, 1], 32, seed=3)
+    matrix, offsets = _fp16_index([4, 9, 2, 130, 6, 1], 32, seed=3)
     query = np.random.default_rng(5).standard_normal((11, 32)).astype(np.float32)
     lib = cpu_retrieval.library()
     docs = np.arange(6)
