@@ -8,6 +8,8 @@ split into passes, so outputs must be identical with and without.
 
 from __future__ import annotations
 
+import time
+
 import dspy
 import pytest
 
@@ -76,9 +78,9 @@ def test_pinned_blocks_outlive_eviction(smollm):
         engine.close()
 
 
-def test_a_background_prefill_never_takes_a_pass_from_a_generating_request(engine):
+def test_a_background_prefill_steps_aside_while_a_request_generates(engine):
     scheduler = engine.scheduler
-    passes: list[tuple[int, bool]] = []  # (tokens of a background chunk, a generation running)
+    passes: list[tuple[int, bool]] = []  # (tokens of a background chunk, a generation in its slots)
     run_pass = scheduler._multi_token_pass
 
     def recording(slots, chunks):
@@ -88,18 +90,22 @@ def test_a_background_prefill_never_takes_a_pass_from_a_generating_request(engin
         run_pass(slots, chunks)
 
     scheduler._multi_token_pass = recording
-    generation = engine.submit("Write a long list of fruits, one a line:", max_tokens=40, stream=True)
-    pieces = generation.deltas()
-    next(pieces)  # decoding has begun
     long_prompt = engine.prompt_ids(INSTRUCTIONS * 3)
     prefill = engine.prefill(long_prompt, background=True)
-    list(pieces)
+    while not passes:  # it has begun, in an idle engine
+        time.sleep(0.005)
+    generation = engine.submit("Write a long list of fruits, one a line:", max_tokens=40)
+    generation.wait()
+    assert not prefill.done  # it waited for the generation, and finishes after it
     prefill.wait()
-    assert generation.finish_reason == "length" and len(generation.token_ids) == 40
-    assert passes and not any(generating for _, generating in passes)
+    assert len(generation.token_ids) == 40
+    assert not any(generating for _, generating in passes)
     assert all(tokens <= BACKGROUND_CHUNK for tokens, _ in passes)
     block = engine.prefix_cache.block_size
-    assert sum(tokens for tokens, _ in passes) == len(long_prompt) // block * block
+    whole = len(long_prompt) // block * block
+    assert engine.prefix_cache.cached_blocks(block_hashes(long_prompt, block)) == whole // block
+    # set aside, it kept what it had computed: at most its last block was computed twice
+    assert whole <= engine.stats().prefill_tokens_computed <= whole + block
 
 
 class Answer(dspy.Signature):
@@ -168,6 +174,10 @@ def test_a_stage_hint_prefills_the_answer_prompt_in_idle_time_and_changes_no_out
             with dspy.context(lm=lm, adapter=ConstrainedAdapter()), stage_prefill(enabled):
                 prediction = program(question="Who directed the film Ed Wood?")
             outputs[enabled] = (prediction.queries, prediction.context, prediction.answer)
+            deadline = time.monotonic() + 10  # hints still queued were cancelled with the call
+            while (engine.scheduler.waiting or engine.scheduler.rows) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not engine.scheduler.waiting and not engine.scheduler.rows
             cached[enabled] = lm.history[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]
             prefills[enabled] = engine.stats().prefills
         finally:

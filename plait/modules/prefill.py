@@ -32,18 +32,43 @@ import dspy
 
 log = logging.getLogger(__name__)
 
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("plait_stage_prefill", default=False)
+
+class _Hints:
+    """The background prefills one program call has started, by predictor: a newer hint for a
+    predictor replaces (cancels) its older one, and all end with the call."""
+
+    def __init__(self) -> None:
+        self.running: dict[int, Any] = {}
+
+    def start(self, predictor: Any, request: Any) -> None:
+        older = self.running.pop(id(predictor), None)
+        if older is not None:
+            older.cancel()  # what it computed stays in the cache; the rest is the newer one's
+        self.running[id(predictor)] = request
+
+    def cancel_all(self) -> None:
+        for request in self.running.values():
+            request.cancel()
+        self.running.clear()
+
+
+_hints: contextvars.ContextVar[_Hints | None] = contextvars.ContextVar("plait_stage_prefill", default=None)
 
 
 @contextlib.contextmanager
 def stage_prefill(enabled: bool = True) -> Iterator[None]:
     """Within this block (this thread or task, and what it starts in a copied context),
-    `prefill_stage` hints are acted on (or, with False, ignored)."""
-    token = _enabled.set(enabled)
+    `prefill_stage` hints are acted on (or, with False, ignored); the prefills they started
+    and that are still running when it ends are cancelled (`plait serve` runs each program
+    call in one such block)."""
+    hints = _Hints() if enabled else None
+    token = _hints.set(hints)
     try:
         yield
     finally:
-        _enabled.reset(token)
+        _hints.reset(token)
+        if hints is not None:
+            hints.cancel_all()
 
 
 @dataclass(frozen=True)
@@ -103,13 +128,15 @@ def pin_static_prefixes(program: Any, lm: Any, adapter: Any) -> list[PinnedPrefi
 def prefill_stage(predictor: Any, **known_inputs: Any) -> Any:
     """Hint that `predictor` will be called with inputs that begin like `known_inputs` (a list
     that will grow, fields still to come left out): its prompt so far is prefilled in the
-    background, in the current DSPy settings' LM and adapter. Returns the engine's prefill
-    request, or None when stage prefill is off or the LM is not plait's local engine.
+    background, in the current DSPy settings' LM and adapter; it replaces this call's earlier
+    hint for `predictor`. Returns the engine's prefill request, or None when stage prefill is
+    off or the LM is not plait's local engine.
 
     The rendering stops being a prefix of the real prompt where the known inputs stop (a
     missing field is rendered as absent, a list ends early): only the blocks before that point
     are ever restored, the rest was idle work."""
-    if not _enabled.get():
+    hints = _hints.get()
+    if hints is None:
         return None
     engine = _plait_engine(dspy.settings.lm)
     if engine is None:
@@ -121,4 +148,6 @@ def prefill_stage(predictor: Any, **known_inputs: Any) -> Any:
     except Exception:  # an adapter that needs every input to render: no hint, the call runs as ever
         log.debug("no stage prefill for %s", predictor, exc_info=True)
         return None
-    return engine.prefill(ids, background=True)
+    request = engine.prefill(ids, background=True)
+    hints.start(predictor, request)
+    return request

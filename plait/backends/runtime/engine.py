@@ -347,9 +347,10 @@ class Engine:
         them instead of computing them, exactly as if an earlier request had had that prompt.
 
         `pin`: the blocks are never evicted (a served program's instructions and demos).
-        `background`: the prefill runs only in steps where no generation request has work,
-        `BACKGROUND_CHUNK` tokens at a time, so it never holds a request up by more than one
-        such pass: for a later stage's prompt, prefilled as soon as part of it is known.
+        `background`: the prefill runs only while no generation request runs or waits,
+        `BACKGROUND_CHUNK` tokens a pass, so it holds a request that comes up by one such pass
+        at most, and then steps aside (keeping what it computed): for a later stage's prompt,
+        prefilled as soon as part of it is known. Cancel it once it is of no more use.
 
         What is already cached is not computed again; a prompt shorter than one block has
         nothing to cache (the request ends at once). Needs the prefix cache."""

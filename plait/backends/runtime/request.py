@@ -20,8 +20,9 @@ from plait.backends.runtime.sampling import SamplingParams
 class Prefill:
     """How a prefill-only request runs. `pin`: its blocks stay in the prefix cache, never
     evicted (a served program's static prompt prefixes). `background`: it computes only while
-    no generation request has work, a block or a few at a time, so it fills idle time without
-    delaying anyone (a later stage's prompt, prefilled as soon as part of it is known)."""
+    no generation request runs or waits, a few blocks a pass, so it fills idle time without
+    delaying anyone by more than one such pass (a later stage's prompt, prefilled as soon as
+    part of it is known)."""
 
     pin: bool = False
     background: bool = False

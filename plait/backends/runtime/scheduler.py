@@ -13,7 +13,8 @@ Every running sequence sits in a slot of the `StatePool` (slots 0..N-1, kept com
   (all rows of a pass at once: `sample_rows`).
 
 Prefill-only requests (`Engine.prefill`) compute their prompt's blocks into the prefix cache and
-end; a background one gets passes only in steps where no generation request has work.
+end; a background one is admitted only while no generation request runs or waits, and is put
+back in the queue when one comes.
 
 New requests join at the next step; finished ones leave their slot, and the last row moves into
 the hole. Memory: the pool is sized to the step's need (slots x longest row) under the memory
@@ -258,9 +259,15 @@ class Scheduler:
                 self._finish(sequence, "error", EngineClosedError("the engine was closed"), release=False)
 
     def _admit(self) -> None:
+        generating = any(not _background(r) for r in [*self.rows, *self.waiting])
+        if generating:
+            self._set_background_aside()
         deferred: list[Sequence] = []
         while self.waiting and len(self.rows) < self.max_batch_size:
             row = self.waiting.popleft()
+            if generating and _background(row) and not row.request.cancelled:
+                deferred.append(row)
+                continue
             try:
                 admitted = self._admit_one(row)
             except Exception as exc:  # this request cannot start (a bug, or a failed restore)
@@ -275,6 +282,15 @@ class Scheduler:
             if not admitted:
                 deferred.append(row)  # a running prefill is computing its prefix: reuse it
         self.waiting.extendleft(reversed(deferred))
+
+    def _set_background_aside(self) -> None:
+        """Background prefills hold no slot while a generation request runs or waits: each goes
+        back to the queue (what it computed is in the prefix cache, restored when it is
+        admitted again), so it takes neither a pass, nor batch room, nor decoding memory."""
+        for row in [r for r in self.rows if _background(r)]:
+            self._release(row)
+            row.restart()
+            self.waiting.append(row)
 
     def _admit_one(self, row: Sequence) -> bool | None:
         """Give `row` a slot: True when admitted (or finished at once), False to try again after
@@ -341,12 +357,11 @@ class Scheduler:
         )
 
     def _prefix_in_flight(self, row: Sequence) -> int:
-        """Tokens of `row`'s prompt that a row still in its prefill shares, block-aligned (what
-        a background prefill has computed so far is in the cache already)."""
+        """Tokens of `row`'s prompt that a row still in its prefill shares, block-aligned."""
         best = 0
         for other in self.rows:
-            if other.cached >= len(other.prompt_ids) or _background(other):
-                continue  # a background prefill may wait for this very row: never wait on it
+            if other.cached >= len(other.prompt_ids):
+                continue
             shared = 0
             for mine, theirs in zip(row.block_hashes, other.block_hashes):
                 if mine != theirs:
@@ -518,17 +533,13 @@ class Scheduler:
         reaches a row's state: attention writes its keys past the row's end where nothing
         reads them, and Mamba layers give it dt = 0 and end the conv history at the row's last
         real token (`Batch.new_tokens`), so hybrids batch prompts too. A group is contiguous
-        slots and stops before padding would exceed a quarter of the pass. Background prefills
-        sit out every step in which a generation request is running."""
+        slots and stops before padding would exceed a quarter of the pass."""
         groups: list[tuple[list[int], list[list[int]]]] = []
-        # (requests still queued are admitted before the plan, or wait for room a background
-        # prefill frees by finishing: counting them would let the two wait on each other)
-        foreground_busy = any(not _background(r) for r in self.rows)
         for slot, row in enumerate(self.rows):
             speculative = self._speculative(row)
             if speculative:  # verified whole, like a decode row: outside the prompts' budget
                 chunk = row.pending + row.draft
-            elif len(row.pending) <= 1 or budget <= 0 or (_background(row) and foreground_busy):
+            elif len(row.pending) <= 1 or budget <= 0:
                 continue
             else:
                 length = min(self._pass_length(row), budget)

@@ -1,0 +1,195 @@
+"""Served RAG and MultiHop latency: prompt-aware prefill against stage after stage.
+
+    python benchmarks/program_latency.py                      # 16 HotPotQA questions, 1 and 8 clients
+    python benchmarks/program_latency.py --questions 32 --dtype float32
+
+Two `plait serve` processes in turn, on the same artifacts, index and engine settings:
+- **stage after stage** (`--no-prompt-prefill`): each LM call's prompt is computed when the
+  call comes (the prefix cache still restores what earlier calls computed);
+- **prompt-aware** (the default): every predictor's instructions and demos are prefilled and
+  pinned at start-up, and MultiHop's answer prompt is prefilled in the engine's idle time after
+  each hop (`plait.modules.prefill`).
+Both answer the same questions over HTTP (`POST /v1/programs/{name}`) from 1 and from 8
+concurrent clients; each question is asked once per run, and every output (answers, search
+queries, passages) must be the same in both servers (at fp32, where a token's result does not
+depend on how its prompt was split into passes or batched). Prints p50/p95 per program and
+client count, and the ratio of the p50s.
+
+The artifacts are "compiled" here from labeled rows: the answer predictor gets 4 demos
+(question, answer) from the last HotPotQA dev rows and each hop's query writer 4 demos whose
+query is the title of the row's first supporting paragraph; the questions asked are the first
+rows. The index is the HotPotQA paragraphs (`.plait/bench/hotpotqa`, built if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+
+from plait.compilers.artifact import save_artifact  # noqa: E402
+from plait.pipelines.multihop import MultiHop  # noqa: E402
+from plait.pipelines.rag import RAG  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "hotpotqa"
+INDEX = ROOT / ".plait" / "bench" / "hotpotqa"
+PLAIT = [sys.executable, "-m", "plait.cli"]
+
+
+def build_index() -> Path:
+    if not (INDEX / "manifest.json").exists():
+        subprocess.run(
+            [*PLAIT, "index", "build", str(DATA / "corpus.jsonl"), "--out", str(INDEX)], check=True
+        )
+    return INDEX
+
+
+def write_artifacts(folder: Path, rows: list[dict]) -> dict[str, Path]:
+    demo_rows = rows[-4:]
+    answers = [dspy.Example(question=r["question"], answer=r["answer"]) for r in demo_rows]
+    queries = [
+        dspy.Example(question=r["question"], context=[], query=r["supporting_facts"][0][0]) for r in demo_rows
+    ]
+    rag = RAG(index=str(INDEX), k=3)
+    rag.answer.demos = answers
+    multihop = MultiHop(index=str(INDEX), hops=2, k=2)
+    multihop.answer.demos = answers
+    for writer in multihop.write_query:
+        writer.demos = queries
+    paths = {"rag": folder / "rag.json", "multihop": folder / "multihop.json"}
+    save_artifact(
+        rag,
+        paths["rag"],
+        program_path="plait.pipelines.rag:RAG",
+        model="smollm2-135m",
+        init={"index": str(INDEX)},
+    )
+    save_artifact(
+        multihop,
+        paths["multihop"],
+        program_path="plait.pipelines.multihop:MultiHop",
+        model="smollm2-135m",
+        init={"index": str(INDEX), "hops": 2, "k": 2},
+    )
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`plait serve` in a subprocess, until the with-block ends."""
+
+    def __init__(self, artifacts: dict[str, Path], args: argparse.Namespace, prefill: bool):
+        self.port = free_port()
+        command = [*PLAIT, "serve", *(f"{n}={p}" for n, p in artifacts.items()), "--port", str(self.port)]
+        command += ["--max-tokens", str(args.max_tokens), "--no-traces", "--log-level", "warning"]
+        command += ["--dtype", args.dtype] if args.dtype else []
+        command += [] if prefill else ["--no-prompt-prefill"]
+        self.command = command
+
+    def __enter__(self) -> str:
+        started = time.perf_counter()
+        self.process = subprocess.Popen(self.command, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{self.port}"
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {' '.join(self.command)}")
+            time.sleep(0.2)
+        self.start_seconds = time.perf_counter() - started
+        return url
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def ask(url: str, program: str, questions: list[str], clients: int) -> tuple[list[float], list[dict]]:
+    """Each question once, from `clients` concurrent clients: (seconds per call, outputs)."""
+
+    def one(question: str) -> tuple[float, dict]:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}/v1/programs/{program}", json={"question": question}, timeout=600)
+        response.raise_for_status()
+        return time.perf_counter() - started, response.json()["outputs"]
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, questions))
+    return [s for s, _ in results], [o for _, o in results]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help="the engine precision ('': the default, int4)")
+    args = parser.parse_args()
+
+    rows = [json.loads(line) for line in open(DATA / "dev.jsonl")]
+    questions = [r["question"] for r in rows[: args.questions]]
+    build_index()
+    results: dict[tuple[str, str, int], list[float]] = {}
+    outputs: dict[tuple[str, str, int], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        artifacts = write_artifacts(Path(folder), rows)
+        for mode, prefill in (("stage after stage", False), ("prompt-aware", True)):
+            server = Server(artifacts, args, prefill)
+            with server as url:
+                print(f"{mode}: serving after {server.start_seconds:.1f} s", flush=True)
+                for program in artifacts:
+                    ask(url, program, questions[:1], 1)  # warm-up: imports, first passes
+                    for clients in args.clients:
+                        seconds, outs = ask(url, program, questions, clients)
+                        results[mode, program, clients] = seconds
+                        outputs[mode, program, clients] = outs
+
+    precision = args.dtype or "int4"
+    print(f"\n{args.questions} HotPotQA questions, SmolLM2-135M ({precision}), max_tokens {args.max_tokens}")
+    header = f"{'stage after stage p50/p95 s':>30}{'prompt-aware p50/p95 s':>26}{'p50 ratio':>11}"
+    print(f"{'program':<10}{'clients':>8}{header}  same outputs")
+    for program in ("rag", "multihop"):
+        for clients in args.clients:
+            base = results["stage after stage", program, clients]
+            fast = results["prompt-aware", program, clients]
+            same = outputs["stage after stage", program, clients] == outputs["prompt-aware", program, clients]
+            b50, f50 = statistics.median(base), statistics.median(fast)
+            print(
+                f"{program:<10}{clients:>8}{b50:>18.3f} / {percentile(base, 0.95):.3f}"
+                f"{f50:>16.3f} / {percentile(fast, 0.95):.3f}{b50 / f50:>10.2f}x  {same}"
+            )
+
+
+if __name__ == "__main__":
+    main()
