@@ -46,6 +46,7 @@ import dspy  # noqa: E402
 from plait.compilers.artifact import save_artifact  # noqa: E402
 from plait.pipelines.multihop import MultiHop  # noqa: E402
 from plait.pipelines.rag import RAG  # noqa: E402
+from plait.serve.server import wait_until_serving  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hotpotqa"
 INDEX = ROOT / ".plait" / "bench" / "hotpotqa"
@@ -91,9 +92,9 @@ def write_artifacts(folder: Path, rows: list[dict]) -> dict[str, Path]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port the OS has just handed out (free unless someone takes it first)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        return listener.getsockname()[1]
 
 
 class Server:
@@ -109,17 +110,9 @@ class Server:
 
     def __enter__(self) -> str:
         started = time.perf_counter()
-        self.process = subprocess.Popen(self.command, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{self.port}"
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {' '.join(self.command)}")
-            time.sleep(0.2)
+        wait_until_serving(url, self.process)
         self.start_seconds = time.perf_counter() - started
         return url
 

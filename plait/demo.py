@@ -144,6 +144,8 @@ def lifecycle(work: Path) -> Path:
 def serving(artifact: Path) -> None:
     import httpx
 
+    from plait.serve.server import wait_until_serving
+
     step("6. Serve the compiled program over HTTP")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,16 +166,10 @@ def serving(artifact: Path) -> None:
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.5)
+        try:
+            wait_until_serving(base, server)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         headers = {"Authorization": f"Bearer {key}"}
         console.print(f"GET /v1/programs -> {httpx.get(f'{base}/v1/programs', headers=headers).json()}")
         for text in ["a triumph of a movie", "the dullest two hours of my life"]:

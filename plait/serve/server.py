@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import time
 from typing import Any
 
 import h11
@@ -80,3 +82,23 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
         ReadDeadlines, header_timeout=config.header_timeout, body_timeout=config.body_timeout
     )
     return {"http": protocol}
+
+
+def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Return once the `plait serve` process answers `GET /healthz` at `base_url` (loading the
+    weights and artifacts comes first); raise RuntimeError, with what it wrote to a piped
+    stderr, if it exits or `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            error = process.stderr.read() if process.stderr else ""
+            raise RuntimeError(f"the server did not start: {error or 'see its output'}")
+        time.sleep(0.2)
