@@ -152,7 +152,7 @@ class ColBERTServe:
         callers (see the class); without it each call searches on its caller's thread.
         `query_dtype`: "auto" encodes queries with the C encoder where it runs, else in float32;
         "float32" and "bfloat16" on PyTorch (see `query_encoder`).
-        `maxsim_dtype`: "auto" scores MaxSim on bf16 products where the C kernel runs (1.7x
+        `maxsim_dtype`: "auto" scores MaxSim on bf16 products where the C kernel runs (1.9x
         the fp32 rate; SciFact's nDCG@10 and Recall@100 the same to every printed decimal), else
         in fp32; "float32" always in fp32 (see `maxsim.maxsim`).
         """

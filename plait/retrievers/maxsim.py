@@ -81,7 +81,7 @@ def maxsim(
     `matrix` is the index's token embeddings as a tensor over the mapped file (`IndexStore.
     embeddings`). fp16 rows are scored by the C MaxSim where it runs (`cpu_maxsim.c`: each
     candidate row read once in place, no gathered copies), in fp32 or, with `bf16_products`,
-    on products of bf16-rounded operands (scores move by ~1e-3): 4.5 and 2.7 ms for a SciFact
+    on products of bf16-rounded operands (scores move by ~1e-3): 3.8 and 2.0 ms for a SciFact
     hybrid query's ~18k rows on one Zen 4 core, where PyTorch takes ~6.3.
     Elsewhere `maxsim_torch` scores them in fp32; it also scores bf16 rows and queries of
     more than 32 tokens."""

@@ -33,8 +33,9 @@
 #define GROUP 8      /* query tokens per ymm */
 #define MAX_GROUPS 4 /* up to 32 query tokens */
 #define ROWS 6       /* candidate rows per tile */
-#define CHUNK 96     /* rows converted before their tiles run: a run of conversions streams the
-                        mapped rows in (~8% faster than converting each tile's rows before it) */
+#define CHUNK 96     /* rows converted before their tiles run; while they run, the next CHUNK
+                        rows are prefetched into L2, so the conversions that follow read cache,
+                        not DRAM (SciFact: 2.5 -> 2.0 ms a query with bf16 products) */
 
 /* Dot products of ROWS converted rows with G query groups, each row's result folded into the
    running maximum of its document (best[slot[r]]). The accumulators are named variables, not
@@ -125,6 +126,27 @@ static uint32_t bf16_bits(float x) {
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
+/* A place in the stream of candidate rows (document after document), for prefetching. */
+typedef struct {
+    int c;
+    int64_t row;
+} Cursor;
+
+/* Moves `at` on by `n` rows, with `fetch` prefetching each row's lines into L2 (into L1 they
+   would evict the tile's operands). */
+static void run_ahead(Cursor *at, int n, int fetch, const uint16_t *matrix, int dim, const int64_t *offsets,
+                      const int64_t *docs, int ndocs) {
+    while (n > 0 && at->c < ndocs) {
+        if (at->row >= offsets[docs[at->c] + 1]) {
+            if (++at->c < ndocs) at->row = offsets[docs[at->c]];
+            continue;
+        }
+        const char *line = (const char *)(matrix + (size_t)at->row * dim);
+        for (int b = 0; fetch && b < dim * (int)sizeof(uint16_t); b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
+        at->row++, n--;
+    }
+}
+
 /* The shared driver: `qt` is the packed query (`steps` steps of `groups` vectors); each row is
    converted by `convert` into `steps` 32-bit elements of scratch and scored by `tile`. */
 static int maxsim_run(const void *qt, int steps, int groups, int tokens, int dim,
@@ -139,13 +161,18 @@ static int maxsim_run(const void *qt, int steps, int groups, int tokens, int dim
     }
     for (size_t i = 0; i < (size_t)ndocs * MAX_GROUPS; i++) best[i] = _mm256_set1_ps(-INFINITY);
     int slot[CHUNK], pending = 0;
+    Cursor ahead = {0, ndocs ? offsets[docs[0]] : 0};
+    run_ahead(&ahead, CHUNK, 0, matrix, dim, offsets, docs, ndocs); /* the first chunk is read now */
     for (int c = 0; c <= ndocs; c++) {
         const int64_t first = c < ndocs ? offsets[docs[c]] : 0, end = c < ndocs ? offsets[docs[c] + 1] : 0;
         for (int64_t row = first; row < end; row++) {
             convert(matrix + (size_t)row * dim, rows + pending * row_bytes, dim);
             slot[pending++] = c;
             if (pending == CHUNK) {
-                for (int t = 0; t < CHUNK; t += ROWS) tile(qt, steps, rows + t * row_bytes, steps, slot + t, best);
+                for (int t = 0; t < CHUNK; t += ROWS) {
+                    run_ahead(&ahead, ROWS, 1, matrix, dim, offsets, docs, ndocs);
+                    tile(qt, steps, rows + t * row_bytes, steps, slot + t, best);
+                }
                 pending = 0;
             }
         }
