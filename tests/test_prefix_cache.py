@@ -139,3 +139,22 @@ def test_prompts_of_constrained_requests_are_cached_too(smollm):
         assert result.usage.cached_tokens >= 64  # the second prompt resumed from the first's blocks
     finally:
         cached.close()
+
+
+def test_a_hybrid_prefill_leaves_mamba_checkpoints_a_request_resumes_from(hybrid):
+    """`Engine.prefill` on a Mamba hybrid: one block per pass, each checkpointed, so a later
+    request restores every whole block and its tokens are those of an uncached run."""
+    directory, plain = hybrid
+    engine = Engine.load(str(directory), prefix_block_size=16)
+    try:
+        tok = engine.tokenizer.encode
+        prefix = tok("the shared instructions of a compiled predictor, pinned at start-up: ")
+        engine.prefill(prefix, pin=True).wait()
+        whole = len(prefix) // 16 * 16
+        assert engine.stats().prefill_tokens_computed == whole
+        ids = prefix + tok("and the question?")
+        result = engine.generate(ids, max_tokens=10)
+        assert result.usage.cached_tokens == whole
+        assert result.token_ids == plain.generate(ids, max_tokens=10).token_ids
+    finally:
+        engine.close()
