@@ -72,7 +72,7 @@ class CentroidStage:
     def candidates(self, qc: torch.Tensor, n: int, nprobe: int = 4, refine_factor: int = 4) -> np.ndarray:
         """Indices of up to `n` documents most likely to have a high MaxSim with the query whose
         centroid scores (`scores`) are `qc`: by the C stage where it runs (`cpu_centroids.c`,
-        0.3 against 1.9 ms a SciFact query; the same scores, and documents scored the same as
+        0.3 against 1.5 ms a SciFact query; the same scores, and documents scored the same as
         the last one kept picked by index), else by `candidates_numpy`."""
         lib = cpu_retrieval.library()
         if lib is not None and 0 < len(qc) <= cpu_retrieval.MAX_QUERY_TOKENS:
