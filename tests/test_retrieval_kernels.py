@@ -252,6 +252,32 @@ def test_c_centroid_candidates_with_ties_differ_only_among_equals():
         assert all((a, -x) >= (b, -y) for a, b, x, y in zip(refined, refined[1:], got, got[1:]))
 
 
+@needs_kernels
+def test_c_centroid_scores_match_pytorch_and_do_not_depend_on_the_batch():
+    """The C product (centroids in 64s) within 1e-5 (relative) of PyTorch's fp32 product, a
+    query's scores bitwise the same alone and in a batch; 50 centroids keep PyTorch's product."""
+    rng = np.random.default_rng(11)
+    queries = [rng.standard_normal((n, 32)).astype(np.float32) for n in (1, 7, 20, 32)]
+    for centroids, c_path in ((128, True), (50, False)):
+        table = rng.standard_normal((centroids, 32)).astype(np.float32)
+        stage = CentroidStage(
+            table,
+            np.zeros(1, np.int32),
+            np.zeros(0, np.int32),
+            np.zeros(centroids + 1, np.int64),
+            np.array([0, 1]),
+        )
+        together = stage.scores(queries)
+        for q, got in zip(queries, together, strict=True):
+            want = torch.from_numpy(q) @ torch.from_numpy(table).T
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+            if c_path:
+                assert torch.equal(stage.scores([q])[0], got)
+            else:  # PyTorch's product: its answer may depend on the batch, not on this code
+                assert torch.equal(stage.scores([q])[0], want)
+    assert stage.scores([]) == []
+
+
 def test_centroid_candidates_fall_back_without_the_kernels(monkeypatch):
     """`PLAIT_CPU_RETRIEVAL=0`: the numpy stage answers."""
     monkeypatch.setenv(cpu_retrieval.ENV, "0")

@@ -1,5 +1,5 @@
 """Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`), MaxSim
-(`cpu_maxsim.c`) and centroid candidates (`cpu_centroids.c`).
+(`cpu_maxsim.c`) and the centroid stage (`cpu_centroids.c`).
 
 Each C file names the PyTorch code it replaces and how its numbers are computed; both sum every
 output in an order fixed by the data alone, so a query's answer does not depend on the batch it
@@ -93,6 +93,7 @@ def _load() -> ctypes.CDLL | None:
     lib.plait_bert_free.argtypes = [ptr]
     lib.plait_bert_forward.argtypes, lib.plait_bert_forward.restype = [ptr, ptr, ptr, ptr, i32, ptr, i32], i32
     lib.plait_maxsim.argtypes, lib.plait_maxsim.restype = [ptr, i32, i32, ptr, ptr, ptr, i32, ptr, i32], i32
+    lib.plait_centroid_scores.argtypes = [ptr, i32, i32, ptr, i32, ptr]
     candidates = lib.plait_centroid_candidates
     candidates.argtypes, candidates.restype = (
         [ptr, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, i32, ptr],
@@ -268,3 +269,29 @@ def centroid_candidates(
     if found < 0:
         raise MemoryError("the C centroid stage could not allocate its scratch")
     return out[:found]
+
+
+CENTROID_PANEL = 64
+"""`centroid_scores` reads the centroids in panels of this many."""
+
+
+def pack_centroids(centroids: np.ndarray) -> torch.Tensor:
+    """The (n, dim) centroids as `centroid_scores` reads them: (n / 64, dim, 64) fp32, each
+    panel's 64 centroids side by side (n a multiple of 64)."""
+    n, dim = centroids.shape
+    table = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
+    return table.reshape(n // CENTROID_PANEL, CENTROID_PANEL, dim).permute(0, 2, 1).contiguous()
+
+
+def centroid_scores(lib: ctypes.CDLL, tokens: np.ndarray, packed: torch.Tensor) -> torch.Tensor:
+    """(tokens, centroids) fp32 scores of every token against the `pack_centroids` panels."""
+    t = np.ascontiguousarray(tokens, dtype=np.float32)
+    panels, dim, width = packed.shape
+    if t.ndim != 2 or t.shape[1] != dim or width != CENTROID_PANEL or packed.data_ptr() % 64:
+        raise ValueError("the C centroid product needs (tokens, dim) queries and 64-byte aligned panels")
+    out = torch.empty(len(t), panels * width)
+    if len(t):
+        lib.plait_centroid_scores(
+            t.ctypes.data, len(t), dim, packed.data_ptr(), panels * width, out.data_ptr()
+        )
+    return out
