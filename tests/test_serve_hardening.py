@@ -135,3 +135,22 @@ def test_read_timeouts_are_settings_of_plait_serve():
     config = config_from_args(args)
     assert (config.header_timeout, config.body_timeout) == (2.0, 3.5)
     assert (ServeConfig().header_timeout, ServeConfig().body_timeout) == (10.0, 30.0)
+
+
+def test_an_idle_kept_alive_connection_lasts_until_the_header_deadline():
+    """uvicorn's own keep-alive timer (5 s) would close an idle connection just as a client
+    that keeps them 5 s (httpx's default) reuses it, and the request is reset: idle
+    connections live until the header deadline instead."""
+    runtime = ServeRuntime(ServeConfig(api_keys=(KEY,), header_timeout=8.0), store=ListStore())
+    runtime.add_program(ServedProgram("sleep", Sleeper(), lm=None))
+    with ServerThread(create_app(runtime)) as srv:
+        sock = _connect(srv)
+        try:
+            for pause in (0.0, 6.0):  # past uvicorn's 5 s, within the 8 s deadline
+                time.sleep(pause)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert _closed_by(sock, time.monotonic() + 10.0)  # then the deadline closes it
+        finally:
+            sock.close()
+    runtime.close()

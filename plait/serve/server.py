@@ -81,7 +81,10 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
     protocol = functools.partial(
         ReadDeadlines, header_timeout=config.header_timeout, body_timeout=config.body_timeout
     )
-    return {"http": protocol}
+    # An idle kept-alive connection is closed by the header deadline, not by uvicorn's own 5 s
+    # keep-alive timer: at 5 s that timer races clients that reuse connections idle for up to
+    # 5 s (httpx's default), and a request sent as the server closes is reset.
+    return {"http": protocol, "timeout_keep_alive": config.header_timeout}
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
