@@ -1,6 +1,6 @@
 """Served RAG and MultiHop latency: prompt-aware prefill against stage after stage.
 
-    python benchmarks/program_latency.py                      # 16 HotPotQA questions, 1 and 8 clients
+    python benchmarks/program_latency.py                      # 16 HotPotQA questions per client count (1, 8)
     python benchmarks/program_latency.py --questions 32 --dtype float32
 
 Two `plait serve` processes in turn, on the same artifacts, index and engine settings:
@@ -10,15 +10,16 @@ Two `plait serve` processes in turn, on the same artifacts, index and engine set
   pinned at start-up, and MultiHop's answer prompt is prefilled in the engine's idle time after
   each hop (`plait.modules.prefill`).
 Both answer the same questions over HTTP (`POST /v1/programs/{name}`) from 1 and from 8
-concurrent clients; each question is asked once per run, and every output (answers, search
-queries, passages) must be the same in both servers (at fp32, where a token's result does not
-depend on how its prompt was split into passes or batched). Prints p50/p95 per program and
-client count, and the ratio of the p50s.
+concurrent clients (other questions for each client count; each asked once per server), and
+every output (answers, search queries, passages) must be the same in both servers (at fp32,
+where a token's result does not depend on how its prompt was split into passes or batched).
+Prints p50/p95 per program and client count, and the ratio of the p50s.
 
 The artifacts are "compiled" here from labeled rows: the answer predictor gets 4 demos
 (question, answer) from the last HotPotQA dev rows and each hop's query writer 4 demos whose
 query is the title of the row's first supporting paragraph; the questions asked are the first
-rows. The index is the HotPotQA paragraphs (`.plait/bench/hotpotqa`, built if missing).
+rows, `--questions` of them per client count. The index is the HotPotQA paragraphs
+(`.plait/bench/hotpotqa`, built if missing).
 """
 
 from __future__ import annotations
@@ -151,7 +152,10 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in open(DATA / "dev.jsonl")]
-    questions = [r["question"] for r in rows[: args.questions]]
+    # each client count asks questions of its own: a prompt asked before would be restored from
+    # the prefix cache, and a cache with less room (pinned prefixes) would restore less of it
+    asked = {c: rows[i * args.questions : (i + 1) * args.questions] for i, c in enumerate(args.clients)}
+    warm_up = rows[len(args.clients) * args.questions]["question"]
     build_index()
     results: dict[tuple[str, str, int], list[float]] = {}
     outputs: dict[tuple[str, str, int], list[dict]] = {}
@@ -162,9 +166,9 @@ def main() -> None:
             with server as url:
                 print(f"{mode}: serving after {server.start_seconds:.1f} s", flush=True)
                 for program in artifacts:
-                    ask(url, program, questions[:1], 1)  # warm-up: imports, first passes
+                    ask(url, program, [warm_up], 1)  # warm-up: imports, first passes
                     for clients in args.clients:
-                        seconds, outs = ask(url, program, questions, clients)
+                        seconds, outs = ask(url, program, [r["question"] for r in asked[clients]], clients)
                         results[mode, program, clients] = seconds
                         outputs[mode, program, clients] = outs
 
