@@ -293,6 +293,22 @@ def index_dir(tmp_path_factory, encoder):
     return build_index(corpus, tmp_path_factory.mktemp("idx") / "tiny", encoder=encoder)
 
 
+@needs_kernels
+def test_c_bm25_sum_is_the_numpy_sum_bitwise(index_dir):
+    """The C column sum adds what the numpy loop adds, in its order: the same float32 scores,
+    a repeated query term included; no term in the vocabulary still gives zeros."""
+    from plait.retrievers.lexical import BM25Stage
+
+    stage = BM25Stage(index_dir, stem=True, use_numba=False)
+    assert stage._csc is not None
+    for query in [*QUERIES, "hamlet hamlet tragedy", "nothing-matches zzz"]:
+        ids = stage.term_ids(query)
+        want = stage.score_numpy(ids)
+        got = stage.scores(query)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
 def _searches(index_dir, encoder, **kwargs) -> tuple[bool, list[list]]:
     rm = ColBERTServe.open(index_dir, encoder=encoder, **kwargs)
     try:

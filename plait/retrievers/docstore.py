@@ -56,6 +56,7 @@ class DocStore:
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             check_offsets(directory / OFFSETS_FILE, self.offsets, None, size)
+            self.offsets = np.asarray(self.offsets)  # a plain view: `get` reads two per passage
             if in_memory:
                 self._data: bytes | mmap.mmap = f.read()
             elif size == 0:

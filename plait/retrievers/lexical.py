@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plait.backends.kernels import cpu_retrieval
 from plait.retrievers.errors import IndexCorruptError
 from plait.retrievers.integrity import check_array, check_offsets, check_positions, corrupt
 
@@ -164,6 +165,11 @@ class BM25Stage:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexCorruptError(f"cannot load the BM25 index in {root}: {exc}") from exc
         self._check_structure(root)
+        # Plain ndarray views of the maps for the C sum (`cpu_retrieval.bm25_scores`); None where
+        # the saved dtypes are not the ones it reads.
+        csc = (np.asarray(self.data), np.asarray(self.indices), np.asarray(self.indptr))
+        fits = [a.dtype == t and a.flags.c_contiguous for a, t in zip(csc, (np.float32, np.int32, np.int64))]
+        self._csc = csc if all(fits) else None
         if use_numba is None:
             use_numba = self.num_docs >= NUMBA_MIN_DOCS
         self._jit = _jit_scorer() if use_numba else None
@@ -203,6 +209,13 @@ class BM25Stage:
                     self._jit_ready = True
                     return out
             return self._jit(*args)
+        lib = cpu_retrieval.library() if self._csc is not None else None
+        if lib is not None:
+            return cpu_retrieval.bm25_scores(lib, ids, *self._csc, self.num_docs)
+        return self.score_numpy(ids)
+
+    def score_numpy(self, ids: np.ndarray) -> np.ndarray:
+        """`_score` in numpy, the C sum's reference."""
         scores = np.zeros(self.num_docs, dtype=np.float32)
         for t in ids:
             start, end = self.indptr[t], self.indptr[t + 1]

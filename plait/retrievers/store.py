@@ -64,6 +64,9 @@ class IndexStore:
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read index {self.path}: {exc}") from exc
         self._check_structure(centroids, codes, ivf_docs, ivf_offsets)
+        # Plain ndarray views of the same pages: a search indexes these a few times, and each
+        # np.memmap slice or view runs memmap's Python hooks.
+        self.doc_offsets, codes, ivf_docs = map(np.asarray, (self.doc_offsets, codes, ivf_docs))
         self.embeddings = emb.as_tensor(self.matrix, self.dtype)  # MaxSim's view of the same pages
         self.centroids = CentroidStage(centroids, codes, ivf_docs, ivf_offsets, self.doc_offsets)
         self.bm25 = BM25Stage(self.path, stem=bool(bm25_info.get("stem", True)), in_memory=in_memory)

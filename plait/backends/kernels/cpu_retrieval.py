@@ -1,5 +1,5 @@
 """Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`), MaxSim
-(`cpu_maxsim.c`) and the centroid stage (`cpu_centroids.c`).
+(`cpu_maxsim.c`), the centroid stage and BM25's sum of term columns (`cpu_centroids.c`).
 
 Each C file names the PyTorch code it replaces and how its numbers are computed; both sum every
 output in an order fixed by the data alone, so a query's answer does not depend on the batch it
@@ -53,6 +53,9 @@ def machine_fits() -> bool:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, built on first use; None where they cannot run (see the module)."""
+    lib = _state.get("lib", _state)  # read without the lock once decided: searches call this often
+    if lib is not _state:
+        return lib
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _load()
@@ -99,6 +102,7 @@ def _load() -> ctypes.CDLL | None:
         [ptr, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, i32, ptr],
         i32,
     )
+    lib.plait_bm25_scores.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr]
     return lib
 
 
@@ -269,6 +273,31 @@ def centroid_candidates(
     if found < 0:
         raise MemoryError("the C centroid stage could not allocate its scratch")
     return out[:found]
+
+
+def bm25_scores(
+    lib: ctypes.CDLL,
+    ids: np.ndarray,
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    num_docs: int,
+) -> np.ndarray:
+    """Every document's BM25 score (float32) for the term `ids` (int32): the sum, term after
+    term, of their columns of the CSC matrix (`data` float32, `indices` int32, `indptr` int64,
+    all contiguous; every id and index in range: `BM25Stage` checks them at open)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    out = np.empty(num_docs, dtype=np.float32)
+    lib.plait_bm25_scores(
+        ids.ctypes.data,
+        len(ids),
+        data.ctypes.data,
+        indices.ctypes.data,
+        indptr.ctypes.data,
+        num_docs,
+        out.ctypes.data,
+    )
+    return out
 
 
 CENTROID_PANEL = 64
