@@ -139,16 +139,18 @@ def test_read_timeouts_are_settings_of_plait_serve():
 
 def _response(sock: socket.socket) -> bytes:
     """One whole HTTP response from `sock`: its head, then as many body bytes as it declares
-    (the body may come in a packet of its own)."""
+    (the body may come in a packet of its own); b"" when the server has closed the connection."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        if not (chunk := sock.recv(65536)):
+            return b""
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
         int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
     )
-    while len(body) < length:
-        body += sock.recv(65536)
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
     return head + b"\r\n\r\n" + body
 
 
