@@ -303,7 +303,9 @@ class Scheduler:
             cached = self.prefix_cache.cached_blocks(row.block_hashes) * self.prefix_cache.block_size
             if cached >= len(row.prompt_ids):  # nothing left to compute
                 row.request.usage.cached_tokens = len(row.prompt_ids)
-                self._prefilled(row)
+                if row.request.prefill.pin:  # blocks another request computed
+                    self.prefix_cache.pin(row.block_hashes)
+                self._finish(row, "stop", release=False)
                 return True
         if self.prefix_cache is not None and row.cached == 0:
             restorable = self.prefix_cache.match(row.prompt_ids, row.block_hashes)
@@ -605,7 +607,7 @@ class Scheduler:
                 pin = row.request.prefill is not None and row.request.prefill.pin
                 self.prefix_cache.insert(row.prompt_ids, row.block_hashes, row.cached, self.pool, slot, pin)
             if not row.pending and row.request.prefill is not None:
-                self._prefilled(row)
+                self._finish(row, "stop", release=False)  # its blocks are cached (pinned if asked)
             elif not row.pending:
                 done.append(i)
         if done:
@@ -832,13 +834,6 @@ class Scheduler:
         else:
             return new
         return None
-
-    def _prefilled(self, row: Sequence) -> None:
-        """A prefill-only row's blocks are all in the prefix cache: pin them if asked, and end it
-        (its slot is freed with the step's other finished rows)."""
-        if row.request.prefill.pin:
-            self.prefix_cache.pin(row.block_hashes)
-        self._finish(row, "stop", release=False)
 
     def _finish(
         self, row: Sequence, reason: str, error: BaseException | None = None, release: bool = True
