@@ -4,7 +4,8 @@
     python benchmarks/retrieval.py --tune                # choose fusion/candidate defaults on TRAIN qrels
 
 Reports, on the public *test* qrels (200 queries):
-- quality: nDCG@10 and Recall@100 for BM25 alone, late interaction alone, hybrid;
+- quality: nDCG@10 and Recall@100 for BM25 alone, late interaction alone, hybrid; whether the
+  C hybrid stage gives its numpy path's hits for every SciFact query (train and test);
 - build time (from the manifest when the index already exists);
 - query latency p50/p95 with 1 and 16 concurrent clients (threads sharing one opened index),
   for BM25 alone and for the late/hybrid pipelines, and the hybrid/BM25 ratio;
@@ -71,6 +72,24 @@ def evaluate(rm: ColBERTServe, queries, qrels, stage: str, params: SearchParams 
         for (qid, _), passages in zip(batch, rm.search_batch([t for _, t in batch], k, stage, params)):
             run[qid] = [(p.id, p.score) for p in passages]
     return ndcg_at_k(run, qrels, 10), recall_at_k(run, qrels, 100)
+
+
+def hybrid_paths_agree(rm: ColBERTServe, texts: list[str], k: int = 10) -> int:
+    """How many of `texts` get the same hybrid hits from the C hybrid stage as from its numpy
+    path (`hybrid_candidates`, `fuse`, `_top_k`): documents, order and float64 scores, bitwise."""
+    from plait.retrievers.fusion import fuse
+    from plait.retrievers.searcher import _top_k
+
+    s, p, same = rm.searcher, rm.searcher.params, 0
+    for start in range(0, len(texts), 16):
+        batch = texts[start : start + 16]
+        vectors = s.encoder.encode_queries(batch)
+        for text, qv, qc in zip(batch, vectors, s.store.centroids.scores(vectors)):
+            cands, sparse, late = s.hybrid_candidates(text, qv, k, p, qc)
+            same += s.search_one(text, qv, qc, k, "hybrid", p) == _top_k(
+                cands, fuse(sparse, late, p.alpha), k
+            )
+    return same
 
 
 def tune(rm: ColBERTServe, queries, qrels) -> None:
@@ -562,6 +581,12 @@ def main() -> None:
             )
         print(f"hybrid/bm25 nDCG@10 ratio {quality['hybrid'][0] / quality['bm25'][0]:.3f}")
         print(f"C kernels: {'on' if rm.searcher.encoder.kernel_active else 'off'}")
+        if cpu_retrieval.library() is not None:
+            every = [t for _, t in all_queries]
+            print(
+                f"C hybrid stage against its numpy path: the same top-10 hits, scores bitwise, for "
+                f"{hybrid_paths_agree(rm, every)} of {len(every)} queries"
+            )
         with pytorch_only():
             peers = [("PyTorch fp32", ColBERTServe.open(index, query_dtype="float32"))]
         peers.append(("fp32 MaxSim", ColBERTServe.open(index, maxsim_dtype="float32")))

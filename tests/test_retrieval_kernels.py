@@ -21,7 +21,9 @@ from plait.retrievers.bert_cpu import fits, kernel_for
 from plait.retrievers.centroids import CentroidStage, build_inverted_file
 from plait.retrievers.embeddings import as_tensor, to_storage
 from plait.retrievers.encoder import ColBERTEncoder, EncoderSettings
+from plait.retrievers.fusion import fuse
 from plait.retrievers.maxsim import maxsim, maxsim_torch
+from plait.retrievers.searcher import Hit, SearchParams, _top_k, best_n
 from tests.retrieval_fixtures import TINY_CORPUS, write_jsonl
 
 CAN_BUILD = cpu_retrieval.machine_fits() and shutil.which("gcc") is not None
@@ -286,6 +288,82 @@ def test_centroid_candidates_fall_back_without_the_kernels(monkeypatch):
     np.testing.assert_array_equal(stage.candidates(qc, 7), stage.candidates_numpy(qc, 7))
 
 
+# ------------------------------------------------------------------------ hybrid stage
+def _hybrid_numpy(sparse, n, centroid_docs, query, matrix, offsets, bf16, alpha, k) -> list[Hit]:
+    """The numpy path of `Searcher.search_one`'s hybrid stage on the same inputs (its MaxSim is
+    the C kernel the C stage calls: the comparison is of what surrounds it)."""
+    cands = np.unique(np.concatenate([best_n(sparse, n), centroid_docs])).astype(np.int64)
+    return _top_k(cands, fuse(sparse[cands], maxsim(query, matrix, offsets, cands, bf16), alpha), k)
+
+
+def _hybrid_c(*args) -> list[Hit]:
+    docs, scores = cpu_retrieval.hybrid(cpu_retrieval.library(), *args)
+    assert docs.dtype == np.int64 and scores.dtype == np.float64
+    return [Hit(d, s) for d, s in zip(docs.tolist(), scores.tolist())]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_c_hybrid_stage_is_the_numpy_path_bitwise(bf16):
+    """Random BM25 scores (most 0, some repeated: ties at the n-th score), centroid candidates
+    overlapping BM25's, documents without rows, candidate sets past numpy's 128-number sum
+    blocks, k past the candidates: the same documents in the same order with the same float64
+    scores, bit for bit."""
+    rng = np.random.default_rng(21)
+    lengths = rng.integers(0, 12, size=400).tolist()
+    matrix, offsets = _fp16_index(lengths, 32, seed=4)
+    for trial in range(40):
+        sparse = np.zeros(len(lengths), dtype=np.float32)
+        hit = rng.choice(len(lengths), size=int(rng.integers(0, 300)), replace=False)
+        sparse[hit] = rng.choice([0.5, 1.25, 2.0, 3.75], size=len(hit)) * rng.integers(1, 3, size=len(hit))
+        sparse[hit[: len(hit) // 2]] += rng.random(len(hit) // 2, dtype=np.float32)
+        centroid_docs = rng.choice(len(lengths), size=int(rng.integers(0, 120)), replace=False)
+        query = rng.standard_normal((int(rng.integers(1, 33)), 32)).astype(np.float32)
+        n, k = int(rng.choice([1, 10, 50, 200, 400])), int(rng.choice([1, 10, 100, 1000]))
+        alpha = float(rng.choice([0.0, 0.3, 1.0]))
+        args = (sparse, n, centroid_docs, query, matrix, offsets, bf16, alpha, k)
+        assert _hybrid_c(*args) == _hybrid_numpy(*args), trial
+
+
+@needs_kernels
+def test_c_hybrid_stage_edge_cases():
+    """No centroid candidates; constant scores on both sides (z-scores of 0: every fused score
+    0, the order by document); one candidate; k past the candidates."""
+    matrix, offsets = _fp16_index([0, 0, 0, 5, 2, 3], 32, seed=9)
+    query = np.random.default_rng(2).standard_normal((4, 32)).astype(np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+    sparse = np.array([0.0, 2.0, 0.0, 1.0, 2.0, 0.5], dtype=np.float32)
+    cases = [
+        (sparse, 3, empty, 10),
+        (np.zeros(6, dtype=np.float32), 6, empty, 10),
+        (np.full(6, 1.5, dtype=np.float32), 2, np.array([5, 2], dtype=np.int64), 10),
+        (sparse, 1, empty, 5),
+        (sparse, 2, np.array([4, 0, 4], dtype=np.int64), 2),
+    ]
+    for sparse_all, n, centroid_docs, k in cases:
+        args = (sparse_all, n, centroid_docs, query, matrix, offsets, True, 0.3, k)
+        got = _hybrid_c(*args)
+        assert got == _hybrid_numpy(*args)
+        assert len(got) == min(k, len(np.union1d(best_n(sparse_all, n), centroid_docs)))
+    # Documents 0-2 have no rows (MaxSim 0) and score 0 in BM25: z-scores of 0, ties by document.
+    constant = _hybrid_c(
+        np.zeros(6, np.float32), 3, np.array([1], np.int64), query, matrix, offsets, True, 0.3, 9
+    )
+    assert constant == [Hit(0, 0.0), Hit(1, 0.0), Hit(2, 0.0)]
+
+
+def test_best_n_keeps_the_lower_positions_among_equals():
+    """The n best scores, equals at the cut taken from the lowest positions, as a stable sort
+    by score would take them."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scores = rng.choice([0.0, 0.0, 0.0, 1.0, 2.5, 3.0], size=int(rng.integers(1, 300))).astype(np.float32)
+        n = int(rng.integers(1, len(scores) + 1))
+        want = np.argsort(-scores, kind="stable")[:n]
+        assert sorted(best_n(scores, n).tolist()) == sorted(want.tolist())
+    assert len(best_n(np.ones(3, np.float32), 0)) == 0
+
+
 # ----------------------------------------------------------------------- whole searches
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, encoder):
@@ -344,6 +422,30 @@ def test_search_without_a_compiler_keeps_the_pytorch_path(index_dir, encoder, mo
         active, with_kernels = _searches(index_dir, encoder)
         assert active
         _same_rankings(with_kernels, without, atol=2e-2)
+
+
+@needs_kernels
+def test_hybrid_search_takes_the_c_stage_with_the_numpy_answers(index_dir, encoder, monkeypatch):
+    """`search_one` through the C hybrid stage gives the hits of its numpy path, bitwise, for
+    several candidate mixes and k; the C stage is the one that ran."""
+    rm = ColBERTServe.open(index_dir, encoder=encoder, batching=False)
+    calls = []
+    c_stage = cpu_retrieval.hybrid
+    monkeypatch.setattr(cpu_retrieval, "hybrid", lambda *a: calls.append(1) or c_stage(*a))
+    s = rm.searcher
+    vectors = s.encoder.encode_queries(QUERIES)
+    mixes = [SearchParams(), SearchParams(alpha=1.0, bm25_candidates=2), SearchParams(centroid_candidates=0)]
+    for p in mixes:
+        for query, qv, qc in zip(QUERIES, vectors, rm.store.centroids.scores(vectors)):
+            for k in (1, 3, 50):
+                cands, sparse, late = s.hybrid_candidates(query, qv, k, p, qc)
+                assert s.search_one(query, qv, qc, k, "hybrid", p) == _top_k(
+                    cands, fuse(sparse, late, p.alpha), k
+                )
+    assert len(calls) == len(mixes) * len(QUERIES) * 3
+    with pytest.raises(ValueError, match="alpha"):
+        s.search_one(QUERIES[0], vectors[0], None, 3, "hybrid", SearchParams(alpha=1.5))
+    rm.close()
 
 
 @needs_kernels

@@ -25,7 +25,12 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if std < 1e-12 else (x - x.mean()) / std
 
 
-def fuse(sparse: np.ndarray, late: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+def check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def fuse(sparse: np.ndarray, late: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """The fused scores; `cpu_hybrid.c` computes the same float64 arithmetic, bitwise."""
+    check_alpha(alpha)
     return alpha * zscore(sparse) + (1.0 - alpha) * zscore(late)

@@ -4,7 +4,9 @@ Stages (`stage=`):
 - "bm25":   BM25 over the whole corpus, top k.
 - "late":   centroid candidates -> exact MaxSim from the mapped embeddings, ranked by MaxSim.
 - "hybrid": BM25 top-n  union  centroid candidates -> exact MaxSim -> fusion
-            a * z(BM25) + (1 - a) * z(MaxSim) over that candidate set.
+            a * z(BM25) + (1 - a) * z(MaxSim) over that candidate set; after the first stages,
+            one call of the C kernel where it runs (`cpu_hybrid.c`), else numpy, with the same
+            hits and scores.
 
 Everything here reads shared, immutable state and allocates per call (MaxSim's reused buffers
 are per thread), so many threads may search one `Searcher` concurrently; `search_batch` encodes
@@ -19,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from plait.backends.kernels import cpu_retrieval
 from plait.retrievers.encoder import ColBERTEncoder
 from plait.retrievers.errors import BadQueryError
-from plait.retrievers.fusion import DEFAULT_ALPHA, fuse
+from plait.retrievers.fusion import DEFAULT_ALPHA, check_alpha, fuse
 from plait.retrievers.limits import MAX_K
 from plait.retrievers.maxsim import maxsim
 from plait.retrievers.store import IndexStore
@@ -56,6 +59,19 @@ def _top_k(docs: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
     # Sort by score descending, ties by document position: deterministic across runs and threads.
     order = np.lexsort((docs, -np.asarray(scores, dtype=np.float64)))[:k]
     return [Hit(int(docs[i]), float(scores[i])) for i in order]
+
+
+def best_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` highest `scores` (in no particular order), the lower positions kept
+    among equals at the cut, as `cpu_hybrid.c` keeps them. argpartition alone picks among equals
+    in an order of its own, and BM25 ties at its n-th score where fewer than n documents hold a
+    query term (the rest all score 0) or documents match alike (7 of SciFact's 1,009 queries at
+    n = 50)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    cut = -np.partition(-scores, n - 1)[n - 1]
+    above = np.flatnonzero(scores > cut)
+    return np.concatenate([above, np.flatnonzero(scores == cut)[: n - len(above)]])
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -120,28 +136,41 @@ class Searcher:
                 qc, max(k, p.centroid_candidates), p.nprobe, p.refine_factor
             )
             return _top_k(cands, self.late_scores(qv, cands), k)
-        cands, sparse, late = self.hybrid_candidates(query, qv, k, p, qc)
-        return _top_k(cands, fuse(sparse, late, p.alpha), k)
+        check_alpha(p.alpha)
+        lib = cpu_retrieval.library()
+        if lib is None or not cpu_retrieval.fits_maxsim(self.store.embeddings, qv):
+            cands, sparse, late = self.hybrid_candidates(query, qv, k, p, qc)
+            return _top_k(cands, fuse(sparse, late, p.alpha), k)
+        sparse, n, centroid_docs = self._first_stages(query, qv, k, p, qc)
+        st = self.store
+        docs, scores = cpu_retrieval.hybrid(
+            lib, sparse, n, centroid_docs, qv, st.embeddings, st.doc_offsets, self.bf16_products, p.alpha, k
+        )
+        return [Hit(d, s) for d, s in zip(docs.tolist(), scores.tolist())]
 
     def _bm25(self, query: str, k: int) -> list[Hit]:
         scores = self.store.bm25.scores(query)
-        n = min(k, len(scores))
-        top = np.argpartition(-scores, n - 1)[:n]
+        top = best_n(scores, min(k, len(scores)))
         return _top_k(top, scores[top], k)
+
+    def _first_stages(
+        self, query: str, qv: np.ndarray, k: int, p: SearchParams, qc: torch.Tensor | None
+    ) -> tuple[np.ndarray, int, np.ndarray]:
+        """(every document's BM25 score, how many of the best to keep, the centroid candidates)."""
+        sparse_all = self.store.bm25.scores(query)
+        n = min(max(k, p.bm25_candidates), len(sparse_all))
+        if p.centroid_candidates <= 0:
+            return sparse_all, n, np.zeros(0, dtype=np.int64)
+        qc = self.store.centroids.scores([qv])[0] if qc is None else qc
+        from_centroids = self.store.centroids.candidates(qc, p.centroid_candidates, p.nprobe, p.refine_factor)
+        return sparse_all, n, from_centroids
 
     def hybrid_candidates(
         self, query: str, qv: np.ndarray, k: int, p: SearchParams, qc: torch.Tensor | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage; `qc`: the query's
-        centroid scores, when they were computed with others' (`CentroidStage.scores`)."""
-        sparse_all = self.store.bm25.scores(query)
-        n = min(max(k, p.bm25_candidates), len(sparse_all))
-        from_bm25 = np.argpartition(-sparse_all, n - 1)[:n]
-        parts = [from_bm25]
-        if p.centroid_candidates > 0:
-            qc = self.store.centroids.scores([qv])[0] if qc is None else qc
-            parts.append(
-                self.store.centroids.candidates(qc, p.centroid_candidates, p.nprobe, p.refine_factor)
-            )
-        cands = np.unique(np.concatenate(parts)).astype(np.int64)
+        """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage, in numpy (the C
+        hybrid stage's reference); `qc`: the query's centroid scores, when they were computed
+        with others' (`CentroidStage.scores`)."""
+        sparse_all, n, from_centroids = self._first_stages(query, qv, k, p, qc)
+        cands = np.unique(np.concatenate([best_n(sparse_all, n), from_centroids])).astype(np.int64)
         return cands, sparse_all[cands], self.late_scores(qv, cands)

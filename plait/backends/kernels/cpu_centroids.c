@@ -34,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_ranking.h"
+
 #define MAX_TOKENS 32
 #define PANEL 64 /* centroids a packed panel holds: 4 zmm */
 #define PROWS 6  /* tokens a product tile holds */
@@ -77,44 +79,6 @@ void plait_centroid_scores(const float *tokens, int m, int dim, const float *pac
     }
 }
 
-typedef struct {
-    float score;
-    int32_t doc;
-} Ranked;
-
-/* a ranks before b */
-static inline int better(Ranked a, Ranked b) { return a.score > b.score || (a.score == b.score && a.doc < b.doc); }
-
-/* Min-heap on "better": the root is the worst of those kept. */
-static void sift_down(Ranked *heap, int size, int i) {
-    for (;;) {
-        int worst = i, l = 2 * i + 1, r = l + 1;
-        if (l < size && better(heap[worst], heap[l])) worst = l;
-        if (r < size && better(heap[worst], heap[r])) worst = r;
-        if (worst == i) return;
-        const Ranked t = heap[i];
-        heap[i] = heap[worst], heap[worst] = t;
-        i = worst;
-    }
-}
-
-/* The best `m` of items[0:count], best first, into items[0:result]; returns result. */
-static int keep_best(Ranked *items, int count, int m) {
-    if (m > count) m = count;
-    for (int i = m / 2 - 1; i >= 0; i--) sift_down(items, m, i);
-    for (int i = m; i < count; i++)
-        if (better(items[i], items[0])) {
-            items[0] = items[i];
-            sift_down(items, m, 0);
-        }
-    for (int end = m - 1; end > 0; end--) { /* heap sort: the worst goes last */
-        const Ranked t = items[0];
-        items[0] = items[end], items[end] = t;
-        sift_down(items, end, 0);
-    }
-    return m;
-}
-
 /* by_code[c * width + i] = qc[i * centroids + c] for i < tokens, 0 for tokens <= i < width:
    each centroid's scores for every query token in one contiguous vector, so that the refine
    reads a row's scores with one or two loads. 16 x 16 blocks are transposed in registers
@@ -151,18 +115,6 @@ static void by_centroid(const float *qc, int tokens, int centroids, int width, f
         for (int i = 0; i < width; i++) by_code[(size_t)c0 * width + i] = i < tokens ? qc[(size_t)i * centroids + c0] : 0.0f;
 }
 
-/* The `nprobe` best centroids of one token's scores, best first. */
-static void probe_token(const float *scores, int centroids, int nprobe, Ranked *out) {
-    for (int c = 0; c < nprobe; c++) out[c] = (Ranked){scores[c], c};
-    for (int i = nprobe / 2 - 1; i >= 0; i--) sift_down(out, nprobe, i);
-    for (int c = nprobe; c < centroids; c++)
-        if (scores[c] > out[0].score) { /* a later index never wins a tie */
-            out[0] = (Ranked){scores[c], c};
-            sift_down(out, nprobe, 0);
-        }
-    keep_best(out, nprobe, nprobe);
-}
-
 /* Writes up to n document indices, best first, to out; returns how many, or -1 when scratch
    memory is short. codes[row]: the centroid of token row; doc_offsets[d]:doc_offsets[d + 1]:
    document d's rows; ivf_offsets[c]:ivf_offsets[c + 1]: centroid c's postings in ivf_docs.
@@ -182,7 +134,7 @@ int plait_centroid_candidates(const float *qc, int tokens, int centroids, int np
     if (status == 0) {
         memset(seen, 0xff, (size_t)num_docs * sizeof(int32_t));
         for (int i = 0; i < tokens; i++) {
-            probe_token(qc + (size_t)i * centroids, centroids, nprobe, probes);
+            best_of(qc + (size_t)i * centroids, centroids, nprobe, probes);
             for (int p = 0; p < nprobe; p++) /* best first: a doc's first posting holds its best */
                 for (int64_t k = ivf_offsets[probes[p].doc]; k < ivf_offsets[probes[p].doc + 1]; k++) {
                     const int32_t d = ivf_docs[k];

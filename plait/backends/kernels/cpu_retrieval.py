@@ -1,5 +1,6 @@
 """Retrieval's hot loops as C on AVX-512 CPUs: the query encoder (`cpu_bert.c`), MaxSim
-(`cpu_maxsim.c`), the centroid stage and BM25's sum of term columns (`cpu_centroids.c`).
+(`cpu_maxsim.c`), the centroid stage and BM25's sum of term columns (`cpu_centroids.c`), and a
+hybrid query's candidates, MaxSim, fusion and top k in one call (`cpu_hybrid.c`).
 
 Each C file names the PyTorch code it replaces and how its numbers are computed; both sum every
 output in an order fixed by the data alone, so a query's answer does not depend on the batch it
@@ -27,7 +28,10 @@ import torch
 
 from plait.paths import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_bert.c", "cpu_maxsim.c", "cpu_centroids.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(f"cpu_{name}.c") for name in ("bert", "maxsim", "centroids", "hybrid")
+)
+HEADERS = (Path(__file__).with_name("cpu_ranking.h"),)
 CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"})
 """What the kernels execute, as /proc/cpuinfo names it."""
 COMPILE = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]
@@ -72,7 +76,8 @@ def _load() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if os.environ.get(ENV, "1") == "0" or cc is None or not machine_fits():
         return None
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(COMPILE).encode())
+    code = b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(COMPILE).encode())
     target = cache_dir("kernels") / f"cpu_retrieval-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         # Written under a temporary name and renamed: a concurrent or interrupted build never
@@ -103,6 +108,9 @@ def _load() -> ctypes.CDLL | None:
         i32,
     )
     lib.plait_bm25_scores.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr]
+    hybrid = lib.plait_hybrid
+    hybrid.argtypes = [ptr, i32, i32, ptr, i32, ptr, i32, i32, ptr, ptr, i32, ctypes.c_double, i32, ptr, ptr]
+    hybrid.restype = i32
     return lib
 
 
@@ -298,6 +306,51 @@ def bm25_scores(
         out.ctypes.data,
     )
     return out
+
+
+def hybrid(
+    lib: ctypes.CDLL,
+    sparse: np.ndarray,
+    n: int,
+    centroid_docs: np.ndarray,
+    query: np.ndarray,
+    matrix: torch.Tensor,
+    doc_offsets: np.ndarray,
+    bf16: bool,
+    alpha: float,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top `k` (documents int64, fused scores float64), best first, of a hybrid search, as
+    `cpu_hybrid.c` computes them: the `n` best of every document's BM25 score `sparse` (float32)
+    with the `centroid_docs`, each scored by MaxSim (as `maxsim` takes `query`, `matrix`,
+    `doc_offsets` and `bf16`; shapes `fits_maxsim`), fused with weight `alpha` on BM25."""
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    if not fits_maxsim(matrix, q):
+        raise ValueError("the C hybrid stage needs fp16 rows, at most 32 query tokens and a dim in 32s")
+    sparse = np.ascontiguousarray(sparse, dtype=np.float32)
+    cents = np.ascontiguousarray(centroid_docs, dtype=np.int64)
+    offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
+    docs, scores = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
+    found = lib.plait_hybrid(
+        sparse.ctypes.data,
+        len(sparse),
+        n,
+        cents.ctypes.data,
+        len(cents),
+        q.ctypes.data,
+        len(q),
+        q.shape[1],
+        matrix.data_ptr(),
+        offsets.ctypes.data,
+        int(bf16),
+        alpha,
+        k,
+        docs.ctypes.data,
+        scores.ctypes.data,
+    )
+    if found < 0:
+        raise MemoryError("the C hybrid stage could not allocate its scratch")
+    return docs[:found], scores[:found]
 
 
 CENTROID_PANEL = 64
