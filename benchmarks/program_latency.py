@@ -15,6 +15,12 @@ every output (answers, search queries, passages) must be the same in both server
 where a token's result does not depend on how its prompt was split into passes or batched).
 Prints p50/p95 per program and client count, and the ratio of the p50s.
 
+`--breakdown` measures, in process and at 1 client, the ceiling any overlap of stages can reach:
+the time a call spends outside its LM calls (retrieval, DSPy) and how many of the prompt tokens
+its LM calls compute (rather than restore from the prefix cache); those tokens follow the
+retrieval just before their call, so no runtime can compute them earlier. The ceiling on the
+p50 ratio is total / (total - time outside the LM calls).
+
 The artifacts are "compiled" here from labeled rows: the answer predictor gets 4 demos
 (question, answer) from the last HotPotQA dev rows and each hop's query writer 4 demos whose
 query is the title of the row's first supporting paragraph; the questions asked are the first
@@ -44,7 +50,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
-from plait.compilers.artifact import save_artifact  # noqa: E402
+import plait  # noqa: E402
+from plait.compilers.artifact import load_artifact, save_artifact  # noqa: E402
 from plait.pipelines.multihop import MultiHop  # noqa: E402
 from plait.pipelines.rag import RAG  # noqa: E402
 from plait.serve.server import wait_until_serving  # noqa: E402
@@ -141,6 +148,63 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class LMTimer(dspy.utils.callback.BaseCallback):
+    """Seconds spent inside LM calls, summed until `reset`."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.seconds = 0.0
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def on_lm_start(self, call_id: str, instance, inputs) -> None:
+        self.started[call_id] = time.perf_counter()
+
+    def on_lm_end(self, call_id: str, outputs, exception=None) -> None:
+        self.seconds += time.perf_counter() - self.started.pop(call_id)
+        self.calls += 1
+
+
+def breakdown(artifacts: dict[str, Path], questions: list[str], args: argparse.Namespace) -> None:
+    """Per program at 1 client: total, LM, outside-LM seconds (medians) and prompt tokens."""
+    timer = LMTimer()
+    lm = plait.LM(
+        "smollm2-135m",
+        max_tokens=args.max_tokens,
+        cache=False,
+        **({"dtype": args.dtype} if args.dtype else {}),
+    )
+    print(f"\nin process, 1 client, {len(questions) - 1} questions after a warm-up (medians per call)")
+    print(
+        f"{'program':<10}{'total s':>9}{'LM s':>8}{'LM calls':>9}{'outside LM':>17}"
+        f"{'prompt tokens computed / all':>31}{'ceiling':>9}"
+    )
+    for name, path in artifacts.items():
+        program = load_artifact(path).program
+        with dspy.context(lm=lm, adapter=plait.ConstrainedAdapter(), callbacks=[timer]):
+            program(question=questions[0])  # warm-up
+            rows = []
+            for question in questions[1:]:
+                timer.reset()
+                seen = len(lm.history)
+                started = time.perf_counter()
+                program(question=question)
+                total = time.perf_counter() - started
+                usage = [entry["usage"] for entry in lm.history[seen:]]
+                prompt = sum(u.get("prompt_tokens", 0) for u in usage)
+                restored = sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in usage)
+                rows.append((total, timer.seconds, timer.calls, prompt - restored, prompt))
+        total, in_lm, calls, computed, prompt = (statistics.median(column) for column in zip(*rows))
+        outside = total - in_lm
+        print(
+            f"{name:<10}{total:>9.3f}{in_lm:>8.3f}{calls:>9.0f}"
+            f"{outside * 1000:>9.1f} ms {100 * outside / total:>4.1f}%"
+            f"{computed:>19.0f} / {prompt:<9.0f}{total / (total - outside):>8.3f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +213,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", help="the engine precision ('': the default, int4)")
+    parser.add_argument("--breakdown", action="store_true", help="only the in-process ceiling (see above)")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in open(DATA / "dev.jsonl")]
@@ -157,6 +222,11 @@ def main() -> None:
     asked = {c: rows[i * args.questions : (i + 1) * args.questions] for i, c in enumerate(args.clients)}
     warm_up = rows[len(args.clients) * args.questions]["question"]
     build_index()
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as folder:
+            artifacts = write_artifacts(Path(folder), rows)
+            breakdown(artifacts, [r["question"] for r in rows[: args.questions + 1]], args)
+        return
     results: dict[tuple[str, str, int], list[float]] = {}
     outputs: dict[tuple[str, str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as folder:
