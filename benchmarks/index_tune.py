@@ -34,6 +34,7 @@ from plait.retrievers.colbert_serve import ColBERTServe  # noqa: E402
 from plait.retrievers.evaluation import load_qrels, load_queries, subset  # noqa: E402
 from plait.retrievers.manifest import read_manifest  # noqa: E402
 from plait.retrievers.query_map import TrainSettings  # noqa: E402
+from plait.retrievers.synthetic import read_pairs  # noqa: E402
 from plait.retrievers.tuning import TuneSettings, tune_index  # noqa: E402
 from plait.retrievers.versions import versions  # noqa: E402
 
@@ -55,6 +56,22 @@ def evaluate(index: Path, version: int, queries, qrels, depth: int) -> dict[str,
     benchmarks/retrieval.py scores them."""
     rm = ColBERTServe.open(index, version=version, batching=False)
     return {stage: evaluate_stage(rm, queries, qrels, stage, k=depth) for stage in ("late", "hybrid")}
+
+
+def synthetic_difficulty(index: Path, stage: str = "late") -> tuple[float, float, int]:
+    """(MRR@10 of each kept synthetic query's own passage, the share ranked first, queries)
+    under version 1's `stage`: what a trainer can learn from the pairs that the index does not
+    already do."""
+    searcher = ColBERTServe.open(index, version=1, batching=False).searcher
+    pairs = read_pairs(index / "tune" / "from-1" / "pairs.jsonl")
+    reciprocal = []
+    for start in range(0, len(pairs), 16):
+        batch = pairs[start : start + 16]
+        for pair, hits in zip(batch, searcher.search_batch([p.query for p in batch], 10, stage)):
+            ranked = [h.doc for h in hits]
+            reciprocal.append(1 / (ranked.index(pair.doc) + 1) if pair.doc in ranked else 0.0)
+    first = sum(r == 1.0 for r in reciprocal) / max(len(reciprocal), 1)
+    return sum(reciprocal) / max(len(reciprocal), 1), first, len(reciprocal)
 
 
 def scifact() -> tuple[list[tuple[str, str]], dict[str, dict[str, int]], int]:
@@ -126,6 +143,11 @@ def main() -> None:
     )
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in tuning["seconds"].items()))
     print(f"  total {sum(tuning['seconds'].values()) / 60:.1f} min (goal <= 30 min on 2 cores)")
+    mrr, first, n = synthetic_difficulty(work)
+    print(
+        f"  the {n} kept queries under version 1's late stage: MRR@10 of their passage {mrr:.4f}, "
+        f"first {first:.1%}"
+    )
     before, after = (evaluate(work, v, queries, qrels, depth) for v in (1, newest))
     recall = f"R@{depth} v1"
     print(f"{'stage':<8}{'nDCG@10 v1':>12}{'tuned':>8}{recall:>10}{'tuned':>8}")
