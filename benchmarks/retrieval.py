@@ -231,7 +231,7 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
     torch.set_num_threads(1)
     from plait.retrievers.fusion import fuse
     from plait.retrievers.maxsim import maxsim, maxsim_torch, token_rows
-    from plait.retrievers.searcher import _top_k
+    from plait.retrievers.searcher import _top_k, best_n
 
     rm = ColBERTServe.open(index, batching=False)
     rm.warmup()
@@ -240,6 +240,17 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
     texts = [t for _, t in subset(load_queries(queries_file), qrels)][:n]
     vectors = [enc.encode_queries([t])[0] for t in texts]
     hybrid = [s.hybrid_candidates(t, v, 10, p) for t, v in zip(texts, vectors)]
+    firsts = [s.first_stages(t, v, 10, p, None) for t, v in zip(texts, vectors)]
+    lib = cpu_retrieval.library()
+
+    def numpy_rest(sparse: np.ndarray, n: int, centroid_docs: np.ndarray, late: np.ndarray) -> None:
+        cands = np.unique(np.concatenate([best_n(sparse, n), centroid_docs])).astype(np.int64)
+        _top_k(cands, fuse(sparse[cands], late, p.alpha), 10)
+
+    def c_rest(sparse: np.ndarray, n: int, centroid_docs: np.ndarray, qv: np.ndarray) -> None:
+        args = (qv, st.embeddings, st.doc_offsets, s.bf16_products, p.alpha, 10)
+        cpu_retrieval.hybrid(lib, sparse, n, centroid_docs, *args)
+
     rows = [token_rows(st.doc_offsets, cands)[0] for cands, _, _ in hybrid]
     q_tokens = statistics.median(len(v) for v in vectors)
     cand_tokens = statistics.median(len(r) for r in rows)
@@ -371,8 +382,14 @@ def stage_probe(index: str, queries_file: str, qrels_file: str, n: int) -> None:
             "FLOPs",
         ),
         (
-            "fusion + top-k",
-            cpu_ms(lambda i: _top_k(hybrid[i][0], fuse(hybrid[i][1], hybrid[i][2], p.alpha), 10), idx),
+            "BM25 top-n, union, fusion, top-k, numpy",
+            cpu_ms(lambda i: numpy_rest(*firsts[i], hybrid[i][2]), idx),
+            None,
+            "",
+        ),
+        (
+            "MaxSim and those in one C call",
+            cpu_ms(lambda i: c_rest(*firsts[i], vectors[i]), idx) if lib is not None else float("nan"),
             None,
             "",
         ),

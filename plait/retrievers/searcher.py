@@ -141,7 +141,7 @@ class Searcher:
         if lib is None or not cpu_retrieval.fits_maxsim(self.store.embeddings, qv):
             cands, sparse, late = self.hybrid_candidates(query, qv, k, p, qc)
             return _top_k(cands, fuse(sparse, late, p.alpha), k)
-        sparse, n, centroid_docs = self._first_stages(query, qv, k, p, qc)
+        sparse, n, centroid_docs = self.first_stages(query, qv, k, p, qc)
         st = self.store
         docs, scores = cpu_retrieval.hybrid(
             lib, sparse, n, centroid_docs, qv, st.embeddings, st.doc_offsets, self.bf16_products, p.alpha, k
@@ -153,7 +153,7 @@ class Searcher:
         top = best_n(scores, min(k, len(scores)))
         return _top_k(top, scores[top], k)
 
-    def _first_stages(
+    def first_stages(
         self, query: str, qv: np.ndarray, k: int, p: SearchParams, qc: torch.Tensor | None
     ) -> tuple[np.ndarray, int, np.ndarray]:
         """(every document's BM25 score, how many of the best to keep, the centroid candidates)."""
@@ -171,6 +171,6 @@ class Searcher:
         """(candidate docs, BM25 scores, MaxSim scores) for the fusion stage, in numpy (the C
         hybrid stage's reference); `qc`: the query's centroid scores, when they were computed
         with others' (`CentroidStage.scores`)."""
-        sparse_all, n, from_centroids = self._first_stages(query, qv, k, p, qc)
+        sparse_all, n, from_centroids = self.first_stages(query, qv, k, p, qc)
         cands = np.unique(np.concatenate([best_n(sparse_all, n), from_centroids])).astype(np.int64)
         return cands, sparse_all[cands], self.late_scores(qv, cands)

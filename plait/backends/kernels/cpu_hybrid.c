@@ -5,9 +5,8 @@
    Replaces the numpy glue of `Searcher.hybrid_candidates`, `fusion.fuse` and `_top_k`
    (plait/retrievers/searcher.py and fusion.py: an argpartition over every document's BM25
    score, np.unique of the concatenated candidates, a gather, two z-scores in float64 and a
-   lexsort; ~0.25 ms a SciFact query alone, each step a few microseconds of C on a hundred
-   numbers after tens of the interpreter, taken under the GIL that 16 searching threads share)
-   and computes what it computes:
+   lexsort: ~0.25 ms a SciFact query on one thread, under the GIL that 16 searching threads
+   share; here lost in the noise of the ~2 ms MaxSim it calls) and computes what it computes:
    1. BM25's top n: the n best scores, the lower document index first among equals at the cut
       (`searcher.best_n`, the numpy path, keeps the same documents).
    2. The candidates: those and the centroid candidates, each document once, in ascending order.
