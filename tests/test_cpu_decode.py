@@ -229,6 +229,89 @@ def test_a_token_has_the_same_logits_alone_batched_or_verified(tmp_path):
     assert torch.equal(run([0, 1], 0, [2, 1]), alone)
 
 
+def _attention_reference(q, keys, values, cache_lens) -> torch.Tensor:
+    """softmax(q K^T / sqrt(d)) V in fp64, each row's token t over keys 0 .. cache_lens + t."""
+    rows, heads, steps, hd = q.shape
+    group = heads // keys.shape[1]
+    out = torch.empty(rows, heads, steps, hd, dtype=torch.float64)
+    for r in range(rows):
+        for t in range(steps):
+            end = int(cache_lens[r]) + t + 1
+            k = keys[r, :, :end].double().repeat_interleave(group, 0)
+            v = values[r, :, :end].double().repeat_interleave(group, 0)
+            scores = (k @ q[r, :, t].double()[:, :, None])[..., 0] / hd**0.5
+            out[r, :, t] = (scores.softmax(-1)[:, None, :] @ v)[:, 0]
+    return out
+
+
+@needs_kernel
+def test_prompt_attention_is_softmax_attention_summed_the_same_way_for_any_split(tmp_path):
+    """The prompt passes' attention (`plait_prompt_attention`) against fp64 attention, then bit
+    for bit: a token's output is the same computed with its whole prompt, as a later chunk, in
+    a batch beside a longer row (padded), or one token at a time, with 1 or 2 threads."""
+    kernel = tiny_int4_llama(tmp_path).decode_kernel
+    g = torch.Generator().manual_seed(6)
+    heads, kv_heads, hd, length = 4, 2, 32, 40
+    q = torch.randn(1, heads, length, hd, generator=g)
+    keys = torch.zeros(2, kv_heads, 64, hd, dtype=torch.bfloat16)
+    values = torch.zeros_like(keys)
+    keys[:, :, :length] = torch.randn(kv_heads, length, hd, generator=g).bfloat16()
+    values[:, :, :length] = torch.randn(kv_heads, length, hd, generator=g).bfloat16()
+    whole = kernel.prompt_attention(q, keys[:1], values[:1], torch.tensor([0]))
+    torch.testing.assert_close(
+        whole, _attention_reference(q, keys, values, torch.tensor([0])).float(), atol=1e-5, rtol=1e-5
+    )
+    for start in (1, 17, 33, 39):
+        chunk = kernel.prompt_attention(q[:, :, start:], keys[:1], values[:1], torch.tensor([start]))
+        assert torch.equal(chunk, whole[:, :, start:]), start
+    padded = torch.zeros(2, heads, 30, hd)
+    padded[0, :, :23], padded[1] = q[0, :, 17:], q[0, :, 10:]
+    batched = kernel.prompt_attention(padded, keys, values, torch.tensor([17, 10]))
+    assert torch.equal(batched[0, :, :23], whole[0, :, 17:]) and torch.equal(batched[1], whole[0, :, 10:])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(kernel.prompt_attention(q, keys[:1], values[:1], torch.tensor([0])), whole)
+    finally:
+        torch.set_num_threads(threads)
+    in_bf16 = kernel.prompt_attention(q.bfloat16(), keys[:1], values[:1], torch.tensor([0]))
+    assert in_bf16.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="past the cache"):
+        kernel.prompt_attention(q, keys[:1], values[:1], torch.tensor([30]))
+
+
+@needs_kernel
+def test_a_prompt_token_has_the_same_logits_however_its_prompt_is_split(tmp_path):
+    """Bit for bit, a prompt's last token in bf16 prompt passes: the whole prompt in one pass,
+    its prefix restored and the rest computed (the prefix cache), one token after the others,
+    or in a padded batch beside a longer prompt. PyTorch's SDPA and one-row matmul gave each
+    of these other last bits."""
+    model = tiny_int4_llama(tmp_path)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(7))
+
+    def last_logits(chunks, beside: bool = False) -> torch.Tensor:
+        pool, length = _pool(model), 0
+        with torch.inference_mode(), prompt_pass():
+            if beside:  # row 0: a 36-token prompt's first chunk; row 1: ours, 10 tokens behind
+                model(ids[:1, :10], Batch(pool, 1, torch.tensor([0])), last_only=True)
+                model(ids[1:, :26], Batch(pool, 0, torch.tensor([0])), last_only=True)
+                both = torch.stack([ids[1, 26:36], torch.cat([ids[0, 10:20], ids[0, :0]])])
+                batch = Batch(pool, 0, torch.tensor([26, 10]), new_tokens=torch.tensor([10, 10]))
+                return model(both, batch, last_only=True)[1, -1]
+            for chunk in chunks:
+                batch = Batch(pool, 0, torch.tensor([length]))
+                out = model(ids[:1, length : length + chunk], batch, last_only=True)
+                length += chunk
+        return out[0, -1]
+
+    whole = last_logits([20])
+    assert torch.equal(last_logits([16, 4]), whole)
+    assert torch.equal(last_logits([19, 1]), whole)
+    assert torch.equal(last_logits([8, 8, 3, 1]), whole)
+    assert torch.equal(last_logits([], beside=True), whole)
+
+
 @needs_kernel
 def test_packed_matrices_are_cached(tmp_path, monkeypatch):
     first = tiny_int4_llama(tmp_path)
@@ -317,3 +400,39 @@ def test_the_embedded_model_decodes_on_the_kernel_and_tracks_fp32(smollm, data_d
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert agreement >= 0.88
     assert "Paris" in result.text
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_the_default_engine_answers_the_same_alone_batched_or_from_the_prefix_cache(data_dir):
+    """The user-facing promise at the embedded model's default (int4) precision: a greedy answer
+    does not depend on what else the engine runs or on what its prefix cache holds. HotPotQA
+    prompts, each alone on an empty cache, all at once, and after their prompts were prefilled
+    into the cache (the last tokens then run as a short pass, often of one token). Before the
+    fixed-order prompt attention and the one-row matmul rule, 3 of these 8 changed."""
+    rows = [json.loads(line) for line in (data_dir / "hotpotqa" / "dev.jsonl").open()][:8]
+    engine = Engine.load("smollm2-135m")
+    try:
+        prompts = [
+            engine.chat_prompt([{"role": "user", "content": _passages(row) + "\n" + row["question"]}])
+            for row in rows
+        ]
+        settings = {"max_tokens": 32, "temperature": 0.0}
+        alone = []
+        for prompt in prompts:
+            engine.clear_prefix_cache()
+            alone.append(engine.generate(prompt, **settings).token_ids)
+        engine.clear_prefix_cache()
+        together = [r.wait().token_ids for r in [engine.submit(p, **settings) for p in prompts]]
+        engine.clear_prefix_cache()
+        for prompt in prompts:
+            engine.prefill(prompt).wait()
+        restored = [engine.generate(p, **settings).token_ids for p in prompts]
+    finally:
+        engine.close()
+    assert together == alone
+    assert restored == alone
+
+
+def _passages(row: dict) -> str:
+    return " ".join("".join(sentences) for _, sentences in row["context"][:2])[:1500]

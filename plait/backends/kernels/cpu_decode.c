@@ -20,6 +20,8 @@
    - residual stream, norms, rotary embedding, softmax and attention: fp32; K/V cache: bf16.
    Every output element is summed in a fixed order that does not depend on how many rows or tokens
    share the pass, so a token's result is bitwise the same alone, batched or in a verify pass.
+   `plait_prompt_attention` gives the model's bf16 prompt passes the same property for their
+   attention (see its section).
 */
 #include <immintrin.h>
 #include <math.h>
@@ -327,6 +329,122 @@ static void quantized_alloc(Quantized *qa, int rows, int k) {
 }
 
 static void quantized_free(Quantized *qa) { free(qa->q), free(qa->sums), free(qa->spread); }
+
+/* ---- prompt tokens' attention ------------------------------------------------------------
+
+   Replaces, for the bf16 prompt passes of the same model, PyTorch's scaled_dot_product_attention
+   over the cache (plait/backends/models/attention.py, Attention._attend_cached): softmax(q K^T /
+   sqrt(d)) V over keys 0..position of the token's own row. PyTorch's CPU kernel sums in an order
+   that follows the pass's key length (the longest row, padding included) and its query count, so
+   a prompt token's output changed, in its last bits, with how its prompt was split into passes,
+   what it was batched with, and whether its prefix came back from the prefix cache; greedy
+   answers then changed with them. Here every sum runs over its own terms only, in one fixed
+   order: a score over the head's dimensions in order, the softmax's total and the output over
+   keys 0..position in order. Sixteen query tokens of one row and head share a job, one per
+   vector lane, so each lane's arithmetic is the same whichever tokens fill the other lanes. */
+
+enum { LANES = 16, KEYS_AT_ONCE = 6 };
+
+/* Tokens t0 .. t0+count-1 (count <= 16) of one row and head: q [tokens][head_dim] at a stride
+   of `q_stride` floats between tokens, keys/values [capacity][head_dim] bf16 of the head's
+   group, the first token at `position`. scores: (position + count) * 16 floats of scratch. */
+static void attend_tile(const float *q, size_t q_stride, const uint16_t *keys, const uint16_t *values,
+                        int position, int count, int head_dim, float *scores, float *out, size_t out_stride) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int keys_seen = position + count; /* the last lane sees keys 0 .. position + count - 1 */
+    float q_by_dim[128 * LANES], key[KEYS_AT_ONCE * 128] = {0}; /* q transposed: 16 lanes a dimension */
+    for (int i = 0; i < head_dim; i++)
+        for (int lane = 0; lane < LANES; lane++)
+            q_by_dim[i * LANES + lane] = lane < count ? q[(size_t)lane * q_stride + i] : 0.0f;
+    __m512i lane_position = _mm512_add_epi32(_mm512_set1_epi32(position),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int j0 = 0; j0 < keys_seen; j0 += KEYS_AT_ONCE) {
+        /* a few keys' dot products at once: independent chains keep the FMA units busy, and each
+           key's chain still adds the dimensions in order */
+        const int n = keys_seen - j0 < KEYS_AT_ONCE ? keys_seen - j0 : KEYS_AT_ONCE;
+        for (int k = 0; k < n; k++)
+            for (int i = 0; i < head_dim; i += 16)
+                _mm512_storeu_ps(key + k * 128 + i, load_bf16(keys + (size_t)(j0 + k) * head_dim + i));
+        __m512 acc[KEYS_AT_ONCE];
+        for (int k = 0; k < KEYS_AT_ONCE; k++) acc[k] = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i++) {
+            __m512 qi = _mm512_loadu_ps(q_by_dim + i * LANES);
+            for (int k = 0; k < KEYS_AT_ONCE; k++) acc[k] = _mm512_fmadd_ps(qi, _mm512_set1_ps(key[k * 128 + i]), acc[k]);
+        }
+        for (int k = 0; k < n; k++) {
+            __mmask16 sees = _mm512_cmp_epi32_mask(_mm512_set1_epi32(j0 + k), lane_position, _MM_CMPINT_LE);
+            __m512 score = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), sees, _mm512_mul_ps(acc[k], _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(scores + (size_t)(j0 + k) * LANES, score);
+            best = _mm512_max_ps(best, score);
+        }
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int j = 0; j < keys_seen; j++) { /* unseen keys: e^-inf = 0, a sum unchanged */
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + (size_t)j * LANES), best));
+        __mmask16 sees = _mm512_cmp_epi32_mask(_mm512_set1_epi32(j), lane_position, _MM_CMPINT_LE);
+        e = _mm512_maskz_mov_ps(sees, e);
+        _mm512_storeu_ps(scores + (size_t)j * LANES, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float totals[LANES];
+    _mm512_storeu_ps(totals, total);
+    const int chunks = head_dim / 16;
+    /* Four lanes at a time share each value row's load; a lane's sum runs over keys 0 .. its own
+       position in order, and the keys past it add weights of exactly 0. */
+    for (int lane0 = 0; lane0 < count; lane0 += 4) {
+        const int group = count - lane0 < 4 ? count - lane0 : 4;
+        __m512 acc[4][8]; /* head_dim <= 128 */
+        for (int l = 0; l < group; l++)
+            for (int c = 0; c < chunks; c++) acc[l][c] = _mm512_setzero_ps();
+        for (int j = 0; j <= position + lane0 + group - 1; j++) {
+            const uint16_t *value = values + (size_t)j * head_dim;
+            __m512 v[8];
+            for (int c = 0; c < chunks; c++) v[c] = load_bf16(value + 16 * c);
+            for (int l = 0; l < group; l++) {
+                __m512 weight = _mm512_set1_ps(scores[(size_t)j * LANES + lane0 + l]);
+                for (int c = 0; c < chunks; c++) acc[l][c] = _mm512_fmadd_ps(weight, v[c], acc[l][c]);
+            }
+        }
+        for (int l = 0; l < group; l++) {
+            __m512 inverse = _mm512_set1_ps(1.0f / totals[lane0 + l]);
+            float *row = out + (size_t)(lane0 + l) * out_stride;
+            for (int c = 0; c < chunks; c++) _mm512_storeu_ps(row + 16 * c, _mm512_mul_ps(acc[l][c], inverse));
+        }
+    }
+}
+
+/* q [rows, heads, steps, head_dim] fp32 -> out, the same shape: row r's token t sits at position
+   cache_lens[r] + t, its keys and values already in the cache ([slots, kv_heads, capacity,
+   head_dim] bf16, row r in slot first_slot + r). Returns -1 for a position past the cache. */
+int plait_prompt_attention(const float *q, const uint16_t *keys, const uint16_t *values, const int64_t *cache_lens,
+                           int rows, int steps, int heads, int kv_heads, int head_dim, int capacity, float *out,
+                           int threads) {
+    if (head_dim % 16 || head_dim > 128 || heads % kv_heads) return -1;
+    int longest = 0;
+    for (int r = 0; r < rows; r++) {
+        int64_t end = cache_lens[r] + steps;
+        if (end > capacity) return -1;
+        if (end > longest) longest = (int)end;
+    }
+    const int tiles = (steps + LANES - 1) / LANES, group = heads / kv_heads;
+    const size_t head_stride = (size_t)capacity * head_dim, slot_stride = (size_t)kv_heads * head_stride;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = grab(sizeof(float) * (size_t)(longest + LANES) * LANES);
+#pragma omp for schedule(dynamic)
+        for (int job = 0; job < rows * heads * tiles; job++) {
+            int r = job / (heads * tiles), h = job / tiles % heads, t0 = job % tiles * LANES;
+            int count = steps - t0 < LANES ? steps - t0 : LANES;
+            size_t at = (size_t)r * slot_stride + (size_t)(h / group) * head_stride;
+            size_t first = (((size_t)r * heads + h) * steps + t0) * head_dim;
+            attend_tile(q + first, head_dim, keys + at, values + at, (int)cache_lens[r] + t0, count, head_dim,
+                        scores, out + first, head_dim);
+        }
+        free(scores);
+    }
+    return 0;
+}
 
 /* x: [tokens, hidden] fp32 embeddings in, hidden states out. Row r of `rows` has `steps` tokens
    at positions cache_lens[r] .. cache_lens[r] + steps - 1, its K/V in slot first_slot + r of

@@ -5,7 +5,9 @@ tokens: decode steps, forced spans and speculative verify passes. At one token a
 spends most of a 135M model's step launching ~500 small ops (casts, norms, rotary, the packed
 matmuls one by one); the C pass runs the layers in one OpenMP team, reads each 4-bit matrix once
 per pass with VNNI int8 dot products, and keeps the residual stream in fp32. What it computes
-is described at the top of the C file; it is bitwise independent of the batch's shape.
+is described at the top of the C file; it is bitwise independent of the batch's shape. The same
+library holds the attention of the model's bf16 prompt passes (`LlamaDecodeKernel.prompt_attention`),
+summed per token in one order, so a prompt token's result does not depend on the pass either.
 
 The library is compiled on first use with the machine's C compiler (gcc or cc, as Python's own
 extensions are) into plait's cache, named by the source's hash, and loaded with ctypes. Where
@@ -110,6 +112,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.plait_llama_layers.argtypes = [p, p, i, i, p, p, p, i, i, i]
     lib.plait_llama_layers.restype = i
     lib.plait_llama_head.argtypes = [p, p, i, p, i]
+    lib.plait_prompt_attention.argtypes = [p, p, p, p, i, i, i, i, i, i, p, i]
+    lib.plait_prompt_attention.restype = i
     return lib
 
 
@@ -247,6 +251,35 @@ class LlamaDecodeKernel:
         if status != 0:
             raise ValueError(f"a pass past the cache's {capacity} positions or the model's context")
         return x
+
+    def prompt_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of a prompt pass's queries `q` [rows, heads, steps, head_dim] over `keys`
+        and `values` ([rows, kv_heads, capacity, head_dim] bf16, the pass's slots, this pass's
+        tokens already written at cache_lens[r] ..) -> q's shape and dtype. Each token's output
+        is summed in one order whatever the pass's split, batch and padding (`cpu_decode.c`)."""
+        rows, heads, steps, head_dim = q.shape
+        query = q.float().contiguous()
+        out = torch.empty_like(query)
+        lens = cache_lens.to(torch.int64).contiguous()
+        status = self.lib.plait_prompt_attention(
+            query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            lens.data_ptr(),
+            rows,
+            steps,
+            heads,
+            keys.shape[1],
+            head_dim,
+            keys.shape[2],
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise ValueError(f"a prompt pass past the cache's {keys.shape[2]} positions")
+        return out.to(q.dtype)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] fp32 -> [rows, vocab] fp32 logits (final norm, then the int8 head)."""

@@ -61,6 +61,8 @@ def attach_decode_kernel(model: torch.nn.Module, cache: Path) -> bool:
         tensors[f"{i}.attn_norm"] = layer.input_layernorm.weight.detach().float()
         tensors[f"{i}.mlp_norm"] = layer.post_attention_layernorm.weight.detach().float()
     model.decode_kernel = LlamaDecodeKernel(lib, shape, tensors)
+    for layer in model.layers:  # prompt passes: the same token, the same bits, however it is batched
+        layer.self_attn.fixed_order_attention = model.decode_kernel.prompt_attention
     return True
 
 

@@ -50,6 +50,20 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
 
 
+def _rows_alike(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) where a row's result is the same bits whatever the other rows.
+
+    A bf16 matmul of one row takes another kernel than one of several (oneDNN's matrix-vector
+    path), whose sums round differently: SmolLM2's down projection gave a prompt's last token
+    other outputs in a one-token pass (a prompt whose prefix the cache restored) than in the
+    pass of its whole prompt, and the greedy answer changed 17 tokens later. A lone row is
+    computed as two, itself twice: the several-row kernel's per-row sums do not depend on how
+    many rows share the call (checked on this model's shapes at 2 to 1,024 rows, 1 and 2 threads)."""
+    if x.shape[0] != 1:
+        return F.linear(x, weight, bias)
+    return F.linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
+
+
 class _PackedLinear(nn.Module):
     """What the int4 and int8 layers share: the dense weight for prompt passes, the bias."""
 
@@ -63,7 +77,7 @@ class _PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flat(x)
         if self.dense is not None and in_prompt_pass():
-            return F.linear(flat, self.dense, self.bias).view(*x.shape[:-1], self.out_features)
+            return _rows_alike(flat, self.dense, self.bias).view(*x.shape[:-1], self.out_features)
         y = self._packed_mm(flat)
         if self.bias is not None:
             y = y + self.bias

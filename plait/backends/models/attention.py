@@ -7,6 +7,8 @@ On CUDA (with triton) a decode step attends with the kernel in `plait.backends.k
 each row's length on the device; this file's SDPA code is its reference and the CPU path.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,12 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Linear | None = None
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.rope = rope
+        self.fixed_order_attention: Callable[..., torch.Tensor] | None = None
+        """Set by the loader beside the int4 C pass (`loading.decode_kernel`): attention of a CPU
+        pass's tokens over the bf16 cache, each token's sums in one fixed order. PyTorch's SDPA
+        sums in an order that follows the pass's key length and query count, so without it a
+        prompt token's output (and a greedy answer) changed with how its prompt was split into
+        passes, what it was batched with, and what the prefix cache restored."""
 
     def fuse(self) -> None:
         """Merge q/k/v into one matmul (checkpoints load them separately, by their own names):
@@ -132,11 +140,14 @@ class Attention(nn.Module):
         lens = state.batch.cache_lens
         k_cache, v_cache = state.tensors["k"], state.tensors["v"]
         on_kernel = steps == 1 and use_kernels(q)  # decode on the GPU: no host sync, only real keys read
+        fixed_order = (
+            self.fixed_order_attention is not None and not on_kernel and k_cache.dtype == torch.bfloat16
+        )
         if bsz == 1 and not on_kernel:
             start = int(lens[0])
             k_cache[0, :, start : start + steps] = k[0]
             v_cache[0, :, start : start + steps] = v[0]
-            if start == 0:  # a fresh sequence sees only its own keys: plain causal attention
+            if start == 0 and not fixed_order:  # a fresh sequence sees only its own keys: causal
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # several rows, or the kernel: each row writes at its own positions, no host sync
             rows = torch.arange(bsz, device=q.device)[:, None]
@@ -147,6 +158,8 @@ class Attention(nn.Module):
             from plait.backends.kernels import attention as attention_kernels
 
             return attention_kernels.decode_attention(q[:, :, 0], k_cache, v_cache, lens)[:, :, None]
+        if fixed_order:
+            return self.fixed_order_attention(q, k_cache, v_cache, lens)
         mask = state.batch.key_mask(steps)
         length = mask.shape[-1]
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]
