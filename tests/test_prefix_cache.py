@@ -158,3 +158,36 @@ def test_a_hybrid_prefill_leaves_mamba_checkpoints_a_request_resumes_from(hybrid
         assert result.token_ids == plain.generate(ids, max_tokens=10).token_ids
     finally:
         engine.close()
+
+
+def test_a_prompt_pass_stops_where_the_prompt_ends_before_the_forced_tokens(smollm):
+    """Tokens a grammar forces right after the prompt are generated tokens (a quantised model
+    runs them on its 4-bit weights, prompt tokens on bf16 ones). A prompt tail that the prefix
+    cache left short enough to share a pass with them still gets a pass of its own. Before, the
+    forced tokens rode along in the prompt's pass whenever they fitted, so which weights they
+    ran on depended on what the cache held, and a greedy answer at the int4 default changed with
+    it (a HotPotQA ChainOfThought call asked from 8 threads changed in 2 of 6 runs)."""
+    from plait.backends.grammar.constraint import compile_constraint
+
+    engine = Engine(smollm.model, smollm.tokenizer, "prefix-forced", "llama", prefix_cache=True)
+    try:
+        ids = _prompt(engine, QUESTIONS[0])
+        block = engine.prefix_cache.block_size
+        engine.prefill(ids[: (len(ids) // block - 1) * block]).wait()  # leaves a tail of 1-2 blocks
+        passes: list[tuple[bool, int]] = []
+        forward = engine.scheduler._forward
+
+        def recorded(first_slot, rows, pass_ids, *args, prompt=False, **kwargs):
+            passes.append((prompt, pass_ids.shape[1]))
+            return forward(first_slot, rows, pass_ids, *args, prompt=prompt, **kwargs)
+
+        engine.scheduler._forward = recorded
+        choices = ["The answer to that is yes, certainly", "The answer to that is no, certainly"]
+        constraint = compile_constraint(choices, engine.tokenizer, engine.info.vocab_size)
+        result = engine.generate(ids, max_tokens=12, constraint=constraint)
+    finally:
+        engine.close()
+    assert result.text in choices and result.usage.forced_tokens >= 5
+    tail = len(ids) - result.usage.cached_tokens
+    assert 0 < tail < engine.scheduler.prefill_chunk
+    assert [width for prompt, width in passes if prompt] == [tail]

@@ -573,8 +573,12 @@ class Scheduler:
 
     def _pass_length(self, row: Sequence) -> int:
         """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
-        block boundaries (one block per pass when Mamba state must be checkpointed there)."""
+        block boundaries (one block per pass when Mamba state must be checkpointed there). A
+        prompt pass holds prompt tokens only: the tokens a grammar forces after the prompt are
+        generated ones (other weights on a quantised model), whichever pass they would share."""
         length = min(self.prefill_chunk, len(row.pending))
+        if _in_prompt(row):
+            length = min(length, len(row.prompt_ids) - row.cached)
         cache = self.prefix_cache
         if _background(row):
             length = min(length, max(BACKGROUND_CHUNK // cache.block_size, 1) * cache.block_size)
