@@ -89,8 +89,9 @@ class StepPlan:
 
 
 def _in_prompt(row: Sequence) -> bool:
-    """Whether the row's next pending token is still one of its prompt's."""
-    return row.cached < len(row.prompt_ids)
+    """Whether the row's next pending token is still one of its prompt's, or of the tokens its
+    grammar forced before anything was sampled (`Sequence.forced_prefix`)."""
+    return row.cached < len(row.prompt_ids) + row.forced_prefix
 
 
 def _background(row: Sequence) -> bool:
@@ -210,6 +211,7 @@ class Scheduler:
             if forced:
                 request.constraint.advance(forced)
                 sequence.pending += forced
+                sequence.forced_prefix = len(forced)
                 request.usage.forced_tokens = len(forced)
                 sequence.append_output(forced)
         if self.speculative is not None:
@@ -433,7 +435,7 @@ class Scheduler:
             return
         for slot, row in enumerate(self.rows):
             row.draft, row.rides_along = [], False
-            if row.finished or row.draft_length is None or row.cached < len(row.prompt_ids) or row.forks:
+            if row.finished or row.draft_length is None or _in_prompt(row) or row.forks:
                 continue  # a row with samples waiting forks where its prompt ends: in `_sample`
             if self.mtp is not None and (len(row.pending) > 1 or row.replay):
                 continue  # the head drafts from the hidden state of the token before the last
@@ -573,12 +575,8 @@ class Scheduler:
 
     def _pass_length(self, row: Sequence) -> int:
         """Tokens for a row's next multi-token pass. With a prefix cache, prompt passes end on
-        block boundaries (one block per pass when Mamba state must be checkpointed there). A
-        prompt pass holds prompt tokens only: the tokens a grammar forces after the prompt are
-        generated ones (other weights on a quantised model), whichever pass they would share."""
+        block boundaries (one block per pass when Mamba state must be checkpointed there)."""
         length = min(self.prefill_chunk, len(row.pending))
-        if _in_prompt(row):
-            length = min(length, len(row.prompt_ids) - row.cached)
         cache = self.prefix_cache
         if _background(row):
             length = min(length, max(BACKGROUND_CHUNK // cache.block_size, 1) * cache.block_size)

@@ -26,6 +26,12 @@ class Sequence:
     pending: list[int]
     block_hashes: list[int] = field(default_factory=list)
     cached: int = 0
+    forced_prefix: int = 0
+    """Tokens the grammar forced after the prompt before anything was sampled (ChatAdapter's
+    first field marker): known at admission, they run as prompt tokens, in the prompt's passes
+    or a pass of their own alike. As generated tokens they ran on a quantised model's 4-bit
+    weights when a pass boundary fell between them and the prompt, else on its bf16 prompt
+    weights, so what the prefix cache restored decided a greedy answer."""
     order: int = -1
     """When it was first admitted (-1: not yet). The newest running sequence is the first to be
     preempted; a preempted one keeps its place, ahead of everything admitted after it."""
