@@ -19,8 +19,9 @@ The packed kernels unpack the weights again for every input row, so their time g
 rows: a dense bf16 matmul is 1.4x faster at 8 rows and 2-2.5x at 32-256 (this machine's cores).
 A layer therefore keeps the bf16 weight it was made from (`dense`) when the model's linear layers
 are small enough to hold twice (`DENSE_COPY_LIMIT_BYTES`), and runs it for prompt tokens: in
-passes under `prompt_pass()`, which the scheduler opens for prompt chunks. Generated tokens
-(sampled, forced, drafted) always run the packed kernel, whatever the batch: which weights
+passes under `prompt_pass()`, which the scheduler opens for prompt chunks (and for the tokens a
+grammar forces before anything is sampled, a prefix known with the prompt). Generated tokens
+(sampled, forced later, drafted) always run the packed kernel, whatever the batch: which weights
 compute a token depends on what the token is, never on what else shares its pass.
 """
 
