@@ -35,7 +35,7 @@ from plait.retrievers.evaluation import load_qrels, load_queries, subset  # noqa
 from plait.retrievers.manifest import read_manifest  # noqa: E402
 from plait.retrievers.query_map import TrainSettings  # noqa: E402
 from plait.retrievers.synthetic import read_pairs  # noqa: E402
-from plait.retrievers.tuning import TuneSettings, tune_index  # noqa: E402
+from plait.retrievers.tuning import WORK_DIR, TuneSettings, tune_index  # noqa: E402
 from plait.retrievers.versions import versions  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -63,7 +63,7 @@ def synthetic_difficulty(index: Path, stage: str = "late") -> tuple[float, float
     under version 1's `stage`: what a trainer can learn from the pairs that the index does not
     already do."""
     searcher = ColBERTServe.open(index, version=1, batching=False).searcher
-    pairs = read_pairs(index / "tune" / "from-1" / "pairs.jsonl")
+    pairs = read_pairs(index / WORK_DIR / "from-1" / "pairs.jsonl")  # what tuning version 1 kept
     reciprocal = []
     for start in range(0, len(pairs), 16):
         batch = pairs[start : start + 16]
